@@ -62,14 +62,14 @@ def _prepare(a, b, h0, resets, method, chunk_size):
   if a.ndim > b.ndim:
     raise ValueError(f"linear_scan: `a` has shape {a.shape}, more dimensions than `b` {b.shape}.")
   a = a.reshape((1,) * (b.ndim - a.ndim) + a.shape)
-  try:
-    out_shape = jnp.broadcast_shapes(a.shape, b.shape)
-  except ValueError:
-    raise ValueError(f"linear_scan: `a` {a.shape} and `b` {b.shape} do not broadcast together.") from None
   if a.shape[1] not in (1, b.shape[1]):
     raise ValueError(
         f"linear_scan: `a` has {a.shape[1]} steps on the time axis but `b` has {b.shape[1]}; "
         "give a time axis of length 1 (constant decay) or T.")
+  try:
+    out_shape = jnp.broadcast_shapes(a.shape, b.shape)
+  except ValueError:
+    raise ValueError(f"linear_scan: `a` {a.shape} and `b` {b.shape} do not broadcast together.") from None
   state_shape = (out_shape[0],) + tuple(out_shape[2:])
   if h0 is not None:
     h0 = jnp.asarray(h0)
@@ -406,6 +406,12 @@ def linear_scan(a, b, h0=None, *, reverse: bool = False, resets=None, method: st
     state after the last step in scan order.
   """
   a, b, h0, resets = _prepare(a, b, h0, resets, method, chunk_size)
+  return _linear_scan(a, b, h0, resets, reverse, method, int(chunk_size), custom_vjp)
+
+
+# Jitted so that eager calls compile once per shape; inside an outer jit it is simply inlined.
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def _linear_scan(a, b, h0, resets, reverse, method, chunk_size, custom_vjp):
   breaks = resets
   if resets is not None and reverse:
     breaks = _shift_in_scan_order(resets, reverse=False, fill=False)
@@ -413,9 +419,9 @@ def linear_scan(a, b, h0=None, *, reverse: bool = False, resets=None, method: st
     out_b = jnp.broadcast_shapes(a.shape, b.shape)[0]
     breaks = jnp.broadcast_to(breaks, (out_b, breaks.shape[1]))
   if not custom_vjp:
-    h, h_last = _run(a, b, h0, breaks, reverse, method, int(chunk_size))
+    h, h_last = _run(a, b, h0, breaks, reverse, method, chunk_size)
     return h.astype(b.dtype), h_last
-  return _scan_vjp(a, b, h0, breaks, reverse, method, int(chunk_size), b.dtype)
+  return _scan_vjp(a, b, h0, breaks, reverse, method, chunk_size, b.dtype)
 
 
 def step(h, a_t, b_t, reset=None):

@@ -6,6 +6,7 @@ the K axis (never materialised K times) and the result is scaled by alpha in the
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -101,6 +102,14 @@ def ema_traces(x, alphas: Union[Sequence[float], jax.Array] = PAPER_ALPHAS, h0=N
     h0 = jnp.asarray(h0)
     if h0.shape != (bsz, k, d):
       raise ValueError(f"ema_traces: `h0` has shape {h0.shape}; expected [B, K, D] = {(bsz, k, d)}.")
+  if method not in scan.METHODS:
+    raise ValueError(f"ema_traces: `method`={method!r}; accepted: {', '.join(scan.METHODS)}.")
+  return _ema_traces(x, alpha_kd, h0, resets, start_count, bias_correction, method, int(chunk_size))
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def _ema_traces(x, alpha_kd, h0, resets, start_count, bias_correction, method, chunk_size):
+  bsz, t_len, _ = x.shape
   # g_t = (1 - alpha) g_{t-1} + x_t, h = alpha * g. The scan sees x as [B, T, 1, D].
   g0 = None if h0 is None else h0.astype(jnp.float32) / alpha_kd[None]
   g, g_last = scan.linear_scan((1.0 - alpha_kd)[None, None], x[:, :, None, :], g0, resets=resets,

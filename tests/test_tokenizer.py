@@ -98,7 +98,8 @@ def reference_bpe():
         for piece in pattern.findall(text):
             symbols = [byte_chars[b] for b in piece.encode("utf-8")]
             while len(symbols) > 1:
-                pairs = [(merge_rank.get(p, 1 << 30), i) for i, p in enumerate(zip(symbols, symbols[1:]))]
+                pairs = [(merge_rank.get(pair, 1 << 30), i)
+                         for i, pair in enumerate(zip(symbols, symbols[1:]))]
                 rank, i = min(pairs)
                 if rank == 1 << 30:
                     break

@@ -78,21 +78,21 @@ WORD_CLASS = {w: cls for cls in WORD_CLASSES for part in _LEXICON[cls] for w in 
 
 @dataclasses.dataclass(frozen=True)
 class GrammarSpec:
-    """Lexicon and construction probabilities of one grammar."""
-    name: str
-    lexicon: str                # "A" or "B": which half of the content words (see _LEXICON)
-    p_passive: float            # a clause is passive
-    vp_weights: tuple           # active VP: (intransitive, transitive, ditransitive, complement clause)
-    p_to_dative: float          # a ditransitive uses "V NP to NP" instead of "V NP NP"
-    p_rel: float                # a noun phrase gets a relative clause (times rel_decay ** depth)
-    rel_decay: float
-    rel_weights: tuple          # relative clause type: (subject, object, passive)
-    p_adj: float                # a noun phrase gets an adjective
-    max_depth: int              # clauses at this depth embed nothing
+  """Lexicon and construction probabilities of one grammar."""
+  name: str
+  lexicon: str                # "A" or "B": which half of the content words (see _LEXICON)
+  p_passive: float            # a clause is passive
+  vp_weights: tuple           # active VP: (intransitive, transitive, ditransitive, complement clause)
+  p_to_dative: float          # a ditransitive uses "V NP to NP" instead of "V NP NP"
+  p_rel: float                # a noun phrase gets a relative clause (times rel_decay ** depth)
+  rel_decay: float
+  rel_weights: tuple          # relative clause type: (subject, object, passive)
+  p_adj: float                # a noun phrase gets an adjective
+  max_depth: int              # clauses at this depth embed nothing
 
-    def words(self, cls: str) -> tuple:
-        shared, a_only, b_only = _LEXICON[cls]
-        return shared + (a_only if self.lexicon == "A" else b_only)
+  def words(self, cls: str) -> tuple:
+    shared, a_only, b_only = _LEXICON[cls]
+    return shared + (a_only if self.lexicon == "A" else b_only)
 
 
 GRAMMAR_A = GrammarSpec(
@@ -107,130 +107,130 @@ Sentence = tuple  # ((word, role, depth), ...)
 
 
 class _Generator:
-    def __init__(self, spec: GrammarSpec, rng: np.random.Generator):
-        self.spec, self.rng = spec, rng
+  def __init__(self, spec: GrammarSpec, rng: np.random.Generator):
+    self.spec, self.rng = spec, rng
 
-    def _word(self, cls):
-        words = self.spec.words(cls)
-        return words[self.rng.integers(len(words))]
+  def _word(self, cls):
+    words = self.spec.words(cls)
+    return words[self.rng.integers(len(words))]
 
-    def _choice(self, weights):
-        w = np.asarray(weights, np.float64)
-        return int(self.rng.choice(len(w), p=w / w.sum()))
+  def _choice(self, weights):
+    w = np.asarray(weights, np.float64)
+    return int(self.rng.choice(len(w), p=w / w.sum()))
 
-    def clause(self, depth):
-        if self.rng.random() < self.spec.p_passive:
-            return (self.np(PATIENT, depth) + [("was", OTHER, depth), (self._word("v_tr"), VERB, depth),
-                                               ("by", OTHER, depth)] + self.np(AGENT, depth))
-        return self.np(AGENT, depth) + self.vp(depth)
+  def clause(self, depth):
+    if self.rng.random() < self.spec.p_passive:
+      return (self.np(PATIENT, depth) + [("was", OTHER, depth), (self._word("v_tr"), VERB, depth),
+                                         ("by", OTHER, depth)] + self.np(AGENT, depth))
+    return self.np(AGENT, depth) + self.vp(depth)
 
-    def vp(self, depth):
-        weights = list(self.spec.vp_weights)
-        if depth >= self.spec.max_depth:
-            weights[3] = 0.0
-        kind = self._choice(weights)
-        if kind == 0:
-            return [(self._word("v_intr"), VERB, depth)]
-        if kind == 1:
-            return [(self._word("v_tr"), VERB, depth)] + self.np(PATIENT, depth)
-        if kind == 2:
-            verb = [(self._word("v_ditr"), VERB, depth)]
-            if self.rng.random() < self.spec.p_to_dative:
-                return verb + self.np(PATIENT, depth) + [("to", OTHER, depth)] + self.np(RECIPIENT, depth)
-            return verb + self.np(RECIPIENT, depth) + self.np(PATIENT, depth)
-        return [(self._word("v_comp"), VERB, depth), ("that", OTHER, depth + 1)] + self.clause(depth + 1)
+  def vp(self, depth):
+    weights = list(self.spec.vp_weights)
+    if depth >= self.spec.max_depth:
+      weights[3] = 0.0
+    kind = self._choice(weights)
+    if kind == 0:
+      return [(self._word("v_intr"), VERB, depth)]
+    if kind == 1:
+      return [(self._word("v_tr"), VERB, depth)] + self.np(PATIENT, depth)
+    if kind == 2:
+      verb = [(self._word("v_ditr"), VERB, depth)]
+      if self.rng.random() < self.spec.p_to_dative:
+        return verb + self.np(PATIENT, depth) + [("to", OTHER, depth)] + self.np(RECIPIENT, depth)
+      return verb + self.np(RECIPIENT, depth) + self.np(PATIENT, depth)
+    return [(self._word("v_comp"), VERB, depth), ("that", OTHER, depth + 1)] + self.clause(depth + 1)
 
-    def np(self, role, depth):
-        words = [("the", OTHER, depth)]
-        if self.rng.random() < self.spec.p_adj:
-            words.append((self._word("adj"), OTHER, depth))
-        words.append((self._word("noun"), role, depth))
-        p_rel = self.spec.p_rel * self.spec.rel_decay ** depth if depth < self.spec.max_depth else 0.0
-        if self.rng.random() < p_rel:
-            words += self.relative_clause(depth + 1)
-        return words
+  def np(self, role, depth):
+    words = [("the", OTHER, depth)]
+    if self.rng.random() < self.spec.p_adj:
+      words.append((self._word("adj"), OTHER, depth))
+    words.append((self._word("noun"), role, depth))
+    p_rel = self.spec.p_rel * self.spec.rel_decay ** depth if depth < self.spec.max_depth else 0.0
+    if self.rng.random() < p_rel:
+      words += self.relative_clause(depth + 1)
+    return words
 
-    def relative_clause(self, depth):
-        kind = self._choice(self.spec.rel_weights)
-        that = [("that", OTHER, depth)]
-        if kind == 0:
-            return that + self.vp(depth)
-        if kind == 1:
-            return that + self.np(AGENT, depth) + [(self._word("v_tr"), VERB, depth)]
-        return that + [("was", OTHER, depth), (self._word("v_tr"), VERB, depth),
-                       ("by", OTHER, depth)] + self.np(AGENT, depth)
+  def relative_clause(self, depth):
+    kind = self._choice(self.spec.rel_weights)
+    that = [("that", OTHER, depth)]
+    if kind == 0:
+      return that + self.vp(depth)
+    if kind == 1:
+      return that + self.np(AGENT, depth) + [(self._word("v_tr"), VERB, depth)]
+    return that + [("was", OTHER, depth), (self._word("v_tr"), VERB, depth),
+                   ("by", OTHER, depth)] + self.np(AGENT, depth)
 
 
 def sample_sentences(spec: GrammarSpec | str, n: int, seed: int, *, max_len: int = 32,
                      exclude: frozenset | set = frozenset(), max_tries_factor: int = 50) -> list:
-    """`n` distinct sentences (by word sequence) of at most `max_len` words, none in `exclude`.
+  """`n` distinct sentences (by word sequence) of at most `max_len` words, none in `exclude`.
 
-    Deterministic in (spec, n, seed, max_len, exclude). Longer sentences are redrawn, so the length cap
-    slightly lowers the share of deep sentences; `exclude` holds word tuples.
-    """
-    spec = GRAMMARS[spec] if isinstance(spec, str) else spec
-    if max_len < 3:
-        raise ValueError(f"max_len={max_len}: the shortest sentence ('the N V') has 3 words; use >= 3")
-    gen = _Generator(spec, np.random.default_rng(seed))
-    seen, out = set(exclude), []
-    for _ in range(max(n, 1) * max_tries_factor):
-        if len(out) == n:
-            return out
-        sent = tuple(gen.clause(0))
-        words = tuple(w for w, _, _ in sent)
-        if len(words) <= max_len and words not in seen:
-            seen.add(words)
-            out.append(sent)
-    if len(out) < n:
-        raise ValueError(f"grammar {spec.name}: found only {len(out)} distinct sentences of <= {max_len} "
-                         f"words out of n={n} asked for; ask for fewer or raise max_len")
-    return out
+  Deterministic in (spec, n, seed, max_len, exclude). Longer sentences are redrawn, so the length cap
+  slightly lowers the share of deep sentences; `exclude` holds word tuples.
+  """
+  spec = GRAMMARS[spec] if isinstance(spec, str) else spec
+  if max_len < 3:
+    raise ValueError(f"max_len={max_len}: the shortest sentence ('the N V') has 3 words; use >= 3")
+  gen = _Generator(spec, np.random.default_rng(seed))
+  seen, out = set(exclude), []
+  for _ in range(max(n, 1) * max_tries_factor):
+    if len(out) == n:
+      return out
+    sent = tuple(gen.clause(0))
+    words = tuple(w for w, _, _ in sent)
+    if len(words) <= max_len and words not in seen:
+      seen.add(words)
+      out.append(sent)
+  if len(out) < n:
+    raise ValueError(f"grammar {spec.name}: found only {len(out)} distinct sentences of <= {max_len} "
+                     f"words out of n={n} asked for; ask for fewer or raise max_len")
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
 class RoleData:
-    """Padded role-labelled sentences. tokens [N, T] int32 (PAD_ID at padding); roles, depth [N, T]
-    int32 (-1 at padding); mask [N, T] bool; vocab: id -> word; role_names: role id -> name."""
-    tokens: np.ndarray
-    roles: np.ndarray
-    depth: np.ndarray
-    mask: np.ndarray
-    vocab: tuple
-    role_names: tuple
+  """Padded role-labelled sentences. tokens [N, T] int32 (PAD_ID at padding); roles, depth [N, T]
+  int32 (-1 at padding); mask [N, T] bool; vocab: id -> word; role_names: role id -> name."""
+  tokens: np.ndarray
+  roles: np.ndarray
+  depth: np.ndarray
+  mask: np.ndarray
+  vocab: tuple
+  role_names: tuple
 
-    def __len__(self):
-        return self.tokens.shape[0]
+  def __len__(self):
+    return self.tokens.shape[0]
 
 
 def to_arrays(sentences: Sequence[Sentence], max_len: int) -> RoleData:
-    n = len(sentences)
-    tokens = np.full((n, max_len), PAD_ID, np.int32)
-    roles = np.full((n, max_len), -1, np.int32)
-    depth = np.full((n, max_len), -1, np.int32)
-    for i, sent in enumerate(sentences):
-        if len(sent) > max_len:
-            raise ValueError(f"sentence {i} has {len(sent)} words > max_len={max_len}")
-        for t, (word, role, d) in enumerate(sent):
-            tokens[i, t], roles[i, t], depth[i, t] = WORD_TO_ID[word], role, d
-    return RoleData(tokens, roles, depth, tokens != PAD_ID, VOCAB, ROLE_NAMES)
+  n = len(sentences)
+  tokens = np.full((n, max_len), PAD_ID, np.int32)
+  roles = np.full((n, max_len), -1, np.int32)
+  depth = np.full((n, max_len), -1, np.int32)
+  for i, sent in enumerate(sentences):
+    if len(sent) > max_len:
+      raise ValueError(f"sentence {i} has {len(sent)} words > max_len={max_len}")
+    for t, (word, role, d) in enumerate(sent):
+      tokens[i, t], roles[i, t], depth[i, t] = WORD_TO_ID[word], role, d
+  return RoleData(tokens, roles, depth, tokens != PAD_ID, VOCAB, ROLE_NAMES)
 
 
 def make_splits(n_train: int = 4000, n_heldout: int = 1000, n_transfer: int = 1000, *, seed: int = 0,
                 max_len: int = 32, train_grammar: GrammarSpec | str = "A",
                 transfer_grammar: GrammarSpec | str = "B") -> dict:
-    """{'train', 'heldout'} from train_grammar and {'transfer'} from transfer_grammar, as RoleData.
+  """{'train', 'heldout'} from train_grammar and {'transfer'} from transfer_grammar, as RoleData.
 
-    train and heldout are one pool of distinct sentences split in order; transfer sentences are drawn
-    with another seed and exclude every train sentence, so no evaluated sentence was trained on.
-    """
-    pool = sample_sentences(train_grammar, n_train + n_heldout, seed, max_len=max_len)
-    train, heldout = pool[:n_train], pool[n_train:]
-    train_words = frozenset(tuple(w for w, _, _ in s) for s in train)
-    transfer = sample_sentences(transfer_grammar, n_transfer, seed + 1_000_003, max_len=max_len,
+  train and heldout are one pool of distinct sentences split in order; transfer sentences are drawn
+  with another seed and exclude every train sentence, so no evaluated sentence was trained on.
+  """
+  pool = sample_sentences(train_grammar, n_train + n_heldout, seed, max_len=max_len)
+  train, heldout = pool[:n_train], pool[n_train:]
+  train_words = frozenset(tuple(w for w, _, _ in s) for s in train)
+  transfer = sample_sentences(transfer_grammar, n_transfer, seed + 1_000_003, max_len=max_len,
                                 exclude=train_words)
-    return {"train": to_arrays(train, max_len), "heldout": to_arrays(heldout, max_len),
-            "transfer": to_arrays(transfer, max_len)}
+  return {"train": to_arrays(train, max_len), "heldout": to_arrays(heldout, max_len),
+          "transfer": to_arrays(transfer, max_len)}
 
 
 def decode(tokens_row: np.ndarray) -> str:
-    return " ".join(VOCAB[int(i)] for i in tokens_row if i != PAD_ID)
+  return " ".join(VOCAB[int(i)] for i in tokens_row if i != PAD_ID)

