@@ -30,7 +30,7 @@ from flax import nnx
 
 from ema_jax import checkpoint as ckpt_lib
 from ema_jax import distributed, metrics as metrics_lib, optim, sharding
-from ema_jax.tasks.base import EvalContext, Task, get_task
+from ema_jax.tasks.base import EvalContext, LocalLearningTask, Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,10 @@ def evaluate_all(setup: Setup, state, workdir: Optional[str], step: int, weights
   ctx = EvalContext(put_batch=lambda b: sharding.put_local_batch(b, setup.mesh),
                     process_index=jax.process_index(), process_count=jax.process_count(), workdir=workdir)
   results = {}
-  for name in (weights or weights_names(setup)):
-    model = make_model(setup, state, "raw" if name == "raw" else "ema")
-    results[name] = setup.task.evaluate(model, ctx)
+  with jax.set_mesh(setup.mesh):
+    for name in (weights or weights_names(setup)):
+      model = make_model(setup, state, "raw" if name == "raw" else "ema")
+      results[name] = setup.task.evaluate(model, ctx)
   return results
 
 
@@ -237,12 +238,17 @@ def restore_or_init(setup: Setup, checkpointer: Optional[ckpt_lib.Checkpointer])
       step, state, data_state, _ = restored
       return state, data_state, step
   init = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)
-  return init(jax.random.key(setup.config.seed)), None, 0
+  with jax.set_mesh(setup.mesh):
+    return init(jax.random.key(setup.config.seed)), None, 0
 
 
 def train(config: ml_collections.ConfigDict, workdir: Optional[str]) -> Dict[str, Any]:
   """Trains to config.steps (resuming from workdir if it holds checkpoints); returns the final metrics."""
   distributed.initialize_from_env()
+  local = get_task(config)
+  if isinstance(local, LocalLearningTask):
+    local.validate()
+    return local.run(workdir)
   setup = build(config)
   task, mesh = setup.task, setup.mesh
   is_main = jax.process_index() == 0
@@ -305,7 +311,8 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str]) -> Dict[str
 
   thru.reset(start)
   status = "done"
-  with _Preemption() as preempt:
+  # The mesh is the context of every trace, so layers can go sequence-parallel (sharding.auto_traces).
+  with _Preemption() as preempt, jax.set_mesh(mesh):
     try:
       for step in range(start, config.steps):
         batch = put(next(it))

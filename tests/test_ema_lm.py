@@ -149,6 +149,7 @@ def test_130m_preset_parameter_count():
   assert cfg.ffn_k == round(0.06 * h)
 
 
+@pytest.mark.slow
 def test_flops_per_token_match_xla_cost_analysis():
   x = jnp.zeros((2, 64), jnp.int32)
   for predictor in PREDICTORS:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ema_jax import traces
+from ema_jax import sharding, traces
 
 LEARN_MODES = ("none", "per_timescale", "per_channel")
 
@@ -53,11 +53,16 @@ class EMATraces(nnx.Module):
 
   def __call__(self, x_BTD, *, resets_BT=None, state: Optional[traces.TraceState] = None):
     """Returns (h_BTKD, final TraceState) over a whole sequence."""
-    h0 = None if state is None else state.h
-    start = None if state is None else state.count
-    h_BTKD, h_last = traces.ema_traces(x_BTD, self.alphas(), h0, resets=resets_BT,
+    if state is None:
+      # Under a mesh with seq > 1 (jax.set_mesh) this runs sequence-parallel.
+      h_BTKD, h_last = sharding.auto_traces(x_BTD, self.alphas(), resets_BT,
+                                            bias_correction=self.bias_correction, method=self.method)
+      counts = traces.token_counts(resets_BT, x_BTD.shape[0], x_BTD.shape[1])[:, -1]
+      return h_BTKD, traces.TraceState(h_last, counts)
+    h_BTKD, h_last = traces.ema_traces(x_BTD, self.alphas(), state.h, resets=resets_BT,
                                        bias_correction=self.bias_correction, method=self.method,
-                                       start_count=start)
+                                       start_count=state.count)
+    start = state.count
     counts = traces.token_counts(resets_BT, x_BTD.shape[0], x_BTD.shape[1], start)[:, -1]
     return h_BTKD, traces.TraceState(h_last, counts)
 

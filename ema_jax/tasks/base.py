@@ -93,7 +93,25 @@ class Task(abc.ABC):
     return None
 
 
-def get_task(config: ml_collections.ConfigDict) -> Task:
+class LocalLearningTask(abc.ABC):
+  """An experiment trained by a local (non-gradient) learning rule, e.g. the Hebbian role model.
+
+  trainer.train hands such a task the workdir and lets it run; it must write metrics.jsonl and
+  eval_<step>.json there the same way the gradient trainer does, so eval tools read both alike.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  def validate(self) -> None:
+    """Raises ValueError naming the field, its value and what would work."""
+
+  @abc.abstractmethod
+  def run(self, workdir: Optional[str]) -> Dict[str, Any]:
+    """Trains, evaluates and writes results; returns the final metrics."""
+
+
+def get_task(config: ml_collections.ConfigDict):
   """Imports ema_jax.tasks.<config.task.name> (or a dotted module path) and builds its TASK class."""
   name = config.task.name
   for module_name in (f"ema_jax.tasks.{name}", name):

@@ -1,0 +1,641 @@
+"""Random hyperparameter search on the set-complement task: does dropout, does weight EMA, help out of range?
+
+  python -m ema_jax.sweep --config configs/set_complement.py:sweep --workdir W [--runs 64]
+
+Each run samples (config.sweep): a seed, dims, learning rate (log-uniform), dropout rate and placement,
+weight-EMA kind (none / ema / bema) and, for 'ema', its decay. Runs are grouped by what fixes the compiled
+program (dims, heads, EMA kind, whose states differ in structure); inside a group every sampled scalar is
+an array with a leading run axis and one jax.vmap trains all the group's runs together:
+  - learning rate: the optimizer is built with lr = 1 (same warmup / decay shape) and each run scales its
+    updates by its own lr, which is what AdamW with that lr computes (decoupled weight decay included);
+  - dropout: one rate per site (attention, embedding, output), 0 at the sites a run does not use, so the
+    placement is data too and does not split groups (a rate of 0 is exactly the identity);
+  - EMA decay: an array inside the WeightEMA state; seed: a PRNG key per run.
+All runs see the same training batches (the stream of config.seed), common random numbers that take data
+noise out of the comparisons; a run's seed sets its initialisation (fold_in(key, 0)) and its dropout
+masks (fold_in(fold_in(key, 1), step)). Raw and averaged weights are evaluated with the task's metrics at
+every size 1..N-1.
+
+Writes to W: runs.csv, runs.json (every run: sampled values, in-range and out-of-range metrics of raw and
+averaged weights, per-size curves in the JSON), summary.json and summary.md (paired averaged-vs-raw
+differences with 95% t and bootstrap intervals; OLS of log out-of-range KL on dropout, log lr and width
+with 95% intervals), and plots/*.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from ema_jax import optim
+from ema_jax.data import set_complement as data
+from ema_jax.models.set_transformer import DROPOUT_SITES, SetTransformer, parse_dropout_on
+from ema_jax.tasks import set_complement as sc
+
+METRICS = sc.METRICS
+# Direction in which a metric improves (for "fraction of runs improved").
+LOWER_IS_BETTER = {"kl": True, "log_kl": True, "tv": True, "invalid_mass": True, "precision": False,
+                   "logit_gap": False, "top1_valid": False}
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def _canonical_sites(value) -> str:
+  sites = parse_dropout_on(value)
+  return ",".join(s for s in DROPOUT_SITES if s in sites)
+
+
+def validate_sweep(config: ml_collections.ConfigDict, runs: int) -> None:
+  sc.validate_config(config)
+  s = config.sweep
+  if not (isinstance(runs, int) and runs >= 1):
+    raise ValueError(f"--runs / config.sweep.runs={runs!r}: expected a positive integer.")
+  for d in s.dims:
+    try:
+      e, v = (int(x) for x in str(d).lower().split("x"))
+    except ValueError:
+      raise ValueError(f"config.sweep.dims entry {d!r}: expected 'EMBEDxVALUE', e.g. '64x64'.") from None
+    if e < 1 or v < 1 or e % s.num_heads or v % s.num_heads:
+      raise ValueError(f"config.sweep.dims entry {d!r}: expected positive widths divisible by "
+                       f"num_heads={s.num_heads}.")
+  lo, hi = s.lr
+  if not 0 < lo <= hi:
+    raise ValueError(f"config.sweep.lr={s.lr!r}: expected 0 < low <= high.")
+  lo, hi = s.dropout
+  if not 0 <= lo <= hi < 1:
+    raise ValueError(f"config.sweep.dropout={s.dropout!r}: expected 0 <= low <= high < 1.")
+  if not 0 <= s.dropout_zero_prob <= 1:
+    raise ValueError(f"config.sweep.dropout_zero_prob={s.dropout_zero_prob!r}: expected a probability.")
+  for p in s.dropout_on:
+    if not all(x in DROPOUT_SITES for x in parse_dropout_on(p)):
+      raise ValueError(f"config.sweep.dropout_on entry {p!r}: expected a comma-separated subset of "
+                       f"{DROPOUT_SITES}.")
+  for k in s.ema_kinds:
+    if k not in optim.EMA_KINDS:
+      raise ValueError(f"config.sweep.ema_kinds entry {k!r}: accepted {optim.EMA_KINDS}.")
+  lo, hi = s.ema_decay
+  if not 0 < lo <= hi < 1:
+    raise ValueError(f"config.sweep.ema_decay={s.ema_decay!r}: expected 0 < low <= high < 1.")
+  if not (isinstance(s.chunk_steps, int) and s.chunk_steps >= 1):
+    raise ValueError(f"config.sweep.chunk_steps={s.chunk_steps!r}: expected a positive integer.")
+
+
+def sample_runs(sweep: ml_collections.ConfigDict, runs: int) -> List[Dict[str, Any]]:
+  """The sampled hyperparameters of every run (deterministic in sweep.sample_seed)."""
+  rng = np.random.default_rng(sweep.sample_seed)
+  out = []
+  for i in range(runs):
+    e, v = (int(x) for x in str(sweep.dims[rng.integers(len(sweep.dims))]).lower().split("x"))
+    lr = float(math.exp(rng.uniform(math.log(sweep.lr[0]), math.log(sweep.lr[1]))))
+    zero = rng.random() < sweep.dropout_zero_prob
+    rate = 0.0 if zero else float(rng.uniform(*sweep.dropout))
+    sites = _canonical_sites(sweep.dropout_on[rng.integers(len(sweep.dropout_on))])
+    kind = str(sweep.ema_kinds[rng.integers(len(sweep.ema_kinds))])
+    one_minus = math.exp(rng.uniform(math.log(1 - sweep.ema_decay[1]), math.log(1 - sweep.ema_decay[0])))
+    decay = float(1.0 - one_minus) if kind == "ema" else None
+    seed = int(rng.integers(2**31 - 1))
+    run = dict(run=i, seed=seed, embed_dim=e, value_dim=v, num_heads=int(sweep.num_heads), lr=lr,
+               dropout=rate, dropout_on=sites, ema_kind=kind, ema_decay=decay)
+    for s in DROPOUT_SITES:
+      run[f"drop_{s}"] = rate if s in sites.split(",") else 0.0
+    out.append(run)
+  return out
+
+
+def group_key(run) -> str:
+  return f"d{run['embed_dim']}v{run['value_dim']}h{run['num_heads']}_{run['ema_kind']}"
+
+
+def group_runs(runs: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
+  groups: Dict[str, List[Dict[str, Any]]] = {}
+  for r in runs:
+    groups.setdefault(group_key(r), []).append(r)
+  return groups
+
+
+def hyper_arrays(runs: Sequence[Dict[str, Any]]) -> Dict[str, jax.Array]:
+  """The traced per-run hyperparameters, leading axis = run."""
+  return dict(
+      key=jnp.stack([jax.random.key(r["seed"]) for r in runs]),
+      lr=jnp.asarray([r["lr"] for r in runs], jnp.float32),
+      rates=jnp.asarray([[r[f"drop_{s}"] for s in DROPOUT_SITES] for r in runs], jnp.float32),
+      decay=jnp.asarray([r["ema_decay"] or 0.999 for r in runs], jnp.float32))
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+class GroupPrograms:
+  """Compiled init / training / evaluation for all runs sharing dims, heads and EMA kind."""
+
+  def __init__(self, config: ml_collections.ConfigDict, embed_dim: int, value_dim: int, num_heads: int,
+               ema_kind: str):
+    mc = config.model.to_dict()
+    mc.update(embed_dim=embed_dim, value_dim=value_dim, num_heads=num_heads, dropout=0.0, dropout_on="")
+    cfg = ml_collections.ConfigDict(dict(task=config.task.to_dict(), model=mc))
+    self.mcfg = sc.model_config(cfg)
+    self.num_tokens = self.mcfg.num_tokens
+    ocfg = ml_collections.ConfigDict(config.optim.to_dict())
+    ocfg.lr = 1.0  # per-run learning rates scale the updates (see the module docstring)
+    self.tx, _ = optim.make_optimizer(ocfg, int(config.steps))
+    ecfg = ml_collections.ConfigDict(config.weight_ema.to_dict())
+    ecfg.kind = ema_kind
+    self.weight_ema = optim.make_weight_ema(ecfg)
+    self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: SetTransformer(self.mcfg, rngs=nnx.Rngs(0))))
+
+    self.init = jax.jit(jax.vmap(self.init_one))
+    self.train_chunk = jax.jit(self._chunk(vmapped=True), donate_argnums=0)
+    self.train_chunk_single = jax.jit(self._chunk(vmapped=False))
+    self.averaged = jax.jit(jax.vmap(self.averaged_one))
+    self.eval_metrics = jax.jit(jax.vmap(self.eval_one, in_axes=(0, None, None)))
+
+  def init_one(self, hp):
+    model = SetTransformer(self.mcfg, rngs=nnx.Rngs(params=jax.random.fold_in(hp["key"], 0)))
+    params = nnx.state(model, nnx.Param)
+    ema = () if self.weight_ema is None else self.weight_ema.init(params, hp["decay"])
+    return dict(params=params, opt=self.tx.init(params), ema=ema)
+
+  def loss_fn(self, params, tokens_BL, mask_BL, key, rates):
+    model = nnx.merge(self.graphdef, params)
+    logits_BN = model(tokens_BL, mask_BL, deterministic=False, rngs=key,
+                      dropout_rates={s: rates[i] for i, s in enumerate(DROPOUT_SITES)})
+    present_BN = data.present_tokens(tokens_BL, mask_BL, self.num_tokens, xp=jnp)
+    return jnp.mean(sc.complement_metrics(logits_BN, present_BN)["ce"])
+
+  def step_one(self, state, tokens_BL, mask_BL, step, hp):
+    """One optimizer step of one run; `step` counts from 0 (the trainer's convention)."""
+    key = jax.random.fold_in(jax.random.fold_in(hp["key"], 1), step)
+    loss, grads = jax.value_and_grad(self.loss_fn)(state["params"], tokens_BL, mask_BL, key, hp["rates"])
+    updates, opt = self.tx.update(grads, state["opt"], state["params"])
+    updates = jax.tree.map(lambda u: hp["lr"] * u, updates)
+    params = optax.apply_updates(state["params"], updates)
+    new = dict(params=params, opt=opt, ema=state["ema"])
+    if self.weight_ema is not None:
+      new["ema"] = self.weight_ema.update(state["ema"], params, step + 1)
+    finite = jnp.isfinite(loss)
+    # As the trainer does: a non-finite step changes nothing; the run is reported as diverged.
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    return new, loss
+
+  def _chunk(self, vmapped: bool):
+    step = jax.vmap(self.step_one, in_axes=(0, None, None, None, 0)) if vmapped else self.step_one
+
+    def chunk(state, tokens_KBL, mask_KBL, steps_K, hp):
+      def body(st, xs):
+        return step(st, *xs, hp)
+      return jax.lax.scan(body, state, (tokens_KBL, mask_KBL, steps_K))
+
+    return chunk
+
+  def averaged_one(self, state):
+    if self.weight_ema is None:
+      return state["params"]
+    return self.weight_ema.value(state["ema"], state["params"])
+
+  def eval_one(self, params, tokens_BL, mask_BL):
+    logits_BN = nnx.merge(self.graphdef, params)(tokens_BL, mask_BL, deterministic=True)
+    present_BN = data.present_tokens(tokens_BL, mask_BL, self.num_tokens, xp=jnp)
+    return {k: jnp.mean(v) for k, v in sc.complement_metrics(logits_BN, present_BN).items()}
+
+
+def chunk_length(steps: int, chunk_steps: int) -> int:
+  """The largest divisor of steps <= chunk_steps (equal chunks compile once), unless that is much smaller."""
+  k = next(k for k in range(min(chunk_steps, steps), 0, -1) if steps % k == 0)
+  return k if 4 * k >= min(chunk_steps, steps) else min(chunk_steps, steps)
+
+
+def training_chunks(config: ml_collections.ConfigDict, chunk_steps: int):
+  """[(steps_K, tokens_KBL, mask_KBL)] of the shared training stream (process 0 of 1)."""
+  task = sc.SetComplementTask(config)
+  it = task.train_iterator(0, 1)
+  chunks, steps = [], int(config.steps)
+  chunk_steps = chunk_length(steps, chunk_steps)
+  for start in range(0, steps, chunk_steps):
+    k = min(chunk_steps, steps - start)
+    batches = [next(it) for _ in range(k)]
+    chunks.append((np.arange(start, start + k, dtype=np.int32),
+                   np.stack([b["tokens"] for b in batches]), np.stack([b["mask"] for b in batches])))
+  return chunks
+
+
+def train_group(programs: GroupPrograms, runs, chunks, log=None):
+  """Trains the group's runs together; returns (final states, losses [steps, R])."""
+  hp = hyper_arrays(runs)
+  state = programs.init(hp)
+  losses = []
+  for steps_K, tokens, mask in chunks:
+    state, loss_KR = programs.train_chunk(state, tokens, mask, steps_K, hp)
+    losses.append(np.asarray(loss_KR))
+  return state, np.concatenate(losses, 0)
+
+
+def evaluate_group(programs: GroupPrograms, state, eval_batches) -> Dict[str, Dict[str, np.ndarray]]:
+  """{'raw'|'avg': {metric: [R, S]}} over the evaluation sizes."""
+  out = {}
+  for name, params in (("raw", state["params"]), ("avg", programs.averaged(state))):
+    per = {m: [] for m in METRICS}
+    for b in eval_batches:
+      res = jax.device_get(programs.eval_metrics(params, b["tokens"], b["mask"]))
+      for m in METRICS:
+        per[m].append(np.asarray(res[m], np.float64))
+    out[name] = {m: np.stack(v, axis=1) for m, v in per.items()}
+  return out
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def _t_quantile(df: int, level: float = 0.95) -> float:
+  from scipy import stats
+  return float(stats.t.ppf(0.5 + level / 2, df))
+
+
+def mean_ci(d: np.ndarray, rng: np.random.Generator, bootstrap: int) -> Dict[str, Any]:
+  """Mean with a 95% t-interval, a 95% percentile bootstrap interval and a two-sided t-test p-value."""
+  d = np.asarray(d, np.float64)
+  d = d[np.isfinite(d)]
+  n = d.size
+  if n == 0:
+    return dict(n=0)
+  mean = float(d.mean())
+  out = dict(n=int(n), mean=mean)
+  if n >= 2:
+    se = float(d.std(ddof=1) / math.sqrt(n))
+    q = _t_quantile(n - 1)
+    out.update(se=se, t_ci=[mean - q * se, mean + q * se])
+    if se > 0:
+      from scipy import stats
+      out["p_value"] = float(2 * stats.t.sf(abs(mean / se), n - 1))
+    idx = rng.integers(0, n, size=(bootstrap, n))
+    boots = d[idx].mean(1)
+    out["bootstrap_ci"] = [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
+  return out
+
+
+def paired_comparison(rows, kind: str, rng, bootstrap: int) -> Dict[str, Any]:
+  """Averaged minus raw weights of the same runs, out of range (and in range for KL)."""
+  sel = [r for r in rows if r["ema_kind"] == kind and not r["diverged"]]
+  out = {"n_runs": len(sel)}
+  if not sel:
+    return out
+  for part in ("out", "in"):
+    metrics = list(METRICS) + ["log_kl"] if part == "out" else ["kl", "log_kl"]
+    for m in metrics:
+      if m == "log_kl":
+        raw = np.log([r[f"raw_{part}_kl"] for r in sel])
+        avg = np.log([r[f"avg_{part}_kl"] for r in sel])
+      else:
+        raw = np.asarray([r[f"raw_{part}_{m}"] for r in sel])
+        avg = np.asarray([r[f"avg_{part}_{m}"] for r in sel])
+      diff = avg - raw
+      res = mean_ci(diff, rng, bootstrap)
+      better = diff < 0 if LOWER_IS_BETTER[m] else diff > 0
+      res.update(mean_raw=float(np.mean(raw)), mean_avg=float(np.mean(avg)),
+                 frac_improved=float(np.mean(better)))
+      out[f"{'out_of_range' if part == 'out' else 'in_range'}/{m}"] = res
+  return out
+
+
+def ols(X: np.ndarray, y: np.ndarray, names: Sequence[str]) -> Dict[str, Any]:
+  """Least squares with an intercept; classical standard errors and 95% t-intervals per coefficient."""
+  keep = [j for j in range(X.shape[1]) if np.ptp(X[:, j]) > 0]
+  names = ["intercept"] + [names[j] for j in keep]
+  A = np.concatenate([np.ones((X.shape[0], 1)), X[:, keep]], axis=1)
+  n, p = A.shape
+  if n <= p:
+    return dict(n=int(n), error=f"{n} runs for {p} coefficients: too few")
+  beta, *_ = np.linalg.lstsq(A, y, rcond=None)
+  resid = y - A @ beta
+  dof = n - p
+  sigma2 = float(resid @ resid / dof)
+  cov = sigma2 * np.linalg.pinv(A.T @ A)
+  se = np.sqrt(np.diag(cov))
+  q = _t_quantile(dof)
+  r2 = 1.0 - float(resid @ resid) / float(((y - y.mean()) ** 2).sum()) if np.ptp(y) > 0 else float("nan")
+  coef = {nm: dict(estimate=float(b), se=float(s), ci=[float(b - q * s), float(b + q * s)])
+          for nm, b, s in zip(names, beta, se)}
+  return dict(n=int(n), r2=r2, residual_sd=math.sqrt(sigma2), coef=coef)
+
+
+def regressions(rows) -> Dict[str, Any]:
+  ok = [r for r in rows if not r["diverged"] and r["raw_out_kl"] > 0]
+  if not ok:
+    return {}
+  y_raw = np.log([r["raw_out_kl"] for r in ok])
+  common = lambda r: [math.log10(r["lr"]), math.log2(r["embed_dim"]), math.log2(r["value_dim"])]
+  common_names = ["log10_lr", "log2_embed_dim", "log2_value_dim"]
+  out = {}
+  X = np.asarray([[r["dropout"]] + common(r) for r in ok])
+  out["raw_log_kl_out__dropout"] = dict(
+      target="log out-of-range KL, raw weights", **ols(X, y_raw, ["dropout"] + common_names))
+  X = np.asarray([[r[f"drop_{s}"] for s in DROPOUT_SITES] + common(r) for r in ok])
+  out["raw_log_kl_out__dropout_by_site"] = dict(
+      target="log out-of-range KL, raw weights", **ols(X, y_raw, [f"drop_{s}" for s in DROPOUT_SITES]
+                                                       + common_names))
+  # The weights a run would ship (averaged when it keeps an average): between-run effect of the EMA kind.
+  y_final = np.log([r["avg_out_kl"] if r["ema_kind"] != "none" else r["raw_out_kl"] for r in ok])
+  X = np.asarray([[r["dropout"]] + common(r) + [r["ema_kind"] == "ema", r["ema_kind"] == "bema"] for r in ok],
+                 np.float64)
+  out["final_log_kl_out__dropout_ema"] = dict(
+      target="log out-of-range KL of the run's final weights (averaged if kept, else raw)",
+      **ols(X, y_final, ["dropout"] + common_names + ["is_ema", "is_bema"]))
+  return out
+
+
+def dropout_split(rows, rng, bootstrap: int) -> Dict[str, Any]:
+  """Raw-weight log out-of-range KL: runs with dropout > 0 minus runs without (difference of means)."""
+  ok = [r for r in rows if not r["diverged"]]
+  a = np.log([r["raw_out_kl"] for r in ok if r["dropout"] > 0])
+  b = np.log([r["raw_out_kl"] for r in ok if r["dropout"] == 0])
+  out = dict(n_dropout=int(a.size), n_no_dropout=int(b.size))
+  if a.size >= 2 and b.size >= 2:
+    diff = float(a.mean() - b.mean())
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    se = math.sqrt(va + vb)
+    dof = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))  # Welch
+    q = _t_quantile(max(int(dof), 1))
+    boots = (a[rng.integers(0, a.size, (bootstrap, a.size))].mean(1)
+             - b[rng.integers(0, b.size, (bootstrap, b.size))].mean(1))
+    out.update(mean_diff_log_kl=diff, welch_ci=[diff - q * se, diff + q * se],
+               bootstrap_ci=[float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+               ratio=math.exp(diff))
+  return out
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def _fmt_ci(res, key="t_ci", digits=3) -> str:
+  if not res or "mean" not in res:
+    return "n/a"
+  ci = res.get(key)
+  ci_s = f" [{ci[0]:.{digits}g}, {ci[1]:.{digits}g}]" if ci else ""
+  return f"{res['mean']:.{digits}g}{ci_s}"
+
+
+def write_markdown(path: str, summary: Dict[str, Any]) -> None:
+  s = summary
+  lines = [f"# Set-complement random search ({s['n_runs']} runs)", "",
+           f"Command: `{s['command']}`  ", f"Wall time: {s['wall_time_s']:.0f} s on {s['device']}; "
+           f"{s['n_groups']} compiled groups; diverged runs: {s['n_diverged']}.  ",
+           f"Task: N = {s['task']['num_tokens']}, training sizes {s['task']['train_min_size']}.."
+           f"{s['task']['train_max_size']}, evaluation at sizes {s['eval_sizes'][0]}..{s['eval_sizes'][-1]}, "
+           f"{s['task']['eval_examples']} examples per size; {s['steps']} steps of batch {s['batch_size']}.", "",
+           "## Weight averaging vs the raw weights of the same run (averaged - raw)", "",
+           "Mean difference with 95% t-interval; bootstrap 95% interval; share of runs where averaging helped.", "",
+           "| kind | metric | n | mean raw | mean avg | diff [t 95% CI] | bootstrap CI | p | improved |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for kind, res in s["paired"].items():
+    for m, r in res.items():
+      if not isinstance(r, dict) or "mean" not in r:
+        continue
+      b = r.get("bootstrap_ci")
+      lines.append(f"| {kind} | {m} | {r['n']} | {r['mean_raw']:.4g} | {r['mean_avg']:.4g} | {_fmt_ci(r)} | "
+                   f"{'[%.3g, %.3g]' % tuple(b) if b else 'n/a'} | {r.get('p_value', float('nan')):.2g} | "
+                   f"{r['frac_improved']:.0%} |")
+  lines += ["", "log_kl differences are log ratios: exp(diff) is the geometric-mean factor on KL.", "",
+            "## Regressions (OLS, 95% t-intervals)", ""]
+  for name, reg in s["regression"].items():
+    lines.append(f"**{name}**: {reg.get('target', '')}; n = {reg.get('n')}, "
+                 f"R^2 = {reg.get('r2', float('nan')):.3f}")
+    if "coef" not in reg:
+      lines += [f"  {reg.get('error', '')}", ""]
+      continue
+    lines += ["", "| coefficient | estimate | 95% CI |", "|---|---|---|"]
+    for c, v in reg["coef"].items():
+      lines.append(f"| {c} | {v['estimate']:.4g} | [{v['ci'][0]:.4g}, {v['ci'][1]:.4g}] |")
+    lines.append("")
+  d = s["dropout_split"]
+  if "mean_diff_log_kl" in d:
+    lines += ["## Dropout > 0 vs dropout = 0 (raw weights, log out-of-range KL)", "",
+              f"{d['n_dropout']} vs {d['n_no_dropout']} runs: difference {d['mean_diff_log_kl']:.3g} "
+              f"(Welch 95% CI [{d['welch_ci'][0]:.3g}, {d['welch_ci'][1]:.3g}], bootstrap "
+              f"[{d['bootstrap_ci'][0]:.3g}, {d['bootstrap_ci'][1]:.3g}]), KL ratio {d['ratio']:.3g}.", ""]
+  lines += ["## Findings", ""] + [f"- {f}" for f in s["findings"]] + [""]
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+
+
+def findings(summary: Dict[str, Any]) -> List[str]:
+  """One-line readings of the estimates (interval excludes 0 or not)."""
+  out = []
+  for kind, res in summary["paired"].items():
+    r = res.get("out_of_range/log_kl")
+    if r and "t_ci" in r:
+      lo, hi = r["t_ci"]
+      verdict = "lower" if hi < 0 else "higher" if lo > 0 else "not distinguishable from"
+      out.append(f"{kind} weights: out-of-range KL {verdict} raw (geometric-mean factor {math.exp(r['mean']):.3g}, "
+                 f"95% CI [{math.exp(lo):.3g}, {math.exp(hi):.3g}], {r['frac_improved']:.0%} of {r['n']} runs "
+                 f"improved).")
+    r = res.get("in_range/log_kl")
+    if r and "t_ci" in r:
+      lo, hi = r["t_ci"]
+      out.append(f"{kind} weights in range: KL factor {math.exp(r['mean']):.3g} "
+                 f"(95% CI [{math.exp(lo):.3g}, {math.exp(hi):.3g}]).")
+  reg = summary["regression"].get("raw_log_kl_out__dropout", {})
+  c = reg.get("coef", {}).get("dropout")
+  if c:
+    lo, hi = c["ci"]
+    verdict = "lowers" if hi < 0 else "raises" if lo > 0 else "has no clear effect on"
+    out.append(f"dropout {verdict} out-of-range KL of the raw weights: log KL changes by {c['estimate']:.3g} per "
+               f"unit rate (95% CI [{lo:.3g}, {hi:.3g}]), i.e. a factor {math.exp(0.1 * c['estimate']):.3g} per "
+               f"+0.1 rate.")
+  reg = summary["regression"].get("raw_log_kl_out__dropout_by_site", {})
+  for s in DROPOUT_SITES:
+    c = reg.get("coef", {}).get(f"drop_{s}")
+    if c:
+      out.append(f"dropout on {s}: {c['estimate']:.3g} per unit rate (95% CI [{c['ci'][0]:.3g}, {c['ci'][1]:.3g}]).")
+  return out
+
+
+def make_plots(rows, sizes, train_max_size: int, out_dir: str) -> List[str]:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  os.makedirs(out_dir, exist_ok=True)
+  ok = [r for r in rows if not r["diverged"]]
+  paths = []
+
+  fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
+  placements = sorted({r["dropout_on"] for r in ok})
+  for i, p in enumerate(placements):
+    sel = [r for r in ok if r["dropout_on"] == p]
+    ax.scatter([r["dropout"] for r in sel], [r["raw_out_kl"] for r in sel], s=18, label=p or "none",
+               color=plt.cm.tab10(i % 10))
+  ax.set_yscale("log")
+  ax.set_xlabel("dropout rate")
+  ax.set_ylabel("out-of-range KL (raw weights)")
+  ax.set_title("Dropout vs out-of-range KL")
+  ax.legend(fontsize=7, title="placement", title_fontsize=7)
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, "kl_out_vs_dropout.png"))
+  fig.savefig(paths[-1])
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(4.8, 4.4), dpi=90)
+  for kind, marker in (("ema", "o"), ("bema", "^")):
+    sel = [r for r in ok if r["ema_kind"] == kind]
+    if sel:
+      ax.scatter([r["raw_out_kl"] for r in sel], [r["avg_out_kl"] for r in sel], marker=marker, s=20, label=kind)
+  vals = [r[k] for r in ok if r["ema_kind"] != "none" for k in ("raw_out_kl", "avg_out_kl")]
+  if vals:
+    lo, hi = min(vals), max(vals)
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+  ax.set_xlabel("raw weights")
+  ax.set_ylabel("averaged weights")
+  ax.set_title("Out-of-range KL, same run")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, "kl_out_avg_vs_raw.png"))
+  fig.savefig(paths[-1])
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
+  ax.axvspan(0.5, train_max_size + 0.5, color="0.9", label="training sizes")
+  curves = [("raw, dropout = 0", [r["raw_per_size"]["kl"] for r in ok if r["dropout"] == 0]),
+            ("raw, dropout > 0", [r["raw_per_size"]["kl"] for r in ok if r["dropout"] > 0])]
+  for kind in ("ema", "bema"):
+    curves.append((f"raw, {kind} runs", [r["raw_per_size"]["kl"] for r in ok if r["ema_kind"] == kind]))
+    curves.append((f"{kind} weights", [r["avg_per_size"]["kl"] for r in ok if r["ema_kind"] == kind]))
+  for label, c in curves:
+    if c:
+      ax.plot(sizes, np.median(np.asarray(c), 0), marker=".", label=f"{label} (n={len(c)})",
+              ls="--" if label.startswith("raw, ") and "runs" in label else "-")
+  ax.set_yscale("log")
+  ax.set_xlabel("set size s")
+  ax.set_ylabel("median KL over runs")
+  ax.set_title("KL(target || p) against set size")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, "kl_per_size.png"))
+  fig.savefig(paths[-1])
+  plt.close(fig)
+  return paths
+
+
+def _csv_value(v):
+  if v is None:
+    return ""
+  if isinstance(v, float):
+    return f"{v:.6g}"
+  return v
+
+
+CSV_COLUMNS = (["run", "group", "seed", "embed_dim", "value_dim", "num_heads", "lr", "dropout", "dropout_on"]
+               + [f"drop_{s}" for s in DROPOUT_SITES]
+               + ["ema_kind", "ema_decay", "final_train_loss", "diverged"]
+               + [f"{w}_{p}_{m}" for w in ("raw", "avg") for p in ("in", "out") for m in METRICS])
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Optional[int] = None,
+              log=print, command: str = "") -> Dict[str, Any]:
+  """Samples, trains, evaluates and summarises the sweep; returns the summary written to summary.json."""
+  t_start = time.time()
+  runs = int(config.sweep.runs if runs is None else runs)
+  validate_sweep(config, runs)
+  os.makedirs(workdir, exist_ok=True)
+  task = sc.SetComplementTask(config)
+  n_tok, l_train = task.num_tokens, task.train_max_size
+  sizes = task.eval_sizes()
+  t = config.task
+  eval_batches = [data.eval_batch(int(t.eval_seed), s, int(t.eval_examples), num_tokens=n_tok, length=n_tok - 1)
+                  for s in sizes]
+  chunks = training_chunks(config, int(config.sweep.chunk_steps))
+  sampled = sample_runs(config.sweep, runs)
+  groups = group_runs(sampled)
+  log(f"sweep: {runs} runs in {len(groups)} groups, {config.steps} steps each, N={n_tok}, L_train={l_train}")
+  rows = []
+  for gi, (key, g_runs) in enumerate(sorted(groups.items())):
+    t0 = time.time()
+    r0 = g_runs[0]
+    programs = GroupPrograms(config, r0["embed_dim"], r0["value_dim"], r0["num_heads"], r0["ema_kind"])
+    state, losses_SR = train_group(programs, g_runs, chunks)
+    t_train = time.time() - t0
+    res = evaluate_group(programs, state, eval_batches)
+    tail = losses_SR[-min(100, losses_SR.shape[0]):]
+    for j, run in enumerate(g_runs):
+      row = dict(run, group=key, final_train_loss=float(np.nanmean(tail[:, j])),
+                 diverged=bool(not np.all(np.isfinite(losses_SR[:, j]))))
+      for w in ("raw", "avg"):
+        has = w == "raw" or run["ema_kind"] != "none"
+        per = {m: res[w][m][j].tolist() for m in METRICS}
+        summ = sc.range_summary(sizes, per, l_train)
+        for p, pname in (("in", "in_range"), ("out", "out_of_range")):
+          for m in METRICS:
+            row[f"{w}_{p}_{m}"] = summ.get(f"{pname}/{m}") if has else None
+        row[f"{w}_per_size"] = per if has else None
+      rows.append(row)
+    kl_raw = np.median([r["raw_out_kl"] for r in rows[-len(g_runs):]])
+    loss_med = np.median([r["final_train_loss"] for r in rows[-len(g_runs):]])
+    log(f"  group {gi + 1}/{len(groups)} {key}: {len(g_runs)} runs, train {t_train:.1f} s, eval "
+        f"{time.time() - t0 - t_train:.1f} s, median final loss {loss_med:.4f}, "
+        f"median out-of-range KL (raw) {kl_raw:.4g}")
+  rows.sort(key=lambda r: r["run"])
+
+  with open(os.path.join(workdir, "runs.csv"), "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(CSV_COLUMNS)
+    for r in rows:
+      w.writerow([_csv_value(r[c]) for c in CSV_COLUMNS])
+  with open(os.path.join(workdir, "runs.json"), "w") as f:
+    json.dump(dict(sizes=sizes, train_max_size=l_train, runs=rows), f, indent=1)
+
+  rng = np.random.default_rng(12345)
+  boot = int(config.sweep.bootstrap)
+  summary = dict(
+      command=command, n_runs=len(rows), n_groups=len(groups), n_diverged=sum(r["diverged"] for r in rows),
+      device=f"{jax.devices()[0].platform} x{jax.device_count()}", steps=int(config.steps),
+      batch_size=int(config.batch_size), task=config.task.to_dict(), eval_sizes=sizes,
+      sweep=config.sweep.to_dict(),
+      paired={k: paired_comparison(rows, k, rng, boot) for k in ("ema", "bema")
+              if any(r["ema_kind"] == k for r in rows)},
+      regression=regressions(rows), dropout_split=dropout_split(rows, rng, boot))
+  summary["findings"] = findings(summary)
+  summary["plots"] = make_plots(rows, sizes, l_train, os.path.join(workdir, "plots"))
+  summary["wall_time_s"] = time.time() - t_start
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1, default=str)
+  write_markdown(os.path.join(workdir, "summary.md"), summary)
+  log(f"sweep: done in {summary['wall_time_s']:.0f} s; wrote runs.csv, runs.json, summary.json, summary.md, "
+      f"plots/ to {workdir}")
+  for line in summary["findings"]:
+    log("  " + line)
+  return summary
+
+
+def main(argv):
+  import sys
+  from absl import flags
+  del argv
+  FLAGS = flags.FLAGS
+  config = FLAGS.config
+  if "sweep" not in config:
+    raise ValueError("ema_jax.sweep: the config has no `sweep` field; use configs/set_complement.py:sweep.")
+  run_sweep(config, FLAGS.workdir, FLAGS.runs, command="python -m ema_jax.sweep " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Sweep config, e.g. configs/set_complement.py:sweep.")
+  flags.DEFINE_string("workdir", None, "Output directory.")
+  flags.DEFINE_integer("runs", None, "Number of runs (default config.sweep.runs).")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
