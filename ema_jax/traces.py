@@ -42,6 +42,8 @@ def check_alphas(alphas, features: Optional[int] = None, name: str = "alphas") -
     if bad.any():
       raise ValueError(f"`{name}`={values.tolist()}: every write rate must lie in (0, 1] "
                        f"(0.5, 0.1, 0.02 give windows of about 2, 10 and 50 tokens).")
+    if not isinstance(alphas, jax.Array):
+      return values.astype(np.float32)  # stays NumPy, so it is usable while tracing (eval_shape, jit init)
   return jnp.asarray(alphas, jnp.float32)
 
 

@@ -1,0 +1,104 @@
+"""OthelloGPT length generalisation ("Learning What's Missing", 2025): does weight EMA help beyond L_train?
+
+Run:
+  python train.py --config configs/othello.py --workdir /tmp/othello
+  python train.py --config configs/othello.py:default,dropout,bema --workdir /tmp/othello_d_bema
+  python eval.py --workdir /tmp/othello [--weights raw,ema] [--lengths 1,10,20,40,59]
+  python -m ema_jax.othello_compare --workdir /tmp/othello_compare   (seeds x dropout x {ema, bema})
+
+Result it got: RESULT_PLACEHOLDER
+
+The argument after ':' is a preset optionally followed by options, comma-separated:
+  default  the CPU preset: GPT with 2 layers, 4 heads, width 128 (~0.4M parameters), context 59;
+           20,000 games (5% validation), trained on the first 20 moves (positions 1..20, out of range
+           21..59), 2000 steps of batch 64 (~6 epochs of the training windows) at lr 1e-3; weight EMA
+           decay 0.99 (a window of ~100 steps, 5% of the run). Scaled down to fit the comparison on a
+           loaded 2-core CPU (see ema_jax/othello_compare.py).
+  paper    the paper's model size: 8 layers, 8 heads, width 512, context 59; 200,000 games, train_len 30,
+           20k steps of batch 256 (an accelerator run; exact values of the paper not reproduced).
+  tiny     for tests: 1 layer, width 32, 400 games, train_len 8, 60 steps.
+Options: dropout (model.dropout = 0.1) | nodropout (0.0, the default) | ema (debiased weight EMA, the
+default) | bema (BEMA, Block and Zhang 2025). The trainer keeps one averaging kind per run and evaluates
+raw and averaged weights of that same run.
+"""
+
+import ml_collections
+
+from ema_jax import optim
+
+PRESETS = ("default", "paper", "tiny")
+OPTIONS = ("dropout", "nodropout", "ema", "bema")
+
+
+def get_config(arg=None):
+  parts = [p.strip() for p in (arg or "default").split(",") if p.strip()]
+  preset = parts[0] if parts and parts[0] in PRESETS else "default"
+  options = parts[1:] if parts and parts[0] in PRESETS else parts
+  if preset not in PRESETS or any(o not in OPTIONS for o in options):
+    raise ValueError(f"configs/othello.py: argument {arg!r}; expected a preset ({', '.join(PRESETS)}) "
+                     f"optionally followed by options ({', '.join(OPTIONS)}), e.g. 'default,dropout,bema'.")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.steps = 2000
+  c.batch_size = 64
+  c.log_every = 100
+  c.eval_every = 1000
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 2
+  c.optim = optim.default_optim_config()
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 100
+  c.weight_ema = optim.default_weight_ema_config("ema")
+  c.weight_ema.decay = 0.99
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1))
+  c.task = ml_collections.ConfigDict(dict(
+      name="othello",
+      num_games=20000,          # training + validation games, random legal play
+      val_fraction=0.05,        # the last 5% are validation games
+      data_seed=0,              # seeds the game generator (shared by all training seeds)
+      data_dir=ml_collections.FieldReference(None, field_type=str),  # None = ~/.cache/ema_jax/othello
+      train_len=20,             # L_train: moves fed in training; positions 1..L_train are trained
+      eval_games=1000,          # validation games scored at every position
+      eval_batch_size=250,
+      eval_lengths=ml_collections.FieldReference(None, field_type=list),  # positions; None = 1..59
+  ))
+  c.model = ml_collections.ConfigDict(dict(
+      num_layers=2, num_heads=4, width=128, mlp_ratio=4, context_len=59, dropout=0.0, dtype="float32"))
+
+  if preset == "paper":
+    c.steps = 20000
+    c.batch_size = 256
+    c.log_every = 200
+    c.eval_every = 2000
+    c.checkpoint_every = 2000
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 500
+    c.weight_ema.decay = 0.999
+    c.task.num_games = 200000
+    c.task.train_len = 30
+    c.task.eval_games = 2000
+    c.model.update(num_layers=8, num_heads=8, width=512)
+  elif preset == "tiny":
+    c.steps = 60
+    c.batch_size = 16
+    c.log_every = 10
+    c.eval_every = 30
+    c.checkpoint_every = 30
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 5
+    c.weight_ema.decay = 0.9
+    c.task.num_games = 400
+    c.task.val_fraction = 0.1
+    c.task.train_len = 8
+    c.task.eval_games = 40
+    c.task.eval_batch_size = 20
+    c.model.update(num_layers=1, num_heads=2, width=32)
+
+  for o in options:
+    if o in ("dropout", "nodropout"):
+      c.model.dropout = 0.1 if o == "dropout" else 0.0
+    else:
+      decay = c.weight_ema.decay
+      c.weight_ema = optim.default_weight_ema_config(o)
+      c.weight_ema.decay = decay
+  return c

@@ -1,0 +1,207 @@
+"""Language modelling on the text pipeline: the EMA-only LM or the GPT-2 baseline.
+
+config.model.kind selects the model ('ema_lm' or 'gpt'); the other config.model fields are the model's
+config (EMALMConfig / GPTConfig) and config.model.preset names a preset they override. The vocabulary
+comes from the tokenizer (config.data.tokenizer). config.model.dtype='bfloat16' computes in bfloat16
+with float32 parameters, float32 logits and a float32 loss.
+
+Evaluation (the same code in the training loop and in eval.py) is exact over each split: the sum of
+masked negative log-likelihoods over every target token once, so perplexity = exp(nll / tokens) and
+bits per byte = nll / (ln 2 * UTF-8 bytes). It runs for each source in config.task.eval_sources (the
+training source's eval split is 'validation'; others are named data configs) at each context length in
+config.task.eval_lengths.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from ema_jax.data import text as text_lib
+from ema_jax.data import tokenizer as tokenizer_lib
+from ema_jax.tasks.base import EvalContext, Task
+
+MODEL_KINDS = ("ema_lm", "gpt")
+_NON_MODEL_FIELDS = ("kind", "preset")
+
+
+def _model_module(kind):
+  if kind == "ema_lm":
+    from ema_jax.models import ema_lm
+    return ema_lm, ema_lm.EMALMConfig, ema_lm.EMALM
+  from ema_jax.models import transformer
+  return transformer, transformer.GPTConfig, transformer.GPT
+
+
+class LMTask(Task):
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    super().__init__(config)
+    self._tokenizer = None
+    self._eval_fn = {}
+    self._eval_batches = {}
+
+  # ------------------------------------------------------------------------------------------ config
+
+  @property
+  def tokenizer(self):
+    if self._tokenizer is None:
+      self._tokenizer = tokenizer_lib.get_tokenizer(self.config.data.tokenizer)
+    return self._tokenizer
+
+  def model_config(self):
+    m = self.config.model
+    if m.kind not in MODEL_KINDS:
+      raise ValueError(f"config.model.kind={m.kind!r}; accepted: {', '.join(MODEL_KINDS)}.")
+    module, cfg_cls, _ = _model_module(m.kind)
+    fields = {k: v for k, v in m.items() if k not in _NON_MODEL_FIELDS}
+    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in fields.items()}
+    fields["vocab_size"] = self.tokenizer.vocab_size
+    if m.kind == "gpt":
+      fields.setdefault("context_len", self.config.task.seq_len)
+    try:
+      if m.get("preset"):
+        return module.preset(m.preset, **fields)
+      return cfg_cls(**fields)
+    except TypeError as e:
+      raise ValueError(f"config.model: {e} (fields of {cfg_cls.__name__}: "
+                       f"{', '.join(f.name for f in cfg_cls.__dataclass_fields__.values())}).") from None
+
+  def validate(self) -> None:
+    t = self.config.task
+    if not isinstance(t.seq_len, int) or t.seq_len < 1:
+      raise ValueError(f"config.task.seq_len={t.seq_len!r}: expected a positive integer.")
+    lengths = list(t.eval_lengths or [t.seq_len])
+    if any((not isinstance(n, int)) or n < 1 for n in lengths):
+      raise ValueError(f"config.task.eval_lengths={lengths!r}: expected positive integers.")
+    if not isinstance(t.eval_batch_size, int) or t.eval_batch_size < 1:
+      raise ValueError(f"config.task.eval_batch_size={t.eval_batch_size!r}: expected a positive integer.")
+    text_lib.parse_data_config(self.config.data)
+    for name, overrides in (t.eval_sources or {}).items():
+      text_lib.parse_data_config(self._source_config(name))
+    cfg = self.model_config()  # validates the model fields
+    if self.config.model.kind == "gpt" and max(lengths + [t.seq_len]) > cfg.context_len:
+      raise ValueError(f"config.task.seq_len/eval_lengths up to {max(lengths + [t.seq_len])} exceed the GPT's "
+                       f"context_len={cfg.context_len}; raise config.model.context_len or shorten them.")
+
+  def _source_config(self, name):
+    data = ml_collections.ConfigDict(self.config.data.to_dict())
+    if name != "validation":
+      for k, v in self.config.task.eval_sources[name].items():
+        data[k] = v
+    return data
+
+  # ------------------------------------------------------------------------------------------ task API
+
+  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    _, _, model_cls = _model_module(self.config.model.kind)
+    return model_cls(self.model_config(), rngs=rngs)
+
+  def train_iterator(self, process_index: int, process_count: int):
+    c = self.config
+    return text_lib.make_train_iterator(c.data, self.tokenizer, c.task.seq_len, c.batch_size, c.seed,
+                                        process_index, process_count)
+
+  def loss(self, model, batch: Mapping[str, jax.Array], *, rngs: Optional[nnx.Rngs], train: bool):
+    nll_sum, n_tokens = token_nll(model, batch, rngs=rngs, train=train)
+    loss = nll_sum / jnp.maximum(n_tokens, 1.0)
+    return loss, {"perplexity": jnp.exp(loss), "bits_per_token": loss / math.log(2.0)}
+
+  def tokens_per_example(self) -> int:
+    return self.config.task.seq_len
+
+  def flops_per_token(self) -> Optional[float]:
+    module, _, _ = _model_module(self.config.model.kind)
+    return module.flops_per_token(self.model_config(), self.config.task.seq_len)
+
+  # ------------------------------------------------------------------------------------------ eval
+
+  def _batches(self, source: str, length: int, ctx: EvalContext):
+    key = (source, length)
+    if key not in self._eval_batches:
+      t = self.config.task
+      self._eval_batches[key] = text_lib.make_eval_batches(
+          self._source_config(source), self.tokenizer, length, t.eval_batch_size,
+          process_index=ctx.process_index, process_count=ctx.process_count)
+    return self._eval_batches[key]
+
+  def evaluate(self, model: nnx.Module, ctx: EvalContext) -> Dict[str, Any]:
+    graphdef, state = nnx.split(model)
+    if graphdef not in self._eval_fn:
+      self._eval_fn[graphdef] = jax.jit(
+          lambda state, batch: token_nll(nnx.merge(graphdef, state), batch, rngs=None, train=False))
+    fn = self._eval_fn[graphdef]
+    t = self.config.task
+    sources = ["validation"] + [s for s in (t.eval_sources or {})]
+    table, out = [], {}
+    for source in sources:
+      for length in (t.eval_lengths or [t.seq_len]):
+        batches = self._batches(source, length, ctx)
+        nll = 0.0
+        for b in batches:
+          s, _ = fn(state, ctx.put_batch(b))
+          nll += float(s)
+        ppl = math.exp(nll / batches.num_tokens)
+        bpb = nll / (math.log(2.0) * max(batches.num_bytes, 1))
+        table.append(dict(source=source, length=length, tokens=batches.num_tokens, bytes=batches.num_bytes,
+                          nll=nll, loss=nll / batches.num_tokens, perplexity=ppl, bits_per_byte=bpb))
+        if length == (t.eval_lengths or [t.seq_len])[0]:
+          out[f"{source}/loss"] = nll / batches.num_tokens
+          out[f"{source}/perplexity"] = ppl
+          out[f"{source}/bits_per_byte"] = bpb
+    out["table"] = table
+    return out
+
+  def summarize(self, results: Dict[str, Dict[str, Any]], step: int, workdir: Optional[str]) -> str:
+    lines = [f"LM evaluation at step {step} ({self.config.model.kind}, tokenizer {self.config.data.tokenizer})",
+             f"{'weights':<8}{'source':<14}{'length':>7}{'tokens':>10}{'loss':>9}{'perplexity':>12}{'bits/byte':>10}"]
+    for name, res in results.items():
+      for row in res["table"]:
+        lines.append(f"{name:<8}{row['source']:<14}{row['length']:>7}{row['tokens']:>10}{row['loss']:>9.4f}"
+                     f"{row['perplexity']:>12.2f}{row['bits_per_byte']:>10.4f}")
+    return "\n".join(lines)
+
+
+def token_nll(model, batch, *, rngs, train):
+  """(sum of masked token NLL in float32, number of target tokens)."""
+  logits_BTV = model(batch["inputs"], resets_BT=batch["resets"], segment_ids_BT=batch["segment_ids"],
+                     deterministic=not train, rngs=rngs)
+  nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), batch["targets"])
+  mask_BT = batch["mask"].astype(jnp.float32)
+  return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
+
+
+TASK = LMTask
+
+
+def base_config(model_kind: str) -> ml_collections.ConfigDict:
+  """Fields every LM config shares; configs/ema_lm.py and configs/gpt2.py fill in the rest."""
+  from ema_jax import optim
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.steps = 1000
+  c.batch_size = 16
+  c.log_every = 50
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.optim = optim.default_optim_config()
+  c.optim.lr = 3e-3
+  c.optim.warmup_steps = 100
+  c.optim.weight_decay = 0.1
+  c.weight_ema = optim.default_weight_ema_config("ema")
+  c.weight_ema.decay = 0.999
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1))
+  c.data = text_lib.default_data_config()
+  c.task = ml_collections.ConfigDict(dict(
+      name="lm", seq_len=256, eval_lengths=[], eval_batch_size=16,
+      eval_sources=ml_collections.ConfigDict()))
+  c.model = ml_collections.ConfigDict(dict(kind=model_kind, preset="tiny"))
+  return c
