@@ -47,7 +47,8 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
       raise ValueError(f"process id {process_id} is outside [0, {num_processes}).")
   elif not (_multi_worker_tpu() or _slurm_multi_task()):
     return False  # a single process: nothing to initialize
-  if explicit and os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or jax.config.jax_platforms == "cpu":
+  if explicit:
+    # Cross-process collectives for CPU devices (harmless where an accelerator does the work).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kwargs = {}
   if heartbeat_timeout_s is not None:

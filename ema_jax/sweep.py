@@ -156,8 +156,7 @@ class GroupPrograms:
     self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: SetTransformer(self.mcfg, rngs=nnx.Rngs(0))))
 
     self.init = jax.jit(jax.vmap(self.init_one))
-    self.train_chunk = jax.jit(self._chunk(vmapped=True), donate_argnums=0)
-    self.train_chunk_single = jax.jit(self._chunk(vmapped=False))
+    self.train_chunk = jax.jit(self._chunk(), donate_argnums=0)
     self.averaged = jax.jit(jax.vmap(self.averaged_one))
     self.eval_metrics = jax.jit(jax.vmap(self.eval_one, in_axes=(0, None, None)))
 
@@ -189,8 +188,9 @@ class GroupPrograms:
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
     return new, loss
 
-  def _chunk(self, vmapped: bool):
-    step = jax.vmap(self.step_one, in_axes=(0, None, None, None, 0)) if vmapped else self.step_one
+  def _chunk(self):
+    # Runs share the batch and the step number; everything else has a leading run axis.
+    step = jax.vmap(self.step_one, in_axes=(0, None, None, None, 0))
 
     def chunk(state, tokens_KBL, mask_KBL, steps_K, hp):
       def body(st, xs):
@@ -310,9 +310,15 @@ def paired_comparison(rows, kind: str, rng, bootstrap: int) -> Dict[str, Any]:
 
 def ols(X: np.ndarray, y: np.ndarray, names: Sequence[str]) -> Dict[str, Any]:
   """Least squares with an intercept; classical standard errors and 95% t-intervals per coefficient."""
-  keep = [j for j in range(X.shape[1]) if np.ptp(X[:, j]) > 0]
-  names = ["intercept"] + [names[j] for j in keep]
-  A = np.concatenate([np.ones((X.shape[0], 1)), X[:, keep]], axis=1)
+  X = np.asarray(X, np.float64)
+  # Columns that add nothing (constant, or a copy of earlier ones, e.g. tied widths) are left out.
+  A = np.ones((X.shape[0], 1))
+  kept = ["intercept"]
+  for j in range(X.shape[1]):
+    trial = np.concatenate([A, X[:, j:j + 1]], axis=1)
+    if np.linalg.matrix_rank(trial) > A.shape[1]:
+      A, kept = trial, kept + [names[j]]
+  names = kept
   n, p = A.shape
   if n <= p:
     return dict(n=int(n), error=f"{n} runs for {p} coefficients: too few")
@@ -340,6 +346,10 @@ def regressions(rows) -> Dict[str, Any]:
   X = np.asarray([[r["dropout"]] + common(r) for r in ok])
   out["raw_log_kl_out__dropout"] = dict(
       target="log out-of-range KL, raw weights", **ols(X, y_raw, ["dropout"] + common_names))
+  # The same predictors for the in-range fit: separates "fits worse" from "generalises worse".
+  y_in = np.log([max(r["raw_in_kl"], 1e-12) for r in ok])
+  out["raw_log_kl_in__dropout"] = dict(
+      target="log in-range KL, raw weights", **ols(X, y_in, ["dropout"] + common_names))
   X = np.asarray([[r[f"drop_{s}"] for s in DROPOUT_SITES] + common(r) for r in ok])
   out["raw_log_kl_out__dropout_by_site"] = dict(
       target="log out-of-range KL, raw weights", **ols(X, y_raw, [f"drop_{s}" for s in DROPOUT_SITES]
@@ -435,7 +445,7 @@ def findings(summary: Dict[str, Any]) -> List[str]:
     r = res.get("out_of_range/log_kl")
     if r and "t_ci" in r:
       lo, hi = r["t_ci"]
-      verdict = "lower" if hi < 0 else "higher" if lo > 0 else "not distinguishable from"
+      verdict = "lower than" if hi < 0 else "higher than" if lo > 0 else "not distinguishable from"
       out.append(f"{kind} weights: out-of-range KL {verdict} raw (geometric-mean factor {math.exp(r['mean']):.3g}, "
                  f"95% CI [{math.exp(lo):.3g}, {math.exp(hi):.3g}], {r['frac_improved']:.0%} of {r['n']} runs "
                  f"improved).")
@@ -452,6 +462,10 @@ def findings(summary: Dict[str, Any]) -> List[str]:
     out.append(f"dropout {verdict} out-of-range KL of the raw weights: log KL changes by {c['estimate']:.3g} per "
                f"unit rate (95% CI [{lo:.3g}, {hi:.3g}]), i.e. a factor {math.exp(0.1 * c['estimate']):.3g} per "
                f"+0.1 rate.")
+  c = summary["regression"].get("raw_log_kl_in__dropout", {}).get("coef", {}).get("dropout")
+  if c:
+    out.append(f"dropout and in-range KL of the raw weights: {c['estimate']:.3g} per unit rate "
+               f"(95% CI [{c['ci'][0]:.3g}, {c['ci'][1]:.3g}]).")
   reg = summary["regression"].get("raw_log_kl_out__dropout_by_site", {})
   for s in DROPOUT_SITES:
     c = reg.get("coef", {}).get(f"drop_{s}")

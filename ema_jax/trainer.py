@@ -339,7 +339,7 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str]) -> Dict[str
       if pending is not None:
         absorb(*pending)
       if status == "done":
-        run_eval(config.steps) if config.eval_every or True else None
+        run_eval(config.steps)  # the final evaluation always runs
     except NonFiniteError as e:
       status = "nonfinite"
       if is_main:

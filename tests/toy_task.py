@@ -15,20 +15,26 @@ W_TRUE = np.array([[1.0], [-2.0], [0.5], [3.0]], np.float32)
 
 
 class ToyIterator(BatchIterator):
-  def __init__(self, batch, seed, process_index, sleep=0.0, nan_at_step=-1):
-    self.batch, self.seed, self.pid, self.step = batch, seed, process_index, 0
+  """The global batch of a step depends only on (seed, step); process p takes its rows of it, so the
+  data is the same whatever the number of processes."""
+
+  def __init__(self, global_batch, seed, process_index, process_count, sleep=0.0, nan_at_step=-1):
+    self.global_batch, self.seed, self.step = global_batch, seed, 0
+    self.pid, self.nproc = process_index, process_count
     self.sleep, self.nan_at_step = sleep, nan_at_step
 
   def __next__(self):
     if self.sleep:
       time.sleep(self.sleep)
-    rng = np.random.default_rng([self.seed, self.step, self.pid])
-    x = rng.normal(size=(self.batch, 4)).astype(np.float32)
-    y = x @ W_TRUE + 0.1 * rng.normal(size=(self.batch, 1)).astype(np.float32)
+    rng = np.random.default_rng([self.seed, self.step])
+    x = rng.normal(size=(self.global_batch, 4)).astype(np.float32)
+    y = x @ W_TRUE + 0.1 * rng.normal(size=(self.global_batch, 1)).astype(np.float32)
     if self.step == self.nan_at_step:
       y[0, 0] = np.nan
     self.step += 1
-    return {"x": x, "y": y}
+    local = self.global_batch // self.nproc
+    rows = slice(self.pid * local, (self.pid + 1) * local)
+    return {"x": x[rows], "y": y[rows]}
 
   def get_state(self):
     return {"step": self.step}
@@ -57,7 +63,7 @@ class ToyTask(Task):
 
   def train_iterator(self, process_index, process_count):
     t = self.config.task
-    return ToyIterator(self.config.batch_size // process_count, self.config.seed, process_index, t.sleep,
+    return ToyIterator(self.config.batch_size, self.config.seed, process_index, process_count, t.sleep,
                        t.nan_at_step)
 
   def loss(self, model, batch, *, rngs, train):
@@ -68,9 +74,11 @@ class ToyTask(Task):
   def evaluate(self, model, ctx):
     rng = np.random.default_rng(123)
     x = rng.normal(size=(64, 4)).astype(np.float32)
-    b = ctx.put_batch({"x": x})
-    pred = np.asarray(jax.jit(lambda x: model(x, deterministic=True))(b["x"]))
-    return {"mse": float(np.mean((pred - x @ W_TRUE) ** 2)), "table": [1, 2, 3]}
+    local = 64 // ctx.process_count
+    rows = slice(ctx.process_index * local, (ctx.process_index + 1) * local)
+    b = ctx.put_batch({"x": x[rows], "y": (x @ W_TRUE)[rows]})
+    mse = jax.jit(lambda b: jnp.mean((model(b["x"], deterministic=True) - b["y"]) ** 2))(b)
+    return {"mse": float(mse), "table": [1, 2, 3]}
 
   def summarize(self, results, step, workdir):
     return "\n".join(f"{k}: mse {v['mse']:.6f}" for k, v in results.items())

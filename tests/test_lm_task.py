@@ -1,0 +1,96 @@
+"""The LM task end to end: training on the built-in text, eval.py reproducing the in-loop numbers, the
+130m preset (parameter count without allocation, a few real steps with a short context), configs."""
+
+import json
+import math
+import os
+
+import jax
+import pytest
+
+from ema_jax import evaluation, trainer
+from ema_jax.models import ema_lm
+from ema_jax.tasks import lm
+from ml_collections import config_flags  # noqa: F401  (configs import like train.py does)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def short(cfg, steps=6):
+  cfg.steps = steps
+  cfg.optim.warmup_steps = 2
+  cfg.log_every = 2
+  cfg.eval_every = 0
+  cfg.checkpoint_every = steps
+  cfg.task.seq_len = 64
+  cfg.batch_size = 4
+  cfg.task.eval_batch_size = 8
+  cfg.data.eval_max_tokens = 3000
+  if cfg.model.kind == "gpt":
+    cfg.model.context_len = 64
+  return cfg
+
+
+@pytest.mark.parametrize("config_name,predictor", [("ema_lm", "linear"), ("ema_lm", "attention_history"),
+                                                    ("gpt2", None)])
+def test_train_and_eval_py_agree(tmp_path, config_name, predictor):
+  cfg = short(load_config(config_name, "tiny"))
+  if predictor:
+    cfg.model.predictor = predictor
+  wd = str(tmp_path)
+  final = trainer.train(cfg, wd)
+  assert math.isfinite(final["loss"])
+  with open(os.path.join(wd, f"eval_{cfg.steps}.json")) as f:
+    in_loop = json.load(f)["results"]
+  again = evaluation.run(wd, step=cfg.steps)
+  for weights in ("raw", "ema"):
+    a, b = in_loop[weights]["table"][0], again[weights]["table"][0]
+    assert a["tokens"] == b["tokens"] == 3000
+    assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-5)
+    assert b["bits_per_byte"] == pytest.approx(a["bits_per_byte"], rel=1e-5)
+  # Other context lengths from the same checkpoint, exact over the same tokens.
+  lens = evaluation.run(wd, step=cfg.steps, weights="raw", lengths="32,64")
+  rows = lens["raw"]["table"]
+  assert [r["length"] for r in rows] == [32, 64] and all(r["tokens"] == 3000 for r in rows)
+  assert rows[1]["perplexity"] == pytest.approx(in_loop["raw"]["table"][0]["perplexity"], rel=1e-5)
+
+
+def test_130m_preset_counts_and_steps(tmp_path):
+  cfg = load_config("ema_lm", "130m")
+  task = lm.LMTask(cfg)
+  n = ema_lm.param_count(task.model_config())
+  assert 125e6 <= n <= 135e6, n
+  # A few real steps on the CPU: GPT-2 tokenizer, built-in text, context 32.
+  cfg.data.source = "builtin"
+  cfg.model.dtype = "float32"
+  cfg = short(cfg, steps=2)
+  cfg.task.seq_len = 32
+  cfg.batch_size = 2
+  cfg.data.eval_max_tokens = 256
+  cfg.checkpoint_every = 0
+  out = trainer.train(cfg, None)
+  assert math.isfinite(out["loss"]) and out["status"] == "done"
+
+
+def test_bad_lm_config():
+  cfg = load_config("ema_lm", "tiny")
+  cfg.model.predictor = "lstm"
+  with pytest.raises(ValueError, match="predictor"):
+    trainer.build(cfg)
+  cfg = load_config("gpt2", "tiny")
+  cfg.task.seq_len = 512
+  with pytest.raises(ValueError, match="context_len"):
+    trainer.build(cfg)
+  cfg = load_config("ema_lm", "tiny")
+  cfg.data.source = "files"
+  cfg.data.path = "/nonexistent/*.jsonl"
+  with pytest.raises((ValueError, FileNotFoundError), match="nonexistent"):
+    trainer.train(short(cfg), None)

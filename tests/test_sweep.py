@@ -1,0 +1,143 @@
+"""The set-complement sweep: vmapped training equals independent single runs; a tiny sweep end to end."""
+
+import csv
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from ema_jax import optim, sweep
+from ema_jax.tasks.set_complement import SetComplementTask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sweep_config():
+  spec = importlib.util.spec_from_file_location("sc_config", ROOT / "configs" / "set_complement.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("sweep")
+  c.steps, c.batch_size = 12, 16
+  c.optim.warmup_steps = 2
+  c.task.num_tokens, c.task.train_max_size, c.task.eval_examples = 8, 3, 8
+  c.sweep.dims = ["8x8"]
+  c.sweep.chunk_steps = 6
+  c.sweep.bootstrap = 200
+  return c
+
+
+def reference_run(config, run, steps):
+  """One run trained the plain way: the model's own dropout config, AdamW at the run's lr, WeightEMA."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.model.update(embed_dim=run["embed_dim"], value_dim=run["value_dim"], num_heads=run["num_heads"],
+                 dropout=run["dropout"], dropout_on=run["dropout_on"])
+  task = SetComplementTask(c)
+  key = jax.random.key(run["seed"])
+  model = task.build_model(nnx.Rngs(params=jax.random.fold_in(key, 0)))
+  graphdef, params = nnx.split(model)
+  c.optim.lr = run["lr"]
+  tx, _ = optim.make_optimizer(c.optim, c.steps)
+  wema = optim.WeightEMA(run["ema_decay"])
+  opt, ema = tx.init(params), wema.init(params)
+  it = task.train_iterator(0, 1)
+  losses = []
+
+  @jax.jit
+  def step(params, opt, ema, batch, i):
+    def lf(p):
+      return task.loss(nnx.merge(graphdef, p), batch, rngs=jax.random.fold_in(jax.random.fold_in(key, 1), i),
+                       train=True)[0]
+    loss, g = jax.value_and_grad(lf)(params)
+    u, opt = tx.update(g, opt, params)
+    params = optax.apply_updates(params, u)
+    return params, opt, wema.update(ema, params, i + 1), loss
+
+  for i in range(steps):
+    params, opt, ema, loss = step(params, opt, ema, next(it), i)
+    losses.append(float(loss))
+  return np.asarray(losses), params, wema.value(ema, params)
+
+
+def test_vmapped_training_equals_single_runs():
+  c = sweep_config()
+  runs = sweep.sample_runs(c.sweep, 3)
+  placements = ["attention", "embedding,output", ""]
+  for r, p, lr, rate, decay in zip(runs, placements, [1e-3, 3e-3, 2e-2], [0.3, 0.2, 0.0], [0.9, 0.95, 0.99]):
+    r.update(embed_dim=8, value_dim=8, num_heads=1, ema_kind="ema", ema_decay=decay, lr=lr, dropout=rate,
+             dropout_on=p, **{f"drop_{s}": rate if s in p.split(",") else 0.0
+                              for s in ("attention", "embedding", "output")})
+  programs = sweep.GroupPrograms(c, 8, 8, 1, "ema")
+  state, losses = sweep.train_group(programs, runs, sweep.training_chunks(c, 6))
+  averaged = programs.averaged(state)
+  assert losses.shape == (12, 3)
+  for j, run in enumerate(runs):
+    ref_losses, ref_params, ref_avg = reference_run(c, run, 12)
+    np.testing.assert_allclose(losses[:, j], ref_losses, rtol=2e-5, atol=1e-6)
+    for got, want in ((state["params"], ref_params), (averaged, ref_avg)):
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a)[j], np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_sampling_is_deterministic_and_in_range():
+  c = sweep_config().sweep
+  a, b = sweep.sample_runs(c, 40), sweep.sample_runs(c, 40)
+  assert a == b
+  for r in a:
+    assert c.lr[0] <= r["lr"] <= c.lr[1] and 0 <= r["dropout"] <= c.dropout[1]
+    assert r["ema_kind"] in c.ema_kinds
+    assert (r["ema_decay"] is None) == (r["ema_kind"] != "ema")
+    if r["ema_decay"] is not None:
+      assert c.ema_decay[0] <= r["ema_decay"] <= c.ema_decay[1]
+    assert sum(r[f"drop_{s}"] > 0 for s in ("attention", "embedding", "output")) == (
+        len(r["dropout_on"].split(",")) if r["dropout"] > 0 else 0)
+  groups = sweep.group_runs(a)
+  assert sum(len(g) for g in groups.values()) == 40
+  assert all(len({(r["embed_dim"], r["ema_kind"]) for r in g}) == 1 for g in groups.values())
+
+
+def test_statistics_against_closed_forms():
+  rng = np.random.default_rng(0)
+  res = sweep.mean_ci(np.array([1.0, 2.0, 3.0, 4.0]), rng, 500)
+  se = np.std([1, 2, 3, 4], ddof=1) / 2
+  assert res["mean"] == 2.5 and res["se"] == pytest.approx(se)
+  assert res["t_ci"] == pytest.approx([2.5 - 3.182446 * se, 2.5 + 3.182446 * se], rel=1e-5)
+  assert 1.0 <= res["bootstrap_ci"][0] <= res["bootstrap_ci"][1] <= 4.0
+  X = rng.normal(size=(50, 2))
+  y = 1.0 + 2.0 * X[:, 0] - 0.5 * X[:, 1] + 1e-3 * rng.normal(size=50)
+  fit = sweep.ols(np.concatenate([X, np.ones((50, 1)), X[:, :1]], 1), y, ["a", "b", "constant", "copy_of_a"])
+  assert set(fit["coef"]) == {"intercept", "a", "b"}  # constant and duplicate columns are dropped
+  assert fit["coef"]["a"]["estimate"] == pytest.approx(2.0, abs=1e-2)
+  lo, hi = fit["coef"]["b"]["ci"]
+  assert lo < -0.5 < hi and fit["r2"] > 0.999
+
+
+def test_tiny_sweep_end_to_end(tmp_path):
+  c = sweep_config()
+  c.sweep.ema_kinds = ["ema", "bema"]
+  summary = sweep.run_sweep(c, str(tmp_path), runs=4, log=lambda *a: None)
+  with open(tmp_path / "runs.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 4 and list(rows[0]) == sweep.CSV_COLUMNS
+  for col in ("lr", "dropout", "dropout_on", "ema_kind", "raw_in_kl", "raw_out_kl", "avg_in_kl", "avg_out_kl",
+              "raw_out_precision", "avg_out_invalid_mass"):
+    assert col in rows[0]
+  assert all(math.isfinite(float(r["raw_out_kl"])) and math.isfinite(float(r["avg_out_kl"])) for r in rows)
+  runs = json.loads((tmp_path / "runs.json").read_text())
+  assert runs["sizes"] == list(range(1, 8)) and len(runs["runs"]) == 4
+  assert len(runs["runs"][0]["raw_per_size"]["kl"]) == 7
+  on_disk = json.loads((tmp_path / "summary.json").read_text())
+  assert on_disk["n_runs"] == 4 and set(on_disk) >= {"paired", "regression", "dropout_split", "findings"}
+  assert summary["n_runs"] == 4
+  md = (tmp_path / "summary.md").read_text()
+  assert "averaged - raw" in md
+  plots = os.listdir(tmp_path / "plots")
+  assert len(plots) == 3 and all(os.path.getsize(tmp_path / "plots" / p) < 1_000_000 for p in plots)
