@@ -25,7 +25,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
         "tf": ["tensorflow>=2.17"],
-        "tpu": ["jax[tpu]"],
+        "tpu": ["jax[tpu]", "gcsfs"],
         "cuda": ["jax[cuda12]"],
     },
 )

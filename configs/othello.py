@@ -11,12 +11,12 @@ Result it got: RESULT_PLACEHOLDER
 The argument after ':' is a preset optionally followed by options, comma-separated:
   default  the CPU preset: GPT with 2 layers, 4 heads, width 128 (~0.4M parameters), context 59;
            20,000 games (5% validation), trained on the first 20 moves (positions 1..20, out of range
-           21..59), 2000 steps of batch 64 (~6 epochs of the training windows) at lr 1e-3; weight EMA
-           decay 0.99 (a window of ~100 steps, 5% of the run). Scaled down to fit the comparison on a
+           21..59), 1000 steps of batch 64 (~3.4 epochs of the training windows) at lr 2e-3, cosine
+           to 10%; weight EMA decay 0.99 (a window of ~100 steps, a tenth of the run). Scaled down to fit the comparison on a
            loaded 2-core CPU (see ema_jax/othello_compare.py).
   paper    the paper's model size: 8 layers, 8 heads, width 512, context 59; 200,000 games, train_len 30,
            20k steps of batch 256 (an accelerator run; exact values of the paper not reproduced).
-  tiny     for tests: 1 layer, width 32, 400 games, train_len 8, 60 steps.
+  tiny     for tests: 1 layer, width 32, 400 games, train_len 8, 80 steps at lr 1e-2.
 Options: dropout (model.dropout = 0.1) | nodropout (0.0, the default) | ema (debiased weight EMA, the
 default) | bema (BEMA, Block and Zhang 2025). The trainer keeps one averaging kind per run and evaluates
 raw and averaged weights of that same run.
@@ -39,14 +39,14 @@ def get_config(arg=None):
                      f"optionally followed by options ({', '.join(OPTIONS)}), e.g. 'default,dropout,bema'.")
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.steps = 2000
+  c.steps = 1000
   c.batch_size = 64
   c.log_every = 100
-  c.eval_every = 1000
-  c.checkpoint_every = 1000
+  c.eval_every = 500
+  c.checkpoint_every = 500
   c.keep_checkpoints = 2
   c.optim = optim.default_optim_config()
-  c.optim.lr = 1e-3
+  c.optim.lr = 2e-3
   c.optim.warmup_steps = 100
   c.weight_ema = optim.default_weight_ema_config("ema")
   c.weight_ema.decay = 0.99
@@ -79,12 +79,12 @@ def get_config(arg=None):
     c.task.eval_games = 2000
     c.model.update(num_layers=8, num_heads=8, width=512)
   elif preset == "tiny":
-    c.steps = 60
+    c.steps = 80
     c.batch_size = 16
     c.log_every = 10
-    c.eval_every = 30
-    c.checkpoint_every = 30
-    c.optim.lr = 3e-3
+    c.eval_every = 40
+    c.checkpoint_every = 40
+    c.optim.lr = 1e-2
     c.optim.warmup_steps = 5
     c.weight_ema.decay = 0.9
     c.task.num_games = 400

@@ -17,13 +17,15 @@ Presets (the argument after ':'):
               sentences; readouts fitted on the training labels after learning; held-out A (1000) and
               grammar B transfer (1000). Runs through the task's own loop (a LocalLearningTask): the
               top-level steps / optim / weight_ema fields are not used by it.
-  bigru       a 2-layer BiGRU tagger (embedding 128, hidden 128 per direction, ~0.9 M parameters),
-              dropout 0.2, word dropout 0.1, AdamW lr 2e-3 cosine to 10%, batch 64 sentences, 3000 steps
-              (48 epochs of the 4000 sentences; held-out accuracy has plateaued well before), weight
-              EMA 0.999 also evaluated. Same data as hebbian for the same seed.
+  bigru       a 2-layer BiGRU tagger (embedding 128, hidden 128 per direction, 0.50 M parameters),
+              dropout 0.2, word dropout 0.1, AdamW lr 2e-3 cosine to 10%, batch 64 sentences, 1500 steps
+              (24 epochs of the 4000 sentences; in a 3000-step run held-out A accuracy was 0.9995 at
+              step 500 and 0.9997 at 750 and 1000), weight EMA 0.999 also evaluated (the tables report
+              the raw weights). Same data as hebbian for the same seed.
   hebbian_ud  the Hebbian model on UD English EWT train (12.5k sentences, up to 64 words; words seen once
               are UNK), evaluated on dev and test.
-  bigru_ud    the BiGRU on the same UD data, 6000 steps of batch 64 (~30 epochs).
+  bigru_ud    the BiGRU on the same UD data (1.6 M parameters, most in the 8867-word embedding), 2000
+              steps of batch 64 (~10 epochs).
   *_tiny      (hebbian_tiny, bigru_tiny, hebbian_ud_tiny, bigru_ud_tiny) seconds-long versions for tests.
 """
 
@@ -59,11 +61,11 @@ def get_config(arg=None):
 
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.steps = 3000
+  c.steps = 1500
   c.batch_size = 64
   c.log_every = 100
-  c.eval_every = 1000
-  c.checkpoint_every = 1000
+  c.eval_every = 500
+  c.checkpoint_every = 500
   c.keep_checkpoints = 2
   c.optim = optim.default_optim_config()
   c.optim.lr = 2e-3
@@ -96,9 +98,7 @@ def get_config(arg=None):
     c.checkpoint_every = 0
     c.weight_ema = optim.default_weight_ema_config("none")
   if ud and kind == "bigru":
-    c.steps = 6000
-    c.eval_every = 2000
-    c.checkpoint_every = 2000
+    c.steps = 2000
   if tiny:
     c.task.update(n_train=300, n_heldout=100, n_transfer=100, max_len=24, ud_train_sentences=300,
                   ud_eval_sentences=100, probe_steps=100)

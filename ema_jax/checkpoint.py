@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,9 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
     if not isinstance(keep, int) or keep < 1:
       raise ValueError(f"config.keep_checkpoints={keep!r}: expected an integer >= 1.")
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    # Local folders or buckets (gs://...): orbax reads and writes both through etils.epath.
+    self.directory = (os.path.join(workdir, "checkpoints") if "://" in workdir
+                      else os.path.abspath(os.path.join(workdir, "checkpoints")))
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -97,19 +100,20 @@ def _check_finite_structure(state, abstract_state, step, directory):
 
 def read_config(workdir: str, step: Optional[int] = None) -> Dict[str, Any]:
   """The config JSON saved with a checkpoint (the latest by default), without restoring arrays."""
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = epath.Path(workdir) / "checkpoints"
+  if not directory.is_dir():
     raise FileNotFoundError(f"no checkpoints in {directory}: train first (python train.py --workdir {workdir}).")
-  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  steps = sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())
   if not steps:
     raise FileNotFoundError(f"no complete checkpoint in {directory}.")
   if step is None:
     step = steps[-1]
   elif step not in steps:
     raise ValueError(f"--step={step}: no checkpoint for it in {directory}; available: {steps}.")
-  path = os.path.join(directory, str(step), "config", "metadata")
-  if not os.path.exists(path):
-    cands = [os.path.join(directory, str(step), "config", f) for f in os.listdir(os.path.join(directory, str(step), "config"))]
-    path = next((c for c in cands if os.path.isfile(c)), path)
-  with open(path) as f:
-    return json.load(f)
+  files = [f for f in (directory / str(step) / "config").iterdir() if f.is_file()]
+  if not files:
+    raise CorruptCheckpointError(f"checkpoint {directory}/{step} has no saved config.")
+  try:
+    return json.loads(files[0].read_text())
+  except json.JSONDecodeError as e:
+    raise CorruptCheckpointError(f"checkpoint {directory}/{step}: config is not valid JSON ({e}).") from e

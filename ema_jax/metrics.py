@@ -14,6 +14,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import jax
 import numpy as np
+from etils import epath
 
 # Peak dense bf16 FLOP/s per device, for MFU. CPU has no meaningful peak: MFU is left out there.
 PEAK_FLOPS = {
@@ -42,14 +43,17 @@ def _scalar(v):
 
 
 class MetricWriter:
-  """Appends {"step": n, ...} lines to <workdir>/metrics.jsonl and TensorBoard events."""
+  """Appends {"step": n, ...} lines to <workdir>/metrics.jsonl and TensorBoard events.
+
+  The workdir may be a bucket (gs://...; etils.epath, which needs gcsfs or TensorFlow for gs://).
+  """
 
   def __init__(self, workdir: Optional[str], enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled and workdir is not None
-    self.path = os.path.join(workdir, "metrics.jsonl") if workdir else None
+    self.path = epath.Path(workdir) / "metrics.jsonl" if workdir else None
     self._tb = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
       if tensorboard:
         try:
           from tensorboardX import SummaryWriter
@@ -59,27 +63,23 @@ class MetricWriter:
 
   def truncate_after(self, step: int) -> None:
     """On resume: drop lines a killed run wrote past the checkpoint it resumes from."""
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not self.path.exists():
       return
     keep = []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          if json.loads(line).get("step", 0) <= step:
-            keep.append(line)
-        except json.JSONDecodeError:
-          continue  # a torn last line from a killed run
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, self.path)
+    for line in self.path.read_text().splitlines(keepends=True):
+      try:
+        if json.loads(line).get("step", 0) <= step:
+          keep.append(line)
+      except json.JSONDecodeError:
+        continue  # a torn last line from a killed run
+    self.path.write_text("".join(keep))
 
   def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
     if not self.enabled:
       return
     row = {"step": int(step)}
     row.update({prefix + k: _scalar(v) for k, v in metrics.items()})
-    with open(self.path, "a") as f:
+    with self.path.open("a") as f:
       f.write(json.dumps(row) + "\n")
     if self._tb is not None:
       for k, v in row.items():

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
 from ema_jax import checkpoint as ckpt_lib
@@ -188,11 +189,9 @@ def evaluate_all(setup: Setup, state, workdir: Optional[str], step: int, weights
 def write_eval(workdir: Optional[str], step: int, results: Dict[str, Any], table: str) -> Optional[str]:
   if workdir is None or jax.process_index() != 0:
     return None
-  path = os.path.join(workdir, f"eval_{step}.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(dict(step=step, results=results, table=table), f, indent=1, default=_json_default)
-  os.replace(path + ".tmp", path)
-  return path
+  path = epath.Path(workdir) / f"eval_{step}.json"
+  path.write_text(json.dumps(dict(step=step, results=results, table=table), indent=1, default=_json_default))
+  return str(path)
 
 
 def _json_default(o):
@@ -253,7 +252,7 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str]) -> Dict[str
   task, mesh = setup.task, setup.mesh
   is_main = jax.process_index() == 0
   if workdir is not None and is_main:
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   checkpointer = (ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
                   if workdir is not None and config.checkpoint_every > 0 else None)
