@@ -81,6 +81,7 @@ def get_config(arg=None):
       eval_batch_size=256,
       # grammar source (ema_jax/data/grammar.py); config.seed draws the sentences
       n_train=4000, n_heldout=1000, n_transfer=1000, train_grammar="A", transfer_grammar="B",
+      structure_split=True,           # also evaluate on B's constructions written with A's words only
       # ud source (ema_jax/data/conllu.py); a relative ud_dir is tried from the working directory, then
       # from the repository root
       ud_dir="../shared/data/ud_english_ewt", ud_min_count=2,

@@ -1,4 +1,4 @@
-"""Set complement (Zsamboki et al. 2025): one attention layer, length generalisation, dropout and weight EMA.
+"""Set complement ("Learning What's Missing", 2025): one attention layer, length generalisation, dropout, weight EMA.
 
 Run:
   python train.py --config configs/set_complement.py --workdir /tmp/sc

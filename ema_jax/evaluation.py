@@ -10,6 +10,7 @@ import ml_collections
 
 from ema_jax import checkpoint as ckpt_lib
 from ema_jax import sharding, trainer
+from ema_jax.tasks.base import get_task
 
 
 def _parse_value(text: str):
@@ -53,7 +54,8 @@ def load_config(workdir: str, step: Optional[int] = None, mesh: str = "data=-1",
       values = [int(v) for v in lengths.split(",") if v]
     except ValueError:
       raise ValueError(f"--lengths={lengths!r}: expected comma-separated integers.") from None
-    cfg.task.eval_lengths = values
+    field = getattr(type(get_task(cfg)), "EVAL_LENGTHS_FIELD", "eval_lengths")
+    cfg.task[field] = values
   return cfg
 
 
@@ -76,7 +78,9 @@ def run(workdir: str, step: Optional[int] = None, weights: str = "all", lengths:
       raise ValueError(f"--weights={weights!r}: this checkpoint has {available}.")
   results = trainer.evaluate_all(setup, state, workdir, step, weights=names)
   table = setup.task.summarize(results, step, workdir if jax.process_index() == 0 else None)
-  path = trainer.write_eval(workdir, step, results, table)
+  tag = "" if (weights == "all" and not lengths) else "_" + "_".join(
+      x for x in (weights.replace(",", "-") if weights != "all" else "", (lengths or "").replace(",", "-")) if x)
+  path = trainer.write_eval(workdir, step, results, table, tag=tag)
   if jax.process_index() == 0:
     print(table)
     if path:

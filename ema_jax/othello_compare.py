@@ -102,14 +102,14 @@ def collect(runs: Sequence[Dict[str, Any]]) -> Dict[float, Dict[int, Dict[str, D
   return table
 
 
-def raw_mismatch(runs: Sequence[Dict[str, Any]]) -> float:
-  """Largest |difference| of a raw region metric between runs of the same (seed, dropout)."""
-  first, worst = {}, 0.0
+def raw_mismatch(runs: Sequence[Dict[str, Any]]):
+  """Largest |difference| of a raw region metric between runs of the same (seed, dropout); None if no pairs."""
+  first, worst = {}, None
   for r in runs:
     key = (r["seed"], r["dropout"])
     raw = r["results"]["raw"]
     if key in first:
-      worst = max(worst, max(abs(raw[f"{g}/{m}"] - first[key][f"{g}/{m}"]) for g in REGIONS for m in METRICS))
+      worst = max(worst or 0.0, max(abs(raw[f"{g}/{m}"] - first[key][f"{g}/{m}"]) for g in REGIONS for m in METRICS))
     else:
       first[key] = raw
   return worst
@@ -165,8 +165,9 @@ def write_markdown(path: str, summary: Dict[str, Any], meta: Dict[str, Any], kin
            f"Machine: {meta['machine']}. Command: `{meta['command']}`; {meta['config_summary']}.",
            f"Seeds {meta['seeds']}, dropout {meta['dropouts']}, averaging kinds {list(kinds)}; "
            f"{meta['runs']} runs, training wall time {meta['train_wall_s']:.0f} s in total "
-           f"({meta['run_wall_s']}). Raw metrics of the ema and bema runs of one (seed, dropout) differ by at "
-           f"most {meta['raw_mismatch']:.2g} (they share the raw trajectory).", "",
+           f"({meta['run_wall_s']})." + ("" if meta["raw_mismatch"] is None else
+           f" Raw metrics of the ema and bema runs of one (seed, dropout) differ by at most "
+           f"{meta['raw_mismatch']:.2g} (they share the raw trajectory)."), "",
            f"Positions 1..{meta['train_len']} are trained (in), {meta['train_len'] + 1}..59 are not (out). "
            "Values: mean ± sd over seeds of the per-position averages; Δ = averaged - raw of the same run, "
            "paired by seed; 'better' counts the seeds where the averaged weights did better.", ""]

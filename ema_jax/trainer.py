@@ -186,10 +186,11 @@ def evaluate_all(setup: Setup, state, workdir: Optional[str], step: int, weights
   return results
 
 
-def write_eval(workdir: Optional[str], step: int, results: Dict[str, Any], table: str) -> Optional[str]:
+def write_eval(workdir: Optional[str], step: int, results: Dict[str, Any], table: str,
+               tag: str = "") -> Optional[str]:
   if workdir is None or jax.process_index() != 0:
     return None
-  path = epath.Path(workdir) / f"eval_{step}.json"
+  path = epath.Path(workdir) / f"eval_{step}{tag}.json"
   path.write_text(json.dumps(dict(step=step, results=results, table=table), indent=1, default=_json_default))
   return str(path)
 

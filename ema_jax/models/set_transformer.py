@@ -1,4 +1,4 @@
-"""Single-layer, attention-only transformer for the set-complement task (Zsamboki et al. 2025).
+"""Single-layer, attention-only transformer for the set-complement task ("Learning What's Missing", 2025).
 
 Input: a padded row of s set tokens (ids 0..N-1, PAD_ID = N after them). The model appends a QUERY token
 (id N + 1), embeds everything with one table of N + 2 rows, and runs ONE multi-head attention layer in

@@ -54,6 +54,9 @@ class EvalContext:
 class Task(abc.ABC):
   """Data + model + loss + eval metrics for one experiment, built from the full config."""
 
+  # The config.task field that eval.py --lengths sets (set sizes, context lengths, positions...).
+  EVAL_LENGTHS_FIELD = "eval_lengths"
+
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
 

@@ -2,8 +2,10 @@
 
 Data (config.task.source):
   grammar  synthetic grammar A (ema_jax/data/grammar.py): train on A, evaluate on held-out A sentences
-           ('heldout') and on grammar B ('transfer': half the content words unseen, other construction
-           frequencies, one level deeper embedding). config.seed also draws the sentences.
+           ('heldout'), on grammar B ('transfer': half the content words unseen, other construction
+           frequencies, one level deeper embedding) and on B's constructions written with A's words only
+           ('transfer_struct', config.task.structure_split), which separates the cost of new
+           constructions from the cost of new words. config.seed also draws the sentences.
   ud       UD English EWT (ema_jax/data/conllu.py) from config.task.ud_dir: train -> 'dev', 'test'.
 
 Metrics per evaluation split (role_metrics): token accuracy; argument accuracy (gold AGENT, PATIENT,
@@ -39,9 +41,9 @@ from ema_jax.models.bigru import BiGRUConfig, BiGRUTagger, flops_per_token
 from ema_jax.tasks.base import BatchIterator, EvalContext, Task
 
 SOURCES = ("grammar", "ud")
-EVAL_SPLITS = {"grammar": ("heldout", "transfer"), "ud": ("dev", "test")}
-SPLIT_TITLES = {"heldout": "held-out A", "transfer": "A -> B transfer", "dev": "UD dev", "test": "UD test",
-                "train": "train"}
+EVAL_SPLITS = {"grammar": ("heldout", "transfer", "transfer_struct"), "ud": ("dev", "test")}
+SPLIT_TITLES = {"heldout": "held-out A", "transfer": "A -> B transfer", "transfer_struct": "B constructions, A words",
+                "dev": "UD dev", "test": "UD test", "train": "train"}
 ARGUMENT_ROLES = hebbian.ARGUMENT_ROLES
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -77,11 +79,27 @@ def load_data(task_cfg: ml_collections.ConfigDict, seed: int) -> Dict[str, Any]:
   """{'train': RoleData/DepData, <eval split>: ...} for config.task (see the module docstring)."""
   t = task_cfg
   if t.source == "grammar":
-    return grammar.make_splits(t.n_train, t.n_heldout, t.n_transfer, seed=seed, max_len=t.max_len,
-                               train_grammar=t.train_grammar, transfer_grammar=t.transfer_grammar)
+    splits = grammar.make_splits(t.n_train, t.n_heldout, t.n_transfer, seed=seed, max_len=t.max_len,
+                                 train_grammar=t.train_grammar, transfer_grammar=t.transfer_grammar)
+    if t.structure_split:
+      train_spec = grammar.GRAMMARS[t.train_grammar]
+      spec = dataclasses.replace(grammar.GRAMMARS[t.transfer_grammar], lexicon=train_spec.lexicon,
+                                 name=f"{t.transfer_grammar}_words{train_spec.lexicon}")
+      train_words = frozenset(tuple(grammar.VOCAB[i] for i in row[row != grammar.PAD_ID])
+                              for row in splits["train"].tokens)
+      splits["transfer_struct"] = grammar.to_arrays(grammar.sample_sentences(
+          spec, t.n_transfer, seed + 2_000_003, max_len=t.max_len, exclude=train_words), t.max_len)
+    return splits
   data = conllu.load_ud(resolve_ud_dir(t.ud_dir), max_len=t.max_len, min_count=t.ud_min_count)
   limits = {"train": t.ud_train_sentences, "dev": t.ud_eval_sentences, "test": t.ud_eval_sentences}
   return {k: (_take(v, limits[k]) if limits[k] else v) for k, v in data.items()}
+
+
+def eval_splits(task_cfg) -> tuple:
+  """The evaluation splits of config.task, in table order."""
+  if task_cfg.source == "grammar" and not task_cfg.structure_split:
+    return tuple(s for s in EVAL_SPLITS["grammar"] if s != "transfer_struct")
+  return EVAL_SPLITS[task_cfg.source]
 
 
 def _take(d, n):
@@ -180,6 +198,8 @@ def validate_task_config(config: ml_collections.ConfigDict, *, check_files: bool
     for f in ("n_train", "n_heldout", "n_transfer"):
       if not (_is_int(t[f]) and t[f] >= 1):
         _fail(f"task.{f}", t[f], "a positive number of sentences")
+    if not isinstance(t.structure_split, bool):
+      _fail("task.structure_split", t.structure_split, "True or False")
     for f in ("train_grammar", "transfer_grammar"):
       if t[f] not in grammar.GRAMMARS:
         _fail(f"task.{f}", t[f], f"one of {tuple(grammar.GRAMMARS)}")
@@ -347,7 +367,7 @@ class RolesTask(Task):
     splits = self.data["splits"]
     train, deep = splits["train"], int(self.config.task.deep_depth)
     details, majority = {}, {}
-    for name in EVAL_SPLITS[self.config.task.source]:
+    for name in eval_splits(self.config.task):
       d = splits[name]
       details[name] = role_metrics(self.predict(model, d.tokens, d.mask, ctx), d, deep)
       majority[name] = majority_accuracy(train, d)
@@ -512,9 +532,12 @@ def headline_table(summary: Mapping[str, Any]) -> str:
                f"{rat('hebbian_linear_probe', 'heldout', 'argument_accuracy')} | 100% (reference) |")
   lines.append(f"| transfer A -> B, accuracy (all tokens) | 61.8 | {g('hebbian_unit_readout', 'transfer', 'accuracy')} | "
                f"{g('hebbian_linear_probe', 'transfer', 'accuracy')} | {g('bigru', 'transfer', 'accuracy')} |")
+  lines.append(f"| B's constructions with A's words (no new words), accuracy | - | "
+               f"{g('hebbian_unit_readout', 'transfer_struct', 'accuracy')} | "
+               f"{g('hebbian_linear_probe', 'transfer_struct', 'accuracy')} | {g('bigru', 'transfer_struct', 'accuracy')} |")
   lines.append(f"| transfer A -> B, argument accuracy | - | {g('hebbian_unit_readout', 'transfer', 'argument_accuracy')} | "
                f"{g('hebbian_linear_probe', 'transfer', 'argument_accuracy')} | {g('bigru', 'transfer', 'argument_accuracy')} |")
-  for split in ("heldout", "transfer"):
+  for split in EVAL_SPLITS["grammar"]:
     lines.append(f"| deeply embedded arguments (depth >= 2), {SPLIT_TITLES[split]} | 84 (above BiGRU) | "
                  f"{g('hebbian_unit_readout', split, 'deep_argument_accuracy')} | "
                  f"{g('hebbian_linear_probe', split, 'deep_argument_accuracy')} | "

@@ -76,7 +76,7 @@ class RolesHebbianTask(LocalLearningTask):
     t1 = time.perf_counter()
     details = {r: {} for r in READOUTS}
     majority = {}
-    for name in roles.EVAL_SPLITS[t.source]:
+    for name in roles.eval_splits(t):
       d = splits[name]
       preds = {"unit_readout": hebbian.assign(params, cfg, unit_roles_U, d.tokens, d.mask),
                "linear_probe": hebbian.probe_predict(probe, hebbian.features(params, cfg, d.tokens, d.mask),

@@ -1,4 +1,4 @@
-"""Set complement (Zsamboki et al. 2025): predict the uniform distribution over the tokens absent from a set.
+"""Set complement ("Learning What's Missing", 2025): predict the uniform distribution over the tokens absent from a set.
 
 Train on set sizes up to config.task.train_max_size (L_train); evaluate at every size 1..N-1 on fixed
 batches, reporting per size and as in-range (s <= L_train) / out-of-range (s > L_train) means:
@@ -190,6 +190,8 @@ def _eval_metrics(graphdef, state, batch, num_tokens):
 
 class SetComplementTask(Task):
   """Data, single-layer attention model, complement cross-entropy and per-size evaluation."""
+
+  EVAL_LENGTHS_FIELD = "eval_sizes"
 
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)

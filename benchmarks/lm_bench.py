@@ -1,0 +1,94 @@
+"""Training tokens/s of the EMA LM and the GPT at equal width and depth, for several context lengths.
+
+  python benchmarks/lm_bench.py [--lengths 256,1024,4096] [--tokens 8192] [--width 128] [--depth 2]
+                                [--out results/lm_bench.json]
+
+Every step sees the same number of tokens (--tokens = B x T), so a cost per token that is flat in T shows
+up as flat tokens/s. One jitted AdamW step (forward, backward, update), median of repeats after warm-up.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from ema_jax.models import ema_lm, transformer  # noqa: E402
+from ema_jax.tasks.lm import token_nll  # noqa: E402
+
+
+def step_time(model, batch, repeats):
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = optax.adamw(1e-3)
+  opt = tx.init(params)
+
+  def step(params, opt, batch):
+    def loss(p):
+      s, n = token_nll(nnx.merge(graphdef, p), batch, rngs=None, train=True)
+      return s / n
+    l, g = jax.value_and_grad(loss)(params)
+    u, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, u), opt, l
+
+  fn = jax.jit(step, donate_argnums=(0, 1))
+  params, opt, _ = fn(params, opt, batch)
+  jax.block_until_ready(params)
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    params, opt, l = fn(params, opt, batch)
+    jax.block_until_ready(l)
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--lengths", default="256,1024,4096")
+  p.add_argument("--tokens", type=int, default=8192)
+  p.add_argument("--width", type=int, default=128)
+  p.add_argument("--depth", type=int, default=2)
+  p.add_argument("--vocab", type=int, default=257)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--out", default="results/lm_bench.json")
+  args = p.parse_args()
+  rows = []
+  for t in [int(v) for v in args.lengths.split(",")]:
+    b = max(1, args.tokens // t)
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(0, args.vocab - 1, size=(b, t)).astype(np.int32)
+    batch = dict(inputs=inputs, targets=np.roll(inputs, -1, 1), resets=np.zeros((b, t), bool),
+                 segment_ids=np.zeros((b, t), np.int32), mask=np.ones((b, t), np.float32))
+    ema = ema_lm.EMALM(ema_lm.preset("tiny", vocab_size=args.vocab, width=args.width, num_blocks=args.depth,
+                                     ffn_hidden=4 * args.width), rngs=nnx.Rngs(0))
+    gpt = transformer.GPT(transformer.preset("tiny", vocab_size=args.vocab, width=args.width,
+                                             num_layers=args.depth, context_len=t), rngs=nnx.Rngs(0))
+    t_ema = step_time(ema, batch, args.repeats)
+    t_gpt = step_time(gpt, batch, args.repeats)
+    rows.append(dict(T=t, batch=b, ema_tokens_per_s=b * t / t_ema, gpt_tokens_per_s=b * t / t_gpt,
+                     ema_over_gpt=t_gpt / t_ema))
+    print(f"  T={t}: EMA {b * t / t_ema:,.0f} tok/s, GPT {b * t / t_gpt:,.0f} tok/s", flush=True)
+  print(f"\n{'T':>6}{'batch':>7}{'EMA LM tok/s':>14}{'GPT tok/s':>12}{'EMA / GPT':>11}")
+  for r in rows:
+    print(f"{r['T']:>6}{r['batch']:>7}{r['ema_tokens_per_s']:>14,.0f}{r['gpt_tokens_per_s']:>12,.0f}"
+          f"{r['ema_over_gpt']:>11.2f}")
+  meta = dict(date=time.strftime("%Y-%m-%d"), backend=jax.default_backend(), devices=str(jax.devices()),
+              cpu_count=os.cpu_count(), width=args.width, depth=args.depth, vocab=args.vocab,
+              tokens_per_step=args.tokens, command=" ".join(sys.argv), load_avg=os.getloadavg())
+  if args.out:
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
