@@ -19,9 +19,6 @@ import ml_collections
 from ema_jax.models import ema_lm
 from ema_jax.tasks import lm
 
-WIKI = "../shared/data/wikipedia/{split}*.jsonl"
-C4_SAMPLE = "../shared/data/c4_sample/c4_demo.jsonl"
-
 
 def model_fields(preset: str, **overrides):
   fields = dataclasses.asdict(ema_lm.preset(preset, **overrides))
@@ -35,44 +32,8 @@ def get_config(arg=None):
   c = lm.base_config("ema_lm")
   if preset in ("tiny", "wiki_tiny"):
     c.model = ml_collections.ConfigDict(model_fields("tiny"))
-    c.data.tokenizer = "byte"
-    c.task.seq_len = 256
-    c.batch_size = 16
-    c.steps = 600
-    c.log_every = 50
-    c.eval_every = 300
-    c.checkpoint_every = 300
-    c.optim.lr = 3e-3
-    c.optim.warmup_steps = 50
-    c.weight_ema.decay = 0.99
-    if preset == "wiki_tiny":
-      c.data.source = "files"
-      c.data.path = WIKI
-      c.data.train_split = "train"
-      c.data.eval_split = "validation"
-      c.steps = 2000
-      c.eval_every = 1000
-      c.checkpoint_every = 500
-      c.task.eval_sources = ml_collections.ConfigDict(
-          {"c4_sample": dict(source="files", path=C4_SAMPLE, eval_path=C4_SAMPLE, eval_split="validation")})
-  elif preset == "130m":
+    return lm.apply_tiny_preset(c, wiki=preset == "wiki_tiny")
+  if preset == "130m":
     c.model = ml_collections.ConfigDict(model_fields("130m", dtype="bfloat16"))
-    c.data.tokenizer = "gpt2"
-    c.data.source = "tfds"
-    c.data.tfds_name = "c4/en:3.1.0"
-    c.data.train_split = "train"
-    c.data.eval_split = "validation"
-    c.data.eval_max_tokens = 2_000_000
-    c.task.seq_len = 1024
-    c.task.eval_batch_size = 64
-    c.batch_size = 256
-    c.steps = 100_000
-    c.log_every = 100
-    c.eval_every = 5000
-    c.checkpoint_every = 2000
-    c.optim.lr = 1e-3
-    c.optim.warmup_steps = 2000
-    c.weight_ema.decay = 0.9999
-  else:
-    raise ValueError(f"configs/ema_lm.py: unknown preset {preset!r}; accepted: tiny, wiki_tiny, 130m.")
-  return c
+    return lm.apply_c4_preset(c, lr=1e-3)
+  raise ValueError(f"configs/ema_lm.py: unknown preset {preset!r}; accepted: tiny, wiki_tiny, 130m.")
