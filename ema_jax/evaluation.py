@@ -63,6 +63,7 @@ def run(workdir: str, step: Optional[int] = None, weights: str = "all", lengths:
         mesh: str = "data=-1", overrides: Sequence[str] = ()):
   cfg = load_config(workdir, step, mesh, overrides, lengths)
   setup = trainer.build(cfg)
+  setup.task.workdir = workdir
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=10 ** 6, async_save=False)
   steps = checkpointer.all_steps()
   step = steps[-1] if step is None else step

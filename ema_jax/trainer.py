@@ -251,6 +251,7 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str]) -> Dict[str
     return local.run(workdir)
   setup = build(config)
   task, mesh = setup.task, setup.mesh
+  task.workdir = workdir
   is_main = jax.process_index() == 0
   if workdir is not None and is_main:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,9 @@ class Task(abc.ABC):
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
+    # The run's workdir (set by the trainer before data is read; None for runs without one), for tasks
+    # that cache generated data next to their checkpoints.
+    self.workdir: Optional[str] = None
 
   def validate(self) -> None:
     """Raises ValueError naming the field, its value and what would work; runs before any compilation."""

@@ -1,7 +1,7 @@
 """OthelloGPT length generalisation: train on the first L_train moves, evaluate legality at every position.
 
 Data: random legal Othello games (ema_jax.data.othello), generated once and cached with a checksum in
-config.task.data_dir (default ~/.cache/ema_jax/othello; the trainer does not hand tasks the workdir).
+config.task.data_dir (default: <workdir>/othello_data, or ~/.cache/ema_jax/othello for runs without a workdir).
 Tokens 1..60 are the playable squares, 0 is padding.
 
 Training (the standard OthelloGPT objective): the inputs are the first L_train = config.task.train_len
@@ -247,7 +247,9 @@ class OthelloTask(Task):
     return int(self.config.task.train_len)
 
   def data_dir(self) -> str:
-    return self.config.task.data_dir or default_data_dir()
+    if self.config.task.data_dir:
+      return self.config.task.data_dir
+    return os.path.join(self.workdir, "othello_data") if self.workdir else default_data_dir()
 
   def games(self):
     """(train, val) OthelloGames, generated on first use and cached on disk with a checksum."""
