@@ -1,14 +1,24 @@
-"""EMA trace throughput: every scan method against the textbook form and a plain copy, in one process.
+"""EMA trace throughput: every trace method against the textbook form and a plain copy, in one process.
 
   python benchmarks/scan_bench.py [--shapes 8x2048x256x3,1x65536x256x3] [--repeats 7] [--out results/scan_bench.json]
+                                  [--chunks 16,32,64] [--fused-chunks 8,16,32,64] [--per-channel] [--reuse-heap]
 
 For each shape (B, T, D, K) it times, after warm-up, the median of --repeats runs of
   forward            x [B, T, D] -> traces h [B, T, K, D]
   forward+backward   the VJP of the above for a given output cotangent
-for: each linear_scan method through ema_traces (custom VJP); the textbook form
-(jax.lax.associative_scan on a decay broadcast to the full [B, T, K, D] shape, b = alpha * x materialised,
-autodiff through the scan); and a plain copy that writes an output of the same size (the memory-bandwidth
-bound: its forward+backward is the copy too, the goals compare against it).
+for: the fused path (traces.ema_traces method='fused', one batched matmul per output, custom VJP) at
+each --fused-chunks size; each linear_scan method through ema_traces (custom VJP); 'auto'; the textbook
+form (jax.lax.associative_scan on a decay broadcast to the full [B, T, K, D] shape, b = alpha * x
+materialised, autodiff through the scan); and a plain copy that writes an output of the same size (the
+memory-bandwidth bound: its forward+backward is the copy too, the goals compare against it).
+--per-channel uses [K, D] rates instead (no fused path there): the numbers behind scan._auto_method.
+The candidates are timed in turn within each repeat (interleaved), so a change of machine load during
+the run hits all of them alike; the JSON meta records the load average before and after.
+
+--reuse-heap re-runs the script with glibc told to keep freed memory (MALLOC_ARENA_MAX etc.).
+By default glibc maps every buffer over 32 MB afresh, so each call pays a page fault per 4 KiB page it
+writes; on the 2-core VM this was written on that is most of the copy's time (about 4.5 us a page under
+load). With the flag the times show compute and memory bandwidth alone.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -31,11 +42,17 @@ from ema_jax import scan, traces  # noqa: E402
 ALPHAS = (0.5, 0.1, 0.02)
 
 
+def rates(k, d, per_channel):
+  """The papers' three rates for K = 3 (else K rates spaced geometrically), [K] or [K, D] per channel."""
+  alphas = np.array(ALPHAS if k == 3 else np.geomspace(0.5, 0.02, k), np.float32)
+  return np.repeat(alphas[:, None], d, axis=1) if per_channel else tuple(float(a) for a in alphas)
+
+
 def textbook(x, alphas):
-  a = jnp.asarray([1 - al for al in alphas], x.dtype)
   al = jnp.asarray(alphas, x.dtype)
-  b = x[:, :, None, :] * al[None, None, :, None]
-  a_full = jnp.broadcast_to(a[None, None, :, None], b.shape)
+  al = al[:, None] if al.ndim == 1 else al                  # [K, 1 or D]
+  b = x[:, :, None, :] * al[None, None]
+  a_full = jnp.broadcast_to(1 - al[None, None], b.shape)
 
   def combine(l, r):
     return l[0] * r[0], r[0] * l[1] + r[1]
@@ -47,57 +64,87 @@ def copy_op(x, k):
   return jnp.broadcast_to(x[:, :, None, :], x.shape[:2] + (k,) + x.shape[2:]) + 0.0
 
 
-def timed(fn, args, repeats):
-  out = fn(*args)
-  jax.block_until_ready(out)
-  out = fn(*args)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
-def candidates(k, chunk_sizes):
+def candidates(alphas, k, chunk_sizes, fused_chunk_sizes):
   out = {}
+  if not isinstance(alphas, np.ndarray):  # the fused path needs rates shared over D
+    for c in fused_chunk_sizes:
+      out[f"fused/{c}"] = lambda x, c=c: traces.ema_traces(x, alphas, method="fused", chunk_size=c)[0]
   for m in ("sequential", "associative"):
-    out[m] = lambda x, m=m: traces.ema_traces(x, ALPHAS, method=m)[0]
+    out[m] = lambda x, m=m: traces.ema_traces(x, alphas, method=m)[0]
   for c in chunk_sizes:
-    out[f"chunked/{c}"] = lambda x, c=c: traces.ema_traces(x, ALPHAS, method="chunked", chunk_size=c)[0]
-  out["auto"] = lambda x: traces.ema_traces(x, ALPHAS, method="auto")[0]
-  out["textbook"] = lambda x: textbook(x, ALPHAS)
+    out[f"chunked/{c}"] = lambda x, c=c: traces.ema_traces(x, alphas, method="chunked", chunk_size=c)[0]
+  out["auto"] = lambda x: traces.ema_traces(x, alphas, method="auto")[0]
+  out["textbook"] = lambda x: textbook(x, alphas)
   out["copy"] = lambda x: copy_op(x, k)
   return out
+
+
+def uptime():
+  """`uptime` output (load averages over 1, 5, 15 minutes): the machine may be shared."""
+  try:
+    return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return "load average: " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def time_interleaved(fns, repeats):
+  """{name: (fn, args)} -> {name: median seconds}; every repeat runs each candidate once, in turn."""
+  for fn, args in fns.values():
+    for _ in range(2):  # compile, then one warm run
+      jax.block_until_ready(fn(*args))
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, (fn, args) in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+# One arena (XLA's worker threads would otherwise map big buffers from their own arenas), no mmap for big
+# buffers, no trimming: freed memory is reused without page faults. Values found by counting minor faults.
+_HEAP_ENV = dict(MALLOC_ARENA_MAX="1", MALLOC_MMAP_THRESHOLD_="2000000000", MALLOC_TRIM_THRESHOLD_="4000000000",
+                 MALLOC_TOP_PAD_="536870912")
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--shapes", default="8x2048x256x3,1x65536x256x3", help="BxTxDxK,...")
   p.add_argument("--repeats", type=int, default=7)
-  p.add_argument("--chunks", default="16,32,64")
+  p.add_argument("--chunks", default="16,32,64", help="chunk sizes of the 'chunked' linear_scan method")
+  p.add_argument("--fused-chunks", default="8,16,32,64", help="chunk sizes of the 'fused' path")
   p.add_argument("--skip", default="", help="comma-separated names to skip (e.g. sequential)")
+  p.add_argument("--per-channel", action="store_true",
+                 help="[K, D] write rates (one per timescale and channel): the linear_scan methods only")
+  p.add_argument("--reuse-heap", action="store_true", help="keep freed memory in glibc's heap (see above)")
   p.add_argument("--out", default="results/scan_bench.json")
   args = p.parse_args()
+  if args.reuse_heap and any(os.environ.get(k) != v for k, v in _HEAP_ENV.items()):
+    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **_HEAP_ENV})  # glibc reads these at start
   chunk_sizes = [int(c) for c in args.chunks.split(",") if c]
+  fused_chunk_sizes = [int(c) for c in args.fused_chunks.split(",") if c]
   skip = set(s for s in args.skip.split(",") if s)
+  load_before, uptime_before = os.getloadavg(), uptime()
   rows = []
   for shape in args.shapes.split(","):
     bsz, t_len, d, k = (int(v) for v in shape.split("x"))
     x = jax.random.normal(jax.random.key(0), (bsz, t_len, d), jnp.float32)
     g = jax.random.normal(jax.random.key(1), (bsz, t_len, k, d), jnp.float32)
     nbytes = 4 * (x.size + g.size)  # read x, write h
-    results = {}
-    for name, f in candidates(k, chunk_sizes).items():
+    fns = {}
+    for name, f in candidates(rates(k, d, args.per_channel), k, chunk_sizes, fused_chunk_sizes).items():
       if name in skip:
         continue
-      fwd = jax.jit(f)
-      bwd = jax.jit(lambda x, g, f=f: jax.vjp(f, x)[1](g)[0])
-      t_f = timed(fwd, (x,), args.repeats)
-      t_b = t_f if name == "copy" else timed(bwd, (x, g), args.repeats)
-      results[name] = (t_f, t_b)
-      print(f"  measured {shape} {name}: fwd {t_f * 1e3:.2f} ms, fwd+bwd {t_b * 1e3:.2f} ms", flush=True)
+      fns[(name, "fwd")] = (jax.jit(f), (x,))
+      if name != "copy":
+        fns[(name, "bwd")] = (jax.jit(lambda x, g, f=f: jax.vjp(f, x)[1](g)[0]), (x, g))
+    medians = time_interleaved(fns, args.repeats)
+    results = {}
+    for (name, kind), t in medians.items():
+      if kind == "fwd":
+        results[name] = (t, medians.get((name, "bwd"), t))
+        print(f"  measured {shape} {name}: fwd {t * 1e3:.2f} ms, fwd+bwd {results[name][1] * 1e3:.2f} ms",
+              flush=True)
     copy_f = results["copy"][0]
     text_f, text_b = results.get("textbook", (float("nan"), float("nan")))
     best = min((n for n in results if n not in ("copy", "textbook", "auto")), key=lambda n: results[n][0])
@@ -107,6 +154,7 @@ def main():
                        fwd_gbps=nbytes / t_f / 1e9, fwd_vs_copy=t_f / copy_f, fwd_bwd_vs_copy=t_b / copy_f,
                        fwd_speedup_vs_textbook=text_f / t_f, fwd_bwd_speedup_vs_textbook=text_b / t_b,
                        best_fwd=name == best, best_fwd_bwd=name == best_b))
+  load_after, uptime_after = os.getloadavg(), uptime()
   hdr = (f"{'shape BxTxDxK':<18}{'method':<13}{'fwd ms':>9}{'GB/s':>7}{'/copy':>7}{'x text':>8}"
          f"{'f+b ms':>9}{'/copy':>7}{'x text':>8}")
   print()
@@ -117,11 +165,19 @@ def main():
     print(f"{r['shape']:<18}{r['method']:<13}{r['fwd_ms']:>9.2f}{r['fwd_gbps']:>7.2f}{r['fwd_vs_copy']:>7.2f}"
           f"{r['fwd_speedup_vs_textbook']:>8.2f}{r['fwd_bwd_ms']:>9.2f}{r['fwd_bwd_vs_copy']:>7.2f}"
           f"{r['fwd_bwd_speedup_vs_textbook']:>8.2f} {mark}")
-  print("(* best forward, best forward+backward; auto chose "
-        f"{scan._auto_method(1 << 20)} for long sequences on {jax.default_backend()})")
-  meta = dict(date=time.strftime("%Y-%m-%d"), backend=jax.default_backend(), devices=str(jax.devices()),
+  auto = traces._auto_method(1 << 20, not args.per_channel)
+  print(f"(* best forward, best forward+backward; auto chose {auto}"
+        f"{'/' + str(traces.DEFAULT_FUSED_CHUNK) if auto == 'fused' else ''} on {jax.default_backend()}; "
+        f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after)")
+  meta = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), backend=jax.default_backend(), devices=str(jax.devices()),
               cpu_count=os.cpu_count(), platform=platform.platform(), processor=platform.processor(),
-              jax=jax.__version__, repeats=args.repeats, command=" ".join(sys.argv))
+              jax=jax.__version__, repeats=args.repeats, command=" ".join(sys.argv),
+              rates="per_channel [K, D]" if args.per_channel else "shared [K]",
+              auto=auto, fused_default_chunk=traces.DEFAULT_FUSED_CHUNK, linear_scan_auto=scan._auto_method(1 << 20),
+              loadavg_before=list(load_before), loadavg_after=list(load_after),
+              uptime_before=uptime_before, uptime_after=uptime_after,
+              malloc_env={k: os.environ[k] for k in _HEAP_ENV if k in os.environ},
+              timing="median of --repeats, candidates interleaved within each repeat")
   if args.out:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

@@ -100,7 +100,7 @@ def debias_factor(alphas_kd, counts_bt) -> jax.Array:
 # their cotangent through the small chunk matrices (jax.vjp of `_fused_weights`); XLA removes that part
 # when nothing uses it (fixed rates).
 
-DEFAULT_FUSED_CHUNK = 16   # benchmarks/scan_bench.py on a 2-core CPU: 16 beat 8, 32 and 64 (README)
+DEFAULT_FUSED_CHUNK = 16   # benchmarks/scan_bench.py on a 2-core CPU: 16 beat 8, 32 and 64 overall
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Stand-in for log(1 - alpha) at alpha = 1: exp(n * _LOG_ZERO) is exactly 0 for n >= 1 and 1 for n = 0,
 # without the nan of 0 * -inf (and with a zero, not nan, write-rate gradient).
@@ -224,19 +224,22 @@ def _fused_forward(x_BTD, alpha_K, h0_BKD, resets_BT, counts_BT, c, bias):
   return h_BTKD.astype(x_BTD.dtype), last_BKD, carry_BNKD
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _fused_traces(x_BTD, alpha_K, h0_BKD, resets_BT, counts_BT, c, bias):
-  """Raw (bias corrected if asked) traces [B, T, K, D] in x's dtype and the raw final state [B, K, D]."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _fused_traces(x_BTD, alpha_K, h0_BKD, resets_BT, counts_BT, c, bias, rate_grad=True):
+  """Raw (bias corrected if asked) traces [B, T, K, D] in x's dtype and the raw final state [B, K, D].
+
+  rate_grad=False (rates known to be constants) returns a zero write-rate cotangent without computing it.
+  """
   h_BTKD, last_BKD, _ = _fused_forward(x_BTD, alpha_K, h0_BKD, resets_BT, counts_BT, c, bias)
   return h_BTKD, last_BKD
 
 
-def _fused_traces_fwd(x_BTD, alpha_K, h0_BKD, resets_BT, counts_BT, c, bias):
+def _fused_traces_fwd(x_BTD, alpha_K, h0_BKD, resets_BT, counts_BT, c, bias, rate_grad=True):
   h_BTKD, last_BKD, carry_BNKD = _fused_forward(x_BTD, alpha_K, h0_BKD, resets_BT, counts_BT, c, bias)
   return (h_BTKD, last_BKD), (x_BTD, alpha_K, h0_BKD, resets_BT, counts_BT, carry_BNKD)
 
 
-def _fused_traces_bwd(c, bias, res, cts):
+def _fused_traces_bwd(c, bias, rate_grad, res, cts):
   x_BTD, alpha_K, h0_BKD, resets_BT, counts_BT, carry_BNKD = res
   g_BTKD, g_last_BKD = cts
   bsz, t_len, d = x_BTD.shape
@@ -249,19 +252,21 @@ def _fused_traces_bwd(c, bias, res, cts):
   if n * c != t_len:
     g_BTKD = jnp.pad(g_BTKD, ((0, 0), (0, n * c - t_len), (0, 0), (0, 0)))
   g_MRD = g_BTKD.reshape(bsz * n, c * k, d)
-  # One transposed matmul: rows < C are the tokens' direct cotangents, the last K the carries'.
-  dxs_BNSD = jax.lax.dot_general(jnp.broadcast_to(w_MRS, (bsz * n,) + w_MRS.shape[1:]), g_MRD,
-                                 (((1,), (1,)), ((0,), (0,))), precision=_HIGHEST,
-                                 preferred_element_type=acc).reshape(bsz, n, c + k, d)
+  # One transposed matmul: rows < C are the tokens' direct cotangents, the last K the carries'. W is
+  # transposed first (it is small): XLA:CPU then runs the plain batched-matmul kernel, 10-20% faster.
+  dxs_BNSD = _batched_matmul(jnp.swapaxes(w_MRS, 1, 2), g_MRD).reshape(bsz, n, c + k, d)
   # Cotangent of the state after chunk n (lam_next[n]) from the right, starting from h_last's.
   lam_next_BNKD, dh0_BKD = _chunk_scan(ac_BNK[..., None], dxs_BNSD[:, :, c:], g_last_BKD.astype(acc),
                                        reverse=True)
-  we_full = jnp.broadcast_to(we_BNKC, (bsz,) + we_BNKC.shape[1:])
+  we_full_BNKC = jnp.broadcast_to(we_BNKC, (bsz,) + we_BNKC.shape[1:])
   # Sums over K written out: XLA:CPU runs some small-axis reductions very slowly (YNN reduce fusions).
-  dx_BNCD = dxs_BNSD[:, :, :c] + sum(we_full[:, :, i, :, None] * lam_next_BNKD[:, :, i, None, :]
+  dx_BNCD = dxs_BNSD[:, :, :c] + sum(we_full_BNKC[:, :, i, :, None] * lam_next_BNKD[:, :, i, None, :]
                                      for i in range(k))
   dx_BTD = dx_BNCD.reshape(bsz, n * c, d)[:, :t_len].astype(x_BTD.dtype)
-  # Write-rate cotangent through the chunk matrices (dead code that XLA removes for fixed rates).
+  dh0_BKD = dh0_BKD.astype(h0_BKD.dtype)
+  if not rate_grad:
+    return dx_BTD, jnp.zeros_like(alpha_K), dh0_BKD, None, None
+  # Write-rate cotangent through the chunk matrices (under jit, XLA drops it when nothing uses it).
   x_BNCD = _chunked_input(x_BTD, c, acc)
   xs_MSD = jnp.concatenate([x_BNCD, carry_BNKD], axis=2).reshape(bsz * n, c + k, d)
   dw_MRS = jax.lax.dot_general(g_MRD, xs_MSD, (((2,), (2,)), ((0,), (0,))), precision=_HIGHEST,
@@ -277,7 +282,7 @@ def _fused_traces_bwd(c, bias, res, cts):
     return jnp.tensordot(ones, dv, axes=(0, 0), precision=_HIGHEST)[None]
 
   (dalpha_K,) = weights_vjp((to_shared(dw_MRS, w_MRS), to_shared(dwe_BNKC, we_BNKC), to_shared(dac_BNK, ac_BNK)))
-  return dx_BTD, dalpha_K, dh0_BKD.astype(h0_BKD.dtype), None, None
+  return dx_BTD, dalpha_K, dh0_BKD, None, None
 
 
 _fused_traces.defvjp(_fused_traces_fwd, _fused_traces_bwd)
@@ -317,6 +322,8 @@ def ema_traces(x, alphas: Union[Sequence[float], jax.Array] = PAPER_ALPHAS, h0=N
   if method not in METHODS:
     raise ValueError(f"ema_traces: `method`={method!r}; accepted: {', '.join(METHODS)}.")
   shared = alpha_kd.shape[1] == 1
+  if method == "fused" and t_len < 1:
+    raise ValueError(f"ema_traces: method='fused' needs at least one token; `x` has shape {x.shape}.")
   if method == "fused" and not shared:
     raise ValueError(f"ema_traces: method='fused' needs write rates shared over D ([K] or [K, 1]); got "
                      f"`alphas` of shape {tuple(alpha_kd.shape)}. Use method='auto' or 'chunked' for "
@@ -327,28 +334,31 @@ def ema_traces(x, alphas: Union[Sequence[float], jax.Array] = PAPER_ALPHAS, h0=N
     chunk_size = DEFAULT_FUSED_CHUNK if method == "fused" else scan.DEFAULT_CHUNK
   if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
     raise ValueError(f"ema_traces: `chunk_size`={chunk_size!r}; accepted: a positive integer.")
-  return _ema_traces(x, alpha_kd, h0, resets, start_count, bias_correction, method, int(chunk_size))
-
+  # Concrete rates cannot be differentiated (no transformation traces them): skip their cotangent.
+  rate_grad = not _is_concrete(alpha_kd)
+  return _ema_traces(x, alpha_kd, h0, resets, start_count, bias_correction, method, int(chunk_size),
+                     rate_grad)
 
 
 def _auto_method(t_len: int, rates_shared_over_d: bool) -> str:
-  """'fused' on CPU, where benchmarks/scan_bench.py measured it fastest, when it applies; otherwise the
-  linear_scan method that scan._auto_method picks. GPU/TPU: the fused path is unmeasured there, so they
-  keep linear_scan's choice."""
-  if rates_shared_over_d and jax.default_backend() == "cpu":
+  """'fused' on CPU when it applies (rates shared over D): benchmarks/scan_bench.py measured it the fastest
+  there, forward and forward+backward (results/scan_bench.json). Otherwise the linear_scan method that
+  scan._auto_method picks; GPU/TPU keep linear_scan's choice because the fused path is unmeasured there."""
+  if rates_shared_over_d and t_len >= 1 and jax.default_backend() == "cpu":
     return "fused"
   return scan._auto_method(t_len)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7))
-def _ema_traces(x, alpha_kd, h0, resets, start_count, bias_correction, method, chunk_size):
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
+def _ema_traces(x, alpha_kd, h0, resets, start_count, bias_correction, method, chunk_size, rate_grad=True):
   bsz, t_len, d = x.shape
   if method == "fused":
     acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
     alpha_K = jnp.asarray(alpha_kd[:, 0], acc)
     h0_BKD = jnp.zeros((bsz, alpha_K.shape[0], d), acc) if h0 is None else h0
     counts = token_counts(resets, bsz, t_len, start_count) if bias_correction else None
-    return _fused_traces(x, alpha_K, h0_BKD, resets, counts, min(chunk_size, t_len), bias_correction)
+    return _fused_traces(x, alpha_K, h0_BKD, resets, counts, min(chunk_size, t_len), bias_correction,
+                         rate_grad)
   # g_t = (1 - alpha) g_{t-1} + x_t, h = alpha * g. The scan sees x as [B, T, 1, D].
   g0 = None if h0 is None else h0.astype(jnp.float32) / alpha_kd[None]
   g, g_last = scan.linear_scan((1.0 - alpha_kd)[None, None], x[:, :, None, :], g0, resets=resets,

@@ -135,6 +135,19 @@ def test_sentence_iterator_epochs_and_exact_state():
   np.testing.assert_array_equal(np.concatenate([next(p0)["tokens"], next(p1)["tokens"]])[:, 0], seen[:4])
 
 
+def test_grammar_splits_structure_transfer_uses_training_words_only():
+  from ema_jax.data import grammar
+  cfg = roles_config("bigru_tiny")
+  data = roles.load_data(cfg.task, seed=0)
+  assert list(data) == ["train", "heldout", "transfer", "transfer_struct"]
+  words = lambda d: {grammar.VOCAB[i] for i in np.unique(d.tokens[d.mask])}
+  assert words(data["transfer"]) & grammar.B_ONLY_WORDS
+  assert not words(data["transfer_struct"]) & grammar.B_ONLY_WORDS
+  sents = lambda d: {tuple(r[m]) for r, m in zip(d.tokens, d.mask)}
+  assert not sents(data["transfer_struct"]) & sents(data["train"])
+  assert data["transfer_struct"].depth.max() >= 3  # deeply embedded clauses occur at this size
+
+
 def test_unseen_words_map_to_unk():
   seen = np.array([True, True, False, True, False])
   tok = np.array([[1, 2, 3, 4, 0]])
@@ -157,7 +170,7 @@ def test_bigru_tiny_end_to_end(tmp_path):
   ev = latest_eval(tmp_path)
   assert ev["step"] == cfg.steps and "held" in ev["table"]
   res = ev["results"]["raw"]
-  for split in ("heldout", "transfer"):
+  for split in ("heldout", "transfer", "transfer_struct"):
     assert res[f"{split}/accuracy"] > res[f"{split}/majority_accuracy"] + 0.2, (split, res)
   assert res["heldout/argument_accuracy"] > 0.7
   d = res["details"]["heldout"]

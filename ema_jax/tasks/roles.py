@@ -16,8 +16,9 @@ Words never seen in training are mapped to the UNK embedding (config.task.unseen
 dropout trains: the usual treatment of a closed training vocabulary, so the baseline is not handicapped
 by untrained random embeddings on grammar B.
 
-`python -m ema_jax.tasks.roles --hebbian W1,W2 --bigru W3,W4 --out results/roles` gathers finished runs
-(the eval_<step>.json files of this task and of roles_hebbian) into the comparison table, JSON and plot.
+`python -m ema_jax.tasks.roles --hebbian W1,W2 --bigru W3,W4 --out_dir results/roles` gathers finished
+runs (the eval_<step>.json files of this task and of roles_hebbian) into results.md, results.json and
+depth.png; ratios Hebbian / BiGRU are paired by seed (same sentences). See results/roles/README.md.
 """
 
 from __future__ import annotations
@@ -415,6 +416,7 @@ def _flat(details: Mapping[str, Any]) -> Dict[str, float]:
                                  "shallow_argument_accuracy", "count_arguments", "count_deep_arguments")}
   out.update({f"role/{r}": v for r, v in details["per_role"].items()})
   out.update({f"depth_arg/{k}": v for k, v in details["per_depth_arguments"].items()})
+  out.update({f"count_depth/{k}": v for k, v in details["count_per_depth"].items()})
   return out
 
 
@@ -545,8 +547,9 @@ def headline_table(summary: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def plot_depth(summaries: Mapping[str, Mapping[str, Any]], path: str) -> str:
-  """Argument accuracy against embedding depth, one panel per split, mean ± sd over seeds."""
+def plot_depth(summaries: Mapping[str, Mapping[str, Any]], path: str, min_tokens: int = 50) -> str:
+  """Argument accuracy against embedding depth, one panel per split, mean ± sd over seeds; depths with
+  fewer than min_tokens tokens (all roles) in the split are left out."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -558,11 +561,13 @@ def plot_depth(summaries: Mapping[str, Mapping[str, Any]], path: str) -> str:
       stats = summaries[name]["models"].get(model, {}).get(split)
       if not stats:
         continue
-      depths = sorted(int(k.split("/")[1]) for k in stats if k.startswith("depth_arg/") and stats[k])
+      depths = sorted(int(k.split("/")[1]) for k in stats if k.startswith("depth_arg/") and stats[k]
+                      and (stats.get(f"count_depth/{k.split('/')[1]}") or {"mean": 0})["mean"] >= min_tokens)
       mean = [100 * stats[f"depth_arg/{d}"]["mean"] for d in depths]
       sd = [100 * stats[f"depth_arg/{d}"]["std"] for d in depths]
       ax.errorbar(depths, mean, yerr=sd, marker="o", capsize=3, label=label)
-    ax.set_title(SPLIT_TITLES.get(split, split))
+      ax.set_xticks(depths)
+    ax.set_title(SPLIT_TITLES.get(split, split) + f" (depths with >= {min_tokens} tokens)", fontsize=9)
     ax.set_xlabel("embedding depth")
     ax.set_ylabel("argument accuracy (%)")
     ax.grid(alpha=0.3)
@@ -587,20 +592,23 @@ def read_walltimes(path: Optional[str]) -> Dict[str, float]:
 
 
 def ablation_table(entries: Sequence[str]) -> str:
-  """Markdown rows for single runs given as 'LABEL=WORKDIR' (every readout / weights of each run)."""
+  """Markdown rows for runs given as 'LABEL=WORKDIR[,WORKDIR...]': every readout / weights (raw, not the
+  weight EMA) of each, mean ± sd over the workdirs."""
   cols = [(sp, k) for sp in EVAL_SPLITS["grammar"]
           for k in ("accuracy", "argument_accuracy", "deep_argument_accuracy")]
   short = {"accuracy": "acc", "argument_accuracy": "arg acc", "deep_argument_accuracy": "deep arg acc"}
-  lines = ["| run | readout | " + " | ".join(f"{SPLIT_TITLES[sp]}: {short[k]}" for sp, k in cols) + " |",
-           "|---|---|" + "---|" * len(cols)]
+  lines = ["| run | seeds | readout | " + " | ".join(f"{SPLIT_TITLES[sp]}: {short[k]}" for sp, k in cols) + " |",
+           "|---|---|---|" + "---|" * len(cols)]
   for entry in entries:
-    label, _, workdir = entry.partition("=")
-    ev = latest_eval(workdir)
-    for name, res in ev["results"].items():
+    label, _, workdirs = entry.partition("=")
+    evals = [latest_eval(w) for w in workdirs.split(",") if w]
+    seeds = ",".join(str(_seed_of(w, ev)) for w, ev in zip(workdirs.split(","), evals))
+    for name, res in evals[0]["results"].items():
       if name == "ema" or "details" not in res:
         continue
-      cells = [f"{100 * res['details'][sp][k]:.1f}" if sp in res["details"] else "-" for sp, k in cols]
-      lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
+      cells = [_pct(_stats([ev["results"][name]["details"][sp][k] for ev in evals]))
+               if sp in res["details"] else "-" for sp, k in cols]
+      lines.append(f"| {label} | {seeds} | {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -611,7 +619,7 @@ def main(argv=None):
   for name in ("hebbian", "bigru", "hebbian_ud", "bigru_ud"):
     p.add_argument(f"--{name}", default="", help=f"comma-separated workdirs of {name} runs")
   p.add_argument("--ablation", action="append", default=[],
-                 help="LABEL=WORKDIR of a single grammar run for the ablation table (repeatable)")
+                 help="LABEL=WORKDIR[,WORKDIR...] of grammar runs for the ablation table (repeatable)")
   p.add_argument("--walltimes", default=None, help="file of 'NAME rc=.. wall_s=..' lines")
   p.add_argument("--out_dir", required=True)
   a = p.parse_args(argv)
@@ -623,13 +631,20 @@ def main(argv=None):
   os.makedirs(a.out_dir, exist_ok=True)
   with open(os.path.join(a.out_dir, "results.json"), "w") as f:
     json.dump(summaries, f, indent=1)
-  md = ["## Headline: the paper's numbers beside ours (grammar A / B)", "", headline_table(summaries["grammar"]),
-        "", "## Grammar A: held-out A and A -> B transfer (mean ± sd over seeds; ratios paired by seed)", "",
+  md = ["# Role assignment: label-free Hebbian traces vs a supervised BiGRU", "",
+        "Written by `python -m ema_jax.tasks.roles` (commands in README.md). Accuracies in %, mean ± sd over "
+        "seeds (sd with n - 1); 'ratio' = Hebbian / BiGRU computed per seed on the same sentences, then "
+        "averaged. Arguments = gold AGENT, PATIENT, RECIPIENT (and OBL on UD); deep = embedding depth >= 2. "
+        "Hebbian readouts: 'unit readout' = majority role of each unit's training tokens; 'linear probe' = "
+        "logistic regression on the frozen unit activations. BiGRU: raw weights (the weight EMA is in the "
+        "eval JSONs).", "",
+        "## Headline: the paper's numbers beside ours (grammar A / B)", "", headline_table(summaries["grammar"]),
+        "", "## Grammar: held-out A, A -> B transfer, B's constructions with A's words", "",
         comparison_table(summaries["grammar"], EVAL_SPLITS["grammar"])]
   if "ud" in summaries:
     md += ["", "## UD English EWT (one run each)", "", comparison_table(summaries["ud"], EVAL_SPLITS["ud"])]
   if a.ablation:
-    md += ["", "## Ablations (grammar, seed 0, single runs; the first rows are the main runs of seed 0)", "",
+    md += ["", "## Ablations (grammar; mean ± sd over the seeds listed)", "",
            ablation_table(a.ablation)]
   md += ["", "## Runs", "", "| model | data | seed | workdir | steps | wall time (s) |", "|---|---|---|---|---|---|"]
   for data, s in summaries.items():
