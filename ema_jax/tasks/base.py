@@ -42,6 +42,28 @@ class BatchIterator(abc.ABC):
     ...
 
 
+class StepBatchIterator(BatchIterator):
+  """A BatchIterator whose whole position is its step counter (batches are a pure function of it)."""
+
+  step: int = 0
+
+  def get_state(self) -> Dict[str, Any]:
+    return {"step": int(self.step)}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    self.step = int(state["step"])
+
+
+def is_int(x) -> bool:
+  """An integer config value (bools excluded)."""
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def config_error(field: str, value: Any, expected: str):
+  """Raises the house-style config error: the field, its value, and what would work."""
+  raise ValueError(f"config.{field}={value!r}: expected {expected}.")
+
+
 @dataclass
 class EvalContext:
   """What a task's evaluation needs from the trainer."""

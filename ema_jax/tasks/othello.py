@@ -39,7 +39,7 @@ from flax import nnx
 
 from ema_jax.data import othello as data
 from ema_jax.models.transformer import DTYPES, GPT, GPTConfig, flops_per_token
-from ema_jax.tasks.base import BatchIterator, EvalContext, Task
+from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task, config_error, is_int
 
 MAX_POSITION = data.MAX_MOVES - 1          # 59 predictions per game (nothing follows move 60)
 METRICS = ("legal_mass", "top1_legal", "kl")
@@ -97,7 +97,7 @@ def region_means(positions: Sequence[int], per_position: Mapping[str, Sequence[f
 # ----------------------------------------------------------------------------------------------- iterator
 
 
-class OthelloIterator(BatchIterator):
+class OthelloIterator(StepBatchIterator):
   """Epochs over the training games, reshuffled per epoch from (seed, epoch); the state is the step.
 
   Batches: inputs int32 [b, L_train] = the first L_train moves, targets int32 [b, L_train] = the next
@@ -134,22 +134,12 @@ class OthelloIterator(BatchIterator):
     self.step += 1
     return {"inputs": window[:, :-1], "targets": window[:, 1:]}
 
-  def get_state(self) -> Dict[str, Any]:
-    return {"step": int(self.step)}
-
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    self.step = int(state["step"])
-
 
 # ------------------------------------------------------------------------------------------------- config
 
 
-def _is_int(x) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _fail(field, value, expected):
-  raise ValueError(f"config.{field}={value!r}: expected {expected}.")
+_is_int = is_int
+_fail = config_error
 
 
 def num_val_games(config: ml_collections.ConfigDict) -> int:
@@ -265,7 +255,7 @@ class OthelloTask(Task):
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
     return GPT(model_config(self.config), rngs=rngs)
 
-  def train_iterator(self, process_index: int, process_count: int) -> BatchIterator:
+  def train_iterator(self, process_index: int, process_count: int) -> StepBatchIterator:
     train, _ = self.games()
     return OthelloIterator(train.tokens(), train_len=self.train_len, seed=int(self.config.seed),
                            global_batch=int(self.config.batch_size), process_index=process_index,

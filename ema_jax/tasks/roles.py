@@ -39,7 +39,7 @@ from flax import nnx
 from ema_jax.data import conllu, grammar
 from ema_jax.models import hebbian
 from ema_jax.models.bigru import BiGRUConfig, BiGRUTagger, flops_per_token
-from ema_jax.tasks.base import BatchIterator, EvalContext, Task
+from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task, config_error, is_int
 
 SOURCES = ("grammar", "ud")
 EVAL_SPLITS = {"grammar": ("heldout", "transfer", "transfer_struct"), "ud": ("dev", "test")}
@@ -49,12 +49,8 @@ ARGUMENT_ROLES = hebbian.ARGUMENT_ROLES
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _fail(field, value, expected):
-  raise ValueError(f"config.{field}={value!r}: expected {expected}.")
-
-
-def _is_int(x) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+_is_int = is_int
+_fail = config_error
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -225,7 +221,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int, unk_id: int
 # ---------------------------------------------------------------------------------------------- iterator
 
 
-class SentenceIterator(BatchIterator):
+class SentenceIterator(StepBatchIterator):
   """Endless shuffled epochs over the training sentences; batch `step` holds the global rows
   step * B ... (step + 1) * B - 1 of the concatenated epoch permutations (each drawn from (seed, epoch)),
   of which this process takes its contiguous share. The state is the step counter alone."""
@@ -257,12 +253,6 @@ class SentenceIterator(BatchIterator):
     idx = self.rows(self.step)
     self.step += 1
     return {k: v[idx] for k, v in self.arrays.items()}
-
-  def get_state(self) -> Dict[str, Any]:
-    return {"step": int(self.step)}
-
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    self.step = int(state["step"])
 
 
 # -------------------------------------------------------------------------------------------------- task
@@ -328,7 +318,7 @@ class RolesTask(Task):
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
     return BiGRUTagger(self.model_config(), rngs=rngs)
 
-  def train_iterator(self, process_index: int, process_count: int) -> BatchIterator:
+  def train_iterator(self, process_index: int, process_count: int) -> StepBatchIterator:
     train = self.data["splits"]["train"]
     return SentenceIterator({"tokens": train.tokens, "roles": train.roles, "mask": train.mask},
                             seed=int(self.config.seed), global_batch=int(self.config.batch_size),

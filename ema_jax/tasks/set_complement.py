@@ -25,7 +25,7 @@ from flax import nnx
 from ema_jax.data import set_complement as data
 from ema_jax.models.set_transformer import (DROPOUT_SITES, NORMS, POSITIONS, SetTransformer,
                                             SetTransformerConfig, flops_per_example, parse_dropout_on)
-from ema_jax.tasks.base import BatchIterator, EvalContext, Task
+from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task, config_error, is_int
 
 METRICS = ("kl", "tv", "invalid_mass", "precision", "logit_gap", "top1_valid")
 METRIC_LABELS = {"kl": "KL(target || p)", "tv": "total variation", "invalid_mass": "invalid mass",
@@ -86,7 +86,7 @@ def range_summary(sizes: Sequence[int], per_size: Mapping[str, Sequence[float]],
 # ----------------------------------------------------------------------------------------------- iterator
 
 
-class SetComplementIterator(BatchIterator):
+class SetComplementIterator(StepBatchIterator):
   """Endless process-local training batches; the state is the step counter only."""
 
   def __init__(self, *, seed: int, num_tokens: int, min_size: int, max_size: int, length: int,
@@ -104,22 +104,12 @@ class SetComplementIterator(BatchIterator):
     self.step += 1
     return out
 
-  def get_state(self) -> Dict[str, Any]:
-    return {"step": int(self.step)}
-
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    self.step = int(state["step"])
-
 
 # ------------------------------------------------------------------------------------------------- task
 
 
-def _is_int(x) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _fail(field, value, expected):
-  raise ValueError(f"config.{field}={value!r}: expected {expected}.")
+_is_int = is_int
+_fail = config_error
 
 
 def model_config(config: ml_collections.ConfigDict) -> SetTransformerConfig:
@@ -221,7 +211,7 @@ class SetComplementTask(Task):
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
     return SetTransformer(model_config(self.config), rngs=rngs)
 
-  def train_iterator(self, process_index: int, process_count: int) -> BatchIterator:
+  def train_iterator(self, process_index: int, process_count: int) -> StepBatchIterator:
     t = self.config.task
     return SetComplementIterator(seed=int(self.config.seed), num_tokens=self.num_tokens,
                                  min_size=int(t.train_min_size), max_size=self.train_max_size,
