@@ -39,6 +39,7 @@ from flax import nnx
 
 from ema_jax.data import othello as data
 from ema_jax.models.transformer import DTYPES, GPT, GPTConfig, flops_per_token
+from ema_jax import metrics as metrics_lib
 from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task, config_error, is_int
 
 MAX_POSITION = data.MAX_MOVES - 1          # 59 predictions per game (nothing follows move 60)
@@ -339,18 +340,8 @@ TASK = OthelloTask
 
 
 def table_positions(positions: Sequence[int], train_len: int, max_rows: int = 20):
-  """All positions when few, else 1, 2, a few inside the trained range, around train_len, and spread beyond."""
-  positions = sorted(positions)
-  if len(positions) <= max_rows:
-    return positions
-  keep = {positions[0], positions[1], positions[-1]}
-  keep |= {p for p in positions if abs(p - train_len) <= 1}
-  keep |= {p for p in positions if p < train_len and p % max(train_len // 4, 1) == 0}
-  beyond = [p for p in positions if p > train_len + 1]
-  if beyond:
-    idx = np.unique(np.linspace(0, len(beyond) - 1, max(max_rows - len(keep), 2)).round().astype(int))
-    keep |= {beyond[i] for i in idx}
-  return sorted(keep)
+  """Positions to show: all when few, else a readable subset around and beyond the trained range."""
+  return metrics_lib.length_table_rows(positions, train_len, max_rows, margin=1)
 
 
 def format_table(results, kinds, train_len: int, step: int, metrics=METRICS) -> str:

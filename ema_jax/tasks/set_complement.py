@@ -25,6 +25,7 @@ from flax import nnx
 from ema_jax.data import set_complement as data
 from ema_jax.models.set_transformer import (DROPOUT_SITES, NORMS, POSITIONS, SetTransformer,
                                             SetTransformerConfig, flops_per_example, parse_dropout_on)
+from ema_jax import metrics as metrics_lib
 from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task, config_error, is_int
 
 METRICS = ("kl", "tv", "invalid_mass", "precision", "logit_gap", "top1_valid")
@@ -280,18 +281,8 @@ TASK = SetComplementTask
 
 
 def table_sizes(sizes: Sequence[int], train_max_size: int, max_rows: int = 24):
-  """All sizes when few, else a readable subset: 1, 2, around L_train, and spread beyond it to the last."""
-  sizes = sorted(sizes)
-  if len(sizes) <= max_rows:
-    return sizes
-  keep = {sizes[0], sizes[1], sizes[-1]}
-  keep |= {s for s in sizes if abs(s - train_max_size) <= 2}
-  keep |= {s for s in sizes if s < train_max_size and s % max(train_max_size // 4, 1) == 0}
-  beyond = [s for s in sizes if s > train_max_size + 2]
-  if beyond:
-    idx = np.unique(np.linspace(0, len(beyond) - 1, max(max_rows - len(keep), 2)).round().astype(int))
-    keep |= {beyond[i] for i in idx}
-  return sorted(keep)
+  """Sizes to show: all when few, else 1, 2, around L_train, and spread beyond it to the last."""
+  return metrics_lib.length_table_rows(sizes, train_max_size, max_rows, margin=2)
 
 
 def format_table(results, kinds, train_max_size: int, step: int,
