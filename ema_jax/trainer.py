@@ -242,8 +242,13 @@ def restore_or_init(setup: Setup, checkpointer: Optional[ckpt_lib.Checkpointer])
     return init(jax.random.key(setup.config.seed)), None, 0
 
 
-def train(config: ml_collections.ConfigDict, workdir: Optional[str]) -> Dict[str, Any]:
-  """Trains to config.steps (resuming from workdir if it holds checkpoints); returns the final metrics."""
+def train(config: ml_collections.ConfigDict, workdir: Optional[str],
+          allow_config_change: bool = False) -> Dict[str, Any]:
+  """Trains to config.steps (resuming from workdir if it holds checkpoints); returns the final metrics.
+
+  allow_config_change: resume even where the saved config differs in fields that keep the state's
+  structure (e.g. the learning rate); structural differences are always refused.
+  """
   distributed.initialize_from_env()
   local = get_task(config)
   if isinstance(local, LocalLearningTask):
