@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from etils import epath
 
+from ema_jax import workdir as workdir_lib
+
 # Peak dense bf16 FLOP/s per device, for MFU. CPU has no meaningful peak: MFU is left out there.
 PEAK_FLOPS = {
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
@@ -52,27 +54,58 @@ class MetricWriter:
     self.enabled = enabled and workdir is not None
     self.path = epath.Path(workdir) / "metrics.jsonl" if workdir else None
     self._tb = None
+    self._old_events = []
     if self.enabled:
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
       if tensorboard:
         try:
           from tensorboardX import SummaryWriter
-          self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+          tb_dir = epath.Path(workdir) / "tensorboard"
+          self._old_events = ([f for f in tb_dir.iterdir() if f.name.startswith("events.out.tfevents")]
+                              if tb_dir.is_dir() else [])
+          self._tb = SummaryWriter(str(tb_dir))
         except ImportError:  # optional; metrics.jsonl is the record
           self._tb = None
 
-  def truncate_after(self, step: int) -> None:
-    """On resume: drop lines a killed run wrote past the checkpoint it resumes from."""
-    if not self.enabled or not self.path.exists():
+  def resume(self, step: int, drop_eval_at_step: bool = False) -> None:
+    """Before a (re)started run writes anything: drops the rows a killed run wrote past `step` (and
+    `step`'s eval rows when the final evaluation is redone), then rebuilds TensorBoard from what is
+    left, so neither record holds a step twice."""
+    if not self.enabled:
       return
-    keep = []
-    for line in self.path.read_text().splitlines(keepends=True):
-      try:
-        if json.loads(line).get("step", 0) <= step:
-          keep.append(line)
-      except json.JSONDecodeError:
-        continue  # a torn last line from a killed run
-    self.path.write_text("".join(keep))
+    rows = []
+    if self.path.exists():
+      for line in self.path.read_text().splitlines():
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          continue  # a torn last line from a killed run
+        s = row.get("step", 0)
+        if s > step or (drop_eval_at_step and s == step and any(k.startswith("eval/") for k in row)):
+          continue
+        rows.append(row)
+      workdir_lib.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+    self._rebuild_tensorboard(rows)
+
+  def _rebuild_tensorboard(self, rows):
+    if self._tb is None:
+      return
+    # The event files are derived from metrics.jsonl: the new writer replays the kept rows, then the
+    # older files (which may hold steps past the restored one) are removed.
+    old = self._old_events
+    if not old:
+      return
+    for row in rows:
+      self._add_scalars(row)
+    self._tb.flush()
+    for f in old:
+      f.unlink()
+
+  def _add_scalars(self, row):
+    step = row["step"]
+    for k, v in row.items():
+      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        self._tb.add_scalar(k, v, step)
 
   def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
     if not self.enabled:
@@ -82,9 +115,7 @@ class MetricWriter:
     with self.path.open("a") as f:
       f.write(json.dumps(row) + "\n")
     if self._tb is not None:
-      for k, v in row.items():
-        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-          self._tb.add_scalar(k, v, step)
+      self._add_scalars(row)
       self._tb.flush()
 
   def close(self):

@@ -9,6 +9,7 @@ Parameters are sharded by the rule in `param_spec`, in this one place, for every
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Dict, Mapping, Optional, Sequence
 
@@ -195,3 +196,14 @@ def auto_traces(x_BTD, alphas, resets_BT=None, *, bias_correction: bool = False,
     return seq_parallel_traces(x_BTD, alphas, resets_BT, bias_correction=bias_correction, method=method)
   from ema_jax import traces
   return traces.ema_traces(x_BTD, alphas, resets=resets_BT, bias_correction=bias_correction, method=method)
+
+
+def allgather_json(obj: Any) -> list:
+  """Every process's JSON-serialisable `obj`, in process order (a collective: all processes call it)."""
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(obj, sort_keys=True).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  everything = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(everything, sizes)]

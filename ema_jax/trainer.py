@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
@@ -30,13 +27,12 @@ from etils import epath
 from flax import nnx
 
 from ema_jax import checkpoint as ckpt_lib
-from ema_jax import distributed, metrics as metrics_lib, optim, sharding
-from ema_jax.tasks.base import EvalContext, LocalLearningTask, Task, get_task
+from ema_jax import distributed, metrics as metrics_lib, optim, preemption, sharding
+from ema_jax import workdir as workdir_lib
+from ema_jax.errors import DataStateError
+from ema_jax.tasks.base import BatchIterator, EvalContext, LocalLearningTask, Task, get_task
 
 log = logging.getLogger(__name__)
-
-WEIGHTS = ("raw", "ema")
-
 
 class NonFiniteError(RuntimeError):
   """Raised when a step produced a NaN or Inf loss or gradient."""
@@ -130,6 +126,8 @@ def make_train_step(setup: Setup):
   task, tx, schedule, wema, graphdef = setup.task, setup.tx, setup.schedule, setup.weight_ema, setup.graphdef
 
   def train_step(state, batch):
+    batch = dict(batch)
+    preempted = batch.pop(STOP_KEY, None)
     step = state["step"]
     key = jax.random.fold_in(state["rng"], step)
 
@@ -147,15 +145,11 @@ def make_train_step(setup: Setup):
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Keep the last good state: a non-finite step changes nothing (the host then stops the run).
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(step), finite=finite)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(step), finite=finite,
+                   stop=jnp.any(preempted) if preempted is not None else jnp.zeros((), bool))
     return new, metrics
 
   return train_step
-
-
-def averaged_params(setup: Setup, state):
-  """The weight-EMA parameters (debiased EMA or BEMA) as an nnx.State."""
-  return setup.weight_ema.value(state["ema"], state["params"])
 
 
 def make_model(setup: Setup, state, weights: str = "raw"):
@@ -190,15 +184,9 @@ def write_eval(workdir: Optional[str], step: int, results: Dict[str, Any], table
                tag: str = "") -> Optional[str]:
   if workdir is None or jax.process_index() != 0:
     return None
-  path = epath.Path(workdir) / f"eval_{step}{tag}.json"
-  path.write_text(json.dumps(dict(step=step, results=results, table=table), indent=1, default=_json_default))
+  path = epath.Path(workdir) / workdir_lib.eval_file(step, tag)
+  workdir_lib.write_json_atomic(path, dict(step=step, results=results, table=table))
   return str(path)
-
-
-def _json_default(o):
-  if isinstance(o, (np.generic, jax.Array)):
-    return np.asarray(o).tolist()
-  raise TypeError(type(o))
 
 
 def scalar_results(results: Dict[str, Any]) -> Dict[str, float]:
@@ -210,36 +198,26 @@ def scalar_results(results: Dict[str, Any]) -> Dict[str, float]:
   return out
 
 
-class _Preemption:
-  """SIGTERM sets a flag; the loop saves and exits cleanly at the next step boundary."""
-
-  def __init__(self):
-    self.requested = False
-    self._old = None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+STOP_KEY = "_preempted"  # a per-row flag fed with each batch; the step reduces it over all processes
 
 
-def restore_or_init(setup: Setup, checkpointer: Optional[ckpt_lib.Checkpointer]):
-  """(state, data_state, start_step): the newest readable checkpoint, else a fresh state."""
-  if checkpointer is not None:
-    restored = checkpointer.restore_latest(setup.abstract_state)
-    if restored is not None:
-      step, state, data_state, _ = restored
-      return state, data_state, step
-  init = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)
-  with jax.set_mesh(setup.mesh):
-    return init(jax.random.key(setup.config.seed)), None, 0
+def gather_data_state(it) -> Dict[str, Any]:
+  """The whole run's data position: every process's get_state(), merged by the iterator's class."""
+  local = it.get_state()
+  parts = [local] if jax.process_count() == 1 else sharding.allgather_json(local)
+  return getattr(type(it), "merge_states", BatchIterator.merge_states)(parts)
+
+
+def _restore_data(it, data_state, step: int) -> None:
+  if not isinstance(data_state, dict) or not data_state:
+    raise DataStateError(f"the checkpoint at step {step} holds no data position ({data_state!r}); its "
+                         f"data/metadata was damaged or edited. Resume from another checkpoint or train in a "
+                         f"new workdir.")
+  it.set_state(data_state)
+  consumed = getattr(it, "step", None)
+  if isinstance(consumed, int) and consumed != step:
+    raise DataStateError(f"the checkpoint at step {step} holds a data position at batch {consumed}; a run "
+                         f"consumes one batch per step, so its data/metadata was damaged or edited.")
 
 
 def train(config: ml_collections.ConfigDict, workdir: Optional[str],
@@ -249,6 +227,7 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str],
   allow_config_change: resume even where the saved config differs in fields that keep the state's
   structure (e.g. the learning rate); structural differences are always refused.
   """
+  preemption.install()
   distributed.initialize_from_env()
   local = get_task(config)
   if isinstance(local, LocalLearningTask):
@@ -258,21 +237,37 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str],
   task, mesh = setup.task, setup.mesh
   task.workdir = workdir
   is_main = jax.process_index() == 0
+  config_json = json.loads(config.to_json_best_effort())
+
+  # Read, refuse or set aside before anything is written to the workdir.
+  checkpointer = (ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
+                  if workdir is not None and config.checkpoint_every > 0 else None)
+  restored = (checkpointer.restore_latest(setup.abstract_state, config_json, allow_config_change)
+              if checkpointer is not None else None)
+  it = task.train_iterator(jax.process_index(), jax.process_count())
+  if restored is not None:
+    start, state, data_state, loop_state = restored
+    _restore_data(it, data_state, start)
+  else:
+    start, loop_state = 0, {}
+    init = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)
+    with jax.set_mesh(mesh):
+      state = init(jax.random.key(config.seed))
+
+  final_eval_path = (epath.Path(workdir) / workdir_lib.eval_file(config.steps)) if workdir else None
+  finished = start >= config.steps
+  if finished and final_eval_path is not None and final_eval_path.exists():
+    return _report_finished(final_eval_path, checkpointer, is_main)
+
   if workdir is not None and is_main:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  checkpointer = (ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
-                  if workdir is not None and config.checkpoint_every > 0 else None)
-  state, data_state, start = restore_or_init(setup, checkpointer)
-  if start:
-    writer.truncate_after(start)
-  it = task.train_iterator(jax.process_index(), jax.process_count())
-  if data_state:
-    it.set_state(data_state)
+  # Rows a killed run wrote past the restored step go (and the final eval's, when it is redone), and
+  # TensorBoard is rebuilt from what is left, so a resumed run's records equal an uninterrupted one's.
+  writer.resume(start, drop_eval_at_step=finished)
 
   shard_seq = mesh.shape["seq"] > 1
   put = lambda b: sharding.put_local_batch(b, mesh, shard_seq)
-  config_json = json.loads(config.to_json_best_effort())
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state["params"]))
   step_fn = jax.jit(make_train_step(setup), in_shardings=(setup.state_shardings, None),
                     out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
@@ -282,17 +277,19 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str],
     progress.write(f"ema_jax: task {config.task.name}, {n_params:,} parameters, mesh {dict(mesh.shape)}, "
                    f"{jax.process_count()} process(es), {jax.device_count()} device(s), start step {start}")
 
-  window: Dict[str, list] = {}
+  # The running means of the current log window survive a checkpoint, so a row logged after a resume
+  # averages the same steps as in an uninterrupted run.
+  window: Dict[str, list] = {k: list(v) for k, v in dict(loop_state.get("window", {})).items()}
   last: Dict[str, Any] = {}
   pending = None  # (step, device metrics) of the previous step, read after the next is dispatched
 
-  def absorb(step, m):
+  def absorb(step, m) -> bool:
     m = jax.device_get(m)
     if not bool(m["finite"]):
       raise NonFiniteError(f"step {step}: non-finite loss {float(m['loss'])} or gradient norm "
                            f"{float(m['grad_norm'])}; stopping. The last good checkpoint is kept.")
     for k, v in m.items():
-      if k != "finite":
+      if k not in ("finite", "stop"):
         window.setdefault(k, []).append(float(v))
     progress.update(1, loss=float(m["loss"]))
     if step % config.log_every == 0 or step == config.steps:
@@ -303,44 +300,59 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str],
       last.update(row)
       if is_main:
         progress.write(f"step {step:>7}  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items()))
+    return bool(m["stop"])
 
   def run_eval(step):
     results = evaluate_all(setup, state, workdir, step)
     table = task.summarize(results, step, workdir if is_main else None)
     scal = scalar_results(results)
-    writer.write(step, scal)
+    writer.write(step, scal)  # the row first: an eval JSON on disk means its row is in metrics.jsonl
     last.update(scal)
     write_eval(workdir, step, results, table)
     if is_main and table:
       progress.write(table)
     return results
 
+  def save(n):
+    data_pos = gather_data_state(it)
+    loop = {"window": window}
+    checkpointer.save(n, state, data_pos, loop, config_json)
+
   thru.reset(start)
   status = "done"
   # The mesh is the context of every trace, so layers can go sequence-parallel (sharding.auto_traces).
-  with _Preemption() as preempt, jax.set_mesh(mesh):
+  with jax.set_mesh(mesh):
     try:
-      for step in range(start, config.steps):
-        batch = put(next(it))
-        data_pos = it.get_state()
-        state, m = step_fn(state, batch)
+      if not finished and preemption.requested() and jax.process_count() == 1:
+        # SIGTERM during start-up: nothing new to save. (With several processes the flag goes through
+        # the first step, so that every process stops at the same step.)
+        status = "preempted"
+        if is_main:
+          progress.write(f"SIGTERM before the first step: nothing new to save (step {start}); exiting.")
+      for step in range(start, config.steps if status == "done" else start):
+        batch = next(it)
+        rows = next(iter(batch.values())).shape[0]
+        batch[STOP_KEY] = np.full((rows,), preemption.requested(), bool)
+        state, m = step_fn(state, put(batch))
+        stop = False
         if pending is not None:
-          absorb(*pending)
+          stop = absorb(*pending)
         pending = (step + 1, m)
         n = step + 1
         boundary = (config.checkpoint_every and n % config.checkpoint_every == 0) or n == config.steps
         eval_now = config.eval_every and n % config.eval_every == 0 and n != config.steps
-        if boundary or eval_now or preempt.requested:
-          absorb(*pending)
+        if boundary or eval_now or stop:
+          stop = absorb(*pending) or stop
           pending = None
         if eval_now:
           run_eval(n)
-        if checkpointer is not None and (boundary or preempt.requested):
-          checkpointer.save(n, state, data_pos, config_json)
-        if preempt.requested and n < config.steps:
+        if checkpointer is not None and (boundary or stop):
+          save(n)
+        if stop and n < config.steps:
           status = "preempted"
           if is_main:
-            progress.write(f"SIGTERM: saved step {n} and stopping; rerun the same command to resume.")
+            progress.write(f"SIGTERM: saved step {n} and stopping; rerun the same command to resume."
+                           if checkpointer is not None else f"SIGTERM: stopping at step {n} (no checkpoints).")
           break
       if pending is not None:
         absorb(*pending)
@@ -358,3 +370,17 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str],
       writer.close()
   last["status"] = status
   return last
+
+
+def _report_finished(eval_path, checkpointer, is_main) -> Dict[str, Any]:
+  """A rerun of a finished run: nothing to train or write; prints the final table again."""
+  saved = json.loads(eval_path.read_text())
+  if is_main:
+    if saved.get("table"):
+      print(saved["table"], flush=True)
+    print(f"this run is finished (step {saved.get('step')}); its final evaluation is {eval_path}.", flush=True)
+  if checkpointer is not None:
+    checkpointer.close()
+  out = scalar_results(saved.get("results", {}))
+  out["status"] = "done"
+  return out

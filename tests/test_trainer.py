@@ -61,6 +61,14 @@ def slow_config(steps, **kw):
   return dict(steps=steps, task=task, **kw)
 
 
+def slow_toy_config(steps):
+  cfg = toy_task.get_config(steps=steps)
+  cfg.checkpoint_every = 10
+  cfg.eval_every = 20
+  cfg.task.sleep = 0.03
+  return cfg
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("full"))
@@ -79,10 +87,7 @@ def test_killed_and_resumed_run_matches(uninterrupted, tmp_path):
   proc.wait()
   done = ckpt_lib.Checkpointer(wd).all_steps()
   assert done and max(done) < 60, "the run was not interrupted"
-  cfg = toy_task.get_config(steps=60)
-  cfg.checkpoint_every = 10
-  cfg.eval_every = 20
-  trainer.train(cfg, wd)
+  trainer.train(slow_toy_config(60), wd)
   assert read_metrics(wd) == read_metrics(uninterrupted)
 
 
@@ -98,11 +103,8 @@ def test_sigterm_saves_and_exits_zero(uninterrupted, tmp_path):
   last = max(steps)
   assert 10 <= last < 60
   metrics = read_metrics(wd)
-  assert max(metrics) == last  # the checkpoint is at the last step it logged
-  cfg = toy_task.get_config(steps=60)
-  cfg.checkpoint_every = 10
-  cfg.eval_every = 20
-  trainer.train(cfg, wd)
+  assert max(metrics) <= last  # nothing was logged past the checkpoint
+  trainer.train(slow_toy_config(60), wd)
   assert read_metrics(wd) == read_metrics(uninterrupted)
 
 
@@ -122,10 +124,14 @@ def test_corrupt_checkpoint_is_reported_and_skipped(uninterrupted, tmp_path, cap
   ck = ckpt_lib.Checkpointer(wd)
   with pytest.raises(ckpt_lib.CorruptCheckpointError, match="60"):
     ck.restore(60, setup.abstract_state)
-  step, state, data, _ = ck.restore_latest(setup.abstract_state)
+  config = json.loads(toy_task.get_config(steps=60).to_json_best_effort())
+  step, state, data, _ = ck.restore_latest(setup.abstract_state, config)
   assert step == 50 and data == {"step": 50}
-  assert "could not be read" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "moved it aside" in out and len(out.strip().splitlines()) == 1
   assert int(state["step"]) == 50
+  assert 60 not in ck.all_steps()
+  assert any(n.startswith("60.unreadable-") for n in os.listdir(os.path.join(wd, "checkpoints")))
   ck.close()
 
 
@@ -139,7 +145,7 @@ def test_nonfinite_stops_and_keeps_last_good_checkpoint(tmp_path):
   ck = ckpt_lib.Checkpointer(wd)
   assert ck.all_steps() == [5, 10]
   setup = trainer.build(cfg)
-  _, state, _, _ = ck.restore_latest(setup.abstract_state)
+  _, state, _, _ = ck.restore_latest(setup.abstract_state, json.loads(cfg.to_json_best_effort()))
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
   ck.close()
 

@@ -6,8 +6,9 @@ target is implied by the tokens (uniform over the N - s ids absent from the row)
 labels: `tokens` int32 [B, L], `mask` bool [B, L] (True on the s set tokens), `sizes` int32 [B].
 
 Everything is a pure function of integer seeds through np.random.SeedSequence, so a batch depends only
-on (seed, process_index, step): the training iterator (ema_jax/tasks/set_complement.py) keeps only its
-step counter as state.
+on (seed, step): the training iterator (ema_jax/tasks/set_complement.py) draws the *global* batch of a
+step and each process keeps its rows, so the stream is the same on any number of processes and the
+iterator's whole state is its step counter.
 """
 
 from __future__ import annotations
@@ -63,10 +64,11 @@ def sample_sizes(rng: np.random.Generator, batch: int, min_size: int, max_size: 
   raise ValueError(f"sample_sizes: dist={dist!r}; accepted: {', '.join(SIZE_DISTRIBUTIONS)}.")
 
 
-def train_batch(seed: int, step: int, process_index: int, batch: int, *, num_tokens: int, min_size: int,
+def train_batch(seed: int, step: int, stream: int, batch: int, *, num_tokens: int, min_size: int,
                 max_size: int, length: int, dist: str = "uniform") -> Dict[str, np.ndarray]:
-  """The process-local training batch of `step`; a pure function of (seed, process_index, step)."""
-  rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(process_index), int(step)]))
+  """The training batch of `step`; a pure function of (seed, stream, step). The trainer uses stream 0
+  for the global batch (processes slice their rows), so one stream serves every process layout."""
+  rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(stream), int(step)]))
   sizes_B = sample_sizes(rng, batch, min_size, max_size, dist)
   return sample_sets(rng, num_tokens, sizes_B, length)
 

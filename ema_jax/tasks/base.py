@@ -12,12 +12,14 @@ from __future__ import annotations
 import abc
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+
+from ema_jax.errors import DataStateError
 
 Batch = Dict[str, np.ndarray]
 Metrics = Dict[str, jax.Array]
@@ -39,7 +41,19 @@ class BatchIterator(abc.ABC):
 
   @abc.abstractmethod
   def set_state(self, state: Mapping[str, Any]) -> None:
-    ...
+    """Restores a position that merge_states produced (the whole run's position, all processes)."""
+
+  @staticmethod
+  def merge_states(states: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The whole run's position from every process's get_state(), in process order. The default
+    suits iterators whose position is already global (e.g. a step counter): all parts must agree."""
+    first = dict(states[0])
+    for i, s in enumerate(states[1:], 1):
+      if dict(s) != first:
+        raise RuntimeError(f"data positions differ between process 0 ({str(first)[:200]}) and process {i} "
+                           f"({str(dict(s))[:200]}): this iterator's position is not global; give it a "
+                           f"merge_states.")
+    return first
 
 
 class StepBatchIterator(BatchIterator):
@@ -51,7 +65,12 @@ class StepBatchIterator(BatchIterator):
     return {"step": int(self.step)}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    self.step = int(state["step"])
+    step = state.get("step") if isinstance(state, Mapping) else None
+    if not is_int(step) or step < 0 or set(state) != {"step"}:
+      raise DataStateError(f"saved data position {str(state)[:200]!r} is not a step-counter position "
+                           f"{{'step': n >= 0}}; the checkpoint's data/metadata was damaged or edited. "
+                           f"Resume from another checkpoint or train in a new workdir.")
+    self.step = int(step)
 
 
 def is_int(x) -> bool:

@@ -88,7 +88,8 @@ def range_summary(sizes: Sequence[int], per_size: Mapping[str, Sequence[float]],
 
 
 class SetComplementIterator(StepBatchIterator):
-  """Endless process-local training batches; the state is the step counter only."""
+  """Endless training batches: process p of P takes rows [p b, (p + 1) b) of the step's global batch,
+  so the stream does not depend on the process count; the state is the step counter only."""
 
   def __init__(self, *, seed: int, num_tokens: int, min_size: int, max_size: int, length: int,
                global_batch: int, process_index: int = 0, process_count: int = 1, dist: str = "uniform"):
@@ -96,14 +97,17 @@ class SetComplementIterator(StepBatchIterator):
       raise ValueError(f"SetComplementIterator: batch_size={global_batch} is not divisible by "
                        f"process_count={process_count}; use a multiple of {process_count}.")
     self.kw = dict(num_tokens=num_tokens, min_size=min_size, max_size=max_size, length=length, dist=dist)
-    self.seed, self.process_index = int(seed), int(process_index)
+    self.seed, self.global_batch = int(seed), int(global_batch)
     self.local_batch = global_batch // process_count
+    self.rows = slice(process_index * self.local_batch, (process_index + 1) * self.local_batch)
     self.step = 0
 
   def __next__(self) -> Dict[str, np.ndarray]:
-    out = data.train_batch(self.seed, self.step, self.process_index, self.local_batch, **self.kw)
+    # Drawing the whole global batch on every process costs little here (sets of <= N tokens) and
+    # makes the stream independent of the process layout.
+    out = data.train_batch(self.seed, self.step, 0, self.global_batch, **self.kw)
     self.step += 1
-    return out
+    return {k: v[self.rows] for k, v in out.items()}
 
 
 # ------------------------------------------------------------------------------------------------- task
