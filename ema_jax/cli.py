@@ -1,0 +1,237 @@
+"""The command line shared by train.py and eval.py: quiet logs, one-line user errors, required flags.
+
+- Quiet by default: absl's app.run turns INFO logging on, and orbax then logs ~100 INFO lines per
+  checkpoint (some over 2 KB) and JAX one about a missing TPU backend. --verbose turns them back on.
+- A user error (errors.USER_ERRORS, a bad flag, an unknown or ill-typed --config.a.b override, a config
+  file that does not load) prints `error: <message>` on stderr and exits with status 2, without a
+  traceback unless --verbose.
+- When orbax fails to read one array of a checkpoint, its per-call event loop is closed while the other
+  reads of the same gather are still in flight; each of those then reports "RuntimeError: Event loop is
+  closed" from a tensorstore thread through sys.unraisablehook. Only that message is dropped (not with
+  --verbose): the failed restore itself is reported as a CorruptCheckpointError.
+
+This module imports no JAX, so `--help` and flag errors stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import sys
+import traceback
+from typing import Any, Callable, NoReturn, Optional, Sequence
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_dict, config_flags
+from ml_collections.config_flags.config_flags import is_config_flag
+
+from ema_jax import errors
+
+USER_ERROR_STATUS = 2
+# Python loggers of the libraries we use; absl's handler on the root logger prints them all.
+LIBRARY_LOGGERS = ("absl", "jax", "jaxlib", "orbax", "etils", "flax", "tensorstore", "tensorflow",
+                   "ml_collections", "matplotlib", "PIL", "urllib3", "google")
+
+VERBOSE = flags.DEFINE_bool("verbose", False, "Library INFO logs, and tracebacks with error messages.")
+
+FLAGS = flags.FLAGS
+
+
+def run(main: Callable[[Sequence[str]], Any], required: Sequence[str] = ()) -> None:
+  """app.run(main) with this module's flag parsing, logging and error handling."""
+  sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook, _verbose_in(sys.argv))
+  app.run(_guarded(main), flags_parser=lambda argv: _parse(argv, required))
+
+
+def fail(message: str, verbose: bool = False, usage: bool = False) -> NoReturn:
+  """Prints `error: message` (with the traceback being handled if verbose) and exits with status 2."""
+  sys.stdout.flush()
+  if verbose and sys.exc_info()[0] is not None:
+    traceback.print_exc()
+  if usage:
+    sys.stderr.write(_usage())
+  sys.stderr.write(f"error: {one_line(message)}\n")
+  sys.stderr.flush()
+  sys.exit(USER_ERROR_STATUS)
+
+
+def one_line(message: str) -> str:
+  return " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
+
+
+# ------------------------------------------------------------------------------------------ logging
+
+
+def quiet_logs(verbose: bool) -> None:
+  """Library logs at WARNING (INFO with --verbose), unless --verbosity/--logger_levels were given."""
+  if FLAGS["verbosity"].present or FLAGS["logger_levels"].present:
+    return
+  if verbose:
+    absl_logging.set_verbosity(absl_logging.INFO)
+    return
+  absl_logging.set_verbosity(absl_logging.WARNING)  # the root logger, which absl's handler serves
+  for name in LIBRARY_LOGGERS:
+    logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _drop_closed_loop_noise(previous, verbose: bool):
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if not verbose and isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    previous(unraisable)
+  return hook
+
+
+# ------------------------------------------------------------------------------------------- flags
+
+
+def _verbose_in(argv: Sequence[str]) -> bool:
+  """--verbose as given on the command line (for errors raised before or while flags are parsed)."""
+  verbose = False
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    if arg in ("--verbose", "-verbose") or arg.lower() in ("--verbose=true", "--verbose=1"):
+      verbose = True
+    elif arg in ("--noverbose", "-noverbose") or arg.lower() in ("--verbose=false", "--verbose=0"):
+      verbose = False
+  return verbose
+
+
+def _usage() -> str:
+  doc = (sys.modules["__main__"].__doc__ or "").strip()
+  return (doc + "\n\n" if doc else "") + "Flags: --helpshort (this program's) or --helpfull (all).\n\n"
+
+
+def _parse(argv: Sequence[str], required: Sequence[str]):
+  verbose = _verbose_in(argv)
+  try:
+    rest = FLAGS(argv)
+  except flags.Error as e:
+    fail(_unknown_override_message(argv) or _flag_error_message(e), verbose)
+  except (AttributeError, KeyError) as e:
+    # ml_collections reports an override of a field that the config lacks as a bare AttributeError.
+    fail(_unknown_override_message(argv) or f"{type(e).__name__}: {e}", verbose)
+  except OSError as e:  # a missing config file, reported once an override touches the config
+    fail(_config_load_failure(argv, e) or str(e), verbose)
+  except errors.USER_ERRORS as e:
+    fail(str(e), verbose)
+  missing = [f"--{name}" for name in required if FLAGS[name].value is None]
+  if missing:
+    fail(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required.", verbose, usage=True)
+  if len(rest) > 1:
+    fail(f"unexpected argument(s) {' '.join(rest[1:])!r}: every setting is a --flag.", verbose, usage=True)
+  for name, flag in FLAGS._flags().items():  # pylint: disable=protected-access
+    if is_config_flag(flag) and flag.value is not None and name == flag.name:
+      try:
+        flag.value.keys()  # a config file that failed to load raises here (ml_collections defers it)
+      except OSError as e:
+        fail(_config_load_message(name, flag.config_filename, e), verbose)
+  return rest
+
+
+def _flag_error_message(e: flags.Error) -> str:
+  text = str(e)
+  if text.startswith("flag --"):
+    text = text[len("flag "):]
+  if "Error whilst parsing config file" in text:
+    # ml_collections packs the config file's whole traceback into the message: keep its last line.
+    head = text.split(": Error whilst parsing config file", 1)[0]
+    last = [line for line in text.splitlines() if line.strip()][-1].strip()
+    return f"{head}: {_strip_exception_name(last)}"
+  flag_name = text[2:].split("=", 1)[0] if text.startswith("--") else ""
+  if flag_name in FLAGS and flag_name.split(".", 1)[0] != flag_name:
+    expected = FLAGS[flag_name].flag_type()
+    return f"{text.split(':', 1)[0]}: expected {expected} ({text.split(':', 1)[1].strip()})"
+  return text
+
+
+def _strip_exception_name(line: str) -> str:
+  name, sep, rest = line.partition(": ")
+  return rest if sep and name.replace(".", "").replace("_", "").isalnum() and " " not in name else line
+
+
+def _config_overrides(argv: Sequence[str]):
+  """(config flag name, dotted field, the argument) for each --NAME.a.b[=v] of a config flag."""
+  config_names = {name for name, flag in FLAGS._flags().items()  # pylint: disable=protected-access
+                  if is_config_flag(flag)}
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    body = arg.lstrip("-").split("=", 1)[0]
+    name, dot, field = body.partition(".")
+    if arg.startswith("-") and dot and name in config_names:
+      yield name, field, arg
+
+
+def _config_file_arg(argv: Sequence[str], name: str) -> Optional[str]:
+  value = None
+  for i, arg in enumerate(argv[1:], 1):
+    for prefix in (f"--{name}=", f"-{name}="):
+      if arg.startswith(prefix):
+        value = arg[len(prefix):]
+    if arg in (f"--{name}", f"-{name}") and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value if value is not None else FLAGS[name].default_as_str
+
+
+def _unknown_override_message(argv: Sequence[str]) -> Optional[str]:
+  for name, field, arg in _config_overrides(argv):
+    path = _config_file_arg(argv, name)
+    try:
+      config = FLAGS[name].parser.parse(path) if path else None  # loads the config file again
+    except Exception:  # pylint: disable=broad-except
+      return None
+    if not isinstance(config, (config_dict.ConfigDict, dict)):
+      return None
+    problem = missing_field(config, field, root=name)
+    if problem:
+      return f"{arg}: {problem}"
+  return None
+
+
+def missing_field(config: Any, dotted: str, root: str = "config") -> Optional[str]:
+  """Why `root.dotted` names no field of `config` (with the closest names), or None if it does."""
+  node, seen = config, [root]
+  for part in dotted.split("."):
+    if not isinstance(node, (config_dict.ConfigDict, dict)):
+      return f"{'.'.join(seen)} holds the value {node!r}, not a group of fields."
+    keys = sorted(str(k) for k in node.keys())
+    if part not in keys:
+      close = difflib.get_close_matches(part, keys, n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      return f"{'.'.join(seen)} has no field {part!r}{hint}; its fields: {', '.join(keys)}."
+    node = node[part]
+    seen.append(part)
+  return None
+
+
+def _config_load_failure(argv: Sequence[str], e: OSError) -> Optional[str]:
+  for name, flag in FLAGS._flags().items():  # pylint: disable=protected-access
+    if is_config_flag(flag) and name == flag.name and "Configuration is not available" in str(e):
+      return _config_load_message(name, _config_file_arg(argv, name), e)
+  return None
+
+
+def _config_load_message(name: str, path: Optional[str], e: OSError) -> str:
+  file = (path or "").split(":", 1)[0]
+  if file and not os.path.isfile(file):
+    return f"--{name}={path}: no such config file (working directory {os.getcwd()})."
+  cause = e.__cause__ or e
+  return f"--{name}={path}: the config file could not be loaded ({one_line(str(cause))})."
+
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def _guarded(main: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], Any]:
+  def wrapped(argv):
+    quiet_logs(VERBOSE.value)
+    try:
+      return main(argv)
+    except errors.USER_ERRORS as e:
+      fail(str(e), VERBOSE.value)
+  return wrapped
