@@ -5,10 +5,11 @@
 - A user error (errors.USER_ERRORS, a bad flag, an unknown or ill-typed --config.a.b override, a config
   file that does not load) prints `error: <message>` on stderr and exits with status 2, without a
   traceback unless --verbose.
-- When orbax fails to read one array of a checkpoint, its per-call event loop is closed while the other
-  reads of the same gather are still in flight; each of those then reports "RuntimeError: Event loop is
-  closed" from a tensorstore thread through sys.unraisablehook. Only that message is dropped (not with
-  --verbose): the failed restore itself is reported as a CorruptCheckpointError.
+- When orbax fails to read one array of a checkpoint, its run_sync closes its per-call event loop while
+  the other reads of the same asyncio.gather are still in flight; as each of them completes, tensorstore
+  calls loop.call_soon_threadsafe on the closed loop from its own thread and reports the RuntimeError
+  ("Event loop is closed", dozens of tracebacks) through sys.unraisablehook. Only that message is
+  dropped: it says nothing the failed restore (a CorruptCheckpointError) does not.
 
 This module imports no JAX, so `--help` and flag errors stay fast.
 """
@@ -41,7 +42,7 @@ FLAGS = flags.FLAGS
 
 def run(main: Callable[[Sequence[str]], Any], required: Sequence[str] = ()) -> None:
   """app.run(main) with this module's flag parsing, logging and error handling."""
-  sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook, _verbose_in(sys.argv))
+  sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
   app.run(_guarded(main), flags_parser=lambda argv: _parse(argv, required))
 
 
@@ -76,10 +77,10 @@ def quiet_logs(verbose: bool) -> None:
     logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _drop_closed_loop_noise(previous, verbose: bool):
+def _drop_closed_loop_noise(previous):
   def hook(unraisable):
     exc = unraisable.exc_value
-    if not verbose and isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
       return
     previous(unraisable)
   return hook

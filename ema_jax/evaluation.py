@@ -1,15 +1,23 @@
-"""eval.py's work: restore a checkpoint onto this machine's devices and evaluate it, never retraining."""
+"""eval.py's work: restore a checkpoint onto this machine's devices and evaluate it, never retraining.
+
+Its outputs go under <workdir>/eval/ (or --output_dir), beside the training run's eval_<step>.json and
+plots/, so evaluating a subset of weights or lengths never replaces the run's own results.
+"""
 
 from __future__ import annotations
 
 import ast
+import os
+import sys
 from typing import Optional, Sequence
 
 import jax
 import ml_collections
+from etils import epath
 
 from ema_jax import checkpoint as ckpt_lib
-from ema_jax import sharding, trainer
+from ema_jax import trainer
+from ema_jax import workdir as workdir_lib
 from ema_jax.tasks.base import get_task
 
 
@@ -42,7 +50,10 @@ def load_config(workdir: str, step: Optional[int] = None, mesh: str = "data=-1",
     k, _, v = item.partition("=")
     if k not in mesh_cfg:
       raise ValueError(f"--mesh {mesh!r}: unknown axis {k!r}; axes are data, fsdp, seq.")
-    mesh_cfg[k] = int(v)
+    try:
+      mesh_cfg[k] = int(v)
+    except ValueError:
+      raise ValueError(f"--mesh {mesh!r}: {k}={v!r} is not an integer (e.g. data=-1 or data=2,fsdp=2).") from None
   cfg.mesh = ml_collections.ConfigDict(mesh_cfg)
   for item in overrides:
     k, sep, v = item.partition("=")
@@ -59,32 +70,76 @@ def load_config(workdir: str, step: Optional[int] = None, mesh: str = "data=-1",
   return cfg
 
 
-def run(workdir: str, step: Optional[int] = None, weights: str = "all", lengths: Optional[str] = None,
-        mesh: str = "data=-1", overrides: Sequence[str] = ()):
-  cfg = load_config(workdir, step, mesh, overrides, lengths)
-  setup = trainer.build(cfg)
-  setup.task.workdir = workdir
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=10 ** 6, async_save=False)
+def resolve_step(checkpointer: ckpt_lib.Checkpointer, step: Optional[int], workdir: str) -> int:
+  """The step to evaluate (the newest by default); a step without a checkpoint lists those there are."""
   steps = checkpointer.all_steps()
-  step = steps[-1] if step is None else step
-  state, _, _ = checkpointer.restore(step, setup.abstract_state)
-  available = trainer.weights_names(setup)
+  if not steps:
+    raise FileNotFoundError(f"no checkpoints in {checkpointer.directory}: nothing to evaluate; train first "
+                            f"(python train.py --config ... --workdir {workdir}).")
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise ValueError(f"--step={step}: no checkpoint for it in {checkpointer.directory}; available steps: "
+                     f"{', '.join(map(str, steps))}.")
+  return step
+
+
+def weights_to_evaluate(weights: str, available: Sequence[str]) -> list:
   if weights == "all":
-    names = available
+    return list(available)
+  names = [w.strip() for w in weights.split(",") if w.strip()]
+  names = [available[1] if (w in ("ema", "bema") and len(available) > 1) else w for w in names]
+  bad = [w for w in names if w not in available]
+  if bad or not names:
+    raise ValueError(f"--weights={weights!r}: this checkpoint has {', '.join(available)} (or all).")
+  return names
+
+
+def output_tag(weights: str, lengths: Optional[str]) -> str:
+  """'' for the default evaluation, else '_<weights>_<lengths>' (e.g. '_raw_16-32')."""
+  parts = (weights.replace(",", "-") if weights != "all" else "", (lengths or "").replace(",", "-"))
+  return "".join("_" + p for p in parts if p)
+
+
+def write_outputs(task, results, table: str, step: int, out_dir: str, tag: str = "") -> str:
+  """eval_<step><tag>.json (atomic) and the task's plots under out_dir/plots; returns the JSON's path."""
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+  path = os.path.join(out_dir, workdir_lib.eval_file(step, tag))
+  workdir_lib.write_json_atomic(path, dict(step=step, results=results, table=table))
+  task.summarize(results, step, out_dir)  # again, now with somewhere to put its plots
+  return path
+
+
+def run(workdir: str, step: Optional[int] = None, weights: str = "all", lengths: Optional[str] = None,
+        mesh: str = "data=-1", overrides: Sequence[str] = (), output_dir: Optional[str] = None):
+  """Evaluates one checkpoint of `workdir`; returns {weights name: results}.
+
+  Prints the table first, then writes the JSON and plots under output_dir (default <workdir>/eval):
+  beside the training run's own eval_<step>.json and plots/, never over them. Where that cannot be
+  written (a read-only workdir), the table is all there is: a warning says so and the run still succeeds.
+  """
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=10 ** 6, async_save=False)
+  try:
+    step = resolve_step(checkpointer, step, workdir)
+    cfg = load_config(workdir, step, mesh, overrides, lengths)
+    setup = trainer.build(cfg)
+    setup.task.workdir = workdir
+    names = weights_to_evaluate(weights, trainer.weights_names(setup))
+    state, _, _ = checkpointer.restore(step, setup.abstract_state)
+    results = trainer.evaluate_all(setup, state, workdir, step, weights=names)
+  finally:
+    checkpointer.close()
+  if jax.process_index() != 0:
+    return results
+  table = setup.task.summarize(results, step, None)
+  print(table, flush=True)
+  out_dir = output_dir or os.path.join(workdir, workdir_lib.EVAL_DIR)
+  try:
+    path = write_outputs(setup.task, results, table, step, out_dir, output_tag(weights, lengths))
+  except OSError as e:
+    reason = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+    print(f"warning: the results above could not be written to {out_dir} ({reason}); "
+          f"pass --output_dir DIR to write them elsewhere.", file=sys.stderr, flush=True)
   else:
-    names = [w.strip() for w in weights.split(",") if w.strip()]
-    names = [available[1] if (w in ("ema", "bema") and len(available) > 1) else w for w in names]
-    bad = [w for w in names if w not in available]
-    if bad:
-      raise ValueError(f"--weights={weights!r}: this checkpoint has {available}.")
-  results = trainer.evaluate_all(setup, state, workdir, step, weights=names)
-  table = setup.task.summarize(results, step, workdir if jax.process_index() == 0 else None)
-  tag = "" if (weights == "all" and not lengths) else "_" + "_".join(
-      x for x in (weights.replace(",", "-") if weights != "all" else "", (lengths or "").replace(",", "-")) if x)
-  path = trainer.write_eval(workdir, step, results, table, tag=tag)
-  if jax.process_index() == 0:
-    print(table)
-    if path:
-      print(f"wrote {path}")
-  checkpointer.close()
+    print(f"wrote {path} and plots in {os.path.join(out_dir, 'plots')}", flush=True)
   return results
