@@ -1,0 +1,137 @@
+"""Damaged and mismatched checkpoints on the real set-complement task (in-process runs).
+
+An unreadable step is moved aside (never deleted) and the run resumes from the newest readable one and
+finishes with the metrics and evaluation of an uninterrupted run; a checkpoint of another config is
+refused before the workdir changes; a damaged data position is a clear error.
+"""
+
+import glob
+import json
+import os
+import shutil
+
+import pytest
+
+import fault_configs as fc
+from ema_jax import errors, trainer
+
+CFG = "configs/set_complement.py"
+
+
+def sc_config(**extra):
+  return fc.config(CFG, **{**fc.SET_COMPLEMENT, **extra})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("reference"))
+  trainer.train(sc_config(), wd)
+  return wd
+
+
+def truncate_array_file(step_dir):
+  # The array bytes live in state/d (orbax merges the per-process OCDBT stores there; which files are
+  # still read depends on the merge), so every data file is cut to half its size.
+  for path in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True):
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+
+
+def delete_metadata(step_dir):
+  os.remove(os.path.join(step_dir, "state", "_METADATA"))
+
+
+def half_written(step_dir):
+  # What a crash in the middle of writing leaves: the step folder with only part of its files.
+  shutil.rmtree(os.path.join(step_dir, "state"))
+  os.remove(os.path.join(step_dir, "commit_success.txt"))
+  os.makedirs(os.path.join(step_dir, "state"))
+
+
+def snapshot(workdir):
+  """Every file under the workdir with its bytes (to prove nothing was written or lost)."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, workdir)] = f.read()
+  return out
+
+
+@pytest.mark.parametrize("damage", [truncate_array_file, delete_metadata, half_written])
+@pytest.mark.parametrize("where", ["newest", "newest_and_older"])
+def test_unreadable_step_is_set_aside_and_the_run_finishes_identically(reference, tmp_path, damage, where,
+                                                                       capsys):
+  wd = str(tmp_path / "wd")
+  shutil.copytree(reference, wd)
+  os.remove(os.path.join(wd, "eval_40.json"))  # as if the run had stopped at its last checkpoint
+  damaged = [40] if where == "newest" else [40, 30]
+  for step in damaged:
+    damage(os.path.join(wd, "checkpoints", str(step)))
+  capsys.readouterr()
+  trainer.train(sc_config(), wd)
+  out = capsys.readouterr().out
+  warnings = [l for l in out.splitlines() if "moved it aside" in l]
+  assert len(warnings) == len(damaged), out
+  assert f"start step {min(damaged) - 10}" in out
+  names = os.listdir(os.path.join(wd, "checkpoints"))
+  for step in damaged:
+    assert len([n for n in names if n.startswith(f"{step}.unreadable-")]) == 1, names
+  assert sorted(int(n) for n in names if n.isdigit()) == [10, 20, 30, 40]  # saved again when reached
+  assert fc.read_metrics(wd) == fc.read_metrics(reference)
+  assert fc.read_eval(wd, 40) == fc.read_eval(reference, 40)
+  # A rerun now finds the run finished: nothing is trained, written or moved.
+  before = snapshot(wd)
+  trainer.train(sc_config(), wd)
+  assert "this run is finished" in capsys.readouterr().out
+  assert snapshot(wd) == before
+
+
+@pytest.mark.parametrize("field,value", [("model.embed_dim", 32), ("optim.lr", 1e-3), ("seed", 1),
+                                         ("task.train_max_size", 3)])
+def test_checkpoint_of_another_config_is_refused_before_anything_is_written(reference, tmp_path, field, value):
+  wd = str(tmp_path / "wd")
+  shutil.copytree(reference, wd)
+  before = snapshot(wd)
+  with pytest.raises(errors.ConfigMismatchError) as info:
+    trainer.train(sc_config(**{field: value}), wd)
+  message = str(info.value)
+  assert field in message and "new workdir" in message and "nothing was changed" in message
+  assert snapshot(wd) == before
+
+
+def test_allow_config_change_resumes_a_non_structural_change(reference, tmp_path):
+  wd = str(tmp_path / "wd")
+  shutil.copytree(reference, wd)
+  with pytest.raises(errors.ConfigMismatchError, match="allow_config_change"):
+    trainer.train(sc_config(**{"optim.lr": 1e-3, "steps": 50}), wd)
+  result = trainer.train(sc_config(**{"optim.lr": 1e-3, "steps": 50}), wd, allow_config_change=True)
+  assert result["status"] == "done" and max(fc.read_metrics(wd)) == 50
+  # A structural change stays refused even when allowed.
+  with pytest.raises(errors.ConfigMismatchError, match="structure"):
+    trainer.train(sc_config(**{"model.embed_dim": 32, "steps": 60}), wd, allow_config_change=True)
+
+
+def test_safe_changes_resume(reference, tmp_path):
+  wd = str(tmp_path / "wd")
+  shutil.copytree(reference, wd)
+  trainer.train(sc_config(steps=48, log_every=4, eval_every=24, checkpoint_every=8,
+                          **{"task.eval_examples": 32, "mesh.data": 1}), wd)
+  assert max(fc.read_metrics(wd)) == 48
+
+
+@pytest.mark.parametrize("edit,match", [
+    ({}, "no data position"),
+    ({"step": -3}, "not a step-counter position"),
+    ({"step": 7}, "batch 7"),
+    ({"position": 40}, "not a step-counter position"),
+])
+def test_damaged_data_position_is_an_error(reference, tmp_path, edit, match):
+  wd = str(tmp_path / "wd")
+  shutil.copytree(reference, wd)
+  os.remove(os.path.join(wd, "eval_40.json"))
+  with open(os.path.join(wd, "checkpoints", "40", "data", "metadata"), "w") as f:
+    json.dump(edit, f)
+  with pytest.raises(errors.DataStateError, match=match):
+    trainer.train(sc_config(), wd)
