@@ -1,10 +1,11 @@
-"""Throughput of the language-model training data pipeline (read, tokenize, pack, shuffle, batch).
+"""Throughput of the language-model training data pipeline (read, tokenize, pack, batch).
 
     python benchmarks/data_bench.py [--data ../shared/data/wikipedia] [--tokenizers gpt2,byte]
         [--read_threads 0,2] [--seq_len 1024] [--global_batch 32] [--out results/data_bench.json]
 
-For each tokenizer and grain read-thread count, builds `make_train_iterator` on the JSON-lines
-files `{data}/train*.jsonl` (one process), takes one batch (fills the shuffle buffer), then times
+For each tokenizer and read-ahead thread count (config.data.read_threads), builds
+`make_train_iterator` on the JSON-lines files `{data}/train*.jsonl` (one process, so one stream
+per row of the global batch), takes one batch (reads every row's first documents), then times
 whole batches for --min_seconds and reports tokens/s of `inputs`. "vs encode" is the ratio to the
 tokenizer alone encoding the same documents in one thread (the bound for one Python process);
 "vs need" the ratio to --need_tokens_per_s, what the accelerator consumes (default 300k tokens/s,
@@ -56,7 +57,6 @@ def main():
     parser.add_argument("--read_threads", default="0,2")
     parser.add_argument("--seq_len", type=int, default=1024)
     parser.add_argument("--global_batch", type=int, default=32)
-    parser.add_argument("--shuffle_buffer", type=int, default=1024)
     parser.add_argument("--min_seconds", type=float, default=5.0, help="timing budget per row")
     parser.add_argument("--need_tokens_per_s", type=float, default=300e3)
     parser.add_argument("--out", default="results/data_bench.json")
@@ -66,8 +66,7 @@ def main():
     rows = []
     for name in args.tokenizers.split(","):
         tok = tokenizer_lib.get_tokenizer(name)
-        base_cfg = dict(source="files", path=pattern, tokenizer=name,
-                        shuffle_buffer=args.shuffle_buffer)
+        base_cfg = dict(source="files", path=pattern, tokenizer=name)
         docs = list(text.load_documents(base_cfg, "train"))
         encode = encode_rate(tok, docs, args.min_seconds)
         for threads in (int(t) for t in args.read_threads.split(",")):

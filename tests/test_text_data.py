@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 
 from ema_jax.data import text
 from ema_jax.data import tokenizer as tokenizer_lib
+from ema_jax.errors import DataStateError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIKIPEDIA = os.path.join(REPO, "..", "shared", "data", "wikipedia")
@@ -79,7 +80,7 @@ def split_stream(tokens):
     [
         ("source", "hf", "source='hf'"),
         ("tokenizer", "t5", "tokenizer='t5'"),
-        ("shuffle_buffer", -1, "shuffle_buffer=-1"),
+        ("read_threads", -2, "read_threads=-2"),
         ("format", "csv", "format='csv'"),
         ("train_split", "", "train_split=''"),
     ],
@@ -96,6 +97,8 @@ def test_config_unknown_field_and_missing_path():
         text.parse_data_config({"source": "files"})
     cfg = text.default_data_config()
     assert text.parse_data_config(cfg).tfds_name == "c4/en:3.1.0"
+    with pytest.raises(ValueError, match="shuffle_buffer is no longer accepted.*own document stream"):
+        text.parse_data_config({"shuffle_buffer": 16})
 
 
 def test_batch_must_divide_among_processes():
@@ -268,15 +271,15 @@ def test_tfds_tfrecord_through_tf_data(tmp_path):
     docs = text.load_documents(tfds_cfg(tmp_path), "train")
     assert not docs.random_access and "tfrecord" in docs.description
     assert sorted(docs) == sorted(tiny_text_documents()[:60])
-    cfg = tfds_cfg(tmp_path, shuffle_buffer=0)
+    cfg = tfds_cfg(tmp_path)
     it = text.make_train_iterator(cfg, None, 16, 2, 0, 0, 1)
-    # One shard, so one unit: records come in their stored order (units are what gets shuffled).
-    _check_one_epoch(it, [BYTE.encode(d) for d in docs], seq_len=16, shuffled=False)
+    # One shard, so each stream holds one unit: records come in their stored order.
+    _check_one_epoch(it, cfg, 2, 16, shuffled=False)
     parts = [list(text.load_documents(cfg, "train", p, 3)) for p in range(3)]
     assert [d for part in parts for d in part] == list(docs)
-    make = lambda: text.make_train_iterator(  # noqa: E731
-        tfds_cfg(tmp_path, shuffle_buffer=4), None, 16, 2, 0, 1, 2)
-    _check_resume(make, k=30, n=10)
+    make = lambda p, n: text.make_train_iterator(cfg, None, 16, 2, 0, p, n)  # noqa: E731
+    _check_process_invariance(make, steps=20, counts=(1, 2))
+    _check_resume_on_other_layouts(make, 2, k=30, n=10, counts=(1, 2))
 
 
 # -------------------------------------------------------------------------------------- wikipedia
@@ -285,7 +288,7 @@ def test_tfds_tfrecord_through_tf_data(tmp_path):
 @pytest.mark.skipif(not os.path.isdir(WIKIPEDIA), reason=f"offline data not found at {WIKIPEDIA}")
 def test_wikipedia_jsonl():
     cfg = dict(source="files", path=os.path.join(WIKIPEDIA, "{split}*.jsonl"), tokenizer="gpt2")
-    train = text.load_documents(cfg, "train", process_index=1, process_count=5)
+    train = text.load_documents(cfg, "train", part=1, num_parts=5)
     assert len(train.units) == 1 and 500 < len(train) < 700  # one of the five files
     validation = text.load_documents(cfg, "validation")
     assert len(validation) == 133
@@ -316,33 +319,44 @@ def _check_batch_arrays(batch, eod=EOD):
                 assert targets[b, t] == inputs[b, t + 1]
 
 
-def _check_one_epoch(it, token_docs, seq_len, shuffled=True):
-    """Reading one epoch's worth of windows gives back every document exactly once."""
-    total = sum(len(d) + 1 for d in token_docs)
-    windows = []
-    while len(windows) * seq_len + 1 < total:
-        batch = next(it)
-        _check_batch_arrays(batch)
-        windows.extend(np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1))
-    stream = list(windows[0])
-    for w in windows[1:]:
-        assert w[0] == stream[-1]  # consecutive windows share one token
-        stream.extend(w[1:])
-    got, _ = split_stream(stream[:total + 1])
-    assert sorted(got) == sorted(token_docs)
-    if shuffled:
-        assert got != token_docs
-    else:
-        assert got == token_docs
+def _row_streams(batches):
+    """Each row's token stream, rebuilt from its consecutive windows (which share one token)."""
+    streams = [list(row) + [t] for row, t in zip(batches[0]["inputs"], batches[0]["targets"][:, -1])]
+    for batch in batches[1:]:
+        for r, row in enumerate(batch["inputs"]):
+            assert row[0] == streams[r][-1]  # consecutive windows share one token
+            streams[r].extend(batch["targets"][r])
+    return streams
 
 
-@pytest.mark.parametrize("seq_len", [1, 7, 64])
-def test_packing_conserves_tokens_and_boundaries(jsonl_dir, seq_len):
+def _check_one_epoch(it, cfg, global_batch, seq_len, shuffled=True):
+    """Row r's first epoch gives back exactly stream r's documents (part r of global_batch), each
+    once; together the rows cover the split. shuffled: some row's order differs from the stored
+    order (True), none does (False), or either (None)."""
+    parts = [[BYTE.encode(d) for d in text.load_documents(cfg, "train", r, global_batch)]
+             for r in range(global_batch)]
+    totals = [sum(len(d) + 1 for d in part) for part in parts]
+    batches = []
+    while len(batches) * seq_len + 1 < max(totals) + 1:
+        batches.append(next(it))
+        _check_batch_arrays(batches[-1])
+    orders = []
+    for r, stream in enumerate(_row_streams(batches)):
+        got, _ = split_stream(stream[: totals[r] + 1])
+        assert sorted(got) == sorted(parts[r])
+        orders.append(got == parts[r])
+    everything = [BYTE.encode(d) for d in text.load_documents(cfg, "train")]
+    assert sorted(d for part in parts for d in part) == sorted(everything)
+    if shuffled is not None:
+        assert all(orders) != shuffled
+
+
+@pytest.mark.parametrize("seq_len, global_batch", [(1, 2), (7, 4), (64, 3), (5, 8)])
+def test_packing_conserves_tokens_and_boundaries(jsonl_dir, seq_len, global_batch):
     directory, _ = jsonl_dir
-    cfg = files_cfg(directory, shuffle_buffer=0)
-    docs = text.load_documents(cfg, "train")
-    it = text.make_train_iterator(cfg, None, seq_len, 4, 0, 0, 1)
-    _check_one_epoch(it, [BYTE.encode(d) for d in docs], seq_len)
+    cfg = files_cfg(directory)  # 4 files: whole files per stream for G <= 4, else record ranges
+    it = text.make_train_iterator(cfg, None, seq_len, global_batch, 0, 0, 1)
+    _check_one_epoch(it, cfg, global_batch, seq_len)
 
 
 class _SequentialOnly(text.ListDocuments):
@@ -350,22 +364,43 @@ class _SequentialOnly(text.ListDocuments):
 
     random_access = False
 
+    def __getitem__(self, index):
+        raise AssertionError("a sequential-only source was indexed")
 
-def test_sequential_sources_conserve_tokens_and_resume(jsonl_dir):
+    def iter_range(self, start, stop):
+        return iter(self._texts[start:stop])
+
+
+@pytest.fixture
+def sequential_only(monkeypatch):
+    read_files = text._read_files
+
+    def read_sequential(spec, split, files):
+        docs = read_files(spec, split, files)
+        return _SequentialOnly(list(docs._texts), docs.description, docs.units)
+
+    monkeypatch.setattr(text, "_read_files", read_sequential)
+
+
+@pytest.mark.parametrize("global_batch", [2, 8])
+def test_sequential_sources_conserve_tokens_and_resume(jsonl_dir, sequential_only, global_batch):
     directory, _ = jsonl_dir
-    spec = text.parse_data_config(files_cfg(directory, shuffle_buffer=5))
-    loaded = text.load_documents(spec, "train")
-    docs = _SequentialOnly(list(loaded), "sequential", loaded.units)
-    unshuffled = dataclasses.replace(spec, shuffle_buffer=0)
-    it = iter(text._train_dataset(docs, BYTE, 9, 3, 0, unshuffled))
-    _check_one_epoch(it, [BYTE.encode(d) for d in docs], 9)
-    make = lambda: iter(text._train_dataset(docs, BYTE, 9, 3, 0, spec))  # noqa: E731
-    _check_resume(make, k=37, n=30)
+    cfg = files_cfg(directory)
+    it = text.make_train_iterator(cfg, None, 9, global_batch, 0, 0, 1)
+    # Records of a unit come in stored order; with G = 8 a stream holds one or two units.
+    _check_one_epoch(it, cfg, global_batch, 9, shuffled=None)
+    units = [(0, 5), (5, 7), (7, 20)]
+    reader = text._SequentialReader(None, units, 0, 0, None)
+    first = {reader.document_index(epoch, 0) for epoch in range(10)}
+    assert first == {0, 5, 7}  # each epoch visits the units in its own order
+    make = lambda p, n: text.make_train_iterator(cfg, None, 9, global_batch, 0, p, n)  # noqa: E731
+    _check_process_invariance(make, steps=40)
+    _check_resume_on_other_layouts(make, global_batch, k=23, n=25)
 
 
 def test_eod_inside_a_window(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", ["ab", "cde"])
-    it = text.make_train_iterator(files_cfg(tmp_path, shuffle_buffer=0), None, 6, 1, 0, 0, 1)
+    it = text.make_train_iterator(files_cfg(tmp_path), None, 6, 1, 0, 0, 1)
     batch = next(it)
     # stream eod a b eod c d e | eod ... (order of the two documents depends on the seed)
     inputs = batch["inputs"][0]
@@ -374,12 +409,41 @@ def test_eod_inside_a_window(tmp_path):
     assert batch["mask"].min() == 1.0
 
 
-# ------------------------------------------------------------------------------ processes, resume
+def test_rows_come_from_different_documents(jsonl_dir):
+    directory, _ = jsonl_dir
+    batch = next(text.make_train_iterator(files_cfg(directory), None, 5, 8, 0, 0, 1))
+    first_documents = {tuple(row) for row in batch["inputs"]}
+    assert len(first_documents) == 8 and all(row[0] == EOD for row in batch["inputs"])
+
+
+def test_epochs_are_shuffled_differently(tmp_path):
+    docs = [f"document number {i}" for i in range(30)]
+    write_jsonl(tmp_path / "train.jsonl", docs)
+    cfg = files_cfg(tmp_path)
+    total = sum(len(BYTE.encode(d)) + 1 for d in docs)
+    seq_len = 10
+    it = text.make_train_iterator(cfg, None, seq_len, 1, 0, 0, 1)
+    stream = [EOD]
+    while len(stream) < 3 * total + 1:
+        stream.extend(next(it)["targets"][0])
+    got, _ = split_stream(stream[: 3 * total + 1])
+    epochs = [[BYTE.decode(d) for d in got[e * 30 : (e + 1) * 30]] for e in range(3)]
+    assert all(sorted(e) == sorted(docs) for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_too_few_documents_for_the_batch(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"3 documents, fewer than global_batch=4.*at most 3"):
+        text.make_train_iterator(files_cfg(tmp_path), None, 8, 4, 0, 0, 1)
+
+
+# ------------------------------------------------------------------------- processes and resume
 
 
 @pytest.mark.parametrize("process_count", [2, 4])
 @pytest.mark.parametrize("layout", ["four_files", "one_file", "builtin", "tfds"])
-def test_processes_read_disjoint_parts_covering_everything(
+def test_parts_are_disjoint_and_cover_everything(
     jsonl_dir, tfds_dir, tmp_path, layout, process_count
 ):
     directory, docs = jsonl_dir
@@ -401,73 +465,232 @@ def test_processes_read_disjoint_parts_covering_everything(
         assert parts[0][: len(docs[0::4])] == docs[0::4]  # whole files
 
 
-def test_process_iterators_yield_local_batches(jsonl_dir):
-    directory, _ = jsonl_dir
-    cfg = files_cfg(directory, shuffle_buffer=0)
-    firsts = []
-    for p in range(4):
-        it = text.make_train_iterator(cfg, None, 5, 8, 0, process_index=p, process_count=4)
-        batch = next(it)
-        assert batch["inputs"].shape == (2, 5)
-        firsts.append(text.load_documents(cfg, "train", p, 4))
-    assert len({tuple(d) for d in firsts}) == 4
+def _global_batches(iterators, steps):
+    """The global batches: each process's rows, concatenated in process order."""
+    return [{k: np.concatenate([b[k] for b in bs]) for k in bs[0]}
+            for bs in ([next(it) for it in iterators] for _ in range(steps))]
 
 
-def _check_resume(make_iterator, k, n):
-    reference = make_iterator()
-    for _ in range(k):
-        next(reference)
-    state = json.loads(json.dumps(reference.get_state()))  # must survive JSON
-    expected = [next(reference) for _ in range(n)]
-    resumed = make_iterator()
-    next(resumed)  # a used iterator must be restorable too
-    resumed.set_state(state)
-    for a, b in zip(expected, (next(resumed) for _ in range(n))):
+def _assert_same(expected, got):
+    assert len(expected) == len(got)
+    for a, b in zip(expected, got):
         for key in a:
-            np.testing.assert_array_equal(a[key], b[key])
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-@pytest.mark.parametrize("shuffle_buffer", [0, 16])
-def test_resume_gives_the_same_next_batches(jsonl_dir, shuffle_buffer):
+def _check_process_invariance(make, steps, counts=(1, 2, 4)):
+    """make(process_index, process_count): the global batches do not depend on the count."""
+    reference = _global_batches([make(0, 1)], steps)
+    global_batch = len(reference[0]["inputs"])
+    for n in (n for n in counts if global_batch % n == 0):
+        iterators = [make(p, n) for p in range(n)]
+        assert set(iterators[-1].get_state()["streams"]) == {
+            str(r) for r in range(global_batch - global_batch // n, global_batch)}
+        _assert_same(reference, _global_batches(iterators, steps))
+    return reference
+
+
+def _merged_state(iterators):
+    parts = [json.loads(json.dumps(it.get_state())) for it in iterators]  # must survive JSON
+    return text.TrainIterator.merge_states(parts[::-1])  # any order
+
+
+def _check_resume_on_other_layouts(make, global_batch, k, n, saved_by=2, counts=(1, 2, 4)):
+    """Run `saved_by` processes for k steps, merge their states, resume on other counts."""
+    reference = _global_batches([make(0, 1)], k + n)
+    saving = [make(p, saved_by) for p in range(saved_by)]
+    _assert_same(reference[:k], _global_batches(saving, k))
+    state = _merged_state(saving)
+    assert sorted(state["streams"], key=int) == [str(r) for r in range(global_batch)]
+    for count in (n for n in counts if global_batch % n == 0):
+        resumed = [make(p, count) for p in range(count)]
+        for it in resumed:
+            next(it)  # a used iterator must be restorable too
+            it.set_state(state)
+        _assert_same(reference[k:], _global_batches(resumed, n))
+    return state
+
+
+def test_process_count_invariance_files(jsonl_dir, tmp_path):
+    directory, docs = jsonl_dir
+    for cfg in (files_cfg(directory), files_cfg(directory, read_threads=2)):
+        make = lambda p, n: text.make_train_iterator(cfg, None, 7, 8, 5, p, n)  # noqa: E731
+        reference = _check_process_invariance(make, steps=30)
+    # Eight files, so whole files per stream at G = 4 and 8 (the process reads only its files).
+    for k in range(8):
+        write_jsonl(tmp_path / f"train-{k}.jsonl", docs[k::8])
+    for global_batch in (4, 8):
+        cfg = files_cfg(tmp_path)
+        make = lambda p, n: text.make_train_iterator(  # noqa: E731
+            cfg, None, 7, global_batch, 5, p, n)
+        _check_process_invariance(make, steps=20)
+        assert len(text.load_documents(cfg, "train", 1, global_batch).units) == 8 // global_batch
+    assert len(reference) == 30
+
+
+def test_large_streams_use_index_shuffle(jsonl_dir, monkeypatch):
+    # Streams of more than 2**14 documents are shuffled by grain's index_shuffle (O(1) memory).
     directory, _ = jsonl_dir
-    cfg = files_cfg(directory, shuffle_buffer=shuffle_buffer)
-    # 40 small documents, 3 x 11 tokens a batch: k = 45 batches crosses several epochs.
-    make = lambda: text.make_train_iterator(cfg, None, 11, 3, 7, 0, 1)  # noqa: E731
-    _check_resume(make, k=45, n=25)
-    _check_resume(make, k=0, n=5)
+    cfg = files_cfg(directory)
+    monkeypatch.setattr(text._RandomAccessReader, "_MAX_ARRAY_PERMUTATION", 0)
+    it = text.make_train_iterator(cfg, None, 7, 4, 0, 0, 1)
+    _check_one_epoch(it, cfg, 4, 7)
+    make = lambda p, n: text.make_train_iterator(cfg, None, 7, 4, 0, p, n)  # noqa: E731
+    _check_resume_on_other_layouts(make, 4, k=40, n=5)
+
+
+def test_read_threads_do_not_change_the_batches(jsonl_dir):
+    directory, _ = jsonl_dir
+    batches = [_global_batches([text.make_train_iterator(
+        files_cfg(directory, read_threads=threads), None, 9, 4, 1, 0, 1)], 40)
+        for threads in (0, 3)]
+    _assert_same(*batches)
+
+
+def test_process_count_invariance_builtin():
+    make = lambda p, n: text.make_train_iterator({}, "byte", 32, 8, 0, p, n)  # noqa: E731
+    _check_process_invariance(make, steps=4)
+
+
+def test_process_count_invariance_tfds(tfds_dir):
+    make = lambda p, n: text.make_train_iterator(  # noqa: E731
+        tfds_cfg(tfds_dir, read_threads=2), None, 16, 4, 0, p, n)
+    _check_process_invariance(make, steps=12)
+
+
+@pytest.mark.parametrize("saved_by", [1, 2, 4])
+def test_resume_on_another_process_count(jsonl_dir, saved_by):
+    directory, _ = jsonl_dir
+    cfg = files_cfg(directory)
+    make = lambda p, n: text.make_train_iterator(cfg, None, 11, 8, 7, p, n)  # noqa: E731
+    # 41 small documents over 8 rows: 45 steps take every stream past its first epoch.
+    state = _check_resume_on_other_layouts(make, 8, k=45, n=10, saved_by=saved_by)
+    assert min(s["epoch"] for s in state["streams"].values()) >= 1
+    _check_resume_on_other_layouts(make, 8, k=0, n=3, saved_by=saved_by)
+
+
+@pytest.mark.parametrize("documents", [make_documents(11, max_len=30), ["", "a", "bc", "d"]])
+def test_resume_at_every_step_across_epoch_boundaries(tmp_path, documents):
+    # 3 short documents a stream: a few windows an epoch; or 2 tiny ones: epochs inside a window.
+    write_jsonl(tmp_path / "train.jsonl", documents)
+    cfg = files_cfg(tmp_path)
+    global_batch = 4 if len(documents) > 4 else 2
+    make = lambda p, n: text.make_train_iterator(  # noqa: E731
+        cfg, None, 13, global_batch, 3, p, n)
+    reference_it = make(0, 1)
+    states, reference = [], []
+    for _ in range(40):
+        states.append(json.loads(json.dumps(reference_it.get_state())))
+        reference.append(next(reference_it))
+    last = states[-1]["streams"].values()
+    assert min(s["epoch"] for s in last) >= 3
+    # A window crossed an epoch boundary where the next one starts in an older epoch's document.
+    assert any(states[k]["streams"]["0"]["epoch"] > states[k - 1]["streams"]["0"]["epoch"]
+               for k in range(1, 40))
+    for k in range(40):
+        count = (1, 2, 4)[k % 3] if global_batch == 4 else 1 + k % 2
+        resumed = [make(p, count) for p in range(count)]
+        for it in resumed:
+            it.set_state(states[k])
+        _assert_same(reference[k : k + 3], _global_batches(resumed, len(reference[k : k + 3])))
 
 
 def test_resume_builtin_gpt2_and_new_epochs_are_reshuffled():
-    make = lambda: text.make_train_iterator({}, "gpt2", 64, 4, 1, 0, 1)  # noqa: E731
-    _check_resume(make, k=13, n=4)
+    make = lambda p, n: text.make_train_iterator({}, "gpt2", 64, 4, 1, p, n)  # noqa: E731
+    _check_resume_on_other_layouts(make, 4, k=13, n=4, counts=(1, 4))
     a = next(text.make_train_iterator({}, "gpt2", 64, 4, 1, 0, 1))["inputs"]
     b = next(text.make_train_iterator({}, "gpt2", 64, 4, 2, 0, 1))["inputs"]
     assert not np.array_equal(a, b)
 
 
-def test_resume_refuses_a_state_from_other_settings(jsonl_dir):
+def test_state_lists_the_process_rows_and_settings(jsonl_dir):
+    directory, _ = jsonl_dir
+    it = text.make_train_iterator(files_cfg(directory), None, 11, 8, 7, 1, 4)
+    state = it.get_state()
+    assert state["format"] == "ema_jax.data.text/2"
+    assert set(state["streams"]) == {"2", "3"}
+    assert state["streams"]["2"] == {"epoch": 0, "doc": 0, "offset": 0, "num_documents": 5}
+    settings = state["settings"]
+    assert settings["global_batch"] == 8 and settings["seq_len"] == 11 and settings["seed"] == 7
+    assert "process_index" not in settings and "process_count" not in settings
+
+
+# ---------------------------------------------------------------------------- refused states
+
+
+def _refused(it, state, *fragments):
+    with pytest.raises(DataStateError) as info:
+        it.set_state(state)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+    return str(info.value)
+
+
+def test_refuses_empty_and_foreign_states(jsonl_dir):
+    directory, _ = jsonl_dir
+    it = text.make_train_iterator(files_cfg(directory), None, 11, 4, 0, 0, 1)
+    _refused(it, {}, "empty", "merge_states", "new workdir")
+    old = {"format": "ema_jax.data.text/1", "settings": {}, "pipeline": {}}
+    _refused(it, old, "'ema_jax.data.text/1'", "one process", "new workdir")
+    state = it.get_state()
+    state["streams"]["1"]["epoch"] = -1
+    _refused(it, state, "stream '1'", "integer >= 0")
+    assert issubclass(DataStateError, ValueError)
+
+
+def test_refuses_other_settings(jsonl_dir):
     directory, _ = jsonl_dir
     cfg = files_cfg(directory)
     state = text.make_train_iterator(cfg, None, 11, 4, 0, 0, 1).get_state()
     other = text.make_train_iterator(cfg, None, 12, 4, 0, 0, 1)
-    with pytest.raises(ValueError, match="seq_len"):
-        other.set_state(state)
+    _refused(other, state, "seq_len: 11 -> 12", "same data config, seq_len, batch_size and seed",
+             "new workdir")
+    edited = json.loads(json.dumps(state))
+    edited["settings"]["seed"] = 9
+    it = text.make_train_iterator(cfg, None, 11, 4, 0, 0, 1)
+    _refused(it, edited, "seed: 9 -> 0")
+    with pytest.raises(DataStateError, match="different settings"):
+        text.TrainIterator.merge_states([state, edited])
 
 
-def test_epochs_are_shuffled_differently(tmp_path):
-    docs = [f"document number {i}" for i in range(30)]
+def test_refuses_a_missing_stream(jsonl_dir):
+    directory, _ = jsonl_dir
+    cfg = files_cfg(directory)
+    part = text.make_train_iterator(cfg, None, 11, 4, 0, 0, 2).get_state()  # rows 0-1 only
+    it = text.make_train_iterator(cfg, None, 11, 4, 0, 0, 2)
+    _refused(it, part, "holds streams 0-1", "exactly streams 0-3", "missing: 2-3",
+             "merge_states")
+    with pytest.raises(DataStateError, match="empty"):
+        text.TrainIterator.merge_states([part, {}])
+
+
+def test_refuses_a_document_index_out_of_range(jsonl_dir):
+    directory, _ = jsonl_dir
+    cfg = files_cfg(directory)
+    it = text.make_train_iterator(cfg, None, 11, 4, 0, 0, 1)
+    next(it)
+    before = it.get_state()
+    state = json.loads(json.dumps(before))
+    state["streams"]["3"]["doc"] = 999
+    _refused(it, state, "stream 3", "document 999", "10 documents (0..9)")
+    assert it.get_state() == before  # a refused state leaves the iterator where it was
+
+
+def test_refuses_an_offset_past_the_document_after_the_data_changed(tmp_path):
+    docs = make_documents(40)
     write_jsonl(tmp_path / "train.jsonl", docs)
-    cfg = files_cfg(tmp_path, shuffle_buffer=0)
-    total = sum(len(BYTE.encode(d)) + 1 for d in docs)
-    seq_len = 10
-    it = text.make_train_iterator(cfg, None, seq_len, 1, 0, 0, 1)
-    stream = [EOD]
-    while len(stream) < 3 * total + 1:
-        stream.extend(next(it)["targets"][0])
-    got, _ = split_stream(stream[: 3 * total + 1])
-    epochs = [[BYTE.decode(d) for d in got[e * 30 : (e + 1) * 30]] for e in range(3)]
-    assert all(sorted(e) == sorted(docs) for e in epochs)
-    assert epochs[0] != epochs[1] != epochs[2]
+    cfg = files_cfg(tmp_path)
+    it = text.make_train_iterator(cfg, None, 11, 4, 0, 0, 1)
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    assert max(s["offset"] for s in state["streams"].values()) >= 2
+    write_jsonl(tmp_path / "train.jsonl", ["x"] * len(docs))  # same count, shorter documents
+    again = text.make_train_iterator(cfg, None, 11, 4, 0, 0, 1)
+    _refused(again, state, "now has 2 tokens", "the data or the tokenizer changed", "new workdir")
+    write_jsonl(tmp_path / "train.jsonl", docs + ["one more"])
+    again = text.make_train_iterator(cfg, None, 11, 4, 0, 0, 1)
+    _refused(again, state, "had 10 documents", "now it has", "the data changed")
 
 
 # -------------------------------------------------------------------------------------- evaluation

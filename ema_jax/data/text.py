@@ -39,23 +39,41 @@ batch // process count, T = seq_len):
                               reset; attention may connect positions with equal ids only.
   mask         float32 [b, T] 1 where targets is a real token, 0 on padding (eval only).
 
-Training (`make_train_iterator`) is infinite: documents are read in an order shuffled anew each
-epoch, packed, windows shuffled in a buffer of `shuffle_buffer`, then batched; the iterator's
-`get_state()` is a JSON-serializable dict and `set_state()` resumes exactly. Evaluation
-(`make_eval_batches`) is finite and deterministic: documents in split order, the stream ends with a
-final eod, the last window and last batch are padded and masked, and the result reports the number
-of target tokens and the UTF-8 bytes they stand for, so sum(NLL * mask) / sum(mask) is the exact
-per-token loss and sum(NLL * mask) / (ln 2 * num_bytes) the bits per byte (end-of-document
-predictions count in the numerator and for zero bytes).
+Training (`make_train_iterator`) is infinite and independent of the process count. Row r of
+the global batch (G = global_batch rows) is fed by its own stream r, forever: stream r owns a fixed
+part of the split's documents (whole files or tfds shards r, r + G, ... when there are at least G
+of them, else a contiguous 1/G of the records), reads them each epoch in an order drawn from
+(seed, r, epoch), and packs its own token stream into windows as above; row r of step t is window t
+of stream r. So each step's rows come from G different documents, and consecutive steps continue
+each row's stream like truncated-BPTT streams (no window shuffle is needed). Sources readable only
+in order (tfrecord via tf.data) visit a stream's units in a new order each epoch, records in their
+stored order. Process p of P yields rows [p * b, (p + 1) * b), b = G // P, and reads and
+tokenizes only its streams' documents (with fewer files than streams every process reads all the
+files once, then tokenizes only its own streams' documents). `read_threads` threads read and
+tokenize each stream's next documents ahead (tiktoken and tfds reads release the GIL).
 
-Each process reads a disjoint part of the data: whole files (or tfds shards) p, p + P, ... when
-there are at least P of them, otherwise a contiguous 1/P of the documents.
+The state is global. `get_state()` returns this process's part: {"format", "settings" (what the
+streams depend on: source, split, tokenizer, seq_len, global_batch, seed, number of files or
+shards), "streams": {"r": {"epoch", "doc", "offset", "num_documents"}} for its rows}, where the
+next window of stream r starts at token `offset` of the `doc`-th document of epoch `epoch`.
+`TrainIterator.merge_states` joins every process's part; `set_state()` takes that global state and
+restores this process's rows, on any process count that divides G, re-reading only each stream's
+current document. It refuses, with DataStateError, a state of another format, other settings, a
+stream set other than 0..G-1, or a position that does not fit the data.
+
+Evaluation (`make_eval_batches`) is finite and deterministic: documents in split order, the stream
+ends with a final eod, the last window and last batch are padded and masked, and the result reports
+the number of target tokens and the UTF-8 bytes they stand for, so sum(NLL * mask) / sum(mask) is
+the exact per-token loss and sum(NLL * mask) / (ln 2 * num_bytes) the bits per byte
+(end-of-document predictions count in the numerator and for zero bytes). Every process builds the
+whole eval stream and yields its own rows of each global batch.
 """
 
 from __future__ import annotations
 
 import ast
-import copy
+import collections
+import concurrent.futures
 import dataclasses
 import glob as glob_lib
 import gzip
@@ -72,6 +90,7 @@ import grain
 import numpy as np
 
 from ema_jax.data import tokenizer as tokenizer_lib
+from ema_jax.errors import DataStateError
 
 SOURCES = ("builtin", "files", "tfds")
 FILE_FORMATS = ("auto", "jsonl", "text")
@@ -79,7 +98,7 @@ DEFAULT_TFDS_NAME = "c4/en:3.1.0"
 BUILTIN_SPLITS = ("train", "validation")
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
-_STATE_FORMAT = "ema_jax.data.text/1"
+_STATE_FORMAT = "ema_jax.data.text/2"
 
 _DEFAULTS: dict[str, Any] = dict(
     source="builtin",  # builtin | files | tfds
@@ -92,14 +111,20 @@ _DEFAULTS: dict[str, Any] = dict(
     data_dir="",  # tfds: '' = tfds default (TFDS_DATA_DIR or ~/tensorflow_datasets)
     train_split="train",
     eval_split="validation",
-    shuffle_buffer=1024,  # windows; 0 or 1 = no window shuffle
-    # grain read threads. Tokenizing holds the GIL, so threads only help sources that wait on I/O:
-    # -1 = 0 for in-memory sources (builtin, files), 8 for tfds.
+    # Threads that read and tokenize the streams' next documents ahead (random-access sources).
+    # tiktoken and tfds reads release the GIL, so they help when cores are free; results never
+    # depend on them. -1 = 0 for in-memory sources (builtin, files), 8 for tfds.
     read_threads=-1,
     seed=0,  # used when make_train_iterator gets seed=None
     eval_max_documents=0,  # 0 = no limit
     eval_max_tokens=0,  # 0 = no limit
 )
+
+
+_REMOVED = {
+    "shuffle_buffer": "every row of the batch has its own document stream, so each step's rows "
+                      "already come from different documents and no window shuffle is done.",
+}
 
 
 def default_data_config():
@@ -123,7 +148,6 @@ class DataSpec:
     data_dir: str
     train_split: str
     eval_split: str
-    shuffle_buffer: int
     read_threads: int
     seed: int
     eval_max_documents: int
@@ -140,6 +164,12 @@ def parse_data_config(data_cfg: Any) -> DataSpec:
         data_cfg = data_cfg.to_dict()
     if not isinstance(data_cfg, Mapping):
         raise TypeError(f"config.data must be a dict or ConfigDict, got {type(data_cfg).__name__}.")
+    removed = sorted(set(data_cfg) & set(_REMOVED))
+    if removed:
+        raise ValueError(
+            f"config.data.{removed[0]} is no longer accepted: {_REMOVED[removed[0]]} Remove it "
+            "from the config."
+        )
     unknown = sorted(set(data_cfg) - set(_DEFAULTS))
     if unknown:
         raise ValueError(
@@ -167,7 +197,7 @@ def parse_data_config(data_cfg: Any) -> DataSpec:
         check(name, isinstance(values[name], str), "a string ('' for unset)")
     for name in ("field", "tfds_name", "train_split", "eval_split"):
         check(name, isinstance(values[name], str) and values[name], "a non-empty string")
-    for name in ("shuffle_buffer", "eval_max_documents", "eval_max_tokens"):
+    for name in ("eval_max_documents", "eval_max_tokens"):
         check(name, is_int(values[name]) and values[name] >= 0, "an integer >= 0")
     check("read_threads", is_int(values["read_threads"]) and values["read_threads"] >= -1,
           "an integer >= 0, or -1 for automatic")
@@ -181,11 +211,11 @@ def parse_data_config(data_cfg: Any) -> DataSpec:
 
 
 # ----------------------------------------------------------------------------------------------
-# Documents: a split of a source, restricted to one process's part.
+# Documents: a split of a source, or a part of it.
 
 
 class Documents:
-    """One process's documents of one split, in a fixed order.
+    """Documents of one split (or a part of it), in a fixed order.
 
     `units` are contiguous index ranges (a file, a tfds shard, or part of one); a reader that cannot
     seek (tf.data) reads a unit from its start. `random_access` sources also support `docs[i]`.
@@ -257,18 +287,19 @@ class _SubsetDocuments(Documents):
                 yield from self._parent.iter_range(a + base, b + base)
 
 
-def _assign_to_process(
-    units: Sequence[tuple[int, int]], process_index: int, process_count: int
+def _assign_part(
+    units: Sequence[tuple[int, int]], part: int, num_parts: int
 ) -> list[tuple[int, int]]:
-    """Whole units p, p+P, ... when there are >= P units, else a contiguous 1/P of the records."""
-    if process_count == 1:
+    """Part k of n: whole units k, k+n, ... when there are >= n units, else a contiguous 1/n of the
+    records. Training streams are the parts of n = global_batch."""
+    if num_parts == 1:
         return list(units)
-    if len(units) >= process_count:
-        return list(units[process_index::process_count])
+    if len(units) >= num_parts:
+        return list(units[part::num_parts])
     offsets = np.cumsum([0] + [hi - lo for lo, hi in units])
     total = int(offsets[-1])
-    lo_rec = total * process_index // process_count
-    hi_rec = total * (process_index + 1) // process_count
+    lo_rec = total * part // num_parts
+    hi_rec = total * (part + 1) // num_parts
     ranges = []
     for (lo, hi), start in zip(units, offsets[:-1]):
         a, b = max(lo, lo + lo_rec - int(start)), min(hi, lo + hi_rec - int(start))
@@ -277,24 +308,22 @@ def _assign_to_process(
     return ranges
 
 
-def load_documents(
-    data_cfg: Any, split: str, process_index: int = 0, process_count: int = 1
-) -> Documents:
-    """The documents of `split` that process `process_index` of `process_count` reads."""
+def load_documents(data_cfg: Any, split: str, part: int = 0, num_parts: int = 1) -> Documents:
+    """The documents of `split`, or part `part` of `num_parts` disjoint parts of it (_assign_part)."""
     spec = parse_data_config(data_cfg)
-    _check_process(process_index, process_count)
+    if not (isinstance(num_parts, int) and num_parts >= 1 and isinstance(part, int)
+            and 0 <= part < num_parts):
+        raise ValueError(f"part={part!r} of num_parts={num_parts!r}: expected 0 <= part < num_parts.")
     if spec.source == "builtin":
         docs = _builtin_documents(split)
     elif spec.source == "files":
-        return _file_documents(spec, split, process_index, process_count)
+        return _file_documents(spec, split, part, num_parts)
     else:
         docs = _tfds_documents(spec, split)
-    if process_count == 1:
+    if num_parts == 1:
         return docs
-    ranges = _assign_to_process(docs.units, process_index, process_count)
-    return _SubsetDocuments(
-        docs, ranges, f"{docs.description} (process {process_index} of {process_count})"
-    )
+    ranges = _assign_part(docs.units, part, num_parts)
+    return _SubsetDocuments(docs, ranges, f"{docs.description} (part {part} of {num_parts})")
 
 
 # --- builtin: standard-library docstrings -----------------------------------------------------
@@ -506,25 +535,27 @@ def resolve_files(data_cfg: Any, split: str) -> list[str]:
     return files
 
 
-def _file_documents(spec: DataSpec, split: str, process_index: int, process_count: int):
-    files = resolve_files(spec, split)
-    by_file = len(files) >= process_count
-    mine = files[process_index::process_count] if by_file else files
+def _read_files(spec: DataSpec, split: str, files: Sequence[str]) -> ListDocuments:
+    """The documents of `files` in order, one unit per file."""
     texts, units = [], []
-    for filename in mine:
+    for filename in files:
         docs = read_text_file(filename, spec.field, _file_format(spec, filename))
         units.append((len(texts), len(texts) + len(docs)))
         texts.extend(docs)
-    pattern = _split_glob(spec, split)
-    docs = ListDocuments(texts, f"files {pattern!r} split {split!r}", units)
-    if by_file or process_count == 1:
-        if process_count > 1:
-            docs.description += f" (process {process_index} of {process_count})"
+    return ListDocuments(texts, f"files {_split_glob(spec, split)!r} split {split!r}", units)
+
+
+def _file_documents(spec: DataSpec, split: str, part: int, num_parts: int) -> Documents:
+    files = resolve_files(spec, split)
+    if num_parts == 1:
+        return _read_files(spec, split, files)
+    if len(files) >= num_parts:  # whole files: read only this part's
+        docs = _read_files(spec, split, files[part::num_parts])
+        docs.description += f" (part {part} of {num_parts})"
         return docs
-    ranges = _assign_to_process(units, process_index, process_count)
-    return _SubsetDocuments(
-        docs, ranges, f"{docs.description} (process {process_index} of {process_count})"
-    )
+    docs = _read_files(spec, split, files)
+    ranges = _assign_part(docs.units, part, num_parts)
+    return _SubsetDocuments(docs, ranges, f"{docs.description} (part {part} of {num_parts})")
 
 
 # --- tfds: array_record (data_source) or tfrecord (tf.data) -----------------------------------
@@ -714,7 +745,7 @@ def encode_array(tok, text: str) -> np.ndarray:
 
 
 class _EncodeDocument:
-    """text -> int32 [eod, tokens...]; a class so the pipeline pickles for worker processes."""
+    """text -> int32 [eod, tokens...]."""
 
     def __init__(self, tokenizer):
         self._tokenizer = tokenizer
@@ -722,122 +753,6 @@ class _EncodeDocument:
 
     def __call__(self, text: str) -> np.ndarray:
         return np.concatenate([self._eod, encode_array(self._tokenizer, text)])
-
-
-class _PackWindowsIterDataset(grain.IterDataset):
-    """Cuts a stream of token arrays into windows of `window` tokens taken every `stride` tokens."""
-
-    def __init__(self, parent: grain.IterDataset, window: int, stride: int):
-        super().__init__(parent)
-        self._window, self._stride = window, stride
-
-    def __iter__(self):
-        return _PackWindowsIterator(self._parent.__iter__(), self._window, self._stride)
-
-
-class _PackWindowsIterator(grain.DatasetIterator):
-    # State = (parent state before the oldest document still needed, offset into that document):
-    # restoring re-reads that document, so no token array is ever stored in a checkpoint.
-
-    def __init__(self, parent, window: int, stride: int):
-        super().__init__(parent)
-        self._window, self._stride = window, stride
-        self._docs: list[tuple[Any, np.ndarray]] = []
-        self._offset = 0
-        self._available = 0
-
-    def __next__(self) -> np.ndarray:
-        while self._available < self._window:
-            state = copy.deepcopy(self._parent.get_state())
-            tokens = next(self._parent)  # StopIteration ends a finite stream, remainder dropped
-            self._docs.append((state, tokens))
-            self._available += len(tokens)
-        parts, need, start = [], self._window, self._offset
-        for _, tokens in self._docs:
-            part = tokens[start : start + need]
-            parts.append(part)
-            need -= len(part)
-            start = 0
-            if not need:
-                break
-        skip = self._stride
-        while skip:
-            left = len(self._docs[0][1]) - self._offset
-            if skip >= left:
-                skip -= left
-                self._docs.pop(0)
-                self._offset = 0
-            else:
-                self._offset += skip
-                skip = 0
-        self._available -= self._stride
-        return np.concatenate(parts)
-
-    def get_state(self) -> dict[str, Any]:
-        parent = self._docs[0][0] if self._docs else self._parent.get_state()
-        return {"parent": copy.deepcopy(parent), "offset": self._offset}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(copy.deepcopy(state["parent"]))
-        self._docs = []
-        self._offset = int(state["offset"])
-        self._available = -self._offset
-
-
-class _UnitOrderIterDataset(grain.IterDataset):
-    """Endless documents of a sequential-only source: units (shards) in a new order each epoch.
-
-    Records inside a unit keep their stored order (tfds shuffles examples when it prepares a
-    dataset); the window shuffle after packing mixes further. Resuming re-reads the current unit
-    up to the saved position.
-    """
-
-    def __init__(self, docs: Documents, seed: int, encode):
-        super().__init__()
-        self._docs, self._seed, self._encode = docs, seed, encode
-
-    def __iter__(self):
-        return _UnitOrderIterator(self._docs, self._seed, self._encode)
-
-
-class _UnitOrderIterator(grain.DatasetIterator):
-    def __init__(self, docs: Documents, seed: int, encode):
-        super().__init__()
-        self._docs, self._seed, self._encode = docs, seed, encode
-        self._units = [u for u in docs.units if u[1] > u[0]]
-        if not self._units:
-            raise ValueError(f"{docs.description} has no documents.")
-        self._epoch, self._unit, self._doc = 0, 0, 0
-        self._reader = None
-
-    def _order(self) -> np.ndarray:
-        rng = np.random.default_rng([self._seed, self._epoch])
-        return rng.permutation(len(self._units))
-
-    def __next__(self) -> np.ndarray:
-        while True:
-            if self._reader is None:
-                lo, hi = self._units[self._order()[self._unit]]
-                self._reader = self._docs.iter_range(lo + self._doc, hi)
-            try:
-                text = next(self._reader)
-            except StopIteration:
-                self._reader = None
-                self._doc = 0
-                self._unit += 1
-                if self._unit == len(self._units):
-                    self._unit = 0
-                    self._epoch += 1
-                continue
-            self._doc += 1
-            return self._encode(text)
-
-    def get_state(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "unit": self._unit, "doc": self._doc}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._epoch, self._unit, self._doc = (int(state[k]) for k in ("epoch", "unit", "doc"))
-        self._reader = None
 
 
 def batch_from_windows(windows_BW: np.ndarray, eod_id: int, num_targets_B=None) -> dict:
@@ -861,12 +776,275 @@ def batch_from_windows(windows_BW: np.ndarray, eod_id: int, num_targets_B=None) 
     }
 
 
-class _WindowsToBatch:
-    def __init__(self, eod_id: int):
-        self._eod_id = eod_id
+# ----------------------------------------------------------------------------------------------
+# Training streams: row r of every global batch comes from stream r (module docstring).
 
-    def __call__(self, windows_BW: np.ndarray) -> dict:
-        return batch_from_windows(windows_BW, self._eod_id)
+
+def _derived_seed(*values: int) -> int:
+    # Folding instead of adding keeps the epoch-e order of seed s unrelated to seed s + e.
+    # Below 2**31: grain's index_shuffle takes a 32-bit seed.
+    return int(np.random.SeedSequence(list(values)).generate_state(1)[0] >> 1)
+
+
+def _stream_layout(spec: DataSpec, split: str, num_streams: int, streams: Sequence[int]):
+    """(documents, {stream: index ranges into them}, num_units) for the given streams.
+
+    The ranges of stream r depend only on the split and num_streams (never on which process asks),
+    so every process layout sees the same streams. num_units counts the split's files or shards.
+    """
+    if spec.source == "files":
+        files = resolve_files(spec, split)
+        if len(files) >= num_streams:
+            # Stream r owns files r, r + G, ...: read only the files of the asking process's streams.
+            wanted = [j for j in range(len(files)) if j % num_streams in set(streams)]
+            docs = _read_files(spec, split, [files[j] for j in wanted])
+            ranges = {r: [] for r in streams}
+            for j, unit in zip(wanted, docs.units):
+                ranges[j % num_streams].append(unit)
+            return docs, ranges, len(files)
+        docs = _read_files(spec, split, files)  # fewer files than streams: every process reads all
+    elif spec.source == "builtin":
+        docs = _builtin_documents(split)
+    else:
+        docs = _tfds_documents(spec, split)
+    if len(docs) < num_streams:
+        raise ValueError(
+            f"{docs.description} has {len(docs)} documents, fewer than global_batch={num_streams}: "
+            "every row of the batch reads its own documents. Use a batch size of at most "
+            f"{len(docs)}, or more data."
+        )
+    ranges = {r: _assign_part(docs.units, r, num_streams) for r in streams}
+    return docs, ranges, len(docs.units)
+
+
+class _RandomAccessReader:
+    """The documents of one stream of a random-access source, in a new order each epoch.
+
+    Position (epoch, doc): the doc-th document of that epoch's order, a permutation drawn from
+    (seed, stream, epoch). With a thread pool, the next `ahead` documents are read and tokenized in
+    the background; which document comes next never depends on the threads.
+    """
+
+    # Up to this many documents the epoch's permutation is a NumPy array (64 KiB as int32); above
+    # it, grain's index_shuffle (a keyed bijection, O(1) memory, so G streams of a C4-sized split
+    # cost nothing), which costs ~5 us a call there but up to ~15 ms on domains of a few elements.
+    _MAX_ARRAY_PERMUTATION = 1 << 14
+
+    def __init__(self, docs: Documents, ranges, seed: int, stream: int, encode, pool, ahead: int):
+        self._docs, self._ranges, self._encode = docs, list(ranges), encode
+        self._starts = np.cumsum([0] + [hi - lo for lo, hi in self._ranges])
+        self.num_documents = int(self._starts[-1])
+        self._seed, self._stream = seed, stream
+        self._epoch_order = (-1, 0, None)  # (epoch, seed, permutation array or None)
+        self._pool, self._ahead = pool, ahead
+        self._queue: collections.deque = collections.deque()  # (position, future) read ahead
+        self.position = (0, 0)  # of the next document `read` returns
+        self._submitted = self.position  # of the next document to read ahead
+
+    def document_index(self, epoch: int, doc: int) -> int:
+        n = self.num_documents
+        if self._epoch_order[0] != epoch:
+            seed = _derived_seed(self._seed, self._stream, epoch)
+            order = None
+            if n <= self._MAX_ARRAY_PERMUTATION:
+                order = np.random.default_rng(seed).permutation(n).astype(np.int32)
+            self._epoch_order = (epoch, seed, order)
+        _, seed, order = self._epoch_order
+        if order is not None:
+            k = int(order[doc])
+        else:
+            k = grain.experimental.index_shuffle(doc, max_index=n - 1, seed=seed, rounds=4)
+        unit = int(np.searchsorted(self._starts, k, side="right")) - 1
+        return self._ranges[unit][0] + k - int(self._starts[unit])
+
+    def advance(self, position):
+        epoch, doc = position
+        return (epoch, doc + 1) if doc + 1 < self.num_documents else (epoch + 1, 0)
+
+    def load(self, epoch: int, doc: int) -> np.ndarray:
+        """The tokens of document (epoch, doc), without moving the reader."""
+        return self._load(self.document_index(epoch, doc))
+
+    def _load(self, index: int) -> np.ndarray:
+        return self._encode(self._docs[index])
+
+    def seek(self, epoch: int, doc: int) -> None:
+        for _, future in self._queue:
+            future.cancel()
+        self._queue.clear()
+        self.position = self._submitted = (epoch, doc)
+
+    def prefetch(self) -> None:
+        while self._pool is not None and len(self._queue) < self._ahead:
+            index = self.document_index(*self._submitted)
+            self._queue.append((self._submitted, self._pool.submit(self._load, index)))
+            self._submitted = self.advance(self._submitted)
+
+    def read(self) -> tuple[tuple[int, int], np.ndarray]:
+        position = self.position
+        self.position = self.advance(position)
+        if self._pool is None:
+            return position, self._load(self.document_index(*position))
+        self.prefetch()
+        queued, future = self._queue.popleft()
+        assert queued == position, (queued, position)
+        self.prefetch()
+        return position, future.result()
+
+    def close(self) -> None:
+        self.seek(*self.position)
+
+
+class _SequentialReader:
+    """The documents of one stream of a source read only in order (tf.data).
+
+    Each epoch visits the stream's units (shard pieces) in a new order derived from (seed, stream,
+    epoch); records inside a unit keep their stored order (tfds shuffles examples when it prepares
+    a dataset). Position (epoch, doc) counts documents in that epoch's order; seeking opens the
+    unit holding it at the right record.
+    """
+
+    def __init__(self, docs: Documents, ranges, seed: int, stream: int, encode):
+        self._docs, self._encode = docs, encode
+        self._units = [(lo, hi) for lo, hi in ranges if hi > lo]
+        self.num_documents = sum(hi - lo for lo, hi in self._units)
+        self._seed, self._stream = seed, stream
+        self._order = (-1, None, None)  # (epoch, unit order, first doc of each unit in that order)
+        self._reader = None
+        self._unit_end = 0
+        self.position = (0, 0)
+
+    def _epoch_order(self, epoch: int):
+        if self._order[0] != epoch:
+            rng = np.random.default_rng([self._seed, self._stream, epoch])
+            order = rng.permutation(len(self._units))
+            starts = np.cumsum([0] + [self._units[k][1] - self._units[k][0] for k in order])
+            self._order = (epoch, order, starts)
+        return self._order[1], self._order[2]
+
+    def document_index(self, epoch: int, doc: int) -> int:
+        order, starts = self._epoch_order(epoch)
+        k = int(np.searchsorted(starts, doc, side="right")) - 1
+        return self._units[order[k]][0] + doc - int(starts[k])
+
+    def advance(self, position):
+        epoch, doc = position
+        return (epoch, doc + 1) if doc + 1 < self.num_documents else (epoch + 1, 0)
+
+    def load(self, epoch: int, doc: int) -> np.ndarray:
+        """The tokens of document (epoch, doc), without moving the reader."""
+        index = self.document_index(epoch, doc)
+        return self._encode(next(iter(self._docs.iter_range(index, index + 1))))
+
+    def seek(self, epoch: int, doc: int) -> None:
+        self.position = (epoch, doc)
+        self._reader = None
+
+    def prefetch(self) -> None:
+        pass
+
+    def read(self) -> tuple[tuple[int, int], np.ndarray]:
+        epoch, doc = position = self.position
+        if self._reader is None:
+            order, starts = self._epoch_order(epoch)
+            k = int(np.searchsorted(starts, doc, side="right")) - 1
+            self._unit_end = int(starts[k + 1])
+            self._reader = self._docs.iter_range(self.document_index(epoch, doc),
+                                                 self._units[order[k]][1])
+        try:
+            text = next(self._reader)
+        except StopIteration:
+            raise ValueError(
+                f"{self._docs.description}: stream {self._stream} ran out of records before "
+                f"document {doc} of epoch {epoch}; the prepared dataset does not match its metadata."
+            ) from None
+        if doc + 1 == self._unit_end:
+            self._reader = None
+        self.position = self.advance(position)
+        return position, self._encode(text)
+
+    def close(self) -> None:
+        self._reader = None
+
+
+class _Stream:
+    """Packs one stream's documents into windows of `window` tokens taken every `stride` tokens.
+
+    Position (epoch, doc, offset): the next window starts at token `offset` of document (epoch,
+    doc), whose tokens are [eod, tokens...]. Restoring re-reads that one document, so no token
+    array is ever stored in a state.
+    """
+
+    def __init__(self, index: int, reader, window: int, stride: int):
+        self.index, self.reader = index, reader
+        self._window, self._stride = window, stride
+        self._docs: collections.deque = collections.deque()  # (position, tokens) still needed
+        self._offset = 0  # into the first of _docs
+        self._available = 0  # tokens of _docs from _offset on
+
+    def next_window(self, out_W: np.ndarray) -> None:
+        while self._available < self._window:
+            position, tokens = self.reader.read()
+            self._docs.append((position, tokens))
+            self._available += len(tokens)
+        written, start = 0, self._offset
+        for _, tokens in self._docs:
+            part = tokens[start : start + self._window - written]
+            out_W[written : written + len(part)] = part
+            written += len(part)
+            start = 0
+            if written == self._window:
+                break
+        skip = self._stride
+        while skip:
+            left = len(self._docs[0][1]) - self._offset
+            if skip >= left:
+                skip -= left
+                self._docs.popleft()
+                self._offset = 0
+            else:
+                self._offset += skip
+                skip = 0
+        self._available -= self._stride
+
+    def get_state(self) -> dict[str, int]:
+        epoch, doc = self._docs[0][0] if self._docs else self.reader.position
+        return {"epoch": int(epoch), "doc": int(doc), "offset": int(self._offset),
+                "num_documents": self.reader.num_documents}
+
+    def restored(self, state: Mapping[str, Any]):
+        """The (position, tokens, offset) `state` puts this stream at; DataStateError if it cannot."""
+        epoch, doc, offset = (state[k] for k in ("epoch", "doc", "offset"))
+        n = self.reader.num_documents
+        where = f"stream {self.index} (row {self.index} of the global batch)"
+        if state["num_documents"] != n:
+            raise DataStateError(
+                f"The data iterator state says {where} had {state['num_documents']} documents; "
+                f"now it has {n}: the data changed since the state was saved. Resume with the same "
+                "data, or use a new workdir."
+            )
+        if doc >= n:
+            raise DataStateError(
+                f"The data iterator state puts {where} at document {doc}, but the stream has "
+                f"{n} documents (0..{n - 1}): the state was edited or the data changed. Resume "
+                "with the same data, or use a new workdir."
+            )
+        tokens = self.reader.load(epoch, doc)
+        if offset >= len(tokens):
+            raise DataStateError(
+                f"The data iterator state puts {where} at token {offset} of document {doc} "
+                f"(epoch {epoch}), which now has {len(tokens)} tokens (with its leading eod): "
+                "the data or the tokenizer changed since the state was saved. Resume with the same "
+                "data and tokenizer, or use a new workdir."
+            )
+        return (epoch, doc), tokens, offset
+
+    def restore(self, position, tokens: np.ndarray, offset: int) -> None:
+        self.reader.seek(*self.reader.advance(position))
+        self._docs = collections.deque([(position, tokens)])
+        self._offset = offset
+        self._available = len(tokens) - offset
+        self.reader.prefetch()
 
 
 def _check_process(process_index: int, process_count: int) -> None:
@@ -901,12 +1079,6 @@ def _check_seq_len(seq_len) -> None:
         raise ValueError(f"seq_len={seq_len!r} must be an integer >= 1.")
 
 
-def _derived_seed(*values: int) -> int:
-    # Folding instead of adding keeps the epoch-e order of seed s unrelated to seed s + e.
-    # Below 2**31 so grain's `seed + window index` stays a valid 32-bit seed.
-    return int(np.random.SeedSequence(list(values)).generate_state(1)[0] >> 1)
-
-
 def _as_tokenizer(tokenizer, spec: DataSpec):
     if tokenizer is None:
         return tokenizer_lib.get_tokenizer(spec.tokenizer)
@@ -915,38 +1087,164 @@ def _as_tokenizer(tokenizer, spec: DataSpec):
     return tokenizer
 
 
-class TrainIterator(grain.DatasetIterator):
-    """Endless training batches with exact, JSON-serializable checkpoints.
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
-    `get_state()` also records the settings the stream depends on; `set_state()` refuses a state
-    saved with different ones rather than silently producing other batches.
+
+def _rows_text(rows) -> str:
+    """'0-3, 7' for [0, 1, 2, 3, 7]."""
+    rows, parts, i = sorted(rows), [], 0
+    while i < len(rows):
+        j = i
+        while j + 1 < len(rows) and rows[j + 1] == rows[j] + 1:
+            j += 1
+        parts.append(str(rows[i]) if i == j else f"{rows[i]}-{rows[j]}")
+        i = j + 1
+    return ", ".join(parts) or "none"
+
+
+def _checked_state(state: Any, what: str = "The data iterator state") -> Mapping[str, Any]:
+    """`state` if it is a well-formed state of this format, else DataStateError saying why."""
+    if not isinstance(state, Mapping) or not state:
+        raise DataStateError(
+            f"{what} is empty or not a dict ({str(state)[:200]!r}); expected the "
+            f"{_STATE_FORMAT!r} state that TrainIterator.merge_states makes from every process's "
+            "get_state(). Resume from a checkpoint that holds one, or use a new workdir."
+        )
+    if state.get("format") != _STATE_FORMAT:
+        old = state.get("format") == "ema_jax.data.text/1"
+        raise DataStateError(
+            f"{what} has format {state.get('format')!r}, not {_STATE_FORMAT!r}"
+            + (" (format /1 described one process's reader and cannot be restored by the "
+               "per-row streams)" if old else "")
+            + ". Resume from a checkpoint written by this version, or use a new workdir."
+        )
+    settings, streams = state.get("settings"), state.get("streams")
+    if not isinstance(settings, Mapping) or not isinstance(streams, Mapping):
+        raise DataStateError(
+            f"{what} lacks its 'settings' or 'streams' dict: {str(state)[:200]}. The checkpoint's "
+            "data state was damaged or edited; resume from another checkpoint or use a new workdir."
+        )
+    for key, position in streams.items():
+        fields = ("epoch", "doc", "offset", "num_documents")
+        if not (isinstance(key, str) and key.isdigit() and isinstance(position, Mapping)
+                and all(_is_count(position.get(k)) for k in fields)):
+            raise DataStateError(
+                f"{what}: stream {key!r} has position {str(position)[:200]}; expected a stream "
+                "number and {'epoch': e, 'doc': i, 'offset': o, 'num_documents': n}, each an "
+                "integer >= 0. The checkpoint's data state was damaged or edited; resume from "
+                "another checkpoint or use a new workdir."
+            )
+    return state
+
+
+class TrainIterator:
+    """Endless training batches of this process's rows, with exact, JSON-serializable states.
+
+    `get_state()` is this process's part (its rows' stream positions plus the settings the streams
+    depend on); `merge_states` joins every process's part into the global state, which
+    `set_state()` restores on any process layout whose batch split divides global_batch.
     """
 
-    def __init__(self, inner: grain.DatasetIterator, settings: dict[str, Any]):
-        super().__init__(inner)
+    def __init__(self, streams: Sequence[_Stream], settings: dict[str, Any], eod_id: int,
+                 window: int, pool=None):
+        self._streams = list(streams)
         self._settings = settings
+        self._eod_id, self._window = eod_id, window
+        self._pool = pool
+        for stream in self._streams:
+            stream.reader.prefetch()
+
+    def __iter__(self):
+        return self
 
     def __next__(self) -> dict:
-        return next(self._parent)
+        windows_BW = np.empty((len(self._streams), self._window), np.int32)
+        for row, stream in enumerate(self._streams):
+            stream.next_window(windows_BW[row])
+        return batch_from_windows(windows_BW, self._eod_id)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self._settings)
 
     def get_state(self) -> dict[str, Any]:
         return {
             "format": _STATE_FORMAT,
             "settings": dict(self._settings),
-            "pipeline": self._parent.get_state(),
+            "streams": {str(s.index): s.get_state() for s in self._streams},
         }
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
-            raise ValueError(f"Not a {_STATE_FORMAT} iterator state: {str(state)[:200]}")
-        saved = state["settings"]
-        changed = {k: (saved.get(k), v) for k, v in self._settings.items() if saved.get(k) != v}
-        if changed:
-            raise ValueError(
-                "The data iterator state was saved with other settings (field: saved, now): "
-                f"{changed}; resume with the same data config, seq_len, batch, seed and processes."
+    @staticmethod
+    def merge_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """The global state from every process's `get_state()` (any order): the union of streams."""
+        if not isinstance(states, (list, tuple)) or not states:
+            raise DataStateError(
+                f"merge_states needs a non-empty list of get_state() results, got {states!r}."
             )
-        self._parent.set_state(copy.deepcopy(state["pipeline"]))
+        parts = [_checked_state(s, f"Part {i} of the data iterator states")
+                 for i, s in enumerate(states)]
+        settings = dict(parts[0]["settings"])
+        streams: dict[str, Any] = {}
+        for i, part in enumerate(parts):
+            if dict(part["settings"]) != settings:
+                diff = _settings_diff(settings, part["settings"])
+                raise DataStateError(
+                    f"Data iterator states 0 and {i} have different settings (field: part 0 vs "
+                    f"part {i}): {diff}; every process of a run must build its iterator with the "
+                    "same data config, seq_len, batch_size and seed."
+                )
+            for key, position in part["streams"].items():
+                if key in streams and dict(streams[key]) != dict(position):
+                    raise DataStateError(
+                        f"Data iterator states disagree on stream {key}: {streams[key]} vs "
+                        f"{dict(position)} (part {i}); each row belongs to one process."
+                    )
+                streams[key] = dict(position)
+        return {
+            "format": _STATE_FORMAT,
+            "settings": settings,
+            "streams": {k: streams[k] for k in sorted(streams, key=int)},
+        }
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Restores this process's rows from a global state (merge_states of all processes)."""
+        state = _checked_state(state)
+        diff = _settings_diff(state["settings"], self._settings)
+        if diff:
+            raise DataStateError(
+                f"The data iterator state was saved with other settings (field: saved -> now): "
+                f"{diff}. Resume with the same data config, seq_len, batch_size and seed, or use "
+                "a new workdir."
+            )
+        num_streams = self._settings["global_batch"]
+        have = {int(k) for k in state["streams"]}
+        if have != set(range(num_streams)):
+            missing, extra = sorted(set(range(num_streams)) - have), sorted(have - set(range(num_streams)))
+            raise DataStateError(
+                f"The data iterator state holds streams {_rows_text(have)}, but global_batch="
+                f"{num_streams} needs exactly streams 0-{num_streams - 1} (missing: "
+                f"{_rows_text(missing)}; extra: {_rows_text(extra)}). A single process's "
+                "get_state() holds only its own rows: merge every process's part with "
+                "TrainIterator.merge_states before set_state."
+            )
+        # Check every stream before moving any, so a refused state leaves the iterator as it was.
+        restored = [s.restored(state["streams"][str(s.index)]) for s in self._streams]
+        for stream, (position, tokens, offset) in zip(self._streams, restored):
+            stream.restore(position, tokens, offset)
+
+    def close(self) -> None:
+        for stream in self._streams:
+            stream.reader.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def _settings_diff(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    keys = list(now) + [k for k in saved if k not in now]
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+                     for k in keys if saved.get(k) != now.get(k))
 
 
 def make_train_iterator(
@@ -966,13 +1264,14 @@ def make_train_iterator(
       data_cfg: `config.data` (dict, ConfigDict or DataSpec; see `default_data_config`).
       tokenizer: a tokenizer object, a name, or None for `data_cfg.tokenizer`.
       seq_len: T, the length of `inputs` / `targets`.
-      global_batch: rows summed over all processes.
+      global_batch: rows summed over all processes, one stream each.
       seed: shuffling seed (None: `data_cfg.seed`).
-      process_index, process_count: default jax.process_index() / jax.process_count().
+      process_index, process_count: default jax.process_index() / jax.process_count(); process p
+        yields rows [p * b, (p + 1) * b) of the global batch, b = global_batch // process_count.
       split: default `data_cfg.train_split`.
 
     Returns:
-      A grain DatasetIterator of batch dicts (module docstring) with get_state / set_state.
+      A TrainIterator of batch dicts (module docstring) with get_state / merge_states / set_state.
     """
     spec = parse_data_config(data_cfg)
     _check_seq_len(seq_len)
@@ -984,45 +1283,27 @@ def make_train_iterator(
         raise ValueError(f"seed={seed!r} must be an integer >= 0.")
     tok = _as_tokenizer(tokenizer, spec)
     split = split or spec.train_split
-    docs = load_documents(spec, split, process_index, process_count)
-    if len(docs) == 0:
-        raise ValueError(
-            f"{docs.description} has no documents for process {process_index} of "
-            f"{process_count}; use more data or fewer processes."
-        )
-    dataset = _train_dataset(docs, tok, seq_len, local_batch, seed, spec)
-    settings = dict(
-        source=spec.source, tfds_name=spec.tfds_name, split=split,
-        tokenizer=tok.name, seq_len=seq_len, global_batch=global_batch, seed=seed,
-        process_index=process_index, process_count=process_count,
-        shuffle_buffer=spec.shuffle_buffer, num_documents=len(docs),
-    )
-    return TrainIterator(iter(dataset), settings)
-
-
-def _train_dataset(docs: Documents, tok, seq_len: int, local_batch: int, seed: int, spec):
+    rows = range(process_index * local_batch, (process_index + 1) * local_batch)
+    docs, ranges, num_units = _stream_layout(spec, split, global_batch, rows)
+    threads = spec.read_threads
+    if threads < 0:
+        threads = 8 if spec.source == "tfds" else 0
+    pool = None
+    if threads > 0 and docs.random_access:
+        pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="ema_jax_text")
     encode = _EncodeDocument(tok)
-    if docs.random_access:
-        threads = spec.read_threads
-        if threads < 0:
-            threads = 8 if spec.source == "tfds" else 0
-        documents = (
-            grain.MapDataset.source(docs)
-            .shuffle(seed=_derived_seed(seed, 0))
-            .repeat(None)  # reshuffled every epoch
-            .map(encode)
-        )
-        stream = documents.to_iter_dataset(
-            grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(64, 4 * threads))
-        )
-    else:
-        stream = _UnitOrderIterDataset(docs, _derived_seed(seed, 0), encode)
-    windows = _PackWindowsIterDataset(stream, window=seq_len + 1, stride=seq_len)
-    if spec.shuffle_buffer > 1:
-        windows = grain.experimental.WindowShuffleIterDataset(
-            windows, window_size=spec.shuffle_buffer, seed=_derived_seed(seed, 1)
-        )
-    return windows.batch(local_batch, drop_remainder=True).map(_WindowsToBatch(tok.eod_id))
+    streams = []
+    for r in rows:
+        if docs.random_access:
+            reader = _RandomAccessReader(docs, ranges[r], seed, r, encode, pool, ahead=2)
+        else:
+            reader = _SequentialReader(docs, ranges[r], seed, r, encode)
+        streams.append(_Stream(r, reader, window=seq_len + 1, stride=seq_len))
+    settings = dict(
+        source=spec.source, tfds_name=spec.tfds_name, split=split, tokenizer=tok.name,
+        seq_len=seq_len, global_batch=global_batch, seed=seed, num_units=num_units,
+    )
+    return TrainIterator(streams, settings, tok.eod_id, seq_len + 1, pool)
 
 
 # ----------------------------------------------------------------------------------------------
