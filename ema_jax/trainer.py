@@ -315,7 +315,8 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str],
 
   def save(n):
     data_pos = gather_data_state(it)
-    loop = {"window": window}
+    # A copy: the save is asynchronous and the window changes with the next step.
+    loop = {"window": {k: list(v) for k, v in window.items()}}
     checkpointer.save(n, state, data_pos, loop, config_json)
 
   thru.reset(start)

@@ -10,7 +10,7 @@ VOLATILE = ("steps_per_s", "tokens_per_s", "mfu")
 
 # Overrides as train.py flags, so the same settings serve in-process and subprocess runs.
 SET_COMPLEMENT = dict(
-    steps=40, batch_size=32, checkpoint_every=10, keep_checkpoints=10, log_every=4, eval_every=20,
+    steps=40, batch_size=32, checkpoint_every=10, keep_checkpoints=10, log_every=3, eval_every=20,
     **{"optim.warmup_steps": 5, "task.num_tokens": 12, "task.train_max_size": 4, "task.eval_examples": 16,
        "model.embed_dim": 16, "model.value_dim": 16})
 LM = dict(

@@ -116,7 +116,7 @@ def test_allow_config_change_resumes_a_non_structural_change(reference, tmp_path
 def test_safe_changes_resume(reference, tmp_path):
   wd = str(tmp_path / "wd")
   shutil.copytree(reference, wd)
-  trainer.train(sc_config(steps=48, log_every=4, eval_every=24, checkpoint_every=8,
+  trainer.train(sc_config(steps=48, log_every=3, eval_every=24, checkpoint_every=8,
                           **{"task.eval_examples": 32, "mesh.data": 1}), wd)
   assert max(fc.read_metrics(wd)) == 48
 

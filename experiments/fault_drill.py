@@ -1,0 +1,420 @@
+"""Fault drill: interrupts and damages real training runs the way clusters do, and checks the outcome.
+
+  python -m experiments.fault_drill                      # every kind of trial, both tasks
+  python -m experiments.fault_drill --random_trials 5 --seed 1 --tasks set_complement --out results/fault_drill
+
+Each trial runs `python train.py` in subprocesses on a small config of a real task (set complement and
+the tiny EMA LM), does one thing to it, reruns the same command until it finishes, and compares the
+run's metrics.jsonl (all rows, without the timing columns) and its final eval JSON with those of an
+uninterrupted run of the same config:
+
+  kill9     SIGKILL at a random moment (start-up, a step, an eval or a checkpoint write)
+  sigterm   SIGTERM at a random moment; the process must exit 0
+  corrupt   after a finished run: truncate the array files, delete state/_METADATA, or leave a
+            half-written step, at the newest step or at the newest two; rerun
+  mismatch  rerun a finished run with another model width: must be refused with the workdir unchanged
+  multi     2 processes x 2 devices killed (SIGKILL) after their first checkpoint, resumed on 2 x 2,
+            1 x 4 and 4 x 1 (processes x devices)
+
+Outcomes: `identical` (bit for bit), `close` (a resume on another topology: the all-reduce order changes
+the float rounding; max relative difference shown), `refused` (a clear one-line error and an unchanged
+workdir, where that is the right answer), `differing` or `failed` (a bug). Prints a markdown table and,
+with --out, writes drill.json and drill.md there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOLATILE = ("steps_per_s", "tokens_per_s", "mfu")
+
+# Small configs of the real tasks, as train.py flags.
+TASKS = {
+    "set_complement": ("configs/set_complement.py", dict(
+        steps=300, batch_size=32, checkpoint_every=50, keep_checkpoints=10, log_every=7, eval_every=100,
+        **{"optim.warmup_steps": 10, "task.num_tokens": 12, "task.train_max_size": 4,
+           "task.eval_examples": 16, "model.embed_dim": 16, "model.value_dim": 16})),
+    "lm": ("configs/ema_lm.py:tiny", dict(
+        steps=60, batch_size=8, checkpoint_every=20, keep_checkpoints=10, log_every=7, eval_every=30,
+        **{"optim.warmup_steps": 5, "task.seq_len": 32, "task.eval_batch_size": 8,
+           "data.eval_max_tokens": 2048, "model.width": 32, "model.num_blocks": 1,
+           "model.ffn_hidden": 64})),
+}
+
+
+@dataclasses.dataclass
+class Trial:
+  task: str
+  kind: str
+  detail: str
+  outcome: str = ""
+  note: str = ""
+  seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------------- running
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int = 1, nproc: int = 1, pid: int = 0, port: Optional[int] = None) -> Dict[str, str]:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  for k in ("EMA_JAX_COORDINATOR", "EMA_JAX_NUM_PROCESSES", "EMA_JAX_PROCESS_ID"):
+    env.pop(k, None)
+  if nproc > 1:
+    env.update(EMA_JAX_COORDINATOR=f"127.0.0.1:{port}", EMA_JAX_NUM_PROCESSES=str(nproc),
+               EMA_JAX_PROCESS_ID=str(pid))
+  return env
+
+
+def command(task: str, workdir: str, **extra) -> List[str]:
+  config, overrides = TASKS[task]
+  overrides = {**overrides, **extra}
+  return ([sys.executable, os.path.join(REPO, "train.py"), f"--config={config}", f"--workdir={workdir}"]
+          + [f"--config.{k}={v}" for k, v in overrides.items()])
+
+
+def start(task: str, workdir: str, nproc: int = 1, devices: int = 1, **extra) -> List[subprocess.Popen]:
+  port = _free_port()
+  log_dir = os.path.dirname(os.path.abspath(workdir))
+  procs = []
+  for i in range(nproc):
+    log = open(os.path.join(log_dir, f"{os.path.basename(workdir)}.p{i}.log"), "a")
+    procs.append(subprocess.Popen(command(task, workdir, **extra), env=_env(devices, nproc, i, port), cwd=REPO,
+                                  stdout=log, stderr=subprocess.STDOUT))
+  return procs
+
+
+def wait(procs: List[subprocess.Popen], timeout: float = 600) -> List[int]:
+  deadline = time.time() + timeout
+  codes = []
+  for p in procs:
+    try:
+      codes.append(p.wait(timeout=max(1.0, deadline - time.time())))
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      codes.append(-9999)
+  return codes
+
+
+def run(task: str, workdir: str, nproc: int = 1, devices: int = 1, **extra) -> List[int]:
+  return wait(start(task, workdir, nproc, devices, **extra))
+
+
+def log_tail(workdir: str, n: int = 3) -> str:
+  text = ""
+  for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(workdir)),
+                                            f"{os.path.basename(workdir)}.p*.log"))):
+    with open(path, errors="replace") as f:
+      text += "".join(f.readlines()[-n:])
+  return text.strip()
+
+
+# --------------------------------------------------------------------------------------------- comparing
+
+
+def read_metrics(workdir: str) -> Dict[int, Dict[str, float]]:
+  rows: Dict[int, Dict[str, float]] = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      step = row.pop("step")
+      for k, v in row.items():
+        if k in VOLATILE:
+          continue
+        if k in rows.setdefault(step, {}):
+          raise AssertionError(f"step {step}: {k} logged twice")
+        rows[step][k] = v
+  return rows
+
+
+def read_final_eval(workdir: str, steps: int):
+  with open(os.path.join(workdir, f"eval_{steps}.json")) as f:
+    return json.load(f)["results"]
+
+
+def _numbers(obj, prefix=""):
+  if isinstance(obj, dict):
+    for k, v in obj.items():
+      yield from _numbers(v, f"{prefix}{k}.")
+  elif isinstance(obj, list):
+    for i, v in enumerate(obj):
+      yield from _numbers(v, f"{prefix}{i}.")
+  elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+    yield prefix[:-1], float(obj)
+  else:
+    yield prefix[:-1], obj
+
+
+def compare(workdir: str, reference: str, steps: int) -> tuple:
+  """('identical' | 'close' | 'differing', note) for metrics.jsonl and the final eval."""
+  try:
+    got = {"metrics": read_metrics(workdir), "eval": read_final_eval(workdir, steps)}
+  except (OSError, ValueError, AssertionError) as e:
+    return "differing", f"{type(e).__name__}: {e}"
+  want = {"metrics": read_metrics(reference), "eval": read_final_eval(reference, steps)}
+  a, b = dict(_numbers(json.loads(json.dumps(got)))), dict(_numbers(json.loads(json.dumps(want))))
+  if set(a) != set(b):
+    missing = sorted(set(b) - set(a))[:3]
+    extra = sorted(set(a) - set(b))[:3]
+    return "differing", f"missing {missing} extra {extra}"
+  if a == b:
+    return "identical", ""
+  worst, where = 0.0, ""
+  for k in a:
+    x, y = a[k], b[k]
+    if isinstance(x, float) and isinstance(y, float):
+      if x != y:
+        rel = abs(x - y) / max(abs(y), 1e-6)
+        if rel > worst:
+          worst, where = rel, k
+    elif x != y:
+      return "differing", f"{k}: {x!r} vs {y!r}"
+  return ("close" if worst < 1e-4 else "differing"), f"max rel. diff {worst:.1e} at {where}"
+
+
+def snapshot(workdir: str) -> Dict[str, bytes]:
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, workdir)] = f.read()
+  return out
+
+
+# ---------------------------------------------------------------------------------------------- damaging
+
+
+def truncate_arrays(step_dir: str) -> None:
+  for path in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True):
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+
+
+def delete_metadata(step_dir: str) -> None:
+  os.remove(os.path.join(step_dir, "state", "_METADATA"))
+
+
+def half_written(step_dir: str) -> None:
+  shutil.rmtree(os.path.join(step_dir, "state"))
+  os.remove(os.path.join(step_dir, "commit_success.txt"))
+  os.makedirs(os.path.join(step_dir, "state"))
+
+
+DAMAGE = {"truncated arrays": truncate_arrays, "deleted _METADATA": delete_metadata,
+          "half-written step": half_written}
+
+
+# ------------------------------------------------------------------------------------------------ trials
+
+
+class Drill:
+  def __init__(self, root: str, seed: int = 0):
+    self.root = root
+    self.rng = random.Random(seed)
+    self.references: Dict[str, tuple] = {}  # task -> (workdir, wall seconds)
+    self.n = 0
+
+  def steps(self, task: str) -> int:
+    return TASKS[task][1]["steps"]
+
+  def reference(self, task: str) -> tuple:
+    if task not in self.references:
+      wd = os.path.join(self.root, f"{task}_reference")
+      t0 = time.time()
+      codes = run(task, wd)
+      if codes != [0]:
+        raise RuntimeError(f"the uninterrupted {task} run failed ({codes}): {log_tail(wd, 20)}")
+      self.references[task] = (wd, time.time() - t0)
+    return self.references[task]
+
+  def workdir(self, task: str, kind: str) -> str:
+    self.n += 1
+    return os.path.join(self.root, f"{task}_{kind}_{self.n}")
+
+  def finish(self, trial: Trial, wd: str, reference: str, max_reruns: int = 3) -> Trial:
+    for _ in range(max_reruns):
+      codes = run(trial.task, wd)
+      if codes == [0] and os.path.exists(os.path.join(wd, f"eval_{self.steps(trial.task)}.json")):
+        break
+    else:
+      trial.outcome, trial.note = "failed", f"rerun exit {codes}: {log_tail(wd)}"[-300:]
+      return trial
+    trial.outcome, trial.note = compare(wd, reference, self.steps(trial.task))
+    return trial
+
+  def signal_trial(self, task: str, sig: int) -> Trial:
+    reference, wall = self.reference(task)
+    kind = "kill9" if sig == signal.SIGKILL else "sigterm"
+    delay = self.rng.uniform(0.0, wall)
+    trial = Trial(task, kind, f"at {delay:.1f} s of a {wall:.0f} s run")
+    t0 = time.time()
+    wd = self.workdir(task, kind)
+    procs = start(task, wd)
+    time.sleep(delay)
+    if procs[0].poll() is None:
+      procs[0].send_signal(sig)
+    else:
+      trial.detail += " (had already finished)"
+    code = wait(procs)[0]
+    if sig == signal.SIGTERM and code != 0:
+      trial.outcome, trial.note = "failed", f"SIGTERM exit status {code}: {log_tail(wd)}"[-300:]
+    else:
+      self.finish(trial, wd, reference)
+    trial.seconds = time.time() - t0
+    return trial
+
+  def corrupt_trial(self, task: str, damage: str, how_many: int) -> Trial:
+    reference, _ = self.reference(task)
+    trial = Trial(task, "corrupt", f"{damage}, newest {how_many} step(s)")
+    t0 = time.time()
+    wd = self.workdir(task, "corrupt")
+    shutil.copytree(reference, wd)
+    for p in glob.glob(os.path.join(wd, "*.log")):
+      os.remove(p)
+    os.remove(os.path.join(wd, f"eval_{self.steps(task)}.json"))  # the run stopped at its last checkpoint
+    steps = sorted(int(n) for n in os.listdir(os.path.join(wd, "checkpoints")) if n.isdigit())
+    for step in steps[-how_many:]:
+      DAMAGE[damage](os.path.join(wd, "checkpoints", str(step)))
+    self.finish(trial, wd, reference)
+    aside = [n for n in os.listdir(os.path.join(wd, "checkpoints")) if ".unreadable-" in n]
+    if trial.outcome == "identical" and len(aside) != how_many:
+      trial.outcome, trial.note = "differing", f"{len(aside)} step(s) set aside, expected {how_many}"
+    elif trial.outcome == "identical":
+      trial.note = f"set aside: {', '.join(sorted(aside))}"
+    trial.seconds = time.time() - t0
+    return trial
+
+  def mismatch_trial(self, task: str) -> Trial:
+    reference, _ = self.reference(task)
+    width_field = "model.embed_dim" if task == "set_complement" else "model.width"
+    trial = Trial(task, "mismatch", f"rerun with {width_field} doubled")
+    t0 = time.time()
+    wd = self.workdir(task, "mismatch")
+    shutil.copytree(reference, wd)
+    before = snapshot(wd)
+    value = TASKS[task][1][width_field] * 2
+    proc = subprocess.run(command(task, wd, **{width_field: value}), env=_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    unchanged = snapshot(wd) == before
+    first_error = next((l for l in proc.stderr.splitlines() if l.startswith("error:")), "")
+    if proc.returncode != 0 and unchanged and width_field in proc.stderr and "Traceback" not in proc.stderr:
+      trial.outcome, trial.note = "refused", first_error[:160]
+    else:
+      trial.outcome = "failed"
+      trial.note = f"exit {proc.returncode}, workdir unchanged: {unchanged}, {proc.stderr[-200:]}"
+    trial.seconds = time.time() - t0
+    return trial
+
+  def multi_trial(self, task: str, layouts=((2, 2), (1, 4), (4, 1))) -> List[Trial]:
+    reference, _ = self.reference(task)
+    first = TASKS[task][1]["checkpoint_every"]
+    base = self.workdir(task, "multi")
+    procs = start(task, base, nproc=2, devices=2)
+    t0 = time.time()
+    while not os.path.exists(os.path.join(base, "checkpoints", str(first), "commit_success.txt")):
+      if any(p.poll() is not None for p in procs) or time.time() - t0 > 600:
+        break
+      time.sleep(0.05)
+    for p in procs:
+      if p.poll() is None:
+        p.send_signal(signal.SIGKILL)
+    wait(procs)
+    killed_at = max([int(n) for n in os.listdir(os.path.join(base, "checkpoints")) if n.isdigit()] or [0])
+    trials = []
+    for nproc, devices in layouts:
+      trial = Trial(task, "multi", f"2x2 killed at checkpoint {killed_at}, resumed on {nproc}x{devices}")
+      t1 = time.time()
+      wd = f"{base}_{nproc}x{devices}"
+      shutil.copytree(base, wd, ignore=shutil.ignore_patterns("*.log"))
+      codes = run(task, wd, nproc=nproc, devices=devices)
+      if codes != [0] * nproc:
+        trial.outcome, trial.note = "failed", f"exit {codes}: {log_tail(wd)}"[-300:]
+      else:
+        trial.outcome, trial.note = compare(wd, reference, self.steps(task))
+      trial.seconds = time.time() - t1
+      trials.append(trial)
+    return trials
+
+
+def table(trials: List[Trial]) -> str:
+  lines = ["| # | task | trial | what | outcome | note | s |", "|---|---|---|---|---|---|---:|"]
+  for i, t in enumerate(trials, 1):
+    note = t.note.replace("|", "/").replace("\n", " ")[:140]
+    lines.append(f"| {i} | {t.task} | {t.kind} | {t.detail} | {t.outcome} | {note} | {t.seconds:.0f} |")
+  counts: Dict[str, int] = {}
+  for t in trials:
+    counts[t.outcome] = counts.get(t.outcome, 0) + 1
+  lines.append("")
+  lines.append("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--tasks", default="set_complement,lm", help="comma-separated: set_complement, lm")
+  parser.add_argument("--random_trials", type=int, default=3, help="kill -9 and SIGTERM trials each, per task")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--no_multi", action="store_true", help="skip the multi-process trials")
+  parser.add_argument("--workdir", default=None, help="where the trial runs go (default: a temporary folder)")
+  parser.add_argument("--out", default=None, help="folder for drill.json and drill.md")
+  args = parser.parse_args(argv)
+  root = args.workdir or tempfile.mkdtemp(prefix="fault_drill_")
+  os.makedirs(root, exist_ok=True)
+  drill = Drill(root, args.seed)
+  trials: List[Trial] = []
+  t0 = time.time()
+  for task in [t for t in args.tasks.split(",") if t]:
+    if task not in TASKS:
+      parser.error(f"--tasks: unknown task {task!r}; accepted: {', '.join(TASKS)}")
+    drill.reference(task)
+    for _ in range(args.random_trials):
+      for sig in (signal.SIGKILL, signal.SIGTERM):
+        trials.append(drill.signal_trial(task, sig))
+        print(table(trials[-1:]).splitlines()[2], flush=True)
+    for damage in DAMAGE:
+      for how_many in (1, 2):
+        trials.append(drill.corrupt_trial(task, damage, how_many))
+        print(table(trials[-1:]).splitlines()[2], flush=True)
+    trials.append(drill.mismatch_trial(task))
+    if not args.no_multi:
+      trials.extend(drill.multi_trial(task))
+  text = table(trials)
+  header = (f"fault drill: {len(trials)} trials, seed {args.seed}, {time.time() - t0:.0f} s, "
+            f"{os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f} at the end; runs in {root}")
+  print(header)
+  print(text)
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "drill.json"), "w") as f:
+      json.dump(dict(header=header, command=" ".join(["python -m experiments.fault_drill"] + (argv or sys.argv[1:])),
+                     trials=[dataclasses.asdict(t) for t in trials]), f, indent=1)
+    with open(os.path.join(args.out, "drill.md"), "w") as f:
+      f.write(header + "\n\n" + text + "\n")
+  bad = [t for t in trials if t.outcome in ("differing", "failed")]
+  return 1 if bad else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
