@@ -43,6 +43,7 @@ FLAGS = flags.FLAGS
 def run(main: Callable[[Sequence[str]], Any], required: Sequence[str] = ()) -> None:
   """app.run(main) with this module's flag parsing, logging and error handling."""
   sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
+  FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS["verbose"])  # listed by --helpshort
   app.run(_guarded(main), flags_parser=lambda argv: _parse(argv, required))
 
 
