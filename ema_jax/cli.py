@@ -60,7 +60,12 @@ def fail(message: str, verbose: bool = False, usage: bool = False) -> NoReturn:
 
 
 def one_line(message: str) -> str:
-  return " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
+  """A message's lines joined into one, with '; ' where a line ends without punctuation."""
+  out = ""
+  for line in (l.strip() for l in str(message).strip().splitlines()):
+    if line:
+      out += ("" if not out else " " if out[-1] in ".:;,(" else "; ") + line
+  return out
 
 
 # ------------------------------------------------------------------------------------------ logging
