@@ -23,10 +23,11 @@ Sources (`config.data.source`):
            tf.data, which needs TensorFlow (`pip install -e .[tf]`). The choice follows the file
            format recorded in the prepared dataset's dataset_info.json.
 
-Token stream: every document is tokenized and preceded by the tokenizer's end-of-document id, so
-that id closes the previous document and opens the next: stream = eod d1 eod d2 eod d3 ...
-Windows of seq_len + 1 tokens are cut from the stream with stride seq_len (consecutive windows
-share one token), so every token of the stream after the first is a target exactly once.
+Token stream (each training stream below, and the eval stream): every document is tokenized and
+preceded by the tokenizer's end-of-document id, so that id closes the previous document and opens
+the next: stream = eod d1 eod d2 eod d3 ... Windows of seq_len + 1 tokens are cut from the stream
+with stride seq_len (consecutive windows share one token), so every token of the stream after the
+first is a target exactly once.
 
 Batches are dicts of NumPy arrays holding this process's rows of the global batch (b = global
 batch // process count, T = seq_len):
@@ -56,6 +57,9 @@ The state is global. `get_state()` returns this process's part: {"format", "sett
 streams depend on: source, split, tokenizer, seq_len, global_batch, seed, number of files or
 shards), "streams": {"r": {"epoch", "doc", "offset", "num_documents"}} for its rows}, where the
 next window of stream r starts at token `offset` of the `doc`-th document of epoch `epoch`.
+Document counts are per stream, not of the whole split: with at least G files a process reads only
+its own streams' files and could not count the others' documents without reading them; each
+process checks its own streams' counts on restore, so changed data is still caught.
 `TrainIterator.merge_states` joins every process's part; `set_state()` takes that global state and
 restores this process's rows, on any process count that divides G, re-reading only each stream's
 current document. It refuses, with DataStateError, a state of another format, other settings, a
@@ -217,8 +221,9 @@ def parse_data_config(data_cfg: Any) -> DataSpec:
 class Documents:
     """Documents of one split (or a part of it), in a fixed order.
 
-    `units` are contiguous index ranges (a file, a tfds shard, or part of one); a reader that cannot
-    seek (tf.data) reads a unit from its start. `random_access` sources also support `docs[i]`.
+    `units` are contiguous index ranges (a file, a tfds shard, or part of one); a source that is
+    not `random_access` (tf.data) is read with `iter_range` in order, one unit at a time. Others
+    also support `docs[i]`.
     """
 
     random_access = True
@@ -796,7 +801,8 @@ def _stream_layout(spec: DataSpec, split: str, num_streams: int, streams: Sequen
         files = resolve_files(spec, split)
         if len(files) >= num_streams:
             # Stream r owns files r, r + G, ...: read only the files of the asking process's streams.
-            wanted = [j for j in range(len(files)) if j % num_streams in set(streams)]
+            mine = set(streams)
+            wanted = [j for j in range(len(files)) if j % num_streams in mine]
             docs = _read_files(spec, split, [files[j] for j in wanted])
             ranges = {r: [] for r in streams}
             for j, unit in zip(wanted, docs.units):
