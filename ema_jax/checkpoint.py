@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -275,7 +275,7 @@ class Checkpointer:
       return
     raise errors.ConfigMismatchError(
         f"{workdir} holds checkpoints (step {step}) of a run with another config; nothing was changed in "
-        f"it. Differing fields:\n" + "\n".join(lines) + "\nEither train in a new workdir (--workdir), or "
+        "it. Differing fields:\n" + "\n".join(lines) + "\nEither train in a new workdir (--workdir), or "
         f"resume with these changes on purpose with --allow_config_change (allowed only where the state "
         f"keeps its structure).")
 

@@ -45,6 +45,7 @@ def write_text_atomic(path, text: str) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
   try:
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would honour the umask
     with os.fdopen(fd, "w") as f:
       f.write(text)
       f.flush()
@@ -56,6 +57,12 @@ def write_text_atomic(path, text: str) -> None:
     except OSError:
       pass
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def write_json_atomic(path, obj: Any, indent: Optional[int] = 1) -> None:
