@@ -276,8 +276,8 @@ class Checkpointer:
     raise errors.ConfigMismatchError(
         f"{workdir} holds checkpoints (step {step}) of a run with another config; nothing was changed in "
         "it. Differing fields:\n" + "\n".join(lines) + "\nEither train in a new workdir (--workdir), or "
-        f"resume with these changes on purpose with --allow_config_change (allowed only where the state "
-        f"keeps its structure).")
+        "resume with these changes on purpose with --allow_config_change (allowed only where the state "
+        "keeps its structure).")
 
   # ---------------------------------------------------------------------------------------------- saving
 

@@ -152,6 +152,39 @@ def read_metrics(workdir: str) -> Dict[int, Dict[str, float]]:
   return rows
 
 
+def read_tensorboard(workdir: str) -> Dict[tuple, int]:
+  """{(tag, step): number of events} over every event file of <workdir>/tensorboard (TFRecord framing:
+  length, its CRC, the serialized Event, its CRC)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  counts: Dict[tuple, int] = {}
+  for path in glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents*")):
+    with open(path, "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        key = (value.tag, int(event.step))
+        counts[key] = counts.get(key, 0) + 1
+  return counts
+
+
+def check_tensorboard(workdir: str) -> str:
+  """'' when TensorBoard holds each scalar of metrics.jsonl exactly once, else what is wrong."""
+  counts = read_tensorboard(workdir)
+  twice = sorted(k for k, n in counts.items() if n > 1)
+  if twice:
+    return f"TensorBoard holds {len(twice)} duplicate events, e.g. {twice[0]}"
+  want = {(k, step) for step, row in read_metrics(workdir).items() for k in row}
+  beyond = sorted(set(counts) - want - {(k, s) for (k, s) in counts if k in VOLATILE})
+  if beyond:
+    return f"TensorBoard holds {len(beyond)} events that metrics.jsonl does not, e.g. {beyond[0]}"
+  return ""
+
+
 def read_final_eval(workdir: str, steps: int):
   with open(os.path.join(workdir, f"eval_{steps}.json")) as f:
     return json.load(f)["results"]
@@ -182,6 +215,9 @@ def compare(workdir: str, reference: str, steps: int) -> tuple:
     missing = sorted(set(b) - set(a))[:3]
     extra = sorted(set(a) - set(b))[:3]
     return "differing", f"missing {missing} extra {extra}"
+  problem = check_tensorboard(workdir)
+  if problem:
+    return "differing", problem
   if a == b:
     return "identical", ""
   worst, where = 0.0, ""
@@ -273,15 +309,26 @@ class Drill:
     trial.outcome, trial.note = compare(wd, reference, self.steps(trial.task))
     return trial
 
-  def signal_trial(self, task: str, sig: int) -> Trial:
+  def signal_trial(self, task: str, sig: int, delay: Optional[float] = None,
+                   after_checkpoint: Optional[int] = None) -> Trial:
+    """Sends `sig` after `delay` seconds (random within the reference run's wall time by default) or
+    as soon as checkpoint `after_checkpoint` is complete."""
     reference, wall = self.reference(task)
     kind = "kill9" if sig == signal.SIGKILL else "sigterm"
-    delay = self.rng.uniform(0.0, wall)
-    trial = Trial(task, kind, f"at {delay:.1f} s of a {wall:.0f} s run")
+    if delay is None and after_checkpoint is None:
+      delay = self.rng.uniform(0.0, wall)
+    when = (f"at {delay:.1f} s of a {wall:.0f} s run" if after_checkpoint is None
+            else f"right after checkpoint {after_checkpoint}")
+    trial = Trial(task, kind, when)
     t0 = time.time()
     wd = self.workdir(task, kind)
     procs = start(task, wd)
-    time.sleep(delay)
+    if after_checkpoint is None:
+      time.sleep(delay)
+    else:
+      done = os.path.join(wd, "checkpoints", str(after_checkpoint), "commit_success.txt")
+      while not os.path.exists(done) and procs[0].poll() is None and time.time() - t0 < 600:
+        time.sleep(0.01)
     if procs[0].poll() is None:
       procs[0].send_signal(sig)
     else:
