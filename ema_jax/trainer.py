@@ -29,6 +29,7 @@ from flax import nnx
 from ema_jax import checkpoint as ckpt_lib
 from ema_jax import distributed, metrics as metrics_lib, optim, preemption, sharding
 from ema_jax import workdir as workdir_lib
+from ema_jax import errors
 from ema_jax.errors import DataStateError
 from ema_jax.tasks.base import BatchIterator, EvalContext, LocalLearningTask, Task, get_task
 
@@ -244,6 +245,8 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str],
                   if workdir is not None and config.checkpoint_every > 0 else None)
   restored = (checkpointer.restore_latest(setup.abstract_state, config_json, allow_config_change)
               if checkpointer is not None else None)
+  if restored is None and workdir is not None:
+    _check_run_config(workdir, config_json, allow_config_change)
   it = task.train_iterator(jax.process_index(), jax.process_count())
   if restored is not None:
     start, state, data_state, loop_state = restored
@@ -261,6 +264,7 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str],
 
   if workdir is not None and is_main:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    workdir_lib.write_json_atomic(epath.Path(workdir) / workdir_lib.CONFIG_FILE, config_json)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   # Rows a killed run wrote past the restored step go (and the final eval's, when it is redone), and
   # TensorBoard is rebuilt from what is left, so a resumed run's records equal an uninterrupted one's.
@@ -371,6 +375,25 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str],
       writer.close()
   last["status"] = status
   return last
+
+
+def _check_run_config(workdir: str, config_json: Dict[str, Any], allow_config_change: bool) -> None:
+  """A workdir without checkpoints may still hold another run's metrics (one killed before its first
+  checkpoint, or one that keeps none): its config.json must match before they are cut back."""
+  path = epath.Path(workdir) / workdir_lib.CONFIG_FILE
+  if not path.exists():
+    return
+  try:
+    saved = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise errors.UserError(f"{path} is not valid JSON ({e}); move it away to start a new run here.") from e
+  diffs = ckpt_lib.config_differences(saved, config_json)
+  if diffs and not allow_config_change:
+    lines = "\n".join(f"  {k}: saved {a!r}, now {b!r}" for k, a, b in diffs[:20])
+    raise errors.ConfigMismatchError(
+        f"{workdir} holds the records of a run with another config (its config.json; no checkpoint); "
+        f"nothing was changed in it. Differing fields:\n{lines}\nEither train in a new workdir "
+        f"(--workdir), or start over here on purpose with --allow_config_change.")
 
 
 def _report_finished(eval_path, checkpointer, is_main) -> Dict[str, Any]:

@@ -17,6 +17,7 @@ import numpy as np
 from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"  # the run's config, written when it starts (checkpoints hold it too)
 CHECKPOINTS_DIR = "checkpoints"
 EVAL_DIR = "eval"  # eval.py's outputs: beside the training run's, never over them
 

@@ -135,3 +135,12 @@ def test_damaged_data_position_is_an_error(reference, tmp_path, edit, match):
     json.dump(edit, f)
   with pytest.raises(errors.DataStateError, match=match):
     trainer.train(sc_config(), wd)
+
+
+def test_records_of_another_config_without_checkpoints_are_refused(tmp_path):
+  wd = str(tmp_path / "wd")
+  trainer.train(sc_config(checkpoint_every=0), wd)  # a run that keeps no checkpoint
+  before = snapshot(wd)
+  with pytest.raises(errors.ConfigMismatchError, match="config.json"):
+    trainer.train(sc_config(checkpoint_every=0, seed=3), wd)
+  assert snapshot(wd) == before
