@@ -19,3 +19,23 @@ class DataStateError(UserError, ValueError):
 
 
 USER_ERRORS = (UserError, ValueError, FileNotFoundError)
+
+
+def config_error(field: str, value, expected: str):
+  """Raises the house-style config error: the field, its value, and what would work."""
+  raise ValueError(f"config.{field}={value!r}: expected {expected}.")
+
+
+def is_int(x) -> bool:
+  """An integer config value (bools excluded)."""
+  import numbers
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def need_int(config, field: str, lo: int) -> None:
+  """config.<field> must be an integer >= lo (field may be dotted)."""
+  value = config
+  for part in field.split("."):
+    value = value.get(part) if hasattr(value, "get") else None
+  if not is_int(value) or value < lo:
+    config_error(field, value, f"an integer >= {lo}")

@@ -18,7 +18,7 @@ from etils import epath
 from ema_jax import checkpoint as ckpt_lib
 from ema_jax import trainer
 from ema_jax import workdir as workdir_lib
-from ema_jax.tasks.base import get_task
+from ema_jax.tasks.base import task_class
 
 
 def _parse_value(text: str):
@@ -65,7 +65,7 @@ def load_config(workdir: str, step: Optional[int] = None, mesh: str = "data=-1",
       values = [int(v) for v in lengths.split(",") if v]
     except ValueError:
       raise ValueError(f"--lengths={lengths!r}: expected comma-separated integers.") from None
-    field = getattr(type(get_task(cfg)), "EVAL_LENGTHS_FIELD", "eval_lengths")
+    field = getattr(task_class(cfg), "EVAL_LENGTHS_FIELD", "eval_lengths")
     cfg.task[field] = values
   return cfg
 
@@ -104,8 +104,7 @@ def output_tag(weights: str, lengths: Optional[str]) -> str:
 def write_outputs(task, results, table: str, step: int, out_dir: str, tag: str = "") -> str:
   """eval_<step><tag>.json (atomic) and the task's plots under out_dir/plots; returns the JSON's path."""
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
-  path = os.path.join(out_dir, workdir_lib.eval_file(step, tag))
-  workdir_lib.write_json_atomic(path, dict(step=step, results=results, table=table))
+  path = workdir_lib.write_eval(out_dir, step, results, table, tag=tag)
   task.summarize(results, step, out_dir)  # again, now with somewhere to put its plots
   return path
 
@@ -122,8 +121,7 @@ def run(workdir: str, step: Optional[int] = None, weights: str = "all", lengths:
   try:
     step = resolve_step(checkpointer, step, workdir)
     cfg = load_config(workdir, step, mesh, overrides, lengths)
-    setup = trainer.build(cfg)
-    setup.task.workdir = workdir
+    setup = trainer.build(cfg, workdir=workdir)
     names = weights_to_evaluate(weights, trainer.weights_names(setup))
     state, _, _ = checkpointer.restore(step, setup.abstract_state)
     results = trainer.evaluate_all(setup, state, workdir, step, weights=names)

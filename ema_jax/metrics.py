@@ -5,7 +5,6 @@ Only process 0 writes; every other process gets a writer that does nothing.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -34,7 +33,7 @@ def device_peak_flops(device: Optional[jax.Device] = None) -> Optional[float]:
   return None
 
 
-def _scalar(v):
+def to_scalar(v):
   v = np.asarray(v)
   if v.dtype == bool:
     return bool(v)
@@ -51,7 +50,7 @@ class MetricWriter:
 
   def __init__(self, workdir: Optional[str], enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled and workdir is not None
-    self.path = epath.Path(workdir) / "metrics.jsonl" if workdir else None
+    self.workdir = workdir
     self._tb = None
     self._old_events = []
     if self.enabled:
@@ -72,18 +71,7 @@ class MetricWriter:
     left, so neither record holds a step twice."""
     if not self.enabled:
       return
-    rows = []
-    if self.path.exists():
-      for line in self.path.read_text().splitlines():
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:
-          continue  # a torn last line from a killed run
-        s = row.get("step", 0)
-        if s > step or (drop_eval_at_step and s == step and any(k.startswith("eval/") for k in row)):
-          continue
-        rows.append(row)
-      workdir_lib.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+    rows = workdir_lib.truncate_metrics(self.workdir, step, drop_eval_at_step)
     self._rebuild_tensorboard(rows)
 
   def _rebuild_tensorboard(self, rows):
@@ -110,9 +98,8 @@ class MetricWriter:
     if not self.enabled:
       return
     row = {"step": int(step)}
-    row.update({prefix + k: _scalar(v) for k, v in metrics.items()})
-    with self.path.open("a") as f:
-      f.write(json.dumps(row) + "\n")
+    row.update({prefix + k: to_scalar(v) for k, v in metrics.items()})
+    workdir_lib.append_metrics(self.workdir, row)
     if self._tb is not None:
       self._add_scalars(row)
       self._tb.flush()

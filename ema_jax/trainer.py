@@ -28,6 +28,7 @@ from flax import nnx
 
 from ema_jax import checkpoint as ckpt_lib
 from ema_jax import distributed, metrics as metrics_lib, optim, preemption, sharding
+from ema_jax import trainer_config
 from ema_jax import workdir as workdir_lib
 from ema_jax import errors
 from ema_jax.errors import DataStateError
@@ -39,20 +40,8 @@ class NonFiniteError(RuntimeError):
   """Raised when a step produced a NaN or Inf loss or gradient."""
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  def need_int(name, lo):
-    v = config.get(name)
-    if not isinstance(v, (int, np.integer)) or v < lo:
-      raise ValueError(f"config.{name}={v!r}: expected an integer >= {lo}.")
-  need_int("steps", 1)
-  need_int("batch_size", 1)
-  need_int("log_every", 1)
-  need_int("eval_every", 0)
-  need_int("checkpoint_every", 0)
-  need_int("keep_checkpoints", 1)
-  need_int("seed", 0)
-  optim.validate_optim(config.optim, config.steps)
-  optim.validate_weight_ema(config.weight_ema)
+default_config = trainer_config.default_config
+validate_config = trainer_config.validate
 
 
 @dataclass
@@ -70,13 +59,13 @@ class Setup:
   init_fn: Callable
 
 
-def build(config: ml_collections.ConfigDict, devices=None) -> Setup:
+def build(config: ml_collections.ConfigDict, devices=None, workdir: Optional[str] = None) -> Setup:
   """Validates the config, builds the task, mesh, optimizer and the abstract train state."""
   validate_config(config)
-  task = get_task(config)
+  task = get_task(config, workdir)
   task.validate()
   mesh = sharding.make_mesh(config.mesh, devices)
-  sharding.validate_batch(config.batch_size, _seq_len(config), mesh, shard_seq=mesh.shape["seq"] > 1)
+  sharding.validate_batch(config.batch_size, task.seq_len(), mesh, shard_seq=mesh.shape["seq"] > 1)
   tx, schedule = optim.make_optimizer(config.optim, config.steps)
   weight_ema = optim.make_weight_ema(config.weight_ema)
 
@@ -108,22 +97,14 @@ def _eval_shape_with_static(fn, *args):
   return jax.eval_shape(only_arrays, *args), box["static"]
 
 
-def _seq_len(config):
-  for path in ("task.seq_len", "data.seq_len", "model.seq_len"):
-    node = config
-    ok = True
-    for part in path.split("."):
-      if isinstance(node, ml_collections.ConfigDict) and part in node:
-        node = node[part]
-      else:
-        ok = False
-        break
-    if ok and isinstance(node, int):
-      return node
-  return None
-
-
 def make_train_step(setup: Setup):
+  """The pure step train_step(state, batch) -> (state, metrics) that train() jits.
+
+  Everything a run may vary without changing the program is data in the state: the learning-rate
+  multiplier (optimizer state), the weight-EMA decay, the dropout key, and a model's traced dropout rates
+  (its non-Param state). jax.vmap(train_step, in_axes=(0, None)) over states stacked on a leading run
+  axis therefore trains several runs on one batch stream (experiments/set_complement_sweep.py).
+  """
   task, tx, schedule, wema, graphdef = setup.task, setup.tx, setup.schedule, setup.weight_ema, setup.graphdef
 
   def train_step(state, batch):
@@ -146,7 +127,8 @@ def make_train_step(setup: Setup):
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Keep the last good state: a non-finite step changes nothing (the host then stops the run).
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(step), finite=finite,
+    lr = schedule(step) * optim.lr_scale(state["opt"])
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=lr, finite=finite,
                    stop=jnp.any(preempted) if preempted is not None else jnp.zeros((), bool))
     return new, metrics
 
@@ -185,9 +167,7 @@ def write_eval(workdir: Optional[str], step: int, results: Dict[str, Any], table
                tag: str = "") -> Optional[str]:
   if workdir is None or jax.process_index() != 0:
     return None
-  path = epath.Path(workdir) / workdir_lib.eval_file(step, tag)
-  workdir_lib.write_json_atomic(path, dict(step=step, results=results, table=table))
-  return str(path)
+  return workdir_lib.write_eval(workdir, step, results, table, tag=tag)
 
 
 def scalar_results(results: Dict[str, Any]) -> Dict[str, float]:
@@ -234,9 +214,8 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str],
   if isinstance(local, LocalLearningTask):
     local.validate()
     return local.run(workdir)
-  setup = build(config)
+  setup = build(config, workdir=workdir)
   task, mesh = setup.task, setup.mesh
-  task.workdir = workdir
   is_main = jax.process_index() == 0
   config_json = json.loads(config.to_json_best_effort())
 
@@ -257,7 +236,7 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str],
     with jax.set_mesh(mesh):
       state = init(jax.random.key(config.seed))
 
-  final_eval_path = (epath.Path(workdir) / workdir_lib.eval_file(config.steps)) if workdir else None
+  final_eval_path = workdir_lib.eval_path(workdir, config.steps) if workdir else None
   finished = start >= config.steps
   if finished and final_eval_path is not None and final_eval_path.exists():
     return _report_finished(final_eval_path, checkpointer, is_main)

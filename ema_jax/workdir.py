@@ -1,4 +1,9 @@
-"""The workdir's file format: names and atomic writes.
+"""The workdir's file format: names, atomic writes, metrics.jsonl and eval JSONs.
+
+A training workdir holds config.json, metrics.jsonl (one JSON object per line: {"step": n, name: value,
+...}; train rows and eval rows are separate lines), eval_<step>.json ({"step", "results", "table", ...}),
+plots/, tensorboard/, checkpoints/ and eval/ (eval.py's outputs). Every reader and writer of these files
+goes through this module.
 
 Every JSON file of a workdir is written to a temporary file in the same folder, flushed and fsynced,
 then renamed over the target, so a process killed mid-write leaves either the old file or the new one,
@@ -10,8 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 from etils import epath
@@ -68,3 +74,80 @@ def _umask() -> int:
 
 def write_json_atomic(path, obj: Any, indent: Optional[int] = 1) -> None:
   write_text_atomic(path, dumps(obj, indent))
+
+
+# ------------------------------------------------------------------------------------------ eval JSONs
+
+_EVAL_RE = re.compile(r"^eval_(\d+)\.json$")
+
+
+def eval_path(workdir, step: int, tag: str = "") -> epath.Path:
+  return epath.Path(workdir) / eval_file(step, tag)
+
+
+def write_eval(workdir, step: int, results: Dict[str, Any], table: str = "", tag: str = "", **extra) -> str:
+  """Writes eval_<step><tag>.json atomically; returns its path."""
+  path = eval_path(workdir, step, tag)
+  write_json_atomic(path, dict(step=int(step), results=results, table=table, **extra))
+  return str(path)
+
+
+def eval_steps(workdir) -> List[int]:
+  """Steps that have an eval_<step>.json (untagged), in order."""
+  d = epath.Path(workdir)
+  if not d.is_dir():
+    return []
+  return sorted(int(m.group(1)) for m in (_EVAL_RE.match(p.name) for p in d.iterdir()) if m)
+
+
+def read_eval(workdir, step: int, tag: str = "") -> Dict[str, Any]:
+  return json.loads(eval_path(workdir, step, tag).read_text())
+
+
+def latest_eval(workdir) -> Dict[str, Any]:
+  """The eval_<step>.json of the largest step; FileNotFoundError if the run has none yet."""
+  steps = eval_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(f"{workdir}: no eval_<step>.json (has the run finished?)")
+  return read_eval(workdir, steps[-1])
+
+
+# --------------------------------------------------------------------------------------- metrics.jsonl
+
+
+def metrics_path(workdir) -> epath.Path:
+  return epath.Path(workdir) / METRICS_FILE
+
+
+def read_metrics(workdir) -> List[Dict[str, Any]]:
+  """The rows of metrics.jsonl in file order; a torn last line (a killed writer) is skipped."""
+  path = metrics_path(workdir)
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return rows
+
+
+def append_metrics(workdir, row: Dict[str, Any]) -> None:
+  with metrics_path(workdir).open("a") as f:
+    f.write(json.dumps(row) + "\n")
+
+
+def truncate_metrics(workdir, step: int, drop_eval_at_step: bool = False) -> List[Dict[str, Any]]:
+  """Keeps the rows up to `step` (without `step`'s eval rows if asked), atomically; returns them."""
+  rows = [r for r in read_metrics(workdir)
+          if r.get("step", 0) < step or (r.get("step", 0) == step and not (
+              drop_eval_at_step and any(k.startswith("eval/") for k in r)))]
+  if metrics_path(workdir).exists():
+    write_text_atomic(metrics_path(workdir), "".join(json.dumps(r) + "\n" for r in rows))
+  return rows
+
+
+def write_metrics(workdir, rows: List[Dict[str, Any]]) -> None:
+  """Replaces metrics.jsonl with `rows` (atomically)."""
+  write_text_atomic(metrics_path(workdir), "".join(json.dumps(r) + "\n" for r in rows))

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from ema_jax.errors import DataStateError
+from ema_jax.errors import DataStateError, is_int
 
 Batch = Dict[str, np.ndarray]
 Metrics = Dict[str, jax.Array]
@@ -73,16 +73,6 @@ class StepBatchIterator(BatchIterator):
     self.step = int(step)
 
 
-def is_int(x) -> bool:
-  """An integer config value (bools excluded)."""
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def config_error(field: str, value: Any, expected: str):
-  """Raises the house-style config error: the field, its value, and what would work."""
-  raise ValueError(f"config.{field}={value!r}: expected {expected}.")
-
-
 @dataclass
 class EvalContext:
   """What a task's evaluation needs from the trainer."""
@@ -98,11 +88,11 @@ class Task(abc.ABC):
   # The config.task field that eval.py --lengths sets (set sizes, context lengths, positions...).
   EVAL_LENGTHS_FIELD = "eval_lengths"
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: Optional[str] = None):
     self.config = config
-    # The run's workdir (set by the trainer before data is read; None for runs without one), for tasks
-    # that cache generated data next to their checkpoints.
-    self.workdir: Optional[str] = None
+    # The run's workdir (None for runs without one), for tasks that cache generated data beside their
+    # checkpoints.
+    self.workdir = workdir
 
   def validate(self) -> None:
     """Raises ValueError naming the field, its value and what would work; runs before any compilation."""
@@ -135,6 +125,11 @@ class Task(abc.ABC):
     """For throughput: tokens (or items) per example of a training batch."""
     return 1
 
+  def seq_len(self) -> Optional[int]:
+    """Length of the time axis (axis 1) of the training batch's arrays, which a `seq` mesh axis splits;
+    None when the batches have no such axis."""
+    return None
+
   def flops_per_token(self) -> Optional[float]:
     """Training FLOPs per token (forward + backward) for MFU, or None if unknown."""
     return None
@@ -158,8 +153,8 @@ class LocalLearningTask(abc.ABC):
     """Trains, evaluates and writes results; returns the final metrics."""
 
 
-def get_task(config: ml_collections.ConfigDict):
-  """Imports ema_jax.tasks.<config.task.name> (or a dotted module path) and builds its TASK class."""
+def task_class(config: ml_collections.ConfigDict):
+  """The TASK class of ema_jax.tasks.<config.task.name> (or of a dotted module path), not built."""
   name = config.task.name
   for module_name in (f"ema_jax.tasks.{name}", name):
     try:
@@ -171,4 +166,12 @@ def get_task(config: ml_collections.ConfigDict):
   else:
     raise ValueError(f"config.task.name={name!r}: no module ema_jax.tasks.{name} (tasks live in "
                      f"ema_jax/tasks/<name>.py) and no importable module {name!r}.")
-  return module.TASK(config)
+  return module.TASK
+
+
+def get_task(config: ml_collections.ConfigDict, workdir: Optional[str] = None):
+  """Builds the config's task (see task_class); `workdir` is the run's, if it has one."""
+  cls = task_class(config)
+  if issubclass(cls, Task):
+    return cls(config, workdir)
+  return cls(config)

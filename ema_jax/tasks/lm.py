@@ -42,8 +42,8 @@ def _model_module(kind):
 
 class LMTask(Task):
 
-  def __init__(self, config: ml_collections.ConfigDict):
-    super().__init__(config)
+  def __init__(self, config: ml_collections.ConfigDict, workdir: Optional[str] = None):
+    super().__init__(config, workdir)
     self._tokenizer = None
     self._eval_fn = {}
     self._eval_batches = {}
@@ -113,6 +113,9 @@ class LMTask(Task):
     nll_sum, n_tokens = token_nll(model, batch, rngs=rngs, train=train)
     loss = nll_sum / jnp.maximum(n_tokens, 1.0)
     return loss, {"perplexity": jnp.exp(loss), "bits_per_token": loss / math.log(2.0)}
+
+  def seq_len(self) -> Optional[int]:
+    return int(self.config.task.seq_len)
 
   def tokens_per_example(self) -> int:
     return self.config.task.seq_len

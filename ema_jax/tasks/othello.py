@@ -40,7 +40,8 @@ from flax import nnx
 from ema_jax.data import othello as data
 from ema_jax.models.transformer import DTYPES, GPT, GPTConfig, flops_per_token
 from ema_jax import metrics as metrics_lib
-from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task, config_error, is_int
+from ema_jax.errors import config_error, is_int
+from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task
 
 MAX_POSITION = data.MAX_MOVES - 1          # 59 predictions per game (nothing follows move 60)
 METRICS = ("legal_mass", "top1_legal", "kl")
@@ -139,8 +140,6 @@ class OthelloIterator(StepBatchIterator):
 # ------------------------------------------------------------------------------------------------- config
 
 
-_is_int = is_int
-_fail = config_error
 
 
 def num_val_games(config: ml_collections.ConfigDict) -> int:
@@ -158,47 +157,47 @@ def eval_positions(config: ml_collections.ConfigDict):
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks the task and model fields; raises ValueError naming the field, its value and what would work."""
   t, m = config.task, config.model
-  if not (_is_int(t.num_games) and t.num_games >= 2):
-    _fail("task.num_games", t.num_games, "an integer >= 2 (training plus validation games)")
+  if not (is_int(t.num_games) and t.num_games >= 2):
+    config_error("task.num_games", t.num_games, "an integer >= 2 (training plus validation games)")
   if not (isinstance(t.val_fraction, (int, float)) and 0.0 < t.val_fraction < 1.0):
-    _fail("task.val_fraction", t.val_fraction, "a fraction in (0, 1)")
+    config_error("task.val_fraction", t.val_fraction, "a fraction in (0, 1)")
   n_val = num_val_games(config)
   if not 1 <= n_val < t.num_games:
-    _fail("task.val_fraction", t.val_fraction, f"a fraction that leaves at least one validation and one "
+    config_error("task.val_fraction", t.val_fraction, f"a fraction that leaves at least one validation and one "
           f"training game out of num_games={t.num_games} (it gives {n_val} validation games)")
-  if not (_is_int(t.data_seed) and t.data_seed >= 0):
-    _fail("task.data_seed", t.data_seed, "a non-negative integer (seeds the game generator)")
+  if not (is_int(t.data_seed) and t.data_seed >= 0):
+    config_error("task.data_seed", t.data_seed, "a non-negative integer (seeds the game generator)")
   if t.data_dir is not None and not (isinstance(t.data_dir, str) and t.data_dir):
-    _fail("task.data_dir", t.data_dir, "None (the default cache directory) or a directory path")
-  if not (_is_int(t.train_len) and 1 <= t.train_len <= MAX_POSITION):
-    _fail("task.train_len", t.train_len, f"an integer in [1, {MAX_POSITION}]: the number of moves fed "
+    config_error("task.data_dir", t.data_dir, "None (the default cache directory) or a directory path")
+  if not (is_int(t.train_len) and 1 <= t.train_len <= MAX_POSITION):
+    config_error("task.train_len", t.train_len, f"an integer in [1, {MAX_POSITION}]: the number of moves fed "
           f"in training (the last one is scored against move train_len + 1)")
-  if not (_is_int(t.eval_games) and 1 <= t.eval_games <= n_val):
-    _fail("task.eval_games", t.eval_games, f"an integer in [1, {n_val}] (the validation games: "
+  if not (is_int(t.eval_games) and 1 <= t.eval_games <= n_val):
+    config_error("task.eval_games", t.eval_games, f"an integer in [1, {n_val}] (the validation games: "
           f"num_games * val_fraction)")
-  if not (_is_int(t.eval_batch_size) and t.eval_batch_size >= 1):
-    _fail("task.eval_batch_size", t.eval_batch_size, "a positive integer")
+  if not (is_int(t.eval_batch_size) and t.eval_batch_size >= 1):
+    config_error("task.eval_batch_size", t.eval_batch_size, "a positive integer")
   if t.eval_lengths is not None:
     lengths = list(t.eval_lengths) if isinstance(t.eval_lengths, (list, tuple)) else None
-    if (not lengths or not all(_is_int(p) and 1 <= p <= MAX_POSITION for p in lengths)
+    if (not lengths or not all(is_int(p) and 1 <= p <= MAX_POSITION for p in lengths)
         or len(set(lengths)) != len(lengths)):
-      _fail("task.eval_lengths", t.eval_lengths, f"None (every position 1..{MAX_POSITION}) or a non-empty "
+      config_error("task.eval_lengths", t.eval_lengths, f"None (every position 1..{MAX_POSITION}) or a non-empty "
             f"list of distinct positions in [1, {MAX_POSITION}]")
   for f in ("num_layers", "num_heads", "width", "mlp_ratio"):
-    if not (_is_int(m[f]) and m[f] >= 1):
-      _fail(f"model.{f}", m[f], "a positive integer")
+    if not (is_int(m[f]) and m[f] >= 1):
+      config_error(f"model.{f}", m[f], "a positive integer")
   if m.width % m.num_heads:
-    _fail("model.num_heads", m.num_heads, f"a divisor of model.width={m.width}")
+    config_error("model.num_heads", m.num_heads, f"a divisor of model.width={m.width}")
   longest = max([t.train_len] + eval_positions(config))
-  if not (_is_int(m.context_len) and m.context_len >= longest):
-    _fail("model.context_len", m.context_len, f"an integer >= {longest} (the longest input: train_len and "
+  if not (is_int(m.context_len) and m.context_len >= longest):
+    config_error("model.context_len", m.context_len, f"an integer >= {longest} (the longest input: train_len and "
           f"the evaluated positions; {MAX_POSITION} covers every position)")
   if not (isinstance(m.dropout, (int, float)) and 0.0 <= m.dropout < 1.0):
-    _fail("model.dropout", m.dropout, "a rate in [0, 1)")
+    config_error("model.dropout", m.dropout, "a rate in [0, 1)")
   if m.dtype not in DTYPES:
-    _fail("model.dtype", m.dtype, f"one of {DTYPES}")
-  if not (_is_int(config.batch_size) and 1 <= config.batch_size <= t.num_games - n_val):
-    _fail("batch_size", config.batch_size, f"an integer in [1, {t.num_games - n_val}] (the training games)")
+    config_error("model.dtype", m.dtype, f"one of {DTYPES}")
+  if not (is_int(config.batch_size) and 1 <= config.batch_size <= t.num_games - n_val):
+    config_error("batch_size", config.batch_size, f"an integer in [1, {t.num_games - n_val}] (the training games)")
 
 
 def model_config(config: ml_collections.ConfigDict) -> GPTConfig:
@@ -227,8 +226,8 @@ def _eval_sums(graphdef, state, batch):
 class OthelloTask(Task):
   """Random legal Othello games, the GPT decoder, next-move cross-entropy, legality at every position."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
-    super().__init__(config)
+  def __init__(self, config: ml_collections.ConfigDict, workdir: Optional[str] = None):
+    super().__init__(config, workdir)
     self._eval_fn = jax.jit(_eval_sums, static_argnums=(0,))
     self._games = None
     self._eval_batches = None
@@ -325,6 +324,9 @@ class OthelloTask(Task):
     if workdir:
       plot_per_position(results, kinds, self.train_len, os.path.join(workdir, "plots"), step)
     return text
+
+  def seq_len(self) -> Optional[int]:
+    return self.train_len
 
   def tokens_per_example(self) -> int:
     return self.train_len

@@ -39,7 +39,8 @@ from flax import nnx
 from ema_jax.data import conllu, grammar
 from ema_jax.models import hebbian
 from ema_jax.models.bigru import BiGRUConfig, BiGRUTagger, flops_per_token
-from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task, config_error, is_int
+from ema_jax.errors import config_error, is_int
+from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task
 
 SOURCES = ("grammar", "ud")
 EVAL_SPLITS = {"grammar": ("heldout", "transfer", "transfer_struct"), "ud": ("dev", "test")}
@@ -49,8 +50,6 @@ ARGUMENT_ROLES = hebbian.ARGUMENT_ROLES
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-_is_int = is_int
-_fail = config_error
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -184,28 +183,28 @@ def validate_task_config(config: ml_collections.ConfigDict, *, check_files: bool
   """Checks config.task (shared by the BiGRU and Hebbian tasks)."""
   t = config.task
   if t.source not in SOURCES:
-    _fail("task.source", t.source, f"one of {SOURCES}")
-  if not (_is_int(t.max_len) and t.max_len >= 3):
-    _fail("task.max_len", t.max_len, "an integer >= 3 (padded sentence length)")
-  if not (_is_int(t.deep_depth) and t.deep_depth >= 1):
-    _fail("task.deep_depth", t.deep_depth, "an integer >= 1 (arguments this deep count as deeply embedded)")
-  if not (_is_int(t.eval_batch_size) and t.eval_batch_size >= 1):
-    _fail("task.eval_batch_size", t.eval_batch_size, "a positive integer")
+    config_error("task.source", t.source, f"one of {SOURCES}")
+  if not (is_int(t.max_len) and t.max_len >= 3):
+    config_error("task.max_len", t.max_len, "an integer >= 3 (padded sentence length)")
+  if not (is_int(t.deep_depth) and t.deep_depth >= 1):
+    config_error("task.deep_depth", t.deep_depth, "an integer >= 1 (arguments this deep count as deeply embedded)")
+  if not (is_int(t.eval_batch_size) and t.eval_batch_size >= 1):
+    config_error("task.eval_batch_size", t.eval_batch_size, "a positive integer")
   if t.source == "grammar":
     for f in ("n_train", "n_heldout", "n_transfer"):
-      if not (_is_int(t[f]) and t[f] >= 1):
-        _fail(f"task.{f}", t[f], "a positive number of sentences")
+      if not (is_int(t[f]) and t[f] >= 1):
+        config_error(f"task.{f}", t[f], "a positive number of sentences")
     if not isinstance(t.structure_split, bool):
-      _fail("task.structure_split", t.structure_split, "True or False")
+      config_error("task.structure_split", t.structure_split, "True or False")
     for f in ("train_grammar", "transfer_grammar"):
       if t[f] not in grammar.GRAMMARS:
-        _fail(f"task.{f}", t[f], f"one of {tuple(grammar.GRAMMARS)}")
+        config_error(f"task.{f}", t[f], f"one of {tuple(grammar.GRAMMARS)}")
   else:
     for f in ("ud_train_sentences", "ud_eval_sentences"):
-      if not (_is_int(t[f]) and t[f] >= 0):
-        _fail(f"task.{f}", t[f], "0 (all sentences) or a positive number of sentences")
-    if not (_is_int(t.ud_min_count) and t.ud_min_count >= 1):
-      _fail("task.ud_min_count", t.ud_min_count, "an integer >= 1")
+      if not (is_int(t[f]) and t[f] >= 0):
+        config_error(f"task.{f}", t[f], "0 (all sentences) or a positive number of sentences")
+    if not (is_int(t.ud_min_count) and t.ud_min_count >= 1):
+      config_error("task.ud_min_count", t.ud_min_count, "an integer >= 1")
     if check_files:
       resolve_ud_dir(t.ud_dir)
 
@@ -276,8 +275,8 @@ def _predict(graphdef, state, tokens_BT, mask_BT):
 class RolesTask(Task):
   """BiGRU role tagger: masked cross-entropy, evaluation on held-out/transfer (grammar) or dev/test (UD)."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
-    super().__init__(config)
+  def __init__(self, config: ml_collections.ConfigDict, workdir: Optional[str] = None):
+    super().__init__(config, workdir)
     self._data = None
     self._predict = jax.jit(_predict, static_argnums=0)
 
@@ -285,11 +284,11 @@ class RolesTask(Task):
     validate_task_config(self.config)
     m = self.config.model
     for f in ("embed_dim", "hidden", "num_layers"):
-      if not (_is_int(m[f]) and m[f] >= 1):
-        _fail(f"model.{f}", m[f], "a positive integer")
+      if not (is_int(m[f]) and m[f] >= 1):
+        config_error(f"model.{f}", m[f], "a positive integer")
     for f in ("dropout", "word_dropout"):
       if not (isinstance(m[f], (int, float)) and 0.0 <= m[f] < 1.0):
-        _fail(f"model.{f}", m[f], "a rate in [0, 1)")
+        config_error(f"model.{f}", m[f], "a rate in [0, 1)")
 
   @property
   def data(self) -> Dict[str, Any]:
@@ -370,6 +369,9 @@ class RolesTask(Task):
 
   def summarize(self, results: Dict[str, Dict[str, Any]], step: int, workdir: Optional[str]) -> str:
     return format_table(results, f"roles (BiGRU, {self.config.task.source}), step {step}")
+
+  def seq_len(self) -> Optional[int]:
+    return int(self.config.task.max_len)
 
   def tokens_per_example(self) -> int:
     return int(self.config.task.max_len)

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from ema_jax import metrics as metrics_lib
+from ema_jax import workdir as workdir_lib
 from ema_jax.models import hebbian
 from ema_jax.tasks import roles
 from ema_jax.tasks.base import LocalLearningTask
@@ -104,16 +105,10 @@ class RolesHebbianTask(LocalLearningTask):
     scalars.update(timing, wall_seconds=wall)
     if workdir is not None:
       os.makedirs(workdir, exist_ok=True)
-      if os.path.exists(os.path.join(workdir, "metrics.jsonl")):  # a rerun starts over: no resume here
-        os.remove(os.path.join(workdir, "metrics.jsonl"))
-      writer = metrics_lib.MetricWriter(workdir, tensorboard=False)
-      writer.write(step, scalars)
-      writer.close()
-      path = os.path.join(workdir, f"eval_{step}.json")
-      with open(path + ".tmp", "w") as f:
-        json.dump(dict(step=step, results=results, table=table, wall_seconds=wall,
-                       config=json.loads(self.config.to_json_best_effort())), f, indent=1)
-      os.replace(path + ".tmp", path)
+      # A rerun starts over (no resume for a label-free pass): its one metrics row replaces the old ones.
+      workdir_lib.write_metrics(workdir, [dict(step=step, **{k: metrics_lib.to_scalar(v) for k, v in scalars.items()})])
+      workdir_lib.write_eval(workdir, step, results, table, wall_seconds=wall,
+                             config=json.loads(self.config.to_json_best_effort()))
     scalars["status"] = "done"
     return scalars
 
