@@ -1,20 +1,24 @@
 """Random hyperparameter search on the set-complement task: does dropout, does weight EMA, help out of range?
 
-  python -m ema_jax.sweep --config configs/set_complement.py:sweep --workdir W [--runs 64]
+  python -m experiments.set_complement_sweep --config configs/set_complement.py:sweep --workdir W [--runs 64]
+      [--config.steps=3000 --config.sweep.dims='["32x32"]' ...]
 
 Each run samples (config.sweep): a seed, dims, learning rate (log-uniform), dropout rate and placement,
 weight-EMA kind (none / ema / bema) and, for 'ema', its decay. Runs are grouped by what fixes the compiled
-program (dims, heads, EMA kind, whose states differ in structure); inside a group every sampled scalar is
-an array with a leading run axis and one jax.vmap trains all the group's runs together:
-  - learning rate: the optimizer is built with lr = 1 (same warmup / decay shape) and each run scales its
-    updates by its own lr, which is what AdamW with that lr computes (decoupled weight decay included);
-  - dropout: one rate per site (attention, embedding, output), 0 at the sites a run does not use, so the
-    placement is data too and does not split groups (a rate of 0 is exactly the identity);
-  - EMA decay: an array inside the WeightEMA state; seed: a PRNG key per run.
+program (dims, heads, EMA kind, whose states differ in structure). Inside a group the runs are train.py
+runs of one config (group_config) that differ only in data held in the train state, so one
+jax.vmap of the trainer's own step (trainer.make_train_step) over states with a leading run axis trains
+all the group's runs together:
+  - learning rate: the group's peak lr is 1 and each run's lr is the lr_scale in its optimizer state
+    (optim.make_optimizer): lr_t = schedule_t * lr, the same warmup / decay shape for every run;
+  - dropout: the model keeps one rate per site (attention, embedding, output) in its state
+    (model.traced_dropout), 0 at the sites a run does not use, so the placement is data too and does not
+    split groups (a rate of 0 is exactly the identity);
+  - EMA decay: an array inside the WeightEMA state; seed: the key the trainer's init splits into a
+    parameter key and a dropout key, as config.seed does in train.py.
 All runs see the same training batches (the stream of config.seed), common random numbers that take data
-noise out of the comparisons; a run's seed sets its initialisation (fold_in(key, 0)) and its dropout
-masks (fold_in(fold_in(key, 1), step)). Raw and averaged weights are evaluated with the task's metrics at
-every size 1..N-1.
+noise out of the comparisons. Raw and averaged weights are evaluated with the task's metrics at every size
+1..N-1.
 
 Writes to W: runs.csv, runs.json (every run: sampled values, in-range and out-of-range metrics of raw and
 averaged weights, per-size curves in the JSON), summary.json and summary.md (paired averaged-vs-raw
@@ -35,12 +39,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
-from ema_jax import optim
+from ema_jax import optim, trainer
 from ema_jax.data import set_complement as data
-from ema_jax.models.set_transformer import DROPOUT_SITES, SetTransformer, parse_dropout_on
+from ema_jax.models.set_transformer import DROPOUT_SITES, parse_dropout_on
 from ema_jax.tasks import set_complement as sc
 
 METRICS = sc.METRICS
@@ -137,75 +140,60 @@ def hyper_arrays(runs: Sequence[Dict[str, Any]]) -> Dict[str, jax.Array]:
 # ------------------------------------------------------------------------------------------------ training
 
 
+def group_config(config: ml_collections.ConfigDict, embed_dim: int, value_dim: int, num_heads: int,
+                 ema_kind: str) -> ml_collections.ConfigDict:
+  """The train.py config of a group's runs: their dims and EMA kind, dropout rates held in the model's
+  state, peak learning rate 1 (each run's lr is its optimizer state's lr_scale)."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  del c["sweep"]
+  c.model.update(embed_dim=embed_dim, value_dim=value_dim, num_heads=num_heads, dropout=0.0, dropout_on="",
+                 traced_dropout=True)
+  c.optim.lr = 1.0
+  c.weight_ema.kind = ema_kind
+  return c
+
+
 class GroupPrograms:
-  """Compiled init / training / evaluation for all runs sharing dims, heads and EMA kind."""
+  """The trainer's setup and step for all runs sharing dims, heads and EMA kind, vmapped over runs."""
 
   def __init__(self, config: ml_collections.ConfigDict, embed_dim: int, value_dim: int, num_heads: int,
                ema_kind: str):
-    mc = config.model.to_dict()
-    mc.update(embed_dim=embed_dim, value_dim=value_dim, num_heads=num_heads, dropout=0.0, dropout_on="")
-    cfg = ml_collections.ConfigDict(dict(task=config.task.to_dict(), model=mc))
-    self.mcfg = sc.model_config(cfg)
-    self.num_tokens = self.mcfg.num_tokens
-    ocfg = ml_collections.ConfigDict(config.optim.to_dict())
-    ocfg.lr = 1.0  # per-run learning rates scale the updates (see the module docstring)
-    self.tx, _ = optim.make_optimizer(ocfg, int(config.steps))
-    ecfg = ml_collections.ConfigDict(config.weight_ema.to_dict())
-    ecfg.kind = ema_kind
-    self.weight_ema = optim.make_weight_ema(ecfg)
-    self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: SetTransformer(self.mcfg, rngs=nnx.Rngs(0))))
+    self.setup = trainer.build(group_config(config, embed_dim, value_dim, num_heads, ema_kind))
+    self.num_tokens = self.setup.task.num_tokens
+    # Runs share the batch; everything else (the whole train state) has a leading run axis.
+    step = jax.vmap(trainer.make_train_step(self.setup), in_axes=(0, None))
+
+    def chunk(state, batches_K):
+      def body(st, batch):
+        st, m = step(st, batch)
+        # The loss of a step that kept no update (non-finite loss or gradient) reads as NaN.
+        return st, jnp.where(m["finite"], m["loss"], jnp.nan)
+      return jax.lax.scan(body, state, batches_K)
 
     self.init = jax.jit(jax.vmap(self.init_one))
-    self.train_chunk = jax.jit(self._chunk(), donate_argnums=0)
+    self.train_chunk = jax.jit(chunk, donate_argnums=0)
     self.averaged = jax.jit(jax.vmap(self.averaged_one))
-    self.eval_metrics = jax.jit(jax.vmap(self.eval_one, in_axes=(0, None, None)))
+    self.eval_metrics = jax.jit(jax.vmap(self.eval_one, in_axes=(0, 0, None, None)))
 
   def init_one(self, hp):
-    model = SetTransformer(self.mcfg, rngs=nnx.Rngs(params=jax.random.fold_in(hp["key"], 0)))
-    params = nnx.state(model, nnx.Param)
-    ema = () if self.weight_ema is None else self.weight_ema.init(params, hp["decay"])
-    return dict(params=params, opt=self.tx.init(params), ema=ema)
-
-  def loss_fn(self, params, tokens_BL, mask_BL, key, rates):
-    model = nnx.merge(self.graphdef, params)
-    logits_BN = model(tokens_BL, mask_BL, deterministic=False, rngs=key,
-                      dropout_rates={s: rates[i] for i, s in enumerate(DROPOUT_SITES)})
-    present_BN = data.present_tokens(tokens_BL, mask_BL, self.num_tokens, xp=jnp)
-    return jnp.mean(sc.complement_metrics(logits_BN, present_BN)["ce"])
-
-  def step_one(self, state, tokens_BL, mask_BL, step, hp):
-    """One optimizer step of one run; `step` counts from 0 (the trainer's convention)."""
-    key = jax.random.fold_in(jax.random.fold_in(hp["key"], 1), step)
-    loss, grads = jax.value_and_grad(self.loss_fn)(state["params"], tokens_BL, mask_BL, key, hp["rates"])
-    updates, opt = self.tx.update(grads, state["opt"], state["params"])
-    updates = jax.tree.map(lambda u: hp["lr"] * u, updates)
-    params = optax.apply_updates(state["params"], updates)
-    new = dict(params=params, opt=opt, ema=state["ema"])
-    if self.weight_ema is not None:
-      new["ema"] = self.weight_ema.update(state["ema"], params, step + 1)
-    finite = jnp.isfinite(loss)
-    # As the trainer does: a non-finite step changes nothing; the run is reported as diverged.
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-    return new, loss
-
-  def _chunk(self):
-    # Runs share the batch and the step number; everything else has a leading run axis.
-    step = jax.vmap(self.step_one, in_axes=(0, None, None, None, 0))
-
-    def chunk(state, tokens_KBL, mask_KBL, steps_K, hp):
-      def body(st, xs):
-        return step(st, *xs, hp)
-      return jax.lax.scan(body, state, (tokens_KBL, mask_KBL, steps_K))
-
-    return chunk
+    """The trainer's initial state for seed hp['key'], with the run's lr, dropout rates and EMA decay."""
+    s = self.setup
+    state = s.init_fn(hp["key"])
+    model = nnx.merge(s.graphdef, state["params"], state["other"])
+    model.dropout_rates.value = hp["rates"]
+    _, _, other = nnx.split(model, nnx.Param, ...)
+    state = dict(state, other=other, opt=optim.set_lr_scale(state["opt"], hp["lr"]))
+    if isinstance(state["ema"], optim.EMAState):
+      state["ema"] = state["ema"]._replace(decay=hp["decay"])
+    return state
 
   def averaged_one(self, state):
-    if self.weight_ema is None:
+    if self.setup.weight_ema is None:
       return state["params"]
-    return self.weight_ema.value(state["ema"], state["params"])
+    return self.setup.weight_ema.value(state["ema"], state["params"])
 
-  def eval_one(self, params, tokens_BL, mask_BL):
-    logits_BN = nnx.merge(self.graphdef, params)(tokens_BL, mask_BL, deterministic=True)
+  def eval_one(self, params, other, tokens_BL, mask_BL):
+    logits_BN = nnx.merge(self.setup.graphdef, params, other)(tokens_BL, mask_BL, deterministic=True)
     present_BN = data.present_tokens(tokens_BL, mask_BL, self.num_tokens, xp=jnp)
     return {k: jnp.mean(v) for k, v in sc.complement_metrics(logits_BN, present_BN).items()}
 
@@ -217,26 +205,22 @@ def chunk_length(steps: int, chunk_steps: int) -> int:
 
 
 def training_chunks(config: ml_collections.ConfigDict, chunk_steps: int):
-  """[(steps_K, tokens_KBL, mask_KBL)] of the shared training stream (process 0 of 1)."""
-  task = sc.SetComplementTask(config)
-  it = task.train_iterator(0, 1)
+  """[{name: [K, ...]}]: the shared training stream (process 0 of 1), K batches stacked per chunk."""
+  it = sc.SetComplementTask(config).train_iterator(0, 1)
   chunks, steps = [], int(config.steps)
   chunk_steps = chunk_length(steps, chunk_steps)
   for start in range(0, steps, chunk_steps):
-    k = min(chunk_steps, steps - start)
-    batches = [next(it) for _ in range(k)]
-    chunks.append((np.arange(start, start + k, dtype=np.int32),
-                   np.stack([b["tokens"] for b in batches]), np.stack([b["mask"] for b in batches])))
+    batches = [next(it) for _ in range(min(chunk_steps, steps - start))]
+    chunks.append({k: np.stack([b[k] for b in batches]) for k in batches[0]})
   return chunks
 
 
-def train_group(programs: GroupPrograms, runs, chunks, log=None):
-  """Trains the group's runs together; returns (final states, losses [steps, R])."""
-  hp = hyper_arrays(runs)
-  state = programs.init(hp)
+def train_group(programs: GroupPrograms, runs, chunks):
+  """Trains the group's runs together; returns (final states, losses [steps, R], NaN where a step failed)."""
+  state = programs.init(hyper_arrays(runs))
   losses = []
-  for steps_K, tokens, mask in chunks:
-    state, loss_KR = programs.train_chunk(state, tokens, mask, steps_K, hp)
+  for batches_K in chunks:
+    state, loss_KR = programs.train_chunk(state, batches_K)
     losses.append(np.asarray(loss_KR))
   return state, np.concatenate(losses, 0)
 
@@ -247,7 +231,7 @@ def evaluate_group(programs: GroupPrograms, state, eval_batches) -> Dict[str, Di
   for name, params in (("raw", state["params"]), ("avg", programs.averaged(state))):
     per = {m: [] for m in METRICS}
     for b in eval_batches:
-      res = jax.device_get(programs.eval_metrics(params, b["tokens"], b["mask"]))
+      res = jax.device_get(programs.eval_metrics(params, state["other"], b["tokens"], b["mask"]))
       for m in METRICS:
         per[m].append(np.asarray(res[m], np.float64))
     out[name] = {m: np.stack(v, axis=1) for m, v in per.items()}
@@ -641,8 +625,10 @@ def main(argv):
   FLAGS = flags.FLAGS
   config = FLAGS.config
   if "sweep" not in config:
-    raise ValueError("ema_jax.sweep: the config has no `sweep` field; use configs/set_complement.py:sweep.")
-  run_sweep(config, FLAGS.workdir, FLAGS.runs, command="python -m ema_jax.sweep " + " ".join(sys.argv[1:]))
+    raise ValueError("experiments.set_complement_sweep: the config has no `sweep` field; use "
+                     "configs/set_complement.py:sweep.")
+  run_sweep(config, FLAGS.workdir, FLAGS.runs,
+            command="python -m experiments.set_complement_sweep " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The set-complement sweep: vmapped training equals independent single runs; a tiny sweep end to end."""
+"""The set-complement sweep (experiments/set_complement_sweep.py): the trainer's step vmapped over runs
+equals independent single runs; a tiny sweep end to end."""
 
 import csv
 import importlib.util
@@ -15,8 +16,9 @@ import optax
 import pytest
 from flax import nnx
 
-from ema_jax import optim, sweep
+from ema_jax import optim
 from ema_jax.tasks.set_complement import SetComplementTask
+from experiments import set_complement_sweep as sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,13 +38,14 @@ def sweep_config():
 
 
 def reference_run(config, run, steps):
-  """One run trained the plain way: the model's own dropout config, AdamW at the run's lr, WeightEMA."""
+  """One run trained the plain way: the model's own dropout config (constant rates at the run's sites),
+  AdamW at the run's lr, WeightEMA; keys as the trainer splits config.seed (parameters, dropout)."""
   c = ml_collections.ConfigDict(config.to_dict())
   c.model.update(embed_dim=run["embed_dim"], value_dim=run["value_dim"], num_heads=run["num_heads"],
                  dropout=run["dropout"], dropout_on=run["dropout_on"])
   task = SetComplementTask(c)
-  key = jax.random.key(run["seed"])
-  model = task.build_model(nnx.Rngs(params=jax.random.fold_in(key, 0)))
+  params_key, dropout_key = jax.random.split(jax.random.key(run["seed"]))
+  model = task.build_model(nnx.Rngs(params=params_key))
   graphdef, params = nnx.split(model)
   c.optim.lr = run["lr"]
   tx, _ = optim.make_optimizer(c.optim, c.steps)
@@ -54,8 +57,8 @@ def reference_run(config, run, steps):
   @jax.jit
   def step(params, opt, ema, batch, i):
     def lf(p):
-      return task.loss(nnx.merge(graphdef, p), batch, rngs=jax.random.fold_in(jax.random.fold_in(key, 1), i),
-                       train=True)[0]
+      rngs = nnx.Rngs(dropout=jax.random.fold_in(dropout_key, i))
+      return task.loss(nnx.merge(graphdef, p), batch, rngs=rngs, train=True)[0]
     loss, g = jax.value_and_grad(lf)(params)
     u, opt = tx.update(g, opt, params)
     params = optax.apply_updates(params, u)

@@ -23,7 +23,10 @@ tied to untrained position vectors: an ablation, not the paper's setting.
 Dropout (rate `dropout`, at the sites in `dropout_on`): 'embedding' on every embedded input (the set
 tokens and the query, hence also on the residual), 'attention' on the attention weights after the
 softmax, 'output' on the attention output before the residual add. Rates may be passed per call as traced
-scalars (dropout_rates=...), so a sweep can vmap over them without recompiling.
+scalars (dropout_rates=...), or, with traced_dropout=True, held in the model's state (a DropoutRates
+variable, one rate per site in DROPOUT_SITES order, 0 where unused): then they are data, not constants of
+the compiled program, and jax.vmap over model states trains runs with different rates and placements in one
+program (experiments/set_complement_sweep.py). A rate of 0 is exactly the identity.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class SetTransformerConfig:
   positions: str = "none"
   dropout: float = 0.0
   dropout_on: Tuple[str, ...] = ("attention",)
+  traced_dropout: bool = False          # rates in a DropoutRates variable instead of constants
 
   def __post_init__(self):
     object.__setattr__(self, "dropout_on", parse_dropout_on(self.dropout_on))
@@ -74,6 +78,7 @@ class SetTransformerConfig:
         (self.positions in POSITIONS, "positions", f"one of {POSITIONS}"),
         (0.0 <= self.dropout < 1.0, "dropout", "a rate in [0, 1)"),
         (all(s in DROPOUT_SITES for s in self.dropout_on), "dropout_on", f"a subset of {DROPOUT_SITES}"),
+        (isinstance(self.traced_dropout, bool), "traced_dropout", "a bool"),
     ]
     for ok, name, expected in checks:
       if not ok:
@@ -86,6 +91,10 @@ class SetTransformerConfig:
   @property
   def query_id(self) -> int:
     return self.num_tokens + 1
+
+
+class DropoutRates(nnx.Variable):
+  """Dropout rate per site [len(DROPOUT_SITES)], model state that is not trained."""
 
 
 def _dropout(x, rate, key, active: bool):
@@ -123,10 +132,14 @@ class SetTransformer(nnx.Module):
     self.value = nnx.Linear(d, dv, use_bias=False, rngs=rngs)
     self.attn_out = nnx.Linear(dv, d, use_bias=False, rngs=rngs)
     self.readout = nnx.Linear(d, n, rngs=rngs)
+    self.dropout_rates = DropoutRates(jnp.asarray(
+        [cfg.dropout if s in cfg.dropout_on else 0.0 for s in DROPOUT_SITES], jnp.float32)) \
+        if cfg.traced_dropout else None
 
   def __call__(self, tokens_BL, mask_BL, *, deterministic: bool = True, rngs=None,
                dropout_rates: Optional[Mapping[str, jax.Array]] = None):
-    """dropout_rates: {site: rate} overriding config.dropout / dropout_on (rates may be traced)."""
+    """dropout_rates: {site: rate} overriding config.dropout / dropout_on and the state's DropoutRates (rates
+    may be traced)."""
     cfg = self.config
     tokens_BL = jnp.asarray(tokens_BL)
     if tokens_BL.ndim != 2 or not jnp.issubdtype(tokens_BL.dtype, jnp.integer):
@@ -136,7 +149,10 @@ class SetTransformer(nnx.Module):
     if length > cfg.num_tokens - 1 and cfg.positions == "learned":
       raise ValueError(f"SetTransformer: rows of length {length} exceed the {cfg.num_tokens - 1} set slots of "
                        "positions='learned'; pad to at most num_tokens - 1.")
-    if dropout_rates is None:
+    if dropout_rates is None and self.dropout_rates is not None:
+      rates = self.dropout_rates.value
+      dropout_rates = {s: rates[i] for i, s in enumerate(DROPOUT_SITES)}
+    elif dropout_rates is None:
       dropout_rates = {s: cfg.dropout for s in cfg.dropout_on} if cfg.dropout > 0 else {}
     active = {s: (not deterministic) and s in dropout_rates for s in DROPOUT_SITES}
     key = _base_key(rngs) if any(active.values()) else None

@@ -122,7 +122,8 @@ def model_config(config: ml_collections.ConfigDict) -> SetTransformerConfig:
   return SetTransformerConfig(num_tokens=int(config.task.num_tokens), embed_dim=int(m.embed_dim),
                               value_dim=int(m.value_dim), num_heads=int(m.num_heads), norm=m.norm,
                               positions=m.positions, dropout=float(m.dropout),
-                              dropout_on=parse_dropout_on(m.dropout_on))
+                              dropout_on=parse_dropout_on(m.dropout_on),
+                              traced_dropout=bool(m.get("traced_dropout", False)))
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -166,6 +167,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     sites = None
   if sites is None or not all(s in DROPOUT_SITES for s in sites):
     _fail("model.dropout_on", m.dropout_on, f"a subset of {DROPOUT_SITES} (a tuple or a comma-separated string)")
+  if not isinstance(m.get("traced_dropout", False), bool):
+    _fail("model.traced_dropout", m.traced_dropout, "a bool (dropout rates held in the model's state)")
   if m.norm not in NORMS:
     _fail("model.norm", m.norm, f"one of {NORMS}")
   if m.positions not in POSITIONS:
