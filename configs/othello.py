@@ -30,7 +30,7 @@ raw and averaged weights of that same run.
 
 import ml_collections
 
-from ema_jax import optim
+from ema_jax import optim, trainer_config
 
 PRESETS = ("default", "paper", "tiny")
 OPTIONS = ("dropout", "nodropout", "ema", "bema")
@@ -43,20 +43,15 @@ def get_config(arg=None):
   if preset not in PRESETS or any(o not in OPTIONS for o in options):
     raise ValueError(f"configs/othello.py: argument {arg!r}; expected a preset ({', '.join(PRESETS)}) "
                      f"optionally followed by options ({', '.join(OPTIONS)}), e.g. 'default,dropout,bema'.")
-  c = ml_collections.ConfigDict()
-  c.seed = 0
+  c = trainer_config.default_config()  # seed, steps, batch, cadences, optim, weight_ema, mesh
   c.steps = 1000
   c.batch_size = 64
   c.log_every = 100
   c.eval_every = 500
   c.checkpoint_every = 500
-  c.keep_checkpoints = 2
-  c.optim = optim.default_optim_config()
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 100
-  c.weight_ema = optim.default_weight_ema_config("ema")
   c.weight_ema.decay = 0.99
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1))
   c.task = ml_collections.ConfigDict(dict(
       name="othello",
       num_games=20000,          # training + validation games, random legal play

@@ -44,7 +44,7 @@ Presets (the argument after ':'):
 
 import ml_collections
 
-from ema_jax import optim
+from ema_jax import optim, trainer_config
 
 PRESETS = ("hebbian", "bigru", "hebbian_ud", "bigru_ud", "hebbian_tiny", "bigru_tiny", "hebbian_ud_tiny",
            "bigru_ud_tiny")
@@ -72,20 +72,15 @@ def get_config(arg=None):
   ud = "_ud" in arg
   tiny = arg.endswith("_tiny")
 
-  c = ml_collections.ConfigDict()
-  c.seed = 0
+  c = trainer_config.default_config()  # seed, steps, batch, cadences, optim, weight_ema, mesh
   c.steps = 1500
   c.batch_size = 64
   c.log_every = 100
   c.eval_every = 500
   c.checkpoint_every = 500
-  c.keep_checkpoints = 2
-  c.optim = optim.default_optim_config()
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 100
-  c.weight_ema = optim.default_weight_ema_config("ema")
   c.weight_ema.decay = 0.999
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1))
   c.task = ml_collections.ConfigDict(dict(
       name="roles_hebbian" if kind == "hebbian" else "roles",
       source="ud" if ud else "grammar",

@@ -20,7 +20,6 @@ from typing import Any, Dict, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 
@@ -182,81 +181,3 @@ def token_nll(model, batch, *, rngs, train):
 
 
 TASK = LMTask
-
-
-def base_config(model_kind: str) -> ml_collections.ConfigDict:
-  """Fields every LM config shares; configs/ema_lm.py and configs/gpt2.py fill in the rest."""
-  from ema_jax import optim
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.steps = 1000
-  c.batch_size = 16
-  c.log_every = 50
-  c.eval_every = 500
-  c.checkpoint_every = 500
-  c.keep_checkpoints = 3
-  c.optim = optim.default_optim_config()
-  c.optim.lr = 3e-3
-  c.optim.warmup_steps = 100
-  c.optim.weight_decay = 0.1
-  c.weight_ema = optim.default_weight_ema_config("ema")
-  c.weight_ema.decay = 0.999
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1))
-  c.data = text_lib.default_data_config()
-  c.task = ml_collections.ConfigDict(dict(
-      name="lm", seq_len=256, eval_lengths=[], eval_batch_size=16,
-      eval_sources=ml_collections.ConfigDict()))
-  c.model = ml_collections.ConfigDict(dict(kind=model_kind, preset="tiny"))
-  return c
-
-
-WIKI = "../shared/data/wikipedia/{split}*.jsonl"
-C4_SAMPLE = "../shared/data/c4_sample/c4_demo.jsonl"
-
-
-def apply_tiny_preset(c: ml_collections.ConfigDict, wiki: bool = False) -> ml_collections.ConfigDict:
-  """CPU-sized training (byte tokenizer, T = 256) on the built-in text, or on the shared Wikipedia files
-  evaluated also on the shared C4 sample (evaluation only) when wiki=True."""
-  c.data.tokenizer = "byte"
-  c.task.seq_len = 256
-  c.batch_size = 16
-  c.steps = 600
-  c.log_every = 50
-  c.eval_every = 300
-  c.checkpoint_every = 300
-  c.optim.lr = 3e-3
-  c.optim.warmup_steps = 50
-  c.weight_ema.decay = 0.99
-  if wiki:
-    c.data.source = "files"
-    c.data.path = WIKI
-    c.data.train_split = "train"
-    c.data.eval_split = "validation"
-    c.steps = 2000
-    c.eval_every = 1000
-    c.checkpoint_every = 500
-    c.task.eval_sources = ml_collections.ConfigDict(
-        {"c4_sample": dict(source="files", path=C4_SAMPLE, eval_path=C4_SAMPLE, eval_split="validation")})
-  return c
-
-
-def apply_c4_preset(c: ml_collections.ConfigDict, lr: float) -> ml_collections.ConfigDict:
-  """The paper-scale setting: GPT-2 tokenizer, C4 (c4/en:3.1.0) through TFDS, T = 1024, batch 256."""
-  c.data.tokenizer = "gpt2"
-  c.data.source = "tfds"
-  c.data.tfds_name = "c4/en:3.1.0"
-  c.data.train_split = "train"
-  c.data.eval_split = "validation"
-  c.data.eval_max_tokens = 2_000_000
-  c.task.seq_len = 1024
-  c.task.eval_batch_size = 64
-  c.batch_size = 256
-  c.steps = 100_000
-  c.log_every = 100
-  c.eval_every = 5000
-  c.checkpoint_every = 2000
-  c.optim.lr = lr
-  c.optim.warmup_steps = 2000
-  c.weight_ema.decay = 0.9999
-  return c
-
