@@ -19,6 +19,8 @@ import tensorflow_datasets as tfds
 
 from ema_jax.data import text
 from ema_jax.data import tokenizer as tokenizer_lib
+from ema_jax.data.text import files as text_files
+from ema_jax.data.text import readers as text_readers
 from ema_jax.errors import DataStateError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -373,13 +375,13 @@ class _SequentialOnly(text.ListDocuments):
 
 @pytest.fixture
 def sequential_only(monkeypatch):
-    read_files = text._read_files
+    read_files = text_files._read_files
 
     def read_sequential(spec, split, files):
         docs = read_files(spec, split, files)
         return _SequentialOnly(list(docs._texts), docs.description, docs.units)
 
-    monkeypatch.setattr(text, "_read_files", read_sequential)
+    monkeypatch.setattr(text_files, "_read_files", read_sequential)
 
 
 @pytest.mark.parametrize("global_batch", [2, 8])
@@ -390,7 +392,7 @@ def test_sequential_sources_conserve_tokens_and_resume(jsonl_dir, sequential_onl
     # Records of a unit come in stored order; with G = 8 a stream holds one or two units.
     _check_one_epoch(it, cfg, global_batch, 9, shuffled=None)
     units = [(0, 5), (5, 7), (7, 20)]
-    reader = text._SequentialReader(None, units, 0, 0, None)
+    reader = text_readers._SequentialReader(None, units, 0, 0, None)
     first = {reader.document_index(epoch, 0) for epoch in range(10)}
     assert first == {0, 5, 7}  # each epoch visits the units in its own order
     make = lambda p, n: text.make_train_iterator(cfg, None, 9, global_batch, 0, p, n)  # noqa: E731
@@ -532,7 +534,7 @@ def test_large_streams_use_index_shuffle(jsonl_dir, monkeypatch):
     # Streams of more than 2**14 documents are shuffled by grain's index_shuffle (O(1) memory).
     directory, _ = jsonl_dir
     cfg = files_cfg(directory)
-    monkeypatch.setattr(text._RandomAccessReader, "_MAX_ARRAY_PERMUTATION", 0)
+    monkeypatch.setattr(text_readers._RandomAccessReader, "_MAX_ARRAY_PERMUTATION", 0)
     it = text.make_train_iterator(cfg, None, 7, 4, 0, 0, 1)
     _check_one_epoch(it, cfg, 4, 7)
     make = lambda p, n: text.make_train_iterator(cfg, None, 7, 4, 0, p, n)  # noqa: E731
