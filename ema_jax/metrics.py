@@ -160,20 +160,3 @@ class Throughput:
         out["mfu"] = tps * self.flops_per_token / self.peak
     self.t0, self.s0 = now, step
     return out
-
-
-def length_table_rows(lengths, train_len: int, max_rows: int = 20, margin: int = 1):
-  """Rows for a per-length table: every length when few, else the first two, the last, a few inside the
-  trained range, those within `margin` of train_len, and an even spread beyond it."""
-  lengths = sorted(lengths)
-  if len(lengths) <= max_rows:
-    return lengths
-  keep = {lengths[0], lengths[1], lengths[-1]}
-  keep |= {n for n in lengths if abs(n - train_len) <= margin}
-  keep |= {n for n in lengths if n < train_len and n % max(train_len // 4, 1) == 0}
-  beyond = [n for n in lengths if n > train_len + margin]
-  if beyond:
-    idx = np.unique(np.linspace(0, len(beyond) - 1, max(max_rows - len(keep), 2)).round().astype(int))
-    keep |= {beyond[i] for i in idx}
-  return sorted(keep)
-

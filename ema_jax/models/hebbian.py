@@ -44,14 +44,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ema_jax import traces
+from ema_jax import role_metrics, traces
 
 CODE_KINDS = ("random", "context")
 
@@ -365,47 +365,11 @@ def probe_predict(probe: Probe, feats_BTF, mask_BT) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # evaluation
 
-ARGUMENT_ROLES = ("AGENT", "PATIENT", "RECIPIENT", "OBL")
-
-
-def evaluate(pred_BT, roles_BT, depth_BT, mask_BT, role_names: Sequence[str]) -> dict:
-  """Accuracy overall, on argument tokens (gold role in ARGUMENT_ROLES), per gold role (recall), its
-  unweighted mean (macro), and per depth over all tokens and over argument tokens; with token counts."""
-  valid = np.asarray(mask_BT, bool)
-  pred, gold, depth = np.asarray(pred_BT)[valid], np.asarray(roles_BT)[valid], np.asarray(depth_BT)[valid]
-  correct = pred == gold
-  is_arg = np.isin(gold, [i for i, n in enumerate(role_names) if n in ARGUMENT_ROLES])
-
-  def acc(sel):
-    return float(correct[sel].mean()) if sel.any() else float("nan")
-
-  per_role = {n: acc(gold == i) for i, n in enumerate(role_names) if (gold == i).any()}
-  depths = sorted(set(depth.tolist()))
-  return {
-      "accuracy": acc(np.ones_like(correct)),
-      "argument_accuracy": acc(is_arg),
-      "macro_accuracy": float(np.mean(list(per_role.values()))) if per_role else float("nan"),
-      "per_role": per_role,
-      "per_depth": {int(d): acc(depth == d) for d in depths},
-      "per_depth_arguments": {int(d): acc((depth == d) & is_arg) for d in depths
-                              if (is_arg & (depth == d)).any()},
-      "count": int(valid.sum()),
-      "count_per_role": {n: int((gold == i).sum()) for i, n in enumerate(role_names)},
-      "count_per_depth": {int(d): int((depth == d).sum()) for d in depths},
-  }
-
-
-def majority_predictions(train_roles_BT, train_mask_BT, mask_BT) -> np.ndarray:
-  """The majority-class baseline: the most frequent training role at every valid token."""
-  majority = np.bincount(np.asarray(train_roles_BT)[np.asarray(train_mask_BT, bool)]).argmax()
-  return np.where(np.asarray(mask_BT, bool), majority, -1).astype(np.int32)
-
-
 def fit_and_evaluate(cfg: HebbianConfig, train, evals: dict, *, probe_steps: int = 300,
                      verbose: bool = False) -> dict:
   """Label-free fit on train.tokens/mask, both readouts fitted on train's labels, evaluated on each of
   `evals` (name -> object with tokens, roles, depth, mask, role_names such as grammar.RoleData).
-  Returns {name: {"unit_readout", "linear_probe", "majority"} -> evaluate(...) dict}."""
+  Returns {name: {"unit_readout", "linear_probe", "majority"} -> role_metrics.evaluate(...) dict}."""
   num_roles = len(train.role_names)
   params = fit(cfg, train.tokens, train.mask, verbose=verbose)
   unit_roles_U = fit_unit_roles(params, cfg, train.tokens, train.mask, train.roles, num_roles)
@@ -415,11 +379,11 @@ def fit_and_evaluate(cfg: HebbianConfig, train, evals: dict, *, probe_steps: int
   for name, data in {"train": train, **evals}.items():
     feats = features(params, cfg, data.tokens, data.mask)
     results[name] = {
-        "unit_readout": evaluate(assign(params, cfg, unit_roles_U, data.tokens, data.mask),
+        "unit_readout": role_metrics.evaluate(assign(params, cfg, unit_roles_U, data.tokens, data.mask),
                                  data.roles, data.depth, data.mask, data.role_names),
-        "linear_probe": evaluate(probe_predict(probe, feats, data.mask), data.roles, data.depth,
+        "linear_probe": role_metrics.evaluate(probe_predict(probe, feats, data.mask), data.roles, data.depth,
                                  data.mask, data.role_names),
-        "majority": evaluate(majority_predictions(train.roles, train.mask, data.mask), data.roles,
+        "majority": role_metrics.evaluate(role_metrics.majority_predictions(train.roles, train.mask, data.mask), data.roles,
                              data.depth, data.mask, data.role_names),
     }
   return results

@@ -39,7 +39,7 @@ from flax import nnx
 
 from ema_jax.data import othello as data
 from ema_jax.models.transformer import DTYPES, GPT, GPTConfig, flops_per_token
-from ema_jax import metrics as metrics_lib
+from ema_jax import length_report
 from ema_jax.errors import config_error, is_int
 from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task
 
@@ -86,14 +86,8 @@ def next_move_loss(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
 
 def region_means(positions: Sequence[int], per_position: Mapping[str, Sequence[float]], train_len: int
                  ) -> Dict[str, float]:
-  """{'in_range/<m>': mean over p <= train_len, 'out_of_range/<m>': mean over p > train_len}; empty sides left out."""
-  positions = np.asarray(positions)
-  out = {}
-  for name, part in (("in_range", positions <= train_len), ("out_of_range", positions > train_len)):
-    if part.any():
-      for m in METRICS:
-        out[f"{name}/{m}"] = float(np.mean(np.asarray(per_position[m], np.float64)[part]))
-  return out
+  """In-range (p <= train_len) and out-of-range means of every metric (length_report.range_means)."""
+  return length_report.range_means(positions, per_position, train_len, METRICS)
 
 
 # ----------------------------------------------------------------------------------------------- iterator
@@ -341,62 +335,25 @@ TASK = OthelloTask
 # --------------------------------------------------------------------------------------- tables and plots
 
 
-def table_positions(positions: Sequence[int], train_len: int, max_rows: int = 20):
-  """Positions to show: all when few, else a readable subset around and beyond the trained range."""
-  return metrics_lib.length_table_rows(positions, train_len, max_rows, margin=1)
-
-
 def format_table(results, kinds, train_len: int, step: int, metrics=METRICS) -> str:
-  cols = [(m, k) for m in metrics for k in kinds]
-  head = ["pos"] + [f"{SHORT[m]}:{k}" for m, k in cols] + ["chance"]
-  widths = [max(6, len(h)) for h in head]
-  lines = [f"othello, step {step} (trained positions 1..{train_len}; '*' = beyond; chance = mass of "
-           f"uniform over 60 squares)", "  ".join(h.rjust(w) for h, w in zip(head, widths))]
-  ref = results[kinds[0]]["per_position"]
-  index = {k: {p: i for i, p in enumerate(results[k]["per_position"]["position"])} for k in kinds}
-  for p in table_positions(ref["position"], train_len):
-    row = [f"{p}{'*' if p > train_len else ' '}"]
-    for m, k in cols:
-      i = index[k].get(p)
-      row.append(f"{results[k]['per_position'][m][i]:.4f}" if i is not None else "-")
-    row.append(f"{ref['chance_mass'][index[kinds[0]][p]]:.4f}")
-    lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths)))
-  for part in ("in_range", "out_of_range"):
-    row = ["in" if part == "in_range" else "out"]
-    for m, k in cols:
-      v = results[k].get(f"{part}/{m}")
-      row.append(f"{v:.4f}" if v is not None else "-")
-    row.append("")
-    lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths)))
-  return "\n".join(lines)
+  return length_report.format_table(
+      results, kinds, per_key="per_position", length_key="position", train_len=train_len, metrics=metrics,
+      short=SHORT, title=(f"othello, step {step} (trained positions 1..{train_len}; '*' = beyond; chance = "
+                          f"mass of uniform over 60 squares)"),
+      length_header="pos", fmt=lambda v: f"{v:.4f}", max_rows=20, margin=1,
+      extra_column=("chance", "chance_mass", lambda v: f"{v:.4f}"))
 
 
 def plot_per_position(results, kinds, train_len: int, out_dir: str, step: Optional[int] = None,
                       metrics=METRICS, prefix: str = "othello") -> list:
   """One PNG per metric against position, trained range shaded, one line per weights kind."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  os.makedirs(out_dir, exist_ok=True)
-  paths = []
-  for m in metrics:
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=90)
-    ax.axvspan(0.5, train_len + 0.5, color="0.9", label="trained positions")
-    for k in kinds:
-      pp = results[k]["per_position"]
-      ax.plot(pp["position"], pp[m], marker=".", markersize=3, label=k)
+  def chance(ax, m):
     if m == "legal_mass":
       pp = results[kinds[0]]["per_position"]
       ax.plot(pp["position"], pp["chance_mass"], color="0.5", linestyle=":", label="uniform over 60")
-    if m in LOG_SCALE and any(v > 0 for k in kinds for v in results[k]["per_position"][m]):
-      ax.set_yscale("log")
-    ax.set_xlabel("position p (moves seen)")
-    ax.set_ylabel(METRIC_LABELS[m])
-    ax.set_title(METRIC_LABELS[m] + (f", step {step}" if step is not None else ""))
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, f"{prefix}_{m}.png")
-    fig.savefig(path)
-    plt.close(fig)
-    paths.append(path)
-  return paths
+
+  return length_report.plot_per_length(
+      results, kinds, per_key="per_position", length_key="position", train_len=train_len, metrics=metrics,
+      labels=METRIC_LABELS, log_scale=LOG_SCALE, out_dir=out_dir, prefix=prefix,
+      xlabel="position p (moves seen)", shade_label="trained positions", step=step, markersize=3,
+      reference=chance)
