@@ -11,7 +11,7 @@ each --fused-chunks size; each linear_scan method through ema_traces (custom VJP
 form (jax.lax.associative_scan on a decay broadcast to the full [B, T, K, D] shape, b = alpha * x
 materialised, autodiff through the scan); and a plain copy that writes an output of the same size (the
 memory-bandwidth bound: its forward+backward is the copy too, the goals compare against it).
---per-channel uses [K, D] rates instead (no fused path there): the numbers behind scan._auto_method.
+--per-channel uses [K, D] rates instead (no fused path there): the numbers behind scan.auto_method.
 The candidates are timed in turn within each repeat (interleaved), so a change of machine load during
 the run hits all of them alike; the JSON meta records the load average before and after.
 
@@ -173,7 +173,7 @@ def main():
               cpu_count=os.cpu_count(), platform=platform.platform(), processor=platform.processor(),
               jax=jax.__version__, repeats=args.repeats, command=" ".join(sys.argv),
               rates="per_channel [K, D]" if args.per_channel else "shared [K]",
-              auto=auto, fused_default_chunk=traces.DEFAULT_FUSED_CHUNK, linear_scan_auto=scan._auto_method(1 << 20),
+              auto=auto, fused_default_chunk=traces.DEFAULT_FUSED_CHUNK, linear_scan_auto=scan.auto_method(1 << 20),
               loadavg_before=list(load_before), loadavg_after=list(load_after),
               uptime_before=uptime_before, uptime_after=uptime_after,
               malloc_env={k: os.environ[k] for k in _HEAP_ENV if k in os.environ},

@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from ema_jax import sharding, traces  # noqa: E402
+from ema_jax import seq_parallel, sharding, traces  # noqa: E402
 
 ALPHAS = (0.5, 0.1, 0.02)
 
@@ -59,7 +59,7 @@ def main():
     x = jax.random.normal(jax.random.key(0), (b, t, d), jnp.float32)
     one = jax.jit(lambda x: traces.ema_traces(x, ALPHAS)[0])
     x_sh = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P(None, "seq", None)))
-    par = jax.jit(lambda x: sharding.seq_parallel_traces(x, ALPHAS, mesh=mesh)[0])
+    par = jax.jit(lambda x: seq_parallel.seq_parallel_traces(x, ALPHAS, mesh=mesh)[0])
     err = float(jnp.max(jnp.abs(par(x_sh) - one(x))))
     t_one = timed(one, x, repeats=ARGS.repeats)
     t_par = timed(par, x_sh, repeats=ARGS.repeats)

@@ -6,7 +6,9 @@ One public function, `linear_scan`, with several methods that agree to float32 r
   sequential   jax.lax.scan (one step per token: the reference and the decode path)
   chunked      inside chunks of C tokens the recurrence is a C x C decay matrix (a matmul); chunk
                summaries are combined by an associative scan; any T (padded internally)
-  auto         picked per backend (see `_auto_method`, numbers in benchmarks/scan_bench.py)
+  auto         picked per backend (see `auto_method`, numbers in benchmarks/scan_bench.py)
+
+Methods are `ScanMethod` members; their strings ('auto', ...) are accepted wherever a method is.
 
 `a` and `b` broadcast against each other, so a per-channel decay (a of shape [K, 1] for instance) or an
 input shared across channels never costs a [B, T, ...] array in the chunked method. State and
@@ -21,6 +23,7 @@ This module imports nothing from the project.
 
 from __future__ import annotations
 
+import enum
 import functools
 import string
 from typing import Optional, Tuple
@@ -29,7 +32,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-METHODS = ("auto", "associative", "sequential", "chunked")
+
+class ScanMethod(str, enum.Enum):
+  """How a recurrence is evaluated. A str enum, so ScanMethod.AUTO == "auto"."""
+  AUTO = "auto"
+  ASSOCIATIVE = "associative"
+  SEQUENTIAL = "sequential"
+  CHUNKED = "chunked"
+  FUSED = "fused"  # ema_traces only (one batched matmul per chunk, see traces.py); linear_scan refuses it
+
+  def __str__(self):
+    return self.value
+
+
+METHODS = tuple(m.value for m in ScanMethod if m is not ScanMethod.FUSED)  # linear_scan's
 DEFAULT_CHUNK = 32
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 
@@ -38,15 +54,26 @@ _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 # validation
 
 
+def parse_method(method, accepted, where: str) -> ScanMethod:
+  """`method` (a ScanMethod or its string) as a ScanMethod, if it is one of `accepted`; else a ValueError."""
+  try:
+    parsed = ScanMethod(method)
+  except ValueError:
+    parsed = None
+  if parsed is None or parsed not in accepted:
+    raise ValueError(f"{where}: `method`={method!r}; accepted: {', '.join(map(str, accepted))}.")
+  return parsed
+
+
 def _check_dtype(name, x):
   if x.dtype not in [np.dtype(d) for d in _FLOAT_DTYPES]:
     raise ValueError(f"linear_scan: `{name}` has dtype {x.dtype}; accepted: float32, bfloat16, float16 (float64 when x64 is enabled).")
 
 
 def _prepare(a, b, h0, resets, method, chunk_size):
-  """Validates arguments at the boundary and returns (a, b, h0, resets) as arrays of rank >= 2."""
-  if method not in METHODS:
-    raise ValueError(f"linear_scan: `method`={method!r}; accepted: {', '.join(METHODS)}.")
+  """Validates arguments at the boundary and returns (a, b, h0, resets, method) as arrays of rank >= 2
+  and a ScanMethod."""
+  method = parse_method(method, METHODS, "linear_scan")
   if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
     raise ValueError(f"linear_scan: `chunk_size`={chunk_size!r}; accepted: a positive integer.")
   a = jnp.asarray(a)
@@ -88,7 +115,7 @@ def _prepare(a, b, h0, resets, method, chunk_size):
     if resets.ndim != 2 or resets.shape[1] != b.shape[1] or resets.shape[0] not in (1, out_shape[0]):
       raise ValueError(
           f"linear_scan: `resets` has shape {resets.shape}; expected [B, T] = [{out_shape[0]}, {b.shape[1]}].")
-  return a, b, h0, resets
+  return a, b, h0, resets, method
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,6 +151,44 @@ def _shift_in_scan_order(x, reverse, fill):
     return jnp.pad(x[:, :-1], pad, constant_values=fill)
   pad[1] = (0, 1)
   return jnp.pad(x[:, 1:], pad, constant_values=fill)
+
+
+def combine(left, right):
+  """The associative operator of h_t = a_t h_{t-1} + b_t on (a, b) pairs: `left`, then `right`.
+
+  (a_l, b_l) then (a_r, b_r) maps h to a_r (a_l h + b_l) + b_r = (a_l a_r) h + (a_r b_l + b_r).
+  Numerics: give it the accumulation dtype (float32; float64 under x64). Each output of a log-depth scan
+  passes through O(log T) combines instead of T steps, so it agrees with the sequential loop to rounding,
+  not bit for bit; products of decays with |a| <= 1 only shrink (towards zero, never overflowing).
+  """
+  a_l, b_l = left
+  a_r, b_r = right
+  return a_l * a_r, a_r * b_l + b_r
+
+
+def entering_states(a, b, h0, *, reverse: bool = False, method=ScanMethod.ASSOCIATIVE):
+  """s_{n+1} = a_n s_n + b_n along axis 1 from s_0 = h0 (from the right for reverse).
+
+  Returns (the state entering each step [B, N, ...], the final state [B, ...]): the carries of a chunked
+  scan, whose steps are whole chunks. `method`: 'associative' (log depth) or 'sequential' (jax.lax.scan).
+  No validation, custom VJP or dtype handling: a building block for code that differentiates it itself.
+  """
+  method = parse_method(method, (ScanMethod.ASSOCIATIVE, ScanMethod.SEQUENTIAL), "entering_states")
+  if method is ScanMethod.SEQUENTIAL:
+    def body(s, ab):
+      return ab[0] * s + ab[1], s
+    final, entering = jax.lax.scan(body, h0, (jnp.moveaxis(a, 1, 0), jnp.moveaxis(b, 1, 0)), reverse=reverse)
+    return jnp.moveaxis(entering, 0, 1), final
+  # h0 joins as an extra element of decay 0, so element n of the scan holds the state entering step n.
+  zero = jnp.zeros_like(a[:, :1])
+  if reverse:
+    states = jax.lax.associative_scan(combine, (jnp.concatenate([a, zero], axis=1),
+                                                jnp.concatenate([b, h0[:, None]], axis=1)),
+                                      axis=1, reverse=True)[1]
+    return states[:, 1:], states[:, 0]
+  states = jax.lax.associative_scan(combine, (jnp.concatenate([zero, a], axis=1),
+                                              jnp.concatenate([h0[:, None], b], axis=1)), axis=1)[1]
+  return states[:, :-1], states[:, -1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,11 +231,6 @@ def _associative(a, b, h0, breaks, reverse):
     # Fold the initial state into the first step (in scan order): b_0 <- b_0 + a_0 * h0.
     i = -1 if reverse else 0
     b = b.at[:, i].add(a[:, i] * h0)
-
-  def combine(left, right):
-    a_l, b_l = left
-    a_r, b_r = right
-    return a_l * a_r, a_r * b_l + b_r
 
   if reverse:
     # JAX reverses by flipping, so the forward combine applies unchanged.
@@ -295,17 +355,7 @@ def _chunked(a, b, h0, breaks, reverse, chunk_size):
   a_chunk = jnp.broadcast_to(a_chunk, a_chunk.shape[:1] + (n,) + a_chunk.shape[2:])
   if h0 is None:
     h0 = jnp.zeros((bsz,) + tuple(ch_shape), b.dtype)
-  # Prepend h0 as an extra element with zero decay so the scan yields S_{-1}..S_{n-1}.
-  a_all = jnp.concatenate([jnp.zeros_like(a_chunk[:, :1]), a_chunk], axis=1)
-  e_all = jnp.concatenate([h0[:, None], end], axis=1)
-
-  def combine(left, right):
-    a_l, b_l = left
-    a_r, b_r = right
-    return a_l * a_r, a_r * b_l + b_r
-
-  _, states = jax.lax.associative_scan(combine, (a_all, e_all), axis=1)
-  carry = states[:, :-1]                                   # [B, n, *ch]: state entering each chunk
+  carry, _ = entering_states(a_chunk, end, h0)             # [B, n, *ch]: state entering each chunk
   h = h_local + pfac * carry[:, :, None]
   h = h.reshape((bsz, n * c) + tuple(ch_shape))[:, :t_len]
   return h, h[:, -1]
@@ -315,7 +365,7 @@ def _chunked(a, b, h0, breaks, reverse, chunk_size):
 # dispatch and custom VJP
 
 
-def _auto_method(t_len, backend=None):
+def auto_method(t_len, backend=None) -> ScanMethod:
   """Fastest method per backend, from benchmarks/scan_bench.py (see README).
 
   cpu: 'sequential'. Measured on a 2-core CPU (shared, medians; `scan_bench.py --per-channel`) through
@@ -326,23 +376,23 @@ def _auto_method(t_len, backend=None):
   gpu, tpu: unmeasured; 'chunked' (matmuls inside chunks, a log-depth scan across them) as designed.
   """
   if t_len <= 2:
-    return "sequential"
+    return ScanMethod.SEQUENTIAL
   backend = backend or jax.default_backend()
   if backend == "cpu":
-    return "sequential"
-  return "chunked"
+    return ScanMethod.SEQUENTIAL
+  return ScanMethod.CHUNKED
 
 
 def _run(a, b, h0, breaks, reverse, method, chunk_size):
-  if method == "auto":
-    method = _auto_method(b.shape[1])
+  if method is ScanMethod.AUTO:
+    method = auto_method(b.shape[1])
   acc = _acc_dtype(b.dtype)
   a = a.astype(acc)
   b = b.astype(acc)
-  if method == "sequential":
+  if method is ScanMethod.SEQUENTIAL:
     out_shape = jnp.broadcast_shapes(a.shape, b.shape)
     return _sequential(a, jnp.broadcast_to(b, out_shape), h0, breaks, reverse)
-  if method == "associative":
+  if method is ScanMethod.ASSOCIATIVE:
     return _associative(a, b, h0, breaks, reverse)
   return _chunked(a, b, h0, breaks, reverse, chunk_size)
 
@@ -395,7 +445,7 @@ def _scan_bwd(reverse, method, chunk_size, out_dtype, res, cts):
 _scan_vjp.defvjp(_scan_fwd, _scan_bwd)
 
 
-def linear_scan(a, b, h0=None, *, reverse: bool = False, resets=None, method: str = "auto",
+def linear_scan(a, b, h0=None, *, reverse: bool = False, resets=None, method: str | ScanMethod = "auto",
                 chunk_size: int = DEFAULT_CHUNK, custom_vjp: bool = True) -> Tuple[jax.Array, jax.Array]:
   """Solves h_t = a_t * h_{t-1} + b_t along axis 1.
 
@@ -407,7 +457,7 @@ def linear_scan(a, b, h0=None, *, reverse: bool = False, resets=None, method: st
     resets: [B, T] bool; True at t starts a new document at t: the state carried into t is dropped
       (for reverse=True, the state of t does not flow back into t - 1, so each document is scanned
       on its own in both directions).
-    method: 'auto', 'associative', 'sequential' or 'chunked'.
+    method: a ScanMethod or its string: 'auto', 'associative', 'sequential' or 'chunked'.
     chunk_size: chunk length of the 'chunked' method.
     custom_vjp: use the reverse-recurrence VJP (reverse mode only, as for any jax.custom_vjp). Set
       False for forward-mode autodiff (jax.jvp, jax.jacfwd), which then differentiates the method.
@@ -416,7 +466,7 @@ def linear_scan(a, b, h0=None, *, reverse: bool = False, resets=None, method: st
     (h, h_last): h with the broadcast shape of a and b, in b's dtype; h_last [B, ...] float32, the
     state after the last step in scan order.
   """
-  a, b, h0, resets = _prepare(a, b, h0, resets, method, chunk_size)
+  a, b, h0, resets, method = _prepare(a, b, h0, resets, method, chunk_size)
   return _linear_scan(a, b, h0, resets, reverse, method, int(chunk_size), custom_vjp)
 
 

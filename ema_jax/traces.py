@@ -6,7 +6,7 @@ The K write rates share one input x. Two implementations:
                that is the transposed matmul (see the "fused chunked path" section below)
   linear_scan  any rates, [K, D] per channel included: g_t = (1 - alpha) g_{t-1} + x_t through
                `scan.linear_scan` with x broadcast over K (never materialised K times), scaled by alpha
-`method='auto'` picks per backend (`_auto_method`).
+`method='auto'` picks per backend (`_auto_method`). Methods are `scan.ScanMethod` members or their strings.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ema_jax import scan
 
 PAPER_ALPHAS = (0.5, 0.1, 0.02)
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
-METHODS = ("fused",) + scan.METHODS   # ema_traces' methods; linear_scan keeps its own list
+METHODS = (scan.ScanMethod.FUSED.value,) + scan.METHODS   # ema_traces' methods; linear_scan's lack 'fused'
 
 
 def _is_concrete(x) -> bool:
@@ -170,27 +170,9 @@ def _chunk_scan(a_BNK1, e_BNKD, s0_BKD, reverse: bool):
   measured; accelerators take the associative scan (a step there is a kernel launch).
   """
   a_BNK1 = jnp.broadcast_to(a_BNK1, e_BNKD.shape[:1] + a_BNK1.shape[1:])
-  if jax.default_backend() == "cpu":
-    def body(s, ae):
-      return ae[0] * s + ae[1], s
-    final, entering = jax.lax.scan(body, s0_BKD, (jnp.moveaxis(a_BNK1, 1, 0), jnp.moveaxis(e_BNKD, 1, 0)),
-                                   reverse=reverse)
-    return jnp.moveaxis(entering, 0, 1), final
-
-  def combine(left, right):
-    return left[0] * right[0], right[0] * left[1] + right[1]
-
-  # Shift by one so that element n holds the state entering chunk n; s0 enters as an element of decay 0.
-  zero = jnp.zeros_like(a_BNK1[:, :1])
-  if reverse:
-    a_all = jnp.concatenate([a_BNK1, zero], axis=1)
-    e_all = jnp.concatenate([e_BNKD, s0_BKD[:, None]], axis=1)
-    states = jax.lax.associative_scan(combine, (a_all, e_all), axis=1, reverse=True)[1]
-    return states[:, 1:], states[:, 0]
-  a_all = jnp.concatenate([zero, a_BNK1], axis=1)
-  e_all = jnp.concatenate([s0_BKD[:, None], e_BNKD], axis=1)
-  states = jax.lax.associative_scan(combine, (a_all, e_all), axis=1)[1]
-  return states[:, :-1], states[:, -1]
+  cpu = jax.default_backend() == "cpu"
+  method = scan.ScanMethod.SEQUENTIAL if cpu else scan.ScanMethod.ASSOCIATIVE
+  return scan.entering_states(a_BNK1, e_BNKD, s0_BKD, reverse=reverse, method=method)
 
 
 def _batched_matmul(w_MRS, v_MSD):
@@ -289,7 +271,7 @@ _fused_traces.defvjp(_fused_traces_fwd, _fused_traces_bwd)
 
 
 def ema_traces(x, alphas: Union[Sequence[float], jax.Array] = PAPER_ALPHAS, h0=None, *, resets=None,
-               bias_correction: bool = False, method: str = "auto", start_count=None,
+               bias_correction: bool = False, method: str | scan.ScanMethod = "auto", start_count=None,
                chunk_size: Optional[int] = None):
   """EMA traces of x at K timescales.
 
@@ -300,9 +282,9 @@ def ema_traces(x, alphas: Union[Sequence[float], jax.Array] = PAPER_ALPHAS, h0=N
     resets: [B, T] bool; True at t starts a new document there (the state is zeroed before t).
     bias_correction: divide by 1 - (1 - alpha)^n, n the tokens since the start or the last reset,
       so each trace is an unbiased average from its first token.
-    method: 'fused' (one batched matmul per output, see the section above; needs rates shared over D:
-      [K] or [K, 1], fixed or learned), a scan.linear_scan method ('associative', 'sequential',
-      'chunked'), or 'auto' (see `_auto_method`).
+    method: a scan.ScanMethod or its string: 'fused' (one batched matmul per output, see the section
+      above; needs rates shared over D: [K] or [K, 1], fixed or learned), a scan.linear_scan method
+      ('associative', 'sequential', 'chunked'), or 'auto' (see `_auto_method`).
     start_count: [B] or scalar tokens already summarised in h0 (bias correction only).
     chunk_size: chunk length of 'fused' (default DEFAULT_FUSED_CHUNK) and 'chunked' (scan.DEFAULT_CHUNK).
 
@@ -319,19 +301,18 @@ def ema_traces(x, alphas: Union[Sequence[float], jax.Array] = PAPER_ALPHAS, h0=N
     h0 = jnp.asarray(h0)
     if h0.shape != (bsz, k, d):
       raise ValueError(f"ema_traces: `h0` has shape {h0.shape}; expected [B, K, D] = {(bsz, k, d)}.")
-  if method not in METHODS:
-    raise ValueError(f"ema_traces: `method`={method!r}; accepted: {', '.join(METHODS)}.")
+  method = scan.parse_method(method, METHODS, "ema_traces")
   shared = alpha_kd.shape[1] == 1
-  if method == "fused" and t_len < 1:
+  if method is scan.ScanMethod.FUSED and t_len < 1:
     raise ValueError(f"ema_traces: method='fused' needs at least one token; `x` has shape {x.shape}.")
-  if method == "fused" and not shared:
+  if method is scan.ScanMethod.FUSED and not shared:
     raise ValueError(f"ema_traces: method='fused' needs write rates shared over D ([K] or [K, 1]); got "
                      f"`alphas` of shape {tuple(alpha_kd.shape)}. Use method='auto' or 'chunked' for "
                      "per-channel rates.")
-  if method == "auto":
+  if method is scan.ScanMethod.AUTO:
     method = _auto_method(t_len, shared)
   if chunk_size is None:
-    chunk_size = DEFAULT_FUSED_CHUNK if method == "fused" else scan.DEFAULT_CHUNK
+    chunk_size = DEFAULT_FUSED_CHUNK if method is scan.ScanMethod.FUSED else scan.DEFAULT_CHUNK
   if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
     raise ValueError(f"ema_traces: `chunk_size`={chunk_size!r}; accepted: a positive integer.")
   # Concrete rates cannot be differentiated (no transformation traces them): skip their cotangent.
@@ -340,19 +321,19 @@ def ema_traces(x, alphas: Union[Sequence[float], jax.Array] = PAPER_ALPHAS, h0=N
                      rate_grad)
 
 
-def _auto_method(t_len: int, rates_shared_over_d: bool) -> str:
+def _auto_method(t_len: int, rates_shared_over_d: bool) -> scan.ScanMethod:
   """'fused' on CPU when it applies (rates shared over D): benchmarks/scan_bench.py measured it the fastest
   there, forward and forward+backward (results/scan_bench.json). Otherwise the linear_scan method that
-  scan._auto_method picks; GPU/TPU keep linear_scan's choice because the fused path is unmeasured there."""
+  scan.auto_method picks; GPU/TPU keep linear_scan's choice because the fused path is unmeasured there."""
   if rates_shared_over_d and t_len >= 1 and jax.default_backend() == "cpu":
-    return "fused"
-  return scan._auto_method(t_len)
+    return scan.ScanMethod.FUSED
+  return scan.auto_method(t_len)
 
 
 @functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
 def _ema_traces(x, alpha_kd, h0, resets, start_count, bias_correction, method, chunk_size, rate_grad=True):
   bsz, t_len, d = x.shape
-  if method == "fused":
+  if method is scan.ScanMethod.FUSED:
     acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
     alpha_K = jnp.asarray(alpha_kd[:, 0], acc)
     h0_BKD = jnp.zeros((bsz, alpha_K.shape[0], d), acc) if h0 is None else h0

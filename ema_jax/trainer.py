@@ -304,7 +304,7 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str],
 
   thru.reset(start)
   status = "done"
-  # The mesh is the context of every trace, so layers can go sequence-parallel (sharding.auto_traces).
+  # The mesh is the context of every trace, so layers can go sequence-parallel (seq_parallel.auto_traces).
   with jax.set_mesh(mesh):
     try:
       if not finished and preemption.requested() and jax.process_count() == 1:

@@ -65,9 +65,9 @@ def test_indivisible_mesh_fails_before_compilation(code, match):
 
 
 def test_sequence_not_divisible_by_seq_axis():
-  script = ("import jax, jax.numpy as jnp, ml_collections; from ema_jax import sharding; "
+  script = ("import jax, jax.numpy as jnp, ml_collections; from ema_jax import seq_parallel, sharding; "
             "m = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, seq=4))); "
-            "sharding.seq_parallel_traces(jnp.zeros((2, 30, 8)), (0.5, 0.1), mesh=m)")
+            "seq_parallel.seq_parallel_traces(jnp.zeros((2, 30, 8)), (0.5, 0.1), mesh=m)")
   out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env_for(4), capture_output=True,
                        text=True, timeout=300)
   assert out.returncode != 0 and "sequence length 30 is not divisible by mesh seq = 4" in out.stderr

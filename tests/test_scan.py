@@ -220,6 +220,35 @@ def test_vjp_under_jit_bfloat16():
   assert g.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
 
 
+def test_methods_as_enum_or_string():
+  rng = np.random.default_rng(9)
+  a, b = make_case(rng, 2, 13, (3,), "full")
+  for m in scan.ScanMethod:
+    if m is scan.ScanMethod.FUSED:
+      continue
+    h_enum, _ = linear_scan(a, b, method=m, chunk_size=4)
+    h_str, _ = linear_scan(a, b, method=m.value, chunk_size=4)
+    np.testing.assert_array_equal(np.asarray(h_enum), np.asarray(h_str))
+  assert scan.auto_method(1024, "cpu") == "sequential" and scan.auto_method(1024, "tpu") == "chunked"
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("method", ["associative", "sequential"])
+def test_entering_states(method, reverse):
+  rng = np.random.default_rng(10)
+  a = rng.uniform(-1, 1, (2, 7, 3)).astype(np.float32)
+  b = rng.normal(size=(2, 7, 3)).astype(np.float32)
+  h0 = rng.normal(size=(2, 3)).astype(np.float32)
+  entering, final = scan.entering_states(jnp.asarray(a), jnp.asarray(b), jnp.asarray(h0), reverse=reverse,
+                                         method=method)
+  h, _ = linear_scan(a, b, h0, reverse=reverse, method="sequential")
+  # The state entering step t is h0 or the state after the step before it (in scan order).
+  want = (np.concatenate([np.asarray(h)[:, 1:], h0[:, None]], 1) if reverse
+          else np.concatenate([h0[:, None], np.asarray(h)[:, :-1]], 1))
+  np.testing.assert_allclose(np.asarray(entering), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(final), np.asarray(h)[:, 0 if reverse else -1], rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
@@ -246,3 +275,11 @@ def test_bad_shapes_and_dtypes():
     linear_scan(np.zeros((4,), np.float32), np.zeros((2, 5, 3), np.float32))
   with pytest.raises(ValueError, match="B, T"):
     linear_scan(np.float32(0.5), np.zeros((5,), np.float32))
+
+
+def test_bad_method_lists_accepted_values():
+  b = np.zeros((2, 5, 3), np.float32)
+  with pytest.raises(ValueError, match="`method`='fast'; accepted: auto, associative, sequential, chunked."):
+    linear_scan(np.float32(0.5), b, method="fast")
+  with pytest.raises(ValueError, match="accepted: auto, associative, sequential, chunked"):
+    linear_scan(np.float32(0.5), b, method=scan.ScanMethod.FUSED)   # ema_traces' method only

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ema_jax import sharding, traces
+from ema_jax import scan, seq_parallel, traces
 
 LEARN_MODES = ("none", "per_timescale", "per_channel")
 
@@ -28,6 +28,7 @@ class EMATraces(nnx.Module):
       raise ValueError(f"EMATraces: `learn`={learn!r}; accepted: {', '.join(LEARN_MODES)}.")
     if not isinstance(features, int) or features < 1:
       raise ValueError(f"EMATraces: `features`={features!r}; expected a positive integer.")
+    scan.parse_method(method, traces.METHODS, "EMATraces")
     init = np.asarray(traces.check_alphas(alphas), np.float64)
     if learn != "none" and (init >= 1).any():
       raise ValueError(f"EMATraces: learned write rates must start inside (0, 1); got alphas={init.tolist()}.")
@@ -55,8 +56,8 @@ class EMATraces(nnx.Module):
     """Returns (h_BTKD, final TraceState) over a whole sequence."""
     if state is None:
       # Under a mesh with seq > 1 (jax.set_mesh) this runs sequence-parallel.
-      h_BTKD, h_last = sharding.auto_traces(x_BTD, self.alphas(), resets_BT,
-                                            bias_correction=self.bias_correction, method=self.method)
+      h_BTKD, h_last = seq_parallel.auto_traces(x_BTD, self.alphas(), resets_BT,
+                                                bias_correction=self.bias_correction, method=self.method)
       counts = traces.token_counts(resets_BT, x_BTD.shape[0], x_BTD.shape[1])[:, -1]
       return h_BTKD, traces.TraceState(h_last, counts)
     h_BTKD, h_last = traces.ema_traces(x_BTD, self.alphas(), state.h, resets=resets_BT,
