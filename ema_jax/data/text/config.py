@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import numpy as np
 
 from ema_jax.data import tokenizer as tokenizer_lib
+from ema_jax.errors import config_error, is_int
 
 SOURCES = ("builtin", "files", "tfds")
 FILE_FORMATS = ("auto", "jsonl", "text")
@@ -100,12 +100,7 @@ def parse_data_config(data_cfg: Any) -> DataSpec:
 
   def check(name, ok, accepted):
     if not ok:
-      raise ValueError(
-          f"config.data.{name}={values[name]!r} is invalid; expected {accepted}."
-      )
-
-  def is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+      config_error(f"data.{name}", values[name], accepted)
 
   check("source", values["source"] in SOURCES, f"one of {SOURCES}")
   check(
