@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ema_jax.data import othello
+from ema_jax.data import othello_dataset
 
 # ----------------------------------------------------------------------------- brute-force reference
 
@@ -295,7 +296,7 @@ def test_generator_uniform():
 
 
 def test_load_or_generate_and_checksum(tmp_path):
-    train, val = othello.load_or_generate(str(tmp_path), 200, 3, 0.1)
+    train, val = othello_dataset.load_or_generate(str(tmp_path), 200, 3, 0.1)
     path = tmp_path / "othello_200_3.npz"
     assert path.exists()
     assert train.num_games == 180 and val.num_games == 20
@@ -303,7 +304,7 @@ def test_load_or_generate_and_checksum(tmp_path):
     assert (np.concatenate([train.moves, val.moves]) == moves).all()
     assert (np.concatenate([train.lengths, val.lengths]) == lengths).all()
     assert train.tokens().shape == (180, 60) and val.legal_move_masks().shape == (20, 60, 61)
-    train2, val2 = othello.load_or_generate(str(tmp_path), 200, 3, 0.1)
+    train2, val2 = othello_dataset.load_or_generate(str(tmp_path), 200, 3, 0.1)
     assert (train2.moves == train.moves).all() and (val2.moves == val.moves).all()
 
     # Tampered arrays with the stored checksum left as it was.
@@ -313,22 +314,22 @@ def test_load_or_generate_and_checksum(tmp_path):
     arrays["moves"][0, -1], arrays["moves"][0, -2] = arrays["moves"][0, -2], arrays["moves"][0, -1]
     np.savez(path, **arrays)
     with pytest.raises(ValueError, match=r"othello_200_3\.npz.*checksum.*delete"):
-        othello.load_or_generate(str(tmp_path), 200, 3, 0.1)
+        othello_dataset.load_or_generate(str(tmp_path), 200, 3, 0.1)
 
     # A file that is not an npz at all.
     path.write_bytes(b"not a numpy file")
-    with pytest.raises(othello.CorruptCacheError, match=r"othello_200_3\.npz.*delete"):
-        othello.load_or_generate(str(tmp_path), 200, 3, 0.1)
+    with pytest.raises(othello_dataset.CorruptCacheError, match=r"othello_200_3\.npz.*delete"):
+        othello_dataset.load_or_generate(str(tmp_path), 200, 3, 0.1)
     os.remove(path)
-    train3, _ = othello.load_or_generate(str(tmp_path), 200, 3, 0.1)
+    train3, _ = othello_dataset.load_or_generate(str(tmp_path), 200, 3, 0.1)
     assert (train3.moves == train.moves).all()
     assert [p.name for p in tmp_path.iterdir()] == ["othello_200_3.npz"]  # no temporary files left
 
 
 def test_load_or_generate_validates_arguments(tmp_path):
     with pytest.raises(ValueError, match="val_fraction"):
-        othello.load_or_generate(str(tmp_path), 10, 0, 1.0)
+        othello_dataset.load_or_generate(str(tmp_path), 10, 0, 1.0)
     with pytest.raises(ValueError, match="num_games"):
-        othello.load_or_generate(str(tmp_path), 0, 0, 0.1)
+        othello_dataset.load_or_generate(str(tmp_path), 0, 0, 0.1)
     with pytest.raises(ValueError, match="seed"):
         othello.generate_games(10, -1)

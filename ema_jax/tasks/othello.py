@@ -38,6 +38,7 @@ import optax
 from flax import nnx
 
 from ema_jax.data import othello as data
+from ema_jax.data import othello_dataset
 from ema_jax.models.transformer import DTYPES, GPT, GPTConfig, flops_per_token
 from ema_jax import length_report
 from ema_jax.errors import config_error, is_int
@@ -239,7 +240,7 @@ class OthelloTask(Task):
     """(train, val) OthelloGames, generated on first use and cached on disk with a checksum."""
     if self._games is None:
       t = self.config.task
-      self._games = data.load_or_generate(self.data_dir(), int(t.num_games), int(t.data_seed),
+      self._games = othello_dataset.load_or_generate(self.data_dir(), int(t.num_games), int(t.data_seed),
                                           float(t.val_fraction))
     return self._games
 
