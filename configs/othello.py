@@ -4,7 +4,7 @@ Run:
   python train.py --config configs/othello.py --workdir /tmp/othello
   python train.py --config configs/othello.py:default,dropout,bema --workdir /tmp/othello_d_bema
   python eval.py --workdir /tmp/othello [--weights raw,ema] [--lengths 1,10,20,40,59]
-  python -m ema_jax.othello_compare --workdir /tmp/othello_compare   (seeds x dropout x {ema, bema})
+  python -m experiments.othello_compare --workdir /tmp/othello_compare   (seeds x dropout x {ema, bema})
 
 Result it got (2026-11-22, 2-core x86_64 CPU shared with other jobs, load average 6-10; 112-167 s per
 run): default preset, seeds 0,1,2, dropout 0, mean over seeds (results/othello/summary.md):
@@ -19,7 +19,7 @@ The argument after ':' is a preset optionally followed by options, comma-separat
            20,000 games (5% validation), trained on the first 20 moves (positions 1..20, out of range
            21..59), 1000 steps of batch 64 (~3.4 epochs of the training windows) at lr 2e-3, cosine
            to 10%; weight EMA decay 0.99 (a window of ~100 steps, a tenth of the run). Scaled down so
-           the 12-run comparison fits ~30 minutes on a loaded 2-core CPU (ema_jax/othello_compare.py).
+           the 12-run comparison fits ~30 minutes on a loaded 2-core CPU (experiments/othello_compare.py).
   paper    the paper's model size: 8 layers, 8 heads, width 512, context 59; 200,000 games, train_len 30,
            20k steps of batch 256 (an accelerator run; exact values of the paper not reproduced).
   tiny     for tests: 1 layer, width 32, 400 games, train_len 8, 80 steps at lr 1e-2.

@@ -3,7 +3,8 @@
 Run:
   python train.py --config configs/set_complement.py --workdir /tmp/sc
   python train.py --config configs/set_complement.py:paper --workdir /tmp/sc_paper
-  python -m ema_jax.sweep --config configs/set_complement.py:sweep --workdir /tmp/sc_sweep [--runs 64]
+  python -m experiments.set_complement_sweep --config configs/set_complement.py:sweep --workdir /tmp/sc_sweep \
+      [--runs 64]
 
 Result it got: (to be filled in after real runs: date, machine, in/out-of-range KL of raw and EMA weights)
 
@@ -17,8 +18,8 @@ Presets (the argument after ':'):
            few minutes. EMA decay 0.999: an averaging window of ~1000 steps, a fifth of the run.
   paper    closer to the paper's scale: N = 128, training sizes 1..32, D = value dim = 128, 4 heads,
            20k steps of batch 256. The exact values of the paper are not reproduced here.
-  sweep    the random search of ema_jax/sweep.py: a smaller task (N = 32, sizes 1..8, out of range 9..31)
-           so that 64 runs train in minutes on a CPU; config.sweep holds the search space.
+  sweep    the random search of experiments/set_complement_sweep.py: a smaller task (N = 32, sizes 1..8,
+           out of range 9..31) so that 64 runs train in minutes on a CPU; config.sweep holds the search space.
 """
 
 import ml_collections

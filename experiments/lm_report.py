@@ -1,6 +1,10 @@
 """Collects the eval JSONs of LM runs into one table (JSON + Markdown).
 
-  python -m ema_jax.lm_report --root workdirs/lm_small_scale --out results/lm/small_scale
+  python -m experiments.lm_report --root workdirs/lm_small_scale --out results/lm/small_scale [--command TEXT]
+
+Reads every <root>/*/eval_<step>.json (the newest step per run) and metrics.jsonl (median train tokens/s);
+writes <out>.json (meta: date, machine, command; rows: run, weights, source, length, tokens, loss,
+perplexity, bits_per_byte, train_tokens_per_s, ppl_ratio_to_gpt) and <out>.md (the same as a table).
 """
 
 from __future__ import annotations
@@ -12,14 +16,14 @@ import os
 import platform
 import time
 
+from ema_jax import workdir as workdir_lib
+
 
 def latest_eval(workdir):
-  files = sorted(glob.glob(os.path.join(workdir, "eval_*.json")),
-                 key=lambda f: int(os.path.basename(f)[5:-5]))
-  if not files:
+  try:
+    return workdir_lib.latest_eval(workdir)
+  except FileNotFoundError:
     return None
-  with open(files[-1]) as f:
-    return json.load(f)
 
 
 def main():

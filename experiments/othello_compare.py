@@ -1,6 +1,6 @@
 """OthelloGPT: raw vs weight-EMA vs BEMA weights, in and beyond the trained positions, paired over seeds.
 
-  python -m ema_jax.othello_compare --workdir W [--config configs/othello.py:default] [--seeds 0,1,2]
+  python -m experiments.othello_compare --workdir W [--config configs/othello.py:default] [--seeds 0,1,2]
       [--dropouts 0,0.1] [--kinds ema,bema] [--results results/othello] [--config.steps=1000 ...]
 
 For every (seed, dropout, kind) it trains the config through ema_jax.trainer into W/runs/<name> (a run whose
@@ -292,7 +292,7 @@ def main(argv):
   c = config
   meta = dict(
       date=datetime.date.today().isoformat(), machine=machine(),
-      command="python -m ema_jax.othello_compare " + " ".join(sys.argv[1:]),
+      command="python -m experiments.othello_compare " + " ".join(sys.argv[1:]),
       config_summary=(f"GPT {c.model.num_layers} layers x width {c.model.width} ({c.model.num_heads} heads), "
                       f"{c.task.num_games} games, train_len {c.task.train_len}, {c.steps} steps of batch "
                       f"{c.batch_size}, lr {c.optim.lr} {c.optim.schedule}, EMA decay {c.weight_ema.decay}, "

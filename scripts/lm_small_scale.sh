@@ -13,4 +13,4 @@ for pred in linear attention attention_history; do
     --config.model.predictor="$pred" "${COMMON[@]}"
 done
 python train.py --config configs/gpt2.py:wiki_tiny --workdir "$ROOT/gpt" "${COMMON[@]}"
-python -m ema_jax.lm_report --root "$ROOT" --out results/lm/small_scale --command "$0 $*"
+python -m experiments.lm_report --root "$ROOT" --out results/lm/small_scale --command "$0 $*"

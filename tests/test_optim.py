@@ -1,8 +1,10 @@
 """Weight EMA (debiased) and BEMA against values computed by hand; schedules; validation."""
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from ema_jax import optim
@@ -65,6 +67,45 @@ def test_schedule_warmup_and_cosine():
   np.testing.assert_allclose([sched(0), sched(5), sched(10)], [0.0, 0.5, 1.0], rtol=1e-6)
   np.testing.assert_allclose(sched(110), 0.1, rtol=1e-5)
   np.testing.assert_allclose(sched(60), 0.55, rtol=1e-5)  # halfway through the cosine
+
+
+@pytest.mark.parametrize("schedule", optim.SCHEDULES)
+@pytest.mark.parametrize("grad_clip,weight_decay", [(1.0, 0.0), (None, 0.1)])
+def test_optimizer_equals_optax_adamw_and_lr_scale_scales(schedule, grad_clip, weight_decay):
+  """lr_scale = 1 is bit for bit optax.adamw(schedule); lr_scale = 0.5 halves every update exactly."""
+  cfg = optim.default_optim_config()
+  cfg.update(schedule=schedule, grad_clip=grad_clip, weight_decay=weight_decay, warmup_steps=3, lr=3e-3)
+  tx, sched = optim.make_optimizer(cfg, 20)
+  plain = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=weight_decay,
+                      mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+  if grad_clip is not None:
+    plain = optax.chain(optax.clip_by_global_norm(grad_clip), plain)
+  params = {"w": jax.random.normal(jax.random.key(0), (6, 4)), "b": jnp.linspace(-1.0, 1.0, 4)}
+
+  @jax.jit
+  def run(params):
+    def body(carry, i):
+      p, s, s_ref, p_ref = carry
+      g = jax.tree.map(lambda x: jnp.sin(3.0 * x * (i + 1.0)) + 0.1, p)
+      g_ref = jax.tree.map(lambda x: jnp.sin(3.0 * x * (i + 1.0)) + 0.1, p_ref)
+      u, s = tx.update(g, s, p)
+      u_ref, s_ref = plain.update(g_ref, s_ref, p_ref)
+      return (optax.apply_updates(p, u), s, s_ref, optax.apply_updates(p_ref, u_ref)), None
+    return jax.lax.scan(body, (params, tx.init(params), plain.init(params), params), jnp.arange(20.0))[0]
+
+  p1, s1, _, p_ref = run(params)
+  assert float(optim.lr_scale(s1)) == 1.0
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p_ref)):
+    np.testing.assert_array_equal(a, b)
+  # One step from the same state: the update at lr_scale 0.5 is half the update at 1, exactly.
+  s = tx.init(params)
+  g = jax.tree.map(jnp.cos, params)
+  for _ in range(2):
+    u_full, s_full = tx.update(g, s, params)
+    u_half, _ = tx.update(g, optim.set_lr_scale(s, 0.5), params)
+    s = s_full
+    for a, b in zip(jax.tree.leaves(u_half), jax.tree.leaves(u_full)):
+      np.testing.assert_array_equal(a, 0.5 * b)
 
 
 @pytest.mark.parametrize("field,value", [("kind", "swa"), ("decay", 1.0), ("decay", 0.0), ("every", 0),

@@ -1,5 +1,6 @@
 """Role assignment: the BiGRU tagger (GRU against a float64 NumPy loop, masking, both directions), the
-sentence iterator, and tiny end-to-end runs of the BiGRU and Hebbian presets through trainer.train."""
+sentence iterator, tiny end-to-end runs of the BiGRU and Hebbian presets through trainer.train, and the
+report that gathers them (experiments/roles_report.py)."""
 
 import importlib.util
 import json
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ema_jax import trainer
+from ema_jax import trainer, workdir as workdir_lib
 from ema_jax.models.bigru import GRU, BiGRUConfig, BiGRUTagger, num_params
 from ema_jax.tasks import roles
+from experiments import roles_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +36,7 @@ def ud_available():
 
 
 def latest_eval(workdir):
-  return roles.latest_eval(str(workdir))
+  return workdir_lib.latest_eval(str(workdir))
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -163,9 +165,19 @@ def _read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_bigru_tiny_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+  """{preset: (workdir, trainer.train's result)} of the tiny BiGRU and Hebbian presets, trained once."""
+  out = {}
+  for preset in ("bigru_tiny", "hebbian_tiny"):
+    wd = tmp_path_factory.mktemp(preset)
+    out[preset] = (wd, trainer.train(roles_config(preset), str(wd)))
+  return out
+
+
+def test_bigru_tiny_end_to_end(tiny_runs):
   cfg = roles_config("bigru_tiny")
-  trainer.train(cfg, str(tmp_path))
+  tmp_path = tiny_runs["bigru_tiny"][0]
   assert _read_metrics(tmp_path)[-1]["step"] == cfg.steps
   ev = latest_eval(tmp_path)
   assert ev["step"] == cfg.steps and "held" in ev["table"]
@@ -178,9 +190,9 @@ def test_bigru_tiny_end_to_end(tmp_path):
   assert d["count_deep_arguments"] > 0
 
 
-def test_hebbian_tiny_end_to_end(tmp_path):
+def test_hebbian_tiny_end_to_end(tiny_runs):
   cfg = roles_config("hebbian_tiny")
-  out = trainer.train(cfg, str(tmp_path))
+  tmp_path, out = tiny_runs["hebbian_tiny"]
   steps = cfg.model.epochs * -(-cfg.task.n_train // cfg.model.batch_size)
   assert out["status"] == "done"
   rows = _read_metrics(tmp_path)
@@ -191,6 +203,23 @@ def test_hebbian_tiny_end_to_end(tmp_path):
     res = ev["results"][readout]
     assert res["heldout/accuracy"] > res["heldout/majority_accuracy"] + 0.2, (readout, res)
     assert rows[0][f"eval/{readout}/heldout/accuracy"] == pytest.approx(res["heldout/accuracy"])
+
+
+def test_report_gathers_runs(tiny_runs, tmp_path, capsys):
+  hebbian_wd, bigru_wd = tiny_runs["hebbian_tiny"][0], tiny_runs["bigru_tiny"][0]
+  roles_report.main(["--hebbian", str(hebbian_wd), "--bigru", str(bigru_wd), "--ablation",
+                     f"tiny={hebbian_wd}", "--out_dir", str(tmp_path)])
+  summary = json.loads((tmp_path / "results.json").read_text())["grammar"]
+  bigru = latest_eval(bigru_wd)["results"]["raw"]["details"]["heldout"]
+  hebbian = latest_eval(hebbian_wd)["results"]["unit_readout"]["details"]["heldout"]
+  assert summary["models"]["bigru"]["heldout"]["accuracy"]["mean"] == pytest.approx(bigru["accuracy"])
+  # One seed each: the paired ratio is the ratio of the two runs' accuracies.
+  ratio = summary["ratios"]["hebbian_unit_readout"]["heldout"]["accuracy"]["mean"]
+  assert ratio == pytest.approx(hebbian["accuracy"] / bigru["accuracy"])
+  md = (tmp_path / "results.md").read_text()
+  assert "## Headline" in md and "## Ablations" in md and "python -m experiments.roles_report" in md
+  assert (tmp_path / "depth.png").stat().st_size > 0
+  assert "Hebbian, unit readout" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("preset", ["bigru_ud_tiny", "hebbian_ud_tiny"])

@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
