@@ -14,30 +14,28 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from ema_jax.errors import config_error
+
 SCHEDULES = ("constant", "cosine", "linear", "rsqrt")
 EMA_KINDS = ("none", "ema", "bema")
 
 
-def _fail(field, value, accepted):
-  raise ValueError(f"config.{field}={value!r}: {accepted}.")
-
-
 def validate_optim(cfg: ml_collections.ConfigDict, total_steps: int) -> None:
   if not cfg.lr > 0:
-    _fail("optim.lr", cfg.lr, "expected a positive learning rate")
+    config_error("optim.lr", cfg.lr, "a positive learning rate")
   if cfg.schedule not in SCHEDULES:
-    _fail("optim.schedule", cfg.schedule, f"accepted: {', '.join(SCHEDULES)}")
+    config_error("optim.schedule", cfg.schedule, f"one of: {', '.join(SCHEDULES)}")
   if not 0 <= cfg.warmup_steps <= total_steps:
-    _fail("optim.warmup_steps", cfg.warmup_steps, f"expected 0 <= warmup_steps <= steps ({total_steps})")
+    config_error("optim.warmup_steps", cfg.warmup_steps, f"0 <= warmup_steps <= steps ({total_steps})")
   if cfg.weight_decay < 0:
-    _fail("optim.weight_decay", cfg.weight_decay, "expected >= 0")
+    config_error("optim.weight_decay", cfg.weight_decay, ">= 0")
   if cfg.grad_clip is not None and not cfg.grad_clip > 0:
-    _fail("optim.grad_clip", cfg.grad_clip, "expected a positive global norm or None")
+    config_error("optim.grad_clip", cfg.grad_clip, "a positive global norm or None")
   for f in ("b1", "b2"):
     if not 0 <= cfg[f] < 1:
-      _fail(f"optim.{f}", cfg[f], "expected 0 <= value < 1")
+      config_error(f"optim.{f}", cfg[f], "0 <= value < 1")
   if not 0 <= cfg.final_lr_fraction <= 1:
-    _fail("optim.final_lr_fraction", cfg.final_lr_fraction, "expected a fraction in [0, 1]")
+    config_error("optim.final_lr_fraction", cfg.final_lr_fraction, "a fraction in [0, 1]")
 
 
 def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -200,16 +198,16 @@ class BEMA:
 
 def validate_weight_ema(cfg: ml_collections.ConfigDict) -> None:
   if cfg.kind not in EMA_KINDS:
-    _fail("weight_ema.kind", cfg.kind, f"accepted: {', '.join(EMA_KINDS)}")
+    config_error("weight_ema.kind", cfg.kind, f"one of: {', '.join(EMA_KINDS)}")
   if not (isinstance(cfg.every, int) and cfg.every >= 1):
-    _fail("weight_ema.every", cfg.every, "expected an integer >= 1")
+    config_error("weight_ema.every", cfg.every, "an integer >= 1")
   if cfg.kind == "ema" and not 0 < cfg.decay < 1:
-    _fail("weight_ema.decay", cfg.decay, "expected a decay in (0, 1), e.g. 0.999")
+    config_error("weight_ema.decay", cfg.decay, "a decay in (0, 1), e.g. 0.999")
   if cfg.kind == "bema":
     if not cfg.rho > 0 or not cfg.gamma > 0:
-      _fail("weight_ema.rho/gamma", (cfg.rho, cfg.gamma), "expected positive values (defaults 10, 1)")
+      config_error("weight_ema.rho/gamma", (cfg.rho, cfg.gamma), "positive values (defaults 10, 1)")
     if not cfg.kappa >= 0 or not cfg.eta >= 0:
-      _fail("weight_ema.kappa/eta", (cfg.kappa, cfg.eta), "expected non-negative exponents (defaults 0.5, 0.2)")
+      config_error("weight_ema.kappa/eta", (cfg.kappa, cfg.eta), "non-negative exponents (defaults 0.5, 0.2)")
 
 
 def make_weight_ema(cfg: ml_collections.ConfigDict):

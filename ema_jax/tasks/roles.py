@@ -34,7 +34,7 @@ import optax
 from flax import nnx
 
 from ema_jax.data import conllu, grammar
-from ema_jax.models import hebbian
+from ema_jax import role_metrics as role_metrics_lib
 from ema_jax.models.bigru import BiGRUConfig, BiGRUTagger, flops_per_token
 from ema_jax.errors import config_error, is_int
 from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task
@@ -43,7 +43,7 @@ SOURCES = ("grammar", "ud")
 EVAL_SPLITS = {"grammar": ("heldout", "transfer", "transfer_struct"), "ud": ("dev", "test")}
 SPLIT_TITLES = {"heldout": "held-out A", "transfer": "A -> B transfer", "transfer_struct": "B constructions, A words",
                 "dev": "UD dev", "test": "UD test", "train": "train"}
-ARGUMENT_ROLES = hebbian.ARGUMENT_ROLES
+ARGUMENT_ROLES = role_metrics_lib.ARGUMENT_ROLES
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -116,9 +116,9 @@ def map_unseen(tokens_BT, mask_BT, seen_V, unk_id):
 
 
 def role_metrics(pred_BT, data, deep_depth: int = 2) -> Dict[str, Any]:
-  """hebbian.evaluate (accuracy, argument accuracy, per role, per depth) plus the deep accuracies:
+  """role_metrics_lib.evaluate (accuracy, argument accuracy, per role, per depth) plus the deep accuracies:
   over all tokens and over argument tokens at depth >= deep_depth, with their counts."""
-  out = hebbian.evaluate(pred_BT, data.roles, data.depth, data.mask, data.role_names)
+  out = role_metrics_lib.evaluate(pred_BT, data.roles, data.depth, data.mask, data.role_names)
   valid = np.asarray(data.mask, bool)
   pred, gold, depth = np.asarray(pred_BT)[valid], np.asarray(data.roles)[valid], np.asarray(data.depth)[valid]
   is_arg = np.isin(gold, [i for i, n in enumerate(data.role_names) if n in ARGUMENT_ROLES])
@@ -145,7 +145,7 @@ def split_results(details: Mapping[str, Dict[str, Any]], majority: Mapping[str, 
 
 
 def majority_accuracy(train, data) -> float:
-  pred = hebbian.majority_predictions(train.roles, train.mask, data.mask)
+  pred = role_metrics_lib.majority_predictions(train.roles, train.mask, data.mask)
   return float((pred == data.roles)[np.asarray(data.mask, bool)].mean())
 
 

@@ -12,7 +12,6 @@ batches, reporting per size and as in-range (s <= L_train) / out-of-range (s > L
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Dict, Mapping, Optional, Sequence
 
@@ -25,8 +24,9 @@ from flax import nnx
 from ema_jax.data import set_complement as data
 from ema_jax.models.set_transformer import (DROPOUT_SITES, NORMS, POSITIONS, SetTransformer,
                                             SetTransformerConfig, flops_per_example, parse_dropout_on)
-from ema_jax import metrics as metrics_lib
-from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task, config_error, is_int
+from ema_jax import length_report
+from ema_jax.errors import config_error, is_int
+from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task
 
 METRICS = ("kl", "tv", "invalid_mass", "precision", "logit_gap", "top1_valid")
 METRIC_LABELS = {"kl": "KL(target || p)", "tv": "total variation", "invalid_mass": "invalid mass",
@@ -74,14 +74,8 @@ def batch_present(batch: Mapping[str, jax.Array], num_tokens: int) -> jax.Array:
 
 def range_summary(sizes: Sequence[int], per_size: Mapping[str, Sequence[float]], train_max_size: int
                   ) -> Dict[str, float]:
-  """{'in_range/<m>': mean over s <= L_train, 'out_of_range/<m>': mean over s > L_train} (empty sides left out)."""
-  sizes = np.asarray(sizes)
-  out = {}
-  for name, part in (("in_range", sizes <= train_max_size), ("out_of_range", sizes > train_max_size)):
-    if part.any():
-      for m in METRICS:
-        out[f"{name}/{m}"] = float(np.mean(np.asarray(per_size[m], np.float64)[part]))
-  return out
+  """In-range (s <= L_train) and out-of-range means of every metric (length_report.range_means)."""
+  return length_report.range_means(sizes, per_size, train_max_size, METRICS)
 
 
 # ----------------------------------------------------------------------------------------------- iterator
@@ -113,8 +107,6 @@ class SetComplementIterator(StepBatchIterator):
 # ------------------------------------------------------------------------------------------------- task
 
 
-_is_int = is_int
-_fail = config_error
 
 
 def model_config(config: ml_collections.ConfigDict) -> SetTransformerConfig:
@@ -130,53 +122,53 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks the task and model fields; raises ValueError naming the field, its value and what would work."""
   t, m = config.task, config.model
   n = t.num_tokens
-  if not (_is_int(n) and n >= 2):
-    _fail("task.num_tokens", n, "an integer >= 2 (the number of set tokens N)")
-  if not (_is_int(t.train_max_size) and 1 <= t.train_max_size <= n - 1):
-    _fail("task.train_max_size", t.train_max_size, f"an integer in [1, num_tokens - 1 = {n - 1}] so that "
+  if not (is_int(n) and n >= 2):
+    config_error("task.num_tokens", n, "an integer >= 2 (the number of set tokens N)")
+  if not (is_int(t.train_max_size) and 1 <= t.train_max_size <= n - 1):
+    config_error("task.train_max_size", t.train_max_size, f"an integer in [1, num_tokens - 1 = {n - 1}] so that "
           "longer sets remain for evaluation")
-  if not (_is_int(t.train_min_size) and 1 <= t.train_min_size <= t.train_max_size):
-    _fail("task.train_min_size", t.train_min_size, f"an integer in [1, train_max_size = {t.train_max_size}]")
+  if not (is_int(t.train_min_size) and 1 <= t.train_min_size <= t.train_max_size):
+    config_error("task.train_min_size", t.train_min_size, f"an integer in [1, train_max_size = {t.train_max_size}]")
   if t.train_size_dist not in data.SIZE_DISTRIBUTIONS:
-    _fail("task.train_size_dist", t.train_size_dist, f"one of {data.SIZE_DISTRIBUTIONS}")
-  if t.max_len is not None and not (_is_int(t.max_len) and t.train_max_size <= t.max_len <= n - 1):
-    _fail("task.max_len", t.max_len, f"None or an integer in [train_max_size = {t.train_max_size}, "
+    config_error("task.train_size_dist", t.train_size_dist, f"one of {data.SIZE_DISTRIBUTIONS}")
+  if t.max_len is not None and not (is_int(t.max_len) and t.train_max_size <= t.max_len <= n - 1):
+    config_error("task.max_len", t.max_len, f"None or an integer in [train_max_size = {t.train_max_size}, "
           f"num_tokens - 1 = {n - 1}] (the padded length of training rows)")
-  if not (_is_int(t.eval_examples) and t.eval_examples >= 1):
-    _fail("task.eval_examples", t.eval_examples, "a positive integer (examples per set size)")
-  if not _is_int(t.eval_seed):
-    _fail("task.eval_seed", t.eval_seed, "an integer")
+  if not (is_int(t.eval_examples) and t.eval_examples >= 1):
+    config_error("task.eval_examples", t.eval_examples, "a positive integer (examples per set size)")
+  if not is_int(t.eval_seed):
+    config_error("task.eval_seed", t.eval_seed, "an integer")
   if t.eval_sizes is not None:
     sizes = list(t.eval_sizes) if isinstance(t.eval_sizes, (list, tuple)) else None
-    if (not sizes or not all(_is_int(s) and 1 <= s <= n - 1 for s in sizes) or len(set(sizes)) != len(sizes)):
-      _fail("task.eval_sizes", t.eval_sizes, f"None (every size 1..{n - 1}) or a non-empty list of distinct "
+    if (not sizes or not all(is_int(s) and 1 <= s <= n - 1 for s in sizes) or len(set(sizes)) != len(sizes)):
+      config_error("task.eval_sizes", t.eval_sizes, f"None (every size 1..{n - 1}) or a non-empty list of distinct "
             f"integers in [1, {n - 1}]")
   for f in ("embed_dim", "value_dim"):
-    if not (_is_int(m[f]) and m[f] >= 1):
-      _fail(f"model.{f}", m[f], "a positive integer")
-  if not (_is_int(m.num_heads) and m.num_heads >= 1 and m.embed_dim % m.num_heads == 0
+    if not (is_int(m[f]) and m[f] >= 1):
+      config_error(f"model.{f}", m[f], "a positive integer")
+  if not (is_int(m.num_heads) and m.num_heads >= 1 and m.embed_dim % m.num_heads == 0
           and m.value_dim % m.num_heads == 0):
     divisors = [h for h in range(1, m.embed_dim + 1) if m.embed_dim % h == 0 and m.value_dim % h == 0]
-    _fail("model.num_heads", m.num_heads, f"a common divisor of embed_dim={m.embed_dim} and "
+    config_error("model.num_heads", m.num_heads, f"a common divisor of embed_dim={m.embed_dim} and "
           f"value_dim={m.value_dim}: one of {divisors}")
   if not (isinstance(m.dropout, (int, float)) and 0.0 <= m.dropout < 1.0):
-    _fail("model.dropout", m.dropout, "a rate in [0, 1)")
+    config_error("model.dropout", m.dropout, "a rate in [0, 1)")
   try:
     sites = parse_dropout_on(m.dropout_on)
   except TypeError:
     sites = None
   if sites is None or not all(s in DROPOUT_SITES for s in sites):
-    _fail("model.dropout_on", m.dropout_on, f"a subset of {DROPOUT_SITES} (a tuple or a comma-separated string)")
+    config_error("model.dropout_on", m.dropout_on, f"a subset of {DROPOUT_SITES} (a tuple or a comma-separated string)")
   if not isinstance(m.get("traced_dropout", False), bool):
-    _fail("model.traced_dropout", m.traced_dropout, "a bool (dropout rates held in the model's state)")
+    config_error("model.traced_dropout", m.traced_dropout, "a bool (dropout rates held in the model's state)")
   if m.norm not in NORMS:
-    _fail("model.norm", m.norm, f"one of {NORMS}")
+    config_error("model.norm", m.norm, f"one of {NORMS}")
   if m.positions not in POSITIONS:
-    _fail("model.positions", m.positions, f"one of {POSITIONS}")
-  if not (_is_int(config.batch_size) and config.batch_size >= 1):
-    _fail("batch_size", config.batch_size, "a positive integer (the global batch)")
-  if not (_is_int(config.steps) and config.steps >= 1):
-    _fail("steps", config.steps, "a positive integer")
+    config_error("model.positions", m.positions, f"one of {POSITIONS}")
+  if not (is_int(config.batch_size) and config.batch_size >= 1):
+    config_error("batch_size", config.batch_size, "a positive integer (the global batch)")
+  if not (is_int(config.steps) and config.steps >= 1):
+    config_error("steps", config.steps, "a positive integer")
 
 
 def _eval_metrics(graphdef, state, batch, num_tokens):
@@ -191,8 +183,8 @@ class SetComplementTask(Task):
 
   EVAL_LENGTHS_FIELD = "eval_sizes"
 
-  def __init__(self, config: ml_collections.ConfigDict):
-    super().__init__(config)
+  def __init__(self, config: ml_collections.ConfigDict, workdir: Optional[str] = None):
+    super().__init__(config, workdir)
     self._eval_fn = jax.jit(_eval_metrics, static_argnums=(0, 3))
     self._eval_batches = None
 
@@ -274,6 +266,9 @@ class SetComplementTask(Task):
       plot_per_size(results, kinds, self.train_max_size, os.path.join(workdir, "plots"), step)
     return text
 
+  def seq_len(self) -> Optional[int]:
+    return self.max_len
+
   def tokens_per_example(self) -> int:
     return self.max_len + 1
 
@@ -287,63 +282,22 @@ TASK = SetComplementTask
 # --------------------------------------------------------------------------------------- tables and plots
 
 
-def table_sizes(sizes: Sequence[int], train_max_size: int, max_rows: int = 24):
-  """Sizes to show: all when few, else 1, 2, around L_train, and spread beyond it to the last."""
-  return metrics_lib.length_table_rows(sizes, train_max_size, max_rows, margin=2)
+_SHORT = {"kl": "KL", "invalid_mass": "inv", "precision": "prec", "logit_gap": "gap", "tv": "TV",
+          "top1_valid": "top1"}
 
 
 def format_table(results, kinds, train_max_size: int, step: int,
                  metrics=("kl", "invalid_mass", "precision", "logit_gap")) -> str:
-  cols = [(m, k) for m in metrics for k in kinds]
-  short = {"kl": "KL", "invalid_mass": "inv", "precision": "prec", "logit_gap": "gap", "tv": "TV",
-           "top1_valid": "top1"}
-  head = ["size"] + [f"{short[m]}:{k}" for m, k in cols]
-  widths = [max(6, len(h)) for h in head]
-  lines = [f"set complement, step {step} (training sizes <= {train_max_size}; '*' = beyond)",
-           "  ".join(h.rjust(w) for h, w in zip(head, widths))]
-  first = results[kinds[0]]["per_size"]["size"]
-  index = {k: {s: i for i, s in enumerate(results[k]["per_size"]["size"])} for k in kinds}
-  fmt = lambda v: f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
-  for s in table_sizes(first, train_max_size):
-    row = [f"{s}{'*' if s > train_max_size else ' '}"]
-    for m, k in cols:
-      i = index[k].get(s)
-      row.append(fmt(results[k]["per_size"][m][i]) if i is not None else "-")
-    lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths)))
-  for part in ("in_range", "out_of_range"):
-    row = [part.replace("_of_range", "").replace("_range", "")]
-    for m, k in cols:
-      v = results[k].get(f"{part}/{m}")
-      row.append(fmt(v) if v is not None else "-")
-    lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths)))
-  return "\n".join(lines)
+  return length_report.format_table(
+      results, kinds, per_key="per_size", length_key="size", train_len=train_max_size, metrics=metrics,
+      short=_SHORT, title=f"set complement, step {step} (training sizes <= {train_max_size}; '*' = beyond)",
+      length_header="size", fmt=lambda v: f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}", max_rows=24, margin=2)
 
 
 def plot_per_size(results, kinds, train_max_size: int, out_dir: str, step: Optional[int] = None,
                   metrics=METRICS, prefix: str = "set_complement") -> list:
   """One PNG per metric against set size, training range shaded, one line per weights kind."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  os.makedirs(out_dir, exist_ok=True)
-  paths = []
-  for m in metrics:
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=90)
-    ax.axvspan(0.5, train_max_size + 0.5, color="0.9", label="training sizes")
-    for k in kinds:
-      ps = results[k]["per_size"]
-      ax.plot(ps["size"], ps[m], marker=".", label=k)
-    if m in LOG_SCALE:
-      vals = [v for k in kinds for v in results[k]["per_size"][m] if v > 0]
-      if vals:
-        ax.set_yscale("log")
-    ax.set_xlabel("set size s")
-    ax.set_ylabel(METRIC_LABELS[m])
-    ax.set_title(f"{METRIC_LABELS[m]}" + (f", step {step}" if step is not None else ""))
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, f"{prefix}_{m}.png")
-    fig.savefig(path)
-    plt.close(fig)
-    paths.append(path)
-  return paths
+  return length_report.plot_per_length(
+      results, kinds, per_key="per_size", length_key="size", train_len=train_max_size, metrics=metrics,
+      labels=METRIC_LABELS, log_scale=LOG_SCALE, out_dir=out_dir, prefix=prefix, xlabel="set size s",
+      shade_label="training sizes", step=step)
