@@ -14,21 +14,35 @@ from ema_jax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (required).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_WEIGHTS = flags.DEFINE_string("weights", "all", "Comma-separated: raw, ema (or bema, the run's weight "
-                               "EMA), or all.")
-_LENGTHS = flags.DEFINE_string("lengths", None, "Comma-separated lengths for the task's length sweep "
-                               "(set sizes, context lengths or positions; sets config.task.eval_lengths).")
+_WEIGHTS = flags.DEFINE_string(
+    "weights", "all", "Comma-separated: raw, ema (or bema, the run's weight " "EMA), or all."
+)
+_LENGTHS = flags.DEFINE_string(
+    "lengths",
+    None,
+    "Comma-separated lengths for the task's length sweep "
+    "(set sizes, context lengths or positions; sets config.task.eval_lengths).",
+)
 _MESH = flags.DEFINE_string("mesh", "data=-1", "Mesh for evaluation, e.g. data=-1 or data=2,fsdp=2.")
-_OVERRIDE = flags.DEFINE_multi_string("set", [], "Override a field of the saved config, key=value "
-                                      "(repeatable), e.g. --set task.eval_examples=512.")
+_OVERRIDE = flags.DEFINE_multi_string(
+    "set", [], "Override a field of the saved config, key=value " "(repeatable), e.g. --set task.eval_examples=512."
+)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the JSON and plots go (default: W/eval).")
 
 
 def main(argv):
   del argv
   from ema_jax import evaluation  # after flag parsing, so --help and flag errors are fast
-  evaluation.run(_WORKDIR.value, step=_STEP.value, weights=_WEIGHTS.value, lengths=_LENGTHS.value,
-                 mesh=_MESH.value, overrides=_OVERRIDE.value, output_dir=_OUTPUT_DIR.value)
+
+  evaluation.run(
+      _WORKDIR.value,
+      step=_STEP.value,
+      weights=_WEIGHTS.value,
+      lengths=_LENGTHS.value,
+      mesh=_MESH.value,
+      overrides=_OVERRIDE.value,
+      output_dir=_OUTPUT_DIR.value,
+  )
 
 
 if __name__ == "__main__":

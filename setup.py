@@ -23,7 +23,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pyink>=24.10"],
         "tf": ["tensorflow>=2.17"],
         "tpu": ["jax[tpu]", "gcsfs"],
         "cuda": ["jax[cuda12]"],

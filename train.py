@@ -16,14 +16,20 @@ from ml_collections import config_flags  # noqa: E402
 from ema_jax import cli, preemption  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, optionally with ':preset' (required).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and eval results go here (required). "
-                               "Rerunning resumes.")
+    "config", None, "Experiment config file, optionally with ':preset' (required).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Checkpoints, metrics and eval results go here (required). " "Rerunning resumes."
+)
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    "allow_config_change", False, "Resume even where the saved config differs in fields that keep the "
-    "state's structure (e.g. the learning rate); a new workdir is the other way forward.")
-_COORD = flags.DEFINE_string("coordinator", None, "host:port of process 0 for a multi-process run "
-                             "(not needed on Cloud TPU pods or SLURM).")
+    "allow_config_change",
+    False,
+    "Resume even where the saved config differs in fields that keep the "
+    "state's structure (e.g. the learning rate); a new workdir is the other way forward.",
+)
+_COORD = flags.DEFINE_string(
+    "coordinator", None, "host:port of process 0 for a multi-process run " "(not needed on Cloud TPU pods or SLURM)."
+)
 _NPROC = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
@@ -31,6 +37,7 @@ _PID = flags.DEFINE_integer("process_id", None, "This process's index in a multi
 def main(argv):
   del argv
   from ema_jax import distributed, trainer  # after flag parsing, so --help and flag errors are fast
+
   distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
   try:
     result = trainer.train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)

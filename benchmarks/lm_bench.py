@@ -34,6 +34,7 @@ def step_time(model, batch, repeats):
     def loss(p):
       s, n = token_nll(nnx.merge(graphdef, p), batch, rngs=None, train=True)
       return s / n
+
     l, g = jax.value_and_grad(loss)(params)
     u, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, u), opt, l
@@ -65,24 +66,47 @@ def main():
     b = max(1, args.tokens // t)
     rng = np.random.default_rng(0)
     inputs = rng.integers(0, args.vocab - 1, size=(b, t)).astype(np.int32)
-    batch = dict(inputs=inputs, targets=np.roll(inputs, -1, 1), resets=np.zeros((b, t), bool),
-                 segment_ids=np.zeros((b, t), np.int32), mask=np.ones((b, t), np.float32))
-    ema = ema_lm.EMALM(ema_lm.preset("tiny", vocab_size=args.vocab, width=args.width, num_blocks=args.depth,
-                                     ffn_hidden=4 * args.width), rngs=nnx.Rngs(0))
-    gpt = transformer.GPT(transformer.preset("tiny", vocab_size=args.vocab, width=args.width,
-                                             num_layers=args.depth, context_len=t), rngs=nnx.Rngs(0))
+    batch = dict(
+        inputs=inputs,
+        targets=np.roll(inputs, -1, 1),
+        resets=np.zeros((b, t), bool),
+        segment_ids=np.zeros((b, t), np.int32),
+        mask=np.ones((b, t), np.float32),
+    )
+    ema = ema_lm.EMALM(
+        ema_lm.preset(
+            "tiny", vocab_size=args.vocab, width=args.width, num_blocks=args.depth, ffn_hidden=4 * args.width
+        ),
+        rngs=nnx.Rngs(0),
+    )
+    gpt = transformer.GPT(
+        transformer.preset("tiny", vocab_size=args.vocab, width=args.width, num_layers=args.depth, context_len=t),
+        rngs=nnx.Rngs(0),
+    )
     t_ema = step_time(ema, batch, args.repeats)
     t_gpt = step_time(gpt, batch, args.repeats)
-    rows.append(dict(T=t, batch=b, ema_tokens_per_s=b * t / t_ema, gpt_tokens_per_s=b * t / t_gpt,
-                     ema_over_gpt=t_gpt / t_ema))
+    rows.append(
+        dict(T=t, batch=b, ema_tokens_per_s=b * t / t_ema, gpt_tokens_per_s=b * t / t_gpt, ema_over_gpt=t_gpt / t_ema)
+    )
     print(f"  T={t}: EMA {b * t / t_ema:,.0f} tok/s, GPT {b * t / t_gpt:,.0f} tok/s", flush=True)
   print(f"\n{'T':>6}{'batch':>7}{'EMA LM tok/s':>14}{'GPT tok/s':>12}{'EMA / GPT':>11}")
   for r in rows:
-    print(f"{r['T']:>6}{r['batch']:>7}{r['ema_tokens_per_s']:>14,.0f}{r['gpt_tokens_per_s']:>12,.0f}"
-          f"{r['ema_over_gpt']:>11.2f}")
-  meta = dict(date=time.strftime("%Y-%m-%d"), backend=jax.default_backend(), devices=str(jax.devices()),
-              cpu_count=os.cpu_count(), width=args.width, depth=args.depth, vocab=args.vocab,
-              tokens_per_step=args.tokens, command=" ".join(sys.argv), load_avg=os.getloadavg())
+    print(
+        f"{r['T']:>6}{r['batch']:>7}{r['ema_tokens_per_s']:>14,.0f}{r['gpt_tokens_per_s']:>12,.0f}"
+        f"{r['ema_over_gpt']:>11.2f}"
+    )
+  meta = dict(
+      date=time.strftime("%Y-%m-%d"),
+      backend=jax.default_backend(),
+      devices=str(jax.devices()),
+      cpu_count=os.cpu_count(),
+      width=args.width,
+      depth=args.depth,
+      vocab=args.vocab,
+      tokens_per_step=args.tokens,
+      command=" ".join(sys.argv),
+      load_avg=os.getloadavg(),
+  )
   if args.out:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

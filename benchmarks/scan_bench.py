@@ -50,7 +50,7 @@ def rates(k, d, per_channel):
 
 def textbook(x, alphas):
   al = jnp.asarray(alphas, x.dtype)
-  al = al[:, None] if al.ndim == 1 else al                  # [K, 1 or D]
+  al = al[:, None] if al.ndim == 1 else al  # [K, 1 or D]
   b = x[:, :, None, :] * al[None, None]
   a_full = jnp.broadcast_to(1 - al[None, None], b.shape)
 
@@ -103,8 +103,12 @@ def time_interleaved(fns, repeats):
 
 # One arena (XLA's worker threads would otherwise map big buffers from their own arenas), no mmap for big
 # buffers, no trimming: freed memory is reused without page faults. Values found by counting minor faults.
-_HEAP_ENV = dict(MALLOC_ARENA_MAX="1", MALLOC_MMAP_THRESHOLD_="2000000000", MALLOC_TRIM_THRESHOLD_="4000000000",
-                 MALLOC_TOP_PAD_="536870912")
+_HEAP_ENV = dict(
+    MALLOC_ARENA_MAX="1",
+    MALLOC_MMAP_THRESHOLD_="2000000000",
+    MALLOC_TRIM_THRESHOLD_="4000000000",
+    MALLOC_TOP_PAD_="536870912",
+)
 
 
 def main():
@@ -114,8 +118,11 @@ def main():
   p.add_argument("--chunks", default="16,32,64", help="chunk sizes of the 'chunked' linear_scan method")
   p.add_argument("--fused-chunks", default="8,16,32,64", help="chunk sizes of the 'fused' path")
   p.add_argument("--skip", default="", help="comma-separated names to skip (e.g. sequential)")
-  p.add_argument("--per-channel", action="store_true",
-                 help="[K, D] write rates (one per timescale and channel): the linear_scan methods only")
+  p.add_argument(
+      "--per-channel",
+      action="store_true",
+      help="[K, D] write rates (one per timescale and channel): the linear_scan methods only",
+  )
   p.add_argument("--reuse-heap", action="store_true", help="keep freed memory in glibc's heap (see above)")
   p.add_argument("--out", default="results/scan_bench.json")
   args = p.parse_args()
@@ -143,41 +150,69 @@ def main():
     for (name, kind), t in medians.items():
       if kind == "fwd":
         results[name] = (t, medians.get((name, "bwd"), t))
-        print(f"  measured {shape} {name}: fwd {t * 1e3:.2f} ms, fwd+bwd {results[name][1] * 1e3:.2f} ms",
-              flush=True)
+        print(f"  measured {shape} {name}: fwd {t * 1e3:.2f} ms, fwd+bwd {results[name][1] * 1e3:.2f} ms", flush=True)
     copy_f = results["copy"][0]
     text_f, text_b = results.get("textbook", (float("nan"), float("nan")))
     best = min((n for n in results if n not in ("copy", "textbook", "auto")), key=lambda n: results[n][0])
     best_b = min((n for n in results if n not in ("copy", "textbook", "auto")), key=lambda n: results[n][1])
     for name, (t_f, t_b) in results.items():
-      rows.append(dict(shape=shape, method=name, fwd_ms=t_f * 1e3, fwd_bwd_ms=t_b * 1e3,
-                       fwd_gbps=nbytes / t_f / 1e9, fwd_vs_copy=t_f / copy_f, fwd_bwd_vs_copy=t_b / copy_f,
-                       fwd_speedup_vs_textbook=text_f / t_f, fwd_bwd_speedup_vs_textbook=text_b / t_b,
-                       best_fwd=name == best, best_fwd_bwd=name == best_b))
+      rows.append(
+          dict(
+              shape=shape,
+              method=name,
+              fwd_ms=t_f * 1e3,
+              fwd_bwd_ms=t_b * 1e3,
+              fwd_gbps=nbytes / t_f / 1e9,
+              fwd_vs_copy=t_f / copy_f,
+              fwd_bwd_vs_copy=t_b / copy_f,
+              fwd_speedup_vs_textbook=text_f / t_f,
+              fwd_bwd_speedup_vs_textbook=text_b / t_b,
+              best_fwd=name == best,
+              best_fwd_bwd=name == best_b,
+          )
+      )
   load_after, uptime_after = os.getloadavg(), uptime()
-  hdr = (f"{'shape BxTxDxK':<18}{'method':<13}{'fwd ms':>9}{'GB/s':>7}{'/copy':>7}{'x text':>8}"
-         f"{'f+b ms':>9}{'/copy':>7}{'x text':>8}")
+  hdr = (
+      f"{'shape BxTxDxK':<18}{'method':<13}{'fwd ms':>9}{'GB/s':>7}{'/copy':>7}{'x text':>8}"
+      f"{'f+b ms':>9}{'/copy':>7}{'x text':>8}"
+  )
   print()
   print(hdr)
   print("-" * len(hdr))
   for r in rows:
     mark = ("*" if r["best_fwd"] else " ") + ("*" if r["best_fwd_bwd"] else " ")
-    print(f"{r['shape']:<18}{r['method']:<13}{r['fwd_ms']:>9.2f}{r['fwd_gbps']:>7.2f}{r['fwd_vs_copy']:>7.2f}"
-          f"{r['fwd_speedup_vs_textbook']:>8.2f}{r['fwd_bwd_ms']:>9.2f}{r['fwd_bwd_vs_copy']:>7.2f}"
-          f"{r['fwd_bwd_speedup_vs_textbook']:>8.2f} {mark}")
+    print(
+        f"{r['shape']:<18}{r['method']:<13}{r['fwd_ms']:>9.2f}{r['fwd_gbps']:>7.2f}{r['fwd_vs_copy']:>7.2f}"
+        f"{r['fwd_speedup_vs_textbook']:>8.2f}{r['fwd_bwd_ms']:>9.2f}{r['fwd_bwd_vs_copy']:>7.2f}"
+        f"{r['fwd_bwd_speedup_vs_textbook']:>8.2f} {mark}"
+    )
   auto = traces._auto_method(1 << 20, not args.per_channel)
-  print(f"(* best forward, best forward+backward; auto chose {auto}"
-        f"{'/' + str(traces.DEFAULT_FUSED_CHUNK) if auto == 'fused' else ''} on {jax.default_backend()}; "
-        f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after)")
-  meta = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), backend=jax.default_backend(), devices=str(jax.devices()),
-              cpu_count=os.cpu_count(), platform=platform.platform(), processor=platform.processor(),
-              jax=jax.__version__, repeats=args.repeats, command=" ".join(sys.argv),
-              rates="per_channel [K, D]" if args.per_channel else "shared [K]",
-              auto=auto, fused_default_chunk=traces.DEFAULT_FUSED_CHUNK, linear_scan_auto=scan.auto_method(1 << 20),
-              loadavg_before=list(load_before), loadavg_after=list(load_after),
-              uptime_before=uptime_before, uptime_after=uptime_after,
-              malloc_env={k: os.environ[k] for k in _HEAP_ENV if k in os.environ},
-              timing="median of --repeats, candidates interleaved within each repeat")
+  print(
+      f"(* best forward, best forward+backward; auto chose {auto}"
+      f"{'/' + str(traces.DEFAULT_FUSED_CHUNK) if auto == 'fused' else ''} on {jax.default_backend()}; "
+      f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after)"
+  )
+  meta = dict(
+      date=time.strftime("%Y-%m-%d %H:%M:%S"),
+      backend=jax.default_backend(),
+      devices=str(jax.devices()),
+      cpu_count=os.cpu_count(),
+      platform=platform.platform(),
+      processor=platform.processor(),
+      jax=jax.__version__,
+      repeats=args.repeats,
+      command=" ".join(sys.argv),
+      rates="per_channel [K, D]" if args.per_channel else "shared [K]",
+      auto=auto,
+      fused_default_chunk=traces.DEFAULT_FUSED_CHUNK,
+      linear_scan_auto=scan.auto_method(1 << 20),
+      loadavg_before=list(load_before),
+      loadavg_after=list(load_after),
+      uptime_before=uptime_before,
+      uptime_after=uptime_after,
+      malloc_env={k: os.environ[k] for k in _HEAP_ENV if k in os.environ},
+      timing="median of --repeats, candidates interleaved within each repeat",
+  )
   if args.out:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

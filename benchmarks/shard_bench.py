@@ -63,19 +63,40 @@ def main():
     err = float(jnp.max(jnp.abs(par(x_sh) - one(x))))
     t_one = timed(one, x, repeats=ARGS.repeats)
     t_par = timed(par, x_sh, repeats=ARGS.repeats)
-    trace_bytes = 4 * s * b * (k * d + k) * (s - 1)       # each shard's state + decay product to every other
-    attn_bytes = 4 * s * b * 2 * (t // s) * d * (s - 1)   # each shard's keys and values to every other
-    rows.append(dict(T=t, shards=s, unsharded_ms=t_one * 1e3, seq_parallel_ms=t_par * 1e3,
-                     max_abs_diff=err, trace_exchange_bytes=trace_bytes, attention_kv_bytes=attn_bytes,
-                     ratio=attn_bytes / trace_bytes))
-  print(f"{'T':>8}{'shards':>7}{'1 device ms':>13}{'seq-par ms':>12}{'max|diff|':>11}{'trace bytes':>13}"
-        f"{'attn K/V bytes':>16}{'ratio':>9}")
+    trace_bytes = 4 * s * b * (k * d + k) * (s - 1)  # each shard's state + decay product to every other
+    attn_bytes = 4 * s * b * 2 * (t // s) * d * (s - 1)  # each shard's keys and values to every other
+    rows.append(
+        dict(
+            T=t,
+            shards=s,
+            unsharded_ms=t_one * 1e3,
+            seq_parallel_ms=t_par * 1e3,
+            max_abs_diff=err,
+            trace_exchange_bytes=trace_bytes,
+            attention_kv_bytes=attn_bytes,
+            ratio=attn_bytes / trace_bytes,
+        )
+    )
+  print(
+      f"{'T':>8}{'shards':>7}{'1 device ms':>13}{'seq-par ms':>12}{'max|diff|':>11}{'trace bytes':>13}"
+      f"{'attn K/V bytes':>16}{'ratio':>9}"
+  )
   for r in rows:
-    print(f"{r['T']:>8}{r['shards']:>7}{r['unsharded_ms']:>13.1f}{r['seq_parallel_ms']:>12.1f}"
-          f"{r['max_abs_diff']:>11.2e}{r['trace_exchange_bytes']:>13,}{r['attention_kv_bytes']:>16,}{r['ratio']:>9.0f}")
-  meta = dict(date=time.strftime("%Y-%m-%d"), backend=jax.default_backend(), devices=jax.device_count(),
-              cpu_count=os.cpu_count(), batch=b, width=d, timescales=k, command=" ".join(sys.argv),
-              load_avg=os.getloadavg())
+    print(
+        f"{r['T']:>8}{r['shards']:>7}{r['unsharded_ms']:>13.1f}{r['seq_parallel_ms']:>12.1f}"
+        f"{r['max_abs_diff']:>11.2e}{r['trace_exchange_bytes']:>13,}{r['attention_kv_bytes']:>16,}{r['ratio']:>9.0f}"
+    )
+  meta = dict(
+      date=time.strftime("%Y-%m-%d"),
+      backend=jax.default_backend(),
+      devices=jax.device_count(),
+      cpu_count=os.cpu_count(),
+      batch=b,
+      width=d,
+      timescales=k,
+      command=" ".join(sys.argv),
+      load_avg=os.getloadavg(),
+  )
   if ARGS.out:
     os.makedirs(os.path.dirname(ARGS.out) or ".", exist_ok=True)
     with open(ARGS.out, "w") as f:

@@ -9,8 +9,8 @@ import ml_collections
 from ema_jax import trainer_config
 from ema_jax.data import text as text_lib
 
-WIKI = "../shared/data/wikipedia/{split}*.jsonl"        # train-00..04 and validation JSON lines
-C4_SAMPLE = "../shared/data/c4_sample/c4_demo.jsonl"    # 300 C4 documents: evaluation only
+WIKI = "../shared/data/wikipedia/{split}*.jsonl"  # train-00..04 and validation JSON lines
+C4_SAMPLE = "../shared/data/c4_sample/c4_demo.jsonl"  # 300 C4 documents: evaluation only
 
 
 def base_config(model_kind: str) -> ml_collections.ConfigDict:
@@ -24,16 +24,18 @@ def base_config(model_kind: str) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 100
-  c.optim.weight_decay = 0.1          # decoupled, on matrices only (optim._decay_mask)
+  c.optim.weight_decay = 0.1  # decoupled, on matrices only (optim._decay_mask)
   c.weight_ema.decay = 0.999
   c.data = text_lib.default_data_config()  # source, tokenizer, paths, splits: fields documented there
-  c.task = ml_collections.ConfigDict(dict(
-      name="lm",
-      seq_len=256,                    # T: tokens per training row (windows of T + 1)
-      eval_lengths=[],                # context lengths to evaluate at; [] = seq_len only
-      eval_batch_size=16,             # rows per evaluation batch (a multiple of the process count)
-      eval_sources=ml_collections.ConfigDict(),  # name -> data config of extra evaluation-only sources
-  ))
+  c.task = ml_collections.ConfigDict(
+      dict(
+          name="lm",
+          seq_len=256,  # T: tokens per training row (windows of T + 1)
+          eval_lengths=[],  # context lengths to evaluate at; [] = seq_len only
+          eval_batch_size=16,  # rows per evaluation batch (a multiple of the process count)
+          eval_sources=ml_collections.ConfigDict(),  # name -> data config of extra evaluation-only sources
+      )
+  )
   # kind selects the model; preset names its size; the other fields override the model dataclass
   # (EMALMConfig in ema_jax/models/ema_lm.py, GPTConfig in ema_jax/models/transformer.py).
   c.model = ml_collections.ConfigDict(dict(kind=model_kind, preset="tiny"))
@@ -62,7 +64,8 @@ def apply_tiny_preset(c: ml_collections.ConfigDict, wiki: bool = False) -> ml_co
     c.eval_every = 1000
     c.checkpoint_every = 500
     c.task.eval_sources = ml_collections.ConfigDict(
-        {"c4_sample": dict(source="files", path=C4_SAMPLE, eval_path=C4_SAMPLE, eval_split="validation")})
+        {"c4_sample": dict(source="files", path=C4_SAMPLE, eval_path=C4_SAMPLE, eval_split="validation")}
+    )
   return c
 
 

@@ -41,8 +41,10 @@ def get_config(arg=None):
   preset = parts[0] if parts and parts[0] in PRESETS else "default"
   options = parts[1:] if parts and parts[0] in PRESETS else parts
   if preset not in PRESETS or any(o not in OPTIONS for o in options):
-    raise ValueError(f"configs/othello.py: argument {arg!r}; expected a preset ({', '.join(PRESETS)}) "
-                     f"optionally followed by options ({', '.join(OPTIONS)}), e.g. 'default,dropout,bema'.")
+    raise ValueError(
+        f"configs/othello.py: argument {arg!r}; expected a preset ({', '.join(PRESETS)}) "
+        f"optionally followed by options ({', '.join(OPTIONS)}), e.g. 'default,dropout,bema'."
+    )
   c = trainer_config.default_config()  # seed, steps, batch, cadences, optim, weight_ema, mesh
   c.steps = 1000
   c.batch_size = 64
@@ -52,19 +54,22 @@ def get_config(arg=None):
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 100
   c.weight_ema.decay = 0.99
-  c.task = ml_collections.ConfigDict(dict(
-      name="othello",
-      num_games=20000,          # training + validation games, random legal play
-      val_fraction=0.05,        # the last 5% are validation games
-      data_seed=0,              # seeds the game generator (shared by all training seeds)
-      data_dir=ml_collections.FieldReference(None, field_type=str),  # None = <workdir>/othello_data
-      train_len=20,             # L_train: moves fed in training; positions 1..L_train are trained
-      eval_games=1000,          # validation games scored at every position
-      eval_batch_size=250,
-      eval_lengths=ml_collections.FieldReference(None, field_type=list),  # positions; None = 1..59
-  ))
-  c.model = ml_collections.ConfigDict(dict(
-      num_layers=2, num_heads=4, width=128, mlp_ratio=4, context_len=59, dropout=0.0, dtype="float32"))
+  c.task = ml_collections.ConfigDict(
+      dict(
+          name="othello",
+          num_games=20000,  # training + validation games, random legal play
+          val_fraction=0.05,  # the last 5% are validation games
+          data_seed=0,  # seeds the game generator (shared by all training seeds)
+          data_dir=ml_collections.FieldReference(None, field_type=str),  # None = <workdir>/othello_data
+          train_len=20,  # L_train: moves fed in training; positions 1..L_train are trained
+          eval_games=1000,  # validation games scored at every position
+          eval_batch_size=250,
+          eval_lengths=ml_collections.FieldReference(None, field_type=list),  # positions; None = 1..59
+      )
+  )
+  c.model = ml_collections.ConfigDict(
+      dict(num_layers=2, num_heads=4, width=128, mlp_ratio=4, context_len=59, dropout=0.0, dtype="float32")
+  )
 
   if preset == "paper":
     c.steps = 20000

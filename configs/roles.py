@@ -46,22 +46,46 @@ import ml_collections
 
 from ema_jax import optim, trainer_config
 
-PRESETS = ("hebbian", "bigru", "hebbian_ud", "bigru_ud", "hebbian_tiny", "bigru_tiny", "hebbian_ud_tiny",
-           "bigru_ud_tiny")
+PRESETS = (
+    "hebbian",
+    "bigru",
+    "hebbian_ud",
+    "bigru_ud",
+    "hebbian_tiny",
+    "bigru_tiny",
+    "hebbian_ud_tiny",
+    "bigru_ud_tiny",
+)
 
 
 def hebbian_model() -> ml_collections.ConfigDict:
   """The fields of ema_jax.models.hebbian.HebbianConfig (vocab_size comes from the data, seed from
   config.seed); these are its defaults, the setting of the reported numbers."""
-  return ml_collections.ConfigDict(dict(
-      code_dim=32, codes="context", alphas=(0.5, 0.1, 0.02), backward=True, identity_weight=0.3,
-      code_weight=1.0, trace_weight=1.0, num_units=512, winners=1, lr=0.2, lr_final=0.01, conscience=0.0,
-      usage_rate=0.01, epochs=3, batch_size=64, temperature=0.02, center=False))
+  return ml_collections.ConfigDict(
+      dict(
+          code_dim=32,
+          codes="context",
+          alphas=(0.5, 0.1, 0.02),
+          backward=True,
+          identity_weight=0.3,
+          code_weight=1.0,
+          trace_weight=1.0,
+          num_units=512,
+          winners=1,
+          lr=0.2,
+          lr_final=0.01,
+          conscience=0.0,
+          usage_rate=0.01,
+          epochs=3,
+          batch_size=64,
+          temperature=0.02,
+          center=False,
+      )
+  )
 
 
 def bigru_model() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(embed_dim=128, hidden=128, num_layers=2, dropout=0.2,
-                                        word_dropout=0.1))
+  return ml_collections.ConfigDict(dict(embed_dim=128, hidden=128, num_layers=2, dropout=0.2, word_dropout=0.1))
 
 
 def get_config(arg=None):
@@ -81,22 +105,30 @@ def get_config(arg=None):
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 100
   c.weight_ema.decay = 0.999
-  c.task = ml_collections.ConfigDict(dict(
-      name="roles_hebbian" if kind == "hebbian" else "roles",
-      source="ud" if ud else "grammar",
-      max_len=64 if ud else 32,       # padded sentence length (UD sentences beyond it are cut)
-      deep_depth=2,                   # arguments at this embedding depth or deeper are "deeply embedded"
-      eval_batch_size=256,
-      # grammar source (ema_jax/data/grammar.py); config.seed draws the sentences
-      n_train=4000, n_heldout=1000, n_transfer=1000, train_grammar="A", transfer_grammar="B",
-      structure_split=True,           # also evaluate on B's constructions written with A's words only
-      # ud source (ema_jax/data/conllu.py); a relative ud_dir is tried from the working directory, then
-      # from the repository root
-      ud_dir="../shared/data/ud_english_ewt", ud_min_count=2,
-      ud_train_sentences=0, ud_eval_sentences=0,   # 0 = all; a prefix for quick runs and tests
-      unseen_to_unk=True,             # BiGRU: words absent from training -> the (word-dropout-trained) UNK
-      probe_steps=300,                # Hebbian: full-batch Adam steps of the linear probe readout
-  ))
+  c.task = ml_collections.ConfigDict(
+      dict(
+          name="roles_hebbian" if kind == "hebbian" else "roles",
+          source="ud" if ud else "grammar",
+          max_len=64 if ud else 32,  # padded sentence length (UD sentences beyond it are cut)
+          deep_depth=2,  # arguments at this embedding depth or deeper are "deeply embedded"
+          eval_batch_size=256,
+          # grammar source (ema_jax/data/grammar.py); config.seed draws the sentences
+          n_train=4000,
+          n_heldout=1000,
+          n_transfer=1000,
+          train_grammar="A",
+          transfer_grammar="B",
+          structure_split=True,  # also evaluate on B's constructions written with A's words only
+          # ud source (ema_jax/data/conllu.py); a relative ud_dir is tried from the working directory, then
+          # from the repository root
+          ud_dir="../shared/data/ud_english_ewt",
+          ud_min_count=2,
+          ud_train_sentences=0,
+          ud_eval_sentences=0,  # 0 = all; a prefix for quick runs and tests
+          unseen_to_unk=True,  # BiGRU: words absent from training -> the (word-dropout-trained) UNK
+          probe_steps=300,  # Hebbian: full-batch Adam steps of the linear probe readout
+      )
+  )
   c.model = hebbian_model() if kind == "hebbian" else bigru_model()
 
   if kind == "hebbian":
@@ -109,8 +141,15 @@ def get_config(arg=None):
   if ud and kind == "bigru":
     c.steps = 2000
   if tiny:
-    c.task.update(n_train=300, n_heldout=100, n_transfer=100, max_len=24, ud_train_sentences=300,
-                  ud_eval_sentences=100, probe_steps=100)
+    c.task.update(
+        n_train=300,
+        n_heldout=100,
+        n_transfer=100,
+        max_len=24,
+        ud_train_sentences=300,
+        ud_eval_sentences=100,
+        probe_steps=100,
+    )
     if ud:
       c.task.max_len = 32
     c.steps = 150

@@ -36,7 +36,7 @@ def get_config(arg=None):
   if arg not in PRESETS:
     raise ValueError(f"configs/set_complement.py: preset {arg!r}; accepted: {', '.join(PRESETS)}.")
   c = trainer_config.default_config()  # seed, steps, batch, cadences, optim, weight_ema, mesh
-  c.steps = 5000             # fits the training range (in-range KL ~0.03) in about a minute of CPU
+  c.steps = 5000  # fits the training range (in-range KL ~0.03) in about a minute of CPU
   c.batch_size = 128
   c.log_every = 250
   c.eval_every = 1000
@@ -44,26 +44,30 @@ def get_config(arg=None):
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 100
   c.weight_ema.decay = 0.999  # an averaging window of ~1000 steps, a fifth of the run
-  c.task = ml_collections.ConfigDict(dict(
-      name="set_complement",
-      num_tokens=64,            # N
-      train_max_size=16,        # L_train: training sizes lie in [train_min_size, train_max_size]
-      train_min_size=1,
-      train_size_dist="uniform",  # uniform | linear (P(s) ~ s) | fixed (always train_max_size)
-      max_len=None,             # L_max, padded length of training rows; None = train_max_size
-      eval_examples=256,        # per set size; evaluation covers every size 1..N-1
-      eval_seed=1234,           # fixed evaluation sets, independent of the training seed
-      eval_sizes=ml_collections.FieldReference(None, field_type=list),  # None = every size 1..N-1
-  ))
-  c.model = ml_collections.ConfigDict(dict(
-      embed_dim=64,             # D
-      value_dim=64,
-      num_heads=1,
-      norm="none",              # none | pre (LayerNorm on the attention inputs)
-      positions="none",         # none | learned (ties the model to lengths: see set_transformer.py)
-      dropout=0.0,
-      dropout_on="attention",   # comma-separated subset of attention, embedding, output ('' = none)
-  ))
+  c.task = ml_collections.ConfigDict(
+      dict(
+          name="set_complement",
+          num_tokens=64,  # N
+          train_max_size=16,  # L_train: training sizes lie in [train_min_size, train_max_size]
+          train_min_size=1,
+          train_size_dist="uniform",  # uniform | linear (P(s) ~ s) | fixed (always train_max_size)
+          max_len=None,  # L_max, padded length of training rows; None = train_max_size
+          eval_examples=256,  # per set size; evaluation covers every size 1..N-1
+          eval_seed=1234,  # fixed evaluation sets, independent of the training seed
+          eval_sizes=ml_collections.FieldReference(None, field_type=list),  # None = every size 1..N-1
+      )
+  )
+  c.model = ml_collections.ConfigDict(
+      dict(
+          embed_dim=64,  # D
+          value_dim=64,
+          num_heads=1,
+          norm="none",  # none | pre (LayerNorm on the attention inputs)
+          positions="none",  # none | learned (ties the model to lengths: see set_transformer.py)
+          dropout=0.0,
+          dropout_on="attention",  # comma-separated subset of attention, embedding, output ('' = none)
+      )
+  )
 
   if arg == "paper":
     c.steps = 20000
@@ -86,19 +90,28 @@ def get_config(arg=None):
     c.task.eval_examples = 128
     c.model.embed_dim = 32
     c.model.value_dim = 32
-    c.sweep = ml_collections.ConfigDict(dict(
-        runs=64,
-        sample_seed=0,            # seeds the sampling of hyperparameters (run seeds are sampled too)
-        dims=["32x32", "64x64"],  # "embed_dim x value_dim", sampled uniformly
-        num_heads=1,
-        lr=(5e-4, 5e-3),          # log-uniform
-        dropout=(0.0, 0.4),       # uniform, after a point mass at 0 of dropout_zero_prob
-        dropout_zero_prob=0.2,
-        dropout_on=["attention", "embedding", "output", "attention,output", "attention,embedding",
-                    "embedding,output", "attention,embedding,output"],
-        ema_kinds=["none", "ema", "bema"],
-        ema_decay=(0.99, 0.999),  # for kind 'ema': 1 - decay log-uniform between the two
-        chunk_steps=250,          # training steps per compiled lax.scan call
-        bootstrap=4000,           # resamples for the bootstrap CIs
-    ))
+    c.sweep = ml_collections.ConfigDict(
+        dict(
+            runs=64,
+            sample_seed=0,  # seeds the sampling of hyperparameters (run seeds are sampled too)
+            dims=["32x32", "64x64"],  # "embed_dim x value_dim", sampled uniformly
+            num_heads=1,
+            lr=(5e-4, 5e-3),  # log-uniform
+            dropout=(0.0, 0.4),  # uniform, after a point mass at 0 of dropout_zero_prob
+            dropout_zero_prob=0.2,
+            dropout_on=[
+                "attention",
+                "embedding",
+                "output",
+                "attention,output",
+                "attention,embedding",
+                "embedding,output",
+                "attention,embedding,output",
+            ],
+            ema_kinds=["none", "ema", "bema"],
+            ema_decay=(0.99, 0.999),  # for kind 'ema': 1 - decay log-uniform between the two
+            chunk_steps=250,  # training steps per compiled lax.scan call
+            bootstrap=4000,  # resamples for the bootstrap CIs
+        )
+    )
   return c

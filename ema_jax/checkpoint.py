@@ -78,6 +78,7 @@ def _all_processes(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok
   from jax.experimental import multihost_utils
+
   got = multihost_utils.process_allgather(np.array([int(ok)], np.int32))
   return bool(np.all(np.asarray(got)))
 
@@ -85,6 +86,7 @@ def _all_processes(ok: bool) -> bool:
 def _barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -114,9 +116,12 @@ def _state_differences(meta_tree: Any, abstract_state: Any) -> List[str]:
       s, w = saved[k], want[k]
       if jax.dtypes.issubdtype(w.dtype, jax.dtypes.prng_key):
         continue  # typed PRNG keys are stored as their raw uint32 data
-      if tuple(getattr(s, "shape", ())) != tuple(w.shape) or np.dtype(getattr(s, "dtype", w.dtype)) != np.dtype(w.dtype):
-        diffs.append(f"{k}: saved {getattr(s, 'dtype', '?')}{list(getattr(s, 'shape', []))}, "
-                     f"now {w.dtype}{list(w.shape)}")
+      if tuple(getattr(s, "shape", ())) != tuple(w.shape) or np.dtype(getattr(s, "dtype", w.dtype)) != np.dtype(
+          w.dtype
+      ):
+        diffs.append(
+            f"{k}: saved {getattr(s, 'dtype', '?')}{list(getattr(s, 'shape', []))}, " f"now {w.dtype}{list(w.shape)}"
+        )
   return diffs
 
 
@@ -130,8 +135,11 @@ class Checkpointer:
     if not isinstance(keep, int) or keep < 1:
       raise ValueError(f"config.keep_checkpoints={keep!r}: expected an integer >= 1.")
     # Local folders or buckets (gs://...): orbax reads and writes both through etils.epath.
-    self.directory = (os.path.join(workdir, "checkpoints") if "://" in workdir
-                      else os.path.abspath(os.path.join(workdir, "checkpoints")))
+    self.directory = (
+        os.path.join(workdir, "checkpoints")
+        if "://" in workdir
+        else os.path.abspath(os.path.join(workdir, "checkpoints"))
+    )
     self.keep, self.async_save = keep, async_save
     self._manager = None
 
@@ -154,8 +162,9 @@ class Checkpointer:
     except FileNotFoundError as e:
       raise CorruptCheckpointError(f"checkpoint {self.step_dir(step)}: {item}/metadata is missing") from e
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-      raise CorruptCheckpointError(f"checkpoint {self.step_dir(step)}: {item}/metadata is unreadable "
-                                   f"({type(e).__name__}: {str(e)[:200]})") from e
+      raise CorruptCheckpointError(
+          f"checkpoint {self.step_dir(step)}: {item}/metadata is unreadable " f"({type(e).__name__}: {str(e)[:200]})"
+      ) from e
     if not isinstance(value, dict):
       raise CorruptCheckpointError(f"checkpoint {self.step_dir(step)}: {item}/metadata is not a JSON object")
     return value
@@ -173,8 +182,9 @@ class Checkpointer:
       tree = getattr(meta, "item_metadata", meta)
       tree = getattr(tree, "tree", tree)
     except Exception as e:  # orbax raises many kinds for unreadable files
-      raise CorruptCheckpointError(f"checkpoint {self.step_dir(step)}: state metadata unreadable "
-                                   f"({type(e).__name__}: {str(e)[:200]})") from e
+      raise CorruptCheckpointError(
+          f"checkpoint {self.step_dir(step)}: state metadata unreadable " f"({type(e).__name__}: {str(e)[:200]})"
+      ) from e
     if not jax.tree.leaves(tree):  # a garbled _METADATA reads as an empty tree
       raise CorruptCheckpointError(f"checkpoint {self.step_dir(step)}: state metadata lists no arrays")
     return _state_differences(tree, abstract_state)
@@ -186,8 +196,9 @@ class Checkpointer:
         state = ckptr.restore(self.step_dir(step) / "state", abstract_state)
       jax.block_until_ready(state)
     except Exception as e:  # orbax / tensorstore raise many kinds for unreadable files
-      raise CorruptCheckpointError(f"checkpoint {self.step_dir(step)}: arrays unreadable "
-                                   f"({type(e).__name__}: {_first_line(e)})") from e
+      raise CorruptCheckpointError(
+          f"checkpoint {self.step_dir(step)}: arrays unreadable " f"({type(e).__name__}: {_first_line(e)})"
+      ) from e
     return state
 
   def read_config(self, step: int) -> Dict[str, Any]:
@@ -199,8 +210,9 @@ class Checkpointer:
     config = self.read_config(step)
     diffs = self.state_differences(step, abstract_state)
     if diffs:
-      raise errors.ConfigMismatchError(f"checkpoint {self.step_dir(step)} does not match the model its "
-                                       f"config builds: {'; '.join(diffs[:5])}")
+      raise errors.ConfigMismatchError(
+          f"checkpoint {self.step_dir(step)} does not match the model its " f"config builds: {'; '.join(diffs[:5])}"
+      )
     return self.restore_state(step, abstract_state), self.read_json(step, "data"), config
 
   # ------------------------------------------------------------------------------------ restore policy
@@ -221,8 +233,9 @@ class Checkpointer:
     _barrier(f"ema_jax_set_aside_{step}")
     return None if new is None else str(new)
 
-  def restore_latest(self, abstract_state: Any, config: Dict[str, Any], allow_config_change: bool = False
-                     ) -> Optional[Tuple[int, Any, Dict[str, Any], Dict[str, Any]]]:
+  def restore_latest(
+      self, abstract_state: Any, config: Dict[str, Any], allow_config_change: bool = False
+  ) -> Optional[Tuple[int, Any, Dict[str, Any], Dict[str, Any]]]:
     """(step, state, data_state, loop_state) of the newest readable checkpoint, or None.
 
     Raises ConfigMismatchError (before anything is written) for a checkpoint of another config.
@@ -268,36 +281,43 @@ class Checkpointer:
       raise errors.ConfigMismatchError(
           f"{workdir} holds checkpoints (step {step}) of a run whose state has another structure; nothing "
           f"was changed in it. Differences:\n{detail}\nTrain this config in a new workdir (--workdir), or "
-          f"rerun with the saved config to resume that run.")
+          f"rerun with the saved config to resume that run."
+      )
     if allow_config_change:
-      print(f"WARNING: resuming step {step} with a changed config (--allow_config_change):\n"
-            + "\n".join(lines), flush=True)
+      print(
+          f"WARNING: resuming step {step} with a changed config (--allow_config_change):\n" + "\n".join(lines),
+          flush=True,
+      )
       return
     raise errors.ConfigMismatchError(
         f"{workdir} holds checkpoints (step {step}) of a run with another config; nothing was changed in "
         "it. Differing fields:\n" + "\n".join(lines) + "\nEither train in a new workdir (--workdir), or "
         "resume with these changes on purpose with --allow_config_change (allowed only where the state "
-        "keeps its structure).")
+        "keeps its structure)."
+    )
 
   # ---------------------------------------------------------------------------------------------- saving
 
   @property
   def manager(self) -> ocp.CheckpointManager:
     if self._manager is None:
-      options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True,
-                                             enable_async_checkpointing=self.async_save)
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=self.keep, create=True, enable_async_checkpointing=self.async_save
+      )
       self._manager = ocp.CheckpointManager(self.directory, options=options)
     return self._manager
 
-  def save(self, step: int, state: Any, data_state: Dict[str, Any], loop_state: Dict[str, Any],
-           config: Dict[str, Any]) -> None:
+  def save(
+      self, step: int, state: Any, data_state: Dict[str, Any], loop_state: Dict[str, Any], config: Dict[str, Any]
+  ) -> None:
     """Starts an async save; device arrays are copied to host before this returns, so the caller may
     donate `state` to the next step right away. Every process calls it."""
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
         loop=ocp.args.JsonSave(loop_state),
-        config=ocp.args.JsonSave(config))
+        config=ocp.args.JsonSave(config),
+    )
     self.manager.save(step, args=args, force=True)
 
   def close(self) -> None:
@@ -329,8 +349,9 @@ def read_config(workdir: str, step: Optional[int] = None) -> Dict[str, Any]:
   ckpt = Checkpointer(workdir, keep=1)
   steps = ckpt.all_steps()
   if not steps:
-    raise FileNotFoundError(f"no checkpoints in {ckpt.directory}: train first "
-                            f"(python train.py --config ... --workdir {workdir}).")
+    raise FileNotFoundError(
+        f"no checkpoints in {ckpt.directory}: train first " f"(python train.py --config ... --workdir {workdir})."
+    )
   if step is None:
     step = steps[-1]
   elif step not in steps:

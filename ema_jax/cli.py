@@ -32,8 +32,21 @@ from ema_jax import errors
 
 USER_ERROR_STATUS = 2
 # Python loggers of the libraries we use; absl's handler on the root logger prints them all.
-LIBRARY_LOGGERS = ("absl", "jax", "jaxlib", "orbax", "etils", "flax", "tensorstore", "tensorflow",
-                   "ml_collections", "matplotlib", "PIL", "urllib3", "google")
+LIBRARY_LOGGERS = (
+    "absl",
+    "jax",
+    "jaxlib",
+    "orbax",
+    "etils",
+    "flax",
+    "tensorstore",
+    "tensorflow",
+    "ml_collections",
+    "matplotlib",
+    "PIL",
+    "urllib3",
+    "google",
+)
 
 VERBOSE = flags.DEFINE_bool("verbose", False, "Library INFO logs, and tracebacks with error messages.")
 
@@ -89,6 +102,7 @@ def _drop_closed_loop_noise(previous):
     if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
       return
     previous(unraisable)
+
   return hook
 
 
@@ -143,7 +157,7 @@ def _parse(argv: Sequence[str], required: Sequence[str]):
 def _flag_error_message(e: flags.Error) -> str:
   text = str(e)
   if text.startswith("flag --"):
-    text = text[len("flag "):]
+    text = text[len("flag ") :]
   if "Error whilst parsing config file" in text:
     # ml_collections packs the config file's whole traceback into the message: keep its last line.
     head = text.split(": Error whilst parsing config file", 1)[0]
@@ -163,8 +177,9 @@ def _strip_exception_name(line: str) -> str:
 
 def _config_overrides(argv: Sequence[str]):
   """(config flag name, dotted field, the argument) for each --NAME.a.b[=v] of a config flag."""
-  config_names = {name for name, flag in FLAGS._flags().items()  # pylint: disable=protected-access
-                  if is_config_flag(flag)}
+  config_names = {
+      name for name, flag in FLAGS._flags().items() if is_config_flag(flag)  # pylint: disable=protected-access
+  }
   for arg in argv[1:]:
     if arg == "--":
       break
@@ -179,7 +194,7 @@ def _config_file_arg(argv: Sequence[str], name: str) -> Optional[str]:
   for i, arg in enumerate(argv[1:], 1):
     for prefix in (f"--{name}=", f"-{name}="):
       if arg.startswith(prefix):
-        value = arg[len(prefix):]
+        value = arg[len(prefix) :]
     if arg in (f"--{name}", f"-{name}") and i + 1 < len(argv):
       value = argv[i + 1]
   return value if value is not None else FLAGS[name].default_as_str
@@ -241,4 +256,5 @@ def _guarded(main: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], 
       return main(argv)
     except errors.USER_ERRORS as e:
       fail(str(e), VERBOSE.value)
+
   return wrapped

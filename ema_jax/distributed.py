@@ -26,8 +26,12 @@ def _slurm_multi_task() -> bool:
   return int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in os.environ
 
 
-def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None, heartbeat_timeout_s: Optional[int] = None) -> bool:
+def initialize(
+    coordinator: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    heartbeat_timeout_s: Optional[int] = None,
+) -> bool:
   """Initializes jax.distributed at most once; returns True if this call initialized it."""
   global _initialized
   if _initialized:
@@ -44,8 +48,10 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
   explicit = coordinator is not None
   if explicit:
     if num_processes is None or process_id is None:
-      raise ValueError(f"coordinator {coordinator!r} given without both the process count and the process id "
-                       "(--num_processes/--process_id or EMA_JAX_NUM_PROCESSES/EMA_JAX_PROCESS_ID).")
+      raise ValueError(
+          f"coordinator {coordinator!r} given without both the process count and the process id "
+          "(--num_processes/--process_id or EMA_JAX_NUM_PROCESSES/EMA_JAX_PROCESS_ID)."
+      )
     if not 0 <= process_id < num_processes:
       raise ValueError(f"process id {process_id} is outside [0, {num_processes}).")
   elif not (_multi_worker_tpu() or _slurm_multi_task()):

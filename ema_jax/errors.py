@@ -29,6 +29,7 @@ def config_error(field: str, value, expected: str):
 def is_int(x) -> bool:
   """An integer config value (bools excluded)."""
   import numbers
+
   return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 

@@ -40,8 +40,13 @@ def _set(cfg: ml_collections.ConfigDict, dotted: str, value) -> None:
   node[parts[-1]] = value
 
 
-def load_config(workdir: str, step: Optional[int] = None, mesh: str = "data=-1",
-                overrides: Sequence[str] = (), lengths: Optional[str] = None) -> ml_collections.ConfigDict:
+def load_config(
+    workdir: str,
+    step: Optional[int] = None,
+    mesh: str = "data=-1",
+    overrides: Sequence[str] = (),
+    lengths: Optional[str] = None,
+) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(ckpt_lib.read_config(workdir, step))
   mesh_cfg = dict(data=1, fsdp=1, seq=1)
   for item in (mesh or "").split(","):
@@ -74,13 +79,17 @@ def resolve_step(checkpointer: ckpt_lib.Checkpointer, step: Optional[int], workd
   """The step to evaluate (the newest by default); a step without a checkpoint lists those there are."""
   steps = checkpointer.all_steps()
   if not steps:
-    raise FileNotFoundError(f"no checkpoints in {checkpointer.directory}: nothing to evaluate; train first "
-                            f"(python train.py --config ... --workdir {workdir}).")
+    raise FileNotFoundError(
+        f"no checkpoints in {checkpointer.directory}: nothing to evaluate; train first "
+        f"(python train.py --config ... --workdir {workdir})."
+    )
   if step is None:
     return steps[-1]
   if step not in steps:
-    raise ValueError(f"--step={step}: no checkpoint for it in {checkpointer.directory}; available steps: "
-                     f"{', '.join(map(str, steps))}.")
+    raise ValueError(
+        f"--step={step}: no checkpoint for it in {checkpointer.directory}; available steps: "
+        f"{', '.join(map(str, steps))}."
+    )
   return step
 
 
@@ -109,15 +118,22 @@ def write_outputs(task, results, table: str, step: int, out_dir: str, tag: str =
   return path
 
 
-def run(workdir: str, step: Optional[int] = None, weights: str = "all", lengths: Optional[str] = None,
-        mesh: str = "data=-1", overrides: Sequence[str] = (), output_dir: Optional[str] = None):
+def run(
+    workdir: str,
+    step: Optional[int] = None,
+    weights: str = "all",
+    lengths: Optional[str] = None,
+    mesh: str = "data=-1",
+    overrides: Sequence[str] = (),
+    output_dir: Optional[str] = None,
+):
   """Evaluates one checkpoint of `workdir`; returns {weights name: results}.
 
   Prints the table first, then writes the JSON and plots under output_dir (default <workdir>/eval):
   beside the training run's own eval_<step>.json and plots/, never over them. Where that cannot be
   written (a read-only workdir), the table is all there is: a warning says so and the run still succeeds.
   """
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=10 ** 6, async_save=False)
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=10**6, async_save=False)
   try:
     step = resolve_step(checkpointer, step, workdir)
     cfg = load_config(workdir, step, mesh, overrides, lengths)
@@ -136,8 +152,12 @@ def run(workdir: str, step: Optional[int] = None, weights: str = "all", lengths:
     path = write_outputs(setup.task, results, table, step, out_dir, output_tag(weights, lengths))
   except OSError as e:
     reason = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
-    print(f"warning: the results above could not be written to {out_dir} ({reason}); "
-          f"pass --output_dir DIR to write them elsewhere.", file=sys.stderr, flush=True)
+    print(
+        f"warning: the results above could not be written to {out_dir} ({reason}); "
+        f"pass --output_dir DIR to write them elsewhere.",
+        file=sys.stderr,
+        flush=True,
+    )
   else:
     print(f"wrote {path} and plots in {os.path.join(out_dir, 'plots')}", flush=True)
   return results

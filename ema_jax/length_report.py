@@ -16,8 +16,9 @@ import numpy as np
 RANGES = ("in_range", "out_of_range")
 
 
-def range_means(lengths: Sequence[int], per_length: Mapping[str, Sequence[float]], train_len: int,
-                metrics: Sequence[str]) -> Dict[str, float]:
+def range_means(
+    lengths: Sequence[int], per_length: Mapping[str, Sequence[float]], train_len: int, metrics: Sequence[str]
+) -> Dict[str, float]:
   """{'in_range/<m>': mean over lengths <= train_len, 'out_of_range/<m>': mean beyond}; empty sides left out."""
   lengths = np.asarray(lengths)
   out = {}
@@ -44,10 +45,23 @@ def table_rows(lengths, train_len: int, max_rows: int = 20, margin: int = 1):
   return sorted(keep)
 
 
-def format_table(results, kinds: Sequence[str], *, per_key: str, length_key: str, train_len: int,
-                 metrics: Sequence[str], short: Mapping[str, str], title: str, length_header: str,
-                 fmt: Callable[[float], str], max_rows: int, margin: int,
-                 extra_column: Optional[tuple] = None, range_labels=("in", "out")) -> str:
+def format_table(
+    results,
+    kinds: Sequence[str],
+    *,
+    per_key: str,
+    length_key: str,
+    train_len: int,
+    metrics: Sequence[str],
+    short: Mapping[str, str],
+    title: str,
+    length_header: str,
+    fmt: Callable[[float], str],
+    max_rows: int,
+    margin: int,
+    extra_column: Optional[tuple] = None,
+    range_labels=("in", "out"),
+) -> str:
   """One row per shown length ('*' beyond train_len) and one per range, a column per (metric, kind).
 
   results[kind][per_key][length_key] lists the lengths and results[kind][per_key][m] the values;
@@ -79,17 +93,33 @@ def format_table(results, kinds: Sequence[str], *, per_key: str, length_key: str
   return "\n".join(lines)
 
 
-def plot_per_length(results, kinds: Sequence[str], *, per_key: str, length_key: str, train_len: int,
-                    metrics: Sequence[str], labels: Mapping[str, str], log_scale: Sequence[str],
-                    out_dir: str, prefix: str, xlabel: str, shade_label: str, step: Optional[int] = None,
-                    markersize: Optional[float] = None, reference: Optional[Callable] = None) -> list:
+def plot_per_length(
+    results,
+    kinds: Sequence[str],
+    *,
+    per_key: str,
+    length_key: str,
+    train_len: int,
+    metrics: Sequence[str],
+    labels: Mapping[str, str],
+    log_scale: Sequence[str],
+    out_dir: str,
+    prefix: str,
+    xlabel: str,
+    shade_label: str,
+    step: Optional[int] = None,
+    markersize: Optional[float] = None,
+    reference: Optional[Callable] = None,
+) -> list:
   """One PNG per metric against length, the trained range shaded, one line per weights kind.
 
   reference(ax, metric) may draw a reference line (e.g. chance) before the legend.
   """
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   os.makedirs(out_dir, exist_ok=True)
   paths = []
   for m in metrics:

@@ -18,8 +18,15 @@ from ema_jax import workdir as workdir_lib
 
 # Peak dense bf16 FLOP/s per device, for MFU. CPU has no meaningful peak: MFU is left out there.
 PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
     "NVIDIA A100": 312e12,
 }
 
@@ -58,9 +65,11 @@ class MetricWriter:
       if tensorboard:
         try:
           from tensorboardX import SummaryWriter
+
           tb_dir = epath.Path(workdir) / "tensorboard"
-          self._old_events = ([f for f in tb_dir.iterdir() if f.name.startswith("events.out.tfevents")]
-                              if tb_dir.is_dir() else [])
+          self._old_events = (
+              [f for f in tb_dir.iterdir() if f.name.startswith("events.out.tfevents")] if tb_dir.is_dir() else []
+          )
           self._tb = SummaryWriter(str(tb_dir))
         except ImportError:  # optional; metrics.jsonl is the record
           self._tb = None
@@ -116,6 +125,7 @@ class Progress:
     self.bar = None
     if enabled and sys.stderr.isatty():
       from tqdm import tqdm
+
       self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, desc="train")
 
   def update(self, n: int = 1, **postfix):

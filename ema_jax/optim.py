@@ -64,8 +64,9 @@ def _decay_mask(params):
 LR_SCALE = "lr_scale"
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int
-                   ) -> Tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, total_steps: int
+) -> Tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with warmup/decay and global-norm clipping.
 
   The learning rate is schedule(step) * lr_scale, with lr_scale (1 unless set_lr_scale changes it) an
@@ -80,14 +81,14 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int
     # updates' dtype), and x * 1.0 is exact: with lr_scale = 1 the updates are bit-identical to
     # optax.adamw(schedule).
     lr = learning_rate * lr_scale
-    return optax.adamw(lambda _: lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                       mask=_decay_mask)
+    return optax.adamw(lambda _: lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask)
 
   parts = []
   if cfg.grad_clip is not None:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-  parts.append(optax.inject_hyperparams(scaled_adamw, hyperparam_dtype=jnp.float32)(
-      learning_rate=schedule, lr_scale=1.0))
+  parts.append(
+      optax.inject_hyperparams(scaled_adamw, hyperparam_dtype=jnp.float32)(learning_rate=schedule, lr_scale=1.0)
+  )
   return optax.chain(*parts), schedule
 
 
@@ -102,9 +103,19 @@ def set_lr_scale(opt_state, scale):
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      lr=1e-3, schedule="cosine", warmup_steps=100, final_lr_fraction=0.1, weight_decay=0.0,
-      grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8))
+  return ml_collections.ConfigDict(
+      dict(
+          lr=1e-3,
+          schedule="cosine",
+          warmup_steps=100,
+          final_lr_fraction=0.1,
+          weight_decay=0.0,
+          grad_clip=1.0,
+          b1=0.9,
+          b2=0.999,
+          eps=1e-8,
+      )
+  )
 
 
 # ---------------------------------------------------------------------------------------------- weight EMA
@@ -112,6 +123,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
 
 class EMAState(NamedTuple):
   """Debiased EMA: zero-initialised average, its decay, and the number of updates folded in."""
+
   average: Any
   decay: jax.Array
   count: jax.Array
@@ -119,6 +131,7 @@ class EMAState(NamedTuple):
 
 class BEMAState(NamedTuple):
   """BEMA (Block and Zhang 2025): the EMA part, the weights at the start, and the update count."""
+
   ema: Any
   theta0: Any
   count: jax.Array
@@ -135,8 +148,11 @@ class WeightEMA:
 
   def init(self, params, decay=None) -> EMAState:
     d = self.decay if decay is None else decay
-    return EMAState(jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params),
-                    jnp.asarray(d, jnp.float32), jnp.zeros((), jnp.int32))
+    return EMAState(
+        jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params),
+        jnp.asarray(d, jnp.float32),
+        jnp.zeros((), jnp.int32),
+    )
 
   def update(self, state: EMAState, params, step) -> EMAState:
     """Folds in theta after optimizer step `step` (1-based) when step % every == 0."""
@@ -147,16 +163,16 @@ class WeightEMA:
       new = beta * avg + (1.0 - beta) * p.astype(jnp.float32)
       return jnp.where(do, new, avg)
 
-    return EMAState(jax.tree.map(upd, state.average, params), state.decay,
-                    state.count + do.astype(jnp.int32))
+    return EMAState(jax.tree.map(upd, state.average, params), state.decay, state.count + do.astype(jnp.int32))
 
   def value(self, state: EMAState, params):
     """The debiased average (the raw weights themselves before the first update)."""
     # 1 - beta^t through exp(t log beta) (never repeated products).
     corr = -jnp.expm1(state.count.astype(jnp.float32) * jnp.log(state.decay))
     safe = jnp.where(state.count > 0, corr, 1.0)
-    return jax.tree.map(lambda a, p: jnp.where(state.count > 0, a / safe, p.astype(jnp.float32)).astype(p.dtype),
-                        state.average, params)
+    return jax.tree.map(
+        lambda a, p: jnp.where(state.count > 0, a / safe, p.astype(jnp.float32)).astype(p.dtype), state.average, params
+    )
 
 
 class BEMA:
@@ -168,8 +184,7 @@ class BEMA:
 
   kind = "bema"
 
-  def __init__(self, kappa: float = 0.5, eta: float = 0.2, gamma: float = 1.0, rho: float = 10.0,
-               every: int = 1):
+  def __init__(self, kappa: float = 0.5, eta: float = 0.2, gamma: float = 1.0, rho: float = 10.0, every: int = 1):
     self.kappa, self.eta, self.gamma, self.rho, self.every = kappa, eta, gamma, rho, every
 
   def init(self, params, decay=None) -> BEMAState:
@@ -184,15 +199,15 @@ class BEMA:
     do = (jnp.asarray(step) % self.every) == 0
     t = state.count + 1
     beta, _ = self._rates(t)
-    ema = jax.tree.map(lambda e, p: jnp.where(do, (1.0 - beta) * e + beta * p.astype(jnp.float32), e),
-                       state.ema, params)
+    ema = jax.tree.map(
+        lambda e, p: jnp.where(do, (1.0 - beta) * e + beta * p.astype(jnp.float32), e), state.ema, params
+    )
     return BEMAState(ema, state.theta0, state.count + do.astype(jnp.int32))
 
   def value(self, state: BEMAState, params):
     _, alpha = self._rates(state.count)
     out = jax.tree.map(lambda e, p, p0: alpha * (p.astype(jnp.float32) - p0) + e, state.ema, params, state.theta0)
-    out = jax.tree.map(lambda o, p: jnp.where(state.count > 0, o, p.astype(jnp.float32)).astype(p.dtype),
-                       out, params)
+    out = jax.tree.map(lambda o, p: jnp.where(state.count > 0, o, p.astype(jnp.float32)).astype(p.dtype), out, params)
     return out
 
 
@@ -221,5 +236,4 @@ def make_weight_ema(cfg: ml_collections.ConfigDict):
 
 
 def default_weight_ema_config(kind: str = "ema") -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(kind=kind, decay=0.999, every=1, kappa=0.5, eta=0.2, gamma=1.0,
-                                        rho=10.0))
+  return ml_collections.ConfigDict(dict(kind=kind, decay=0.999, every=1, kappa=0.5, eta=0.2, gamma=1.0, rho=10.0))

@@ -28,8 +28,7 @@ def evaluate(pred_BT, roles_BT, depth_BT, mask_BT, role_names: Sequence[str]) ->
       "macro_accuracy": float(np.mean(list(per_role.values()))) if per_role else float("nan"),
       "per_role": per_role,
       "per_depth": {int(d): acc(depth == d) for d in depths},
-      "per_depth_arguments": {int(d): acc((depth == d) & is_arg) for d in depths
-                              if (is_arg & (depth == d)).any()},
+      "per_depth_arguments": {int(d): acc((depth == d) & is_arg) for d in depths if (is_arg & (depth == d)).any()},
       "count": int(valid.sum()),
       "count_per_role": {n: int((gold == i).sum()) for i, n in enumerate(role_names)},
       "count_per_depth": {int(d): int((depth == d).sum()) for d in depths},

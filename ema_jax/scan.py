@@ -32,10 +32,18 @@ import numpy as np
 
 # The kernels of the methods, the enum and the combine live in scan_kernels.py (the scan core's other
 # half, which imports nothing of the project either); they are part of this module's API.
-from ema_jax.scan_kernels import (ScanMethod, _acc_dtype, _associative, _breaks_mask, _chunked,  # noqa: F401
-                                  _sequential, _shift_in_scan_order, combine, entering_states,
-                                  parse_method)
-
+from ema_jax.scan_kernels import (
+    ScanMethod,
+    _acc_dtype,
+    _associative,
+    _breaks_mask,
+    _chunked,  # noqa: F401
+    _sequential,
+    _shift_in_scan_order,
+    combine,
+    entering_states,
+    parse_method,
+)
 
 METHODS = tuple(m.value for m in ScanMethod if m is not ScanMethod.FUSED)  # linear_scan's
 DEFAULT_CHUNK = 32
@@ -48,7 +56,9 @@ _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 
 def _check_dtype(name, x):
   if x.dtype not in [np.dtype(d) for d in _FLOAT_DTYPES]:
-    raise ValueError(f"linear_scan: `{name}` has dtype {x.dtype}; accepted: float32, bfloat16, float16 (float64 when x64 is enabled).")
+    raise ValueError(
+        f"linear_scan: `{name}` has dtype {x.dtype}; accepted: float32, bfloat16, float16 (float64 when x64 is enabled)."
+    )
 
 
 def _prepare(a, b, h0, resets, method, chunk_size):
@@ -73,7 +83,8 @@ def _prepare(a, b, h0, resets, method, chunk_size):
   if a.shape[1] not in (1, b.shape[1]):
     raise ValueError(
         f"linear_scan: `a` has {a.shape[1]} steps on the time axis but `b` has {b.shape[1]}; "
-        "give a time axis of length 1 (constant decay) or T.")
+        "give a time axis of length 1 (constant decay) or T."
+    )
   try:
     out_shape = jnp.broadcast_shapes(a.shape, b.shape)
   except ValueError:
@@ -95,7 +106,8 @@ def _prepare(a, b, h0, resets, method, chunk_size):
       raise ValueError(f"linear_scan: `resets` has dtype {resets.dtype}; expected bool [B, T].")
     if resets.ndim != 2 or resets.shape[1] != b.shape[1] or resets.shape[0] not in (1, out_shape[0]):
       raise ValueError(
-          f"linear_scan: `resets` has shape {resets.shape}; expected [B, T] = [{out_shape[0]}, {b.shape[1]}].")
+          f"linear_scan: `resets` has shape {resets.shape}; expected [B, T] = [{out_shape[0]}, {b.shape[1]}]."
+      )
   return a, b, h0, resets, method
 
 
@@ -106,8 +118,7 @@ def _prepare(a, b, h0, resets, method, chunk_size):
 def _reduce_to(x, shape):
   """Sums a broadcast result back to `shape` (the reverse of broadcasting)."""
   extra = x.ndim - len(shape)
-  axes = tuple(range(extra)) + tuple(
-      i + extra for i, s in enumerate(shape) if s == 1 and x.shape[i + extra] != 1)
+  axes = tuple(range(extra)) + tuple(i + extra for i, s in enumerate(shape) if s == 1 and x.shape[i + extra] != 1)
   if axes:
     x = jnp.sum(x, axis=axes, keepdims=True)
   return x.reshape(shape)
@@ -197,8 +208,17 @@ def _scan_bwd(reverse, method, chunk_size, out_dtype, res, cts):
 _scan_vjp.defvjp(_scan_fwd, _scan_bwd)
 
 
-def linear_scan(a, b, h0=None, *, reverse: bool = False, resets=None, method: str | ScanMethod = "auto",
-                chunk_size: int = DEFAULT_CHUNK, custom_vjp: bool = True) -> Tuple[jax.Array, jax.Array]:
+def linear_scan(
+    a,
+    b,
+    h0=None,
+    *,
+    reverse: bool = False,
+    resets=None,
+    method: str | ScanMethod = "auto",
+    chunk_size: int = DEFAULT_CHUNK,
+    custom_vjp: bool = True,
+) -> Tuple[jax.Array, jax.Array]:
   """Solves h_t = a_t * h_{t-1} + b_t along axis 1.
 
   Args:

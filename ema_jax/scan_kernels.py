@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 
 
-
 class ScanMethod(str, enum.Enum):
   """How a recurrence is evaluated. A str enum, so ScanMethod.AUTO == "auto"."""
+
   AUTO = "auto"
   ASSOCIATIVE = "associative"
   SEQUENTIAL = "sequential"
@@ -25,7 +25,6 @@ class ScanMethod(str, enum.Enum):
 
   def __str__(self):
     return self.value
-
 
 
 def parse_method(method, accepted, where: str) -> ScanMethod:
@@ -82,19 +81,22 @@ def entering_states(a, b, h0, *, reverse: bool = False, method=ScanMethod.ASSOCI
   """
   method = parse_method(method, (ScanMethod.ASSOCIATIVE, ScanMethod.SEQUENTIAL), "entering_states")
   if method is ScanMethod.SEQUENTIAL:
+
     def body(s, ab):
       return ab[0] * s + ab[1], s
+
     final, entering = jax.lax.scan(body, h0, (jnp.moveaxis(a, 1, 0), jnp.moveaxis(b, 1, 0)), reverse=reverse)
     return jnp.moveaxis(entering, 0, 1), final
   # h0 joins as an extra element of decay 0, so element n of the scan holds the state entering step n.
   zero = jnp.zeros_like(a[:, :1])
   if reverse:
-    states = jax.lax.associative_scan(combine, (jnp.concatenate([a, zero], axis=1),
-                                                jnp.concatenate([b, h0[:, None]], axis=1)),
-                                      axis=1, reverse=True)[1]
+    states = jax.lax.associative_scan(
+        combine, (jnp.concatenate([a, zero], axis=1), jnp.concatenate([b, h0[:, None]], axis=1)), axis=1, reverse=True
+    )[1]
     return states[:, 1:], states[:, 0]
-  states = jax.lax.associative_scan(combine, (jnp.concatenate([zero, a], axis=1),
-                                              jnp.concatenate([h0[:, None], b], axis=1)), axis=1)[1]
+  states = jax.lax.associative_scan(
+      combine, (jnp.concatenate([zero, a], axis=1), jnp.concatenate([h0[:, None], b], axis=1)), axis=1
+  )[1]
   return states[:, :-1], states[:, -1]
 
 
@@ -176,11 +178,11 @@ def _chunked(a, b, h0, breaks, reverse, chunk_size):
       x = jnp.pad(x, widths, constant_values=fill)
     return x.reshape(x.shape[:1] + (n, c) + x.shape[2:])
 
-  b_c = to_chunks(b, 0)            # [Bb, n, c, *b_ch]
+  b_c = to_chunks(b, 0)  # [Bb, n, c, *b_ch]
   tt = jnp.arange(c)
-  lower = tt[:, None] >= tt[None, :]                     # [c(t), c(s)] causal
+  lower = tt[:, None] >= tt[None, :]  # [c(t), c(s)] causal
   if const_a:
-    a_ch = a[:, 0]                                        # [Ba, *a_ch]
+    a_ch = a[:, 0]  # [Ba, *a_ch]
     log_abs, is_zero, is_neg = _signed_log_parts(a_ch)
     steps = (tt[:, None] - tt[None, :]).astype(a.dtype)  # t - s
     expand = lambda x: x.reshape(x.shape[:1] + (1, 1) + x.shape[1:])
@@ -191,22 +193,22 @@ def _chunked(a, b, h0, breaks, reverse, chunk_size):
     odd = (jnp.abs(steps_e).astype(jnp.int32) % 2) == 1
     sign = jnp.where(jnp.logical_and(expand(is_neg), odd), -1.0, 1.0)
     lmat = jnp.where(lower.reshape((1,) + lower.shape + (1,) * (a_ch.ndim - 1)), mag * sign, 0.0)
-    lmat = lmat[:, None]                                   # [Ba, 1(n), c, c, *a_ch]
+    lmat = lmat[:, None]  # [Ba, 1(n), c, c, *a_ch]
     # carry-in factor a^(t+1) and chunk decay a^c
     pw = (tt + 1).astype(a.dtype).reshape((1, c) + (1,) * (a_ch.ndim - 1))
     pmag = jnp.where(a_ch[:, None] == 0, 0.0, jnp.exp(pw * log_abs[:, None]))
     podd = ((tt + 1) % 2 == 1).reshape(pw.shape)
     pfac = pmag * jnp.where(jnp.logical_and(is_neg[:, None], podd), -1.0, 1.0)
-    pfac = pfac[:, None]                                   # [Ba, 1(n), c, *a_ch]
+    pfac = pfac[:, None]  # [Ba, 1(n), c, *a_ch]
   else:
-    a_c = to_chunks(a, 1.0)                                # [Ba, n, c, *a_ch]
+    a_c = to_chunks(a, 1.0)  # [Ba, n, c, *a_ch]
     log_abs, is_zero, is_neg = _signed_log_parts(a_c)
     cl = jnp.cumsum(log_abs, axis=2)
     cz = jnp.cumsum(is_zero.astype(jnp.int32), axis=2)
     cn = jnp.cumsum(is_neg.astype(jnp.int32), axis=2)
     # prod_{r=s+1..t} a_r = exp(cl_t - cl_s) * (-1)^(cn_t - cn_s), zero if a zero lies in (s, t].
     d_log = cl[:, :, :, None] - cl[:, :, None, :]
-    same = (cz[:, :, :, None] == cz[:, :, None, :])
+    same = cz[:, :, :, None] == cz[:, :, None, :]
     odd = ((cn[:, :, :, None] - cn[:, :, None, :]) % 2) == 1
     lower_e = lower.reshape((1, 1) + lower.shape + (1,) * (a_c.ndim - 3))
     ok = jnp.logical_and(lower_e, same)
@@ -216,12 +218,12 @@ def _chunked(a, b, h0, breaks, reverse, chunk_size):
 
   if breaks is not None:
     # Segment structure inside each chunk: s flows into t only if no break lies in (s, t].
-    br = to_chunks(breaks, False)                          # [Bk, n, c]
+    br = to_chunks(breaks, False)  # [Bk, n, c]
     seg = jnp.cumsum(br.astype(jnp.int32), axis=2)
     same_seg = (seg[:, :, :, None] == seg[:, :, None, :]).astype(a.dtype)  # [Bk, n, c, c]
     extra = lmat.ndim - 4
     lmat = lmat * same_seg.reshape(same_seg.shape + (1,) * extra)
-    no_break_yet = (seg == 0).astype(a.dtype)          # [Bk, n, c]
+    no_break_yet = (seg == 0).astype(a.dtype)  # [Bk, n, c]
     pfac = pfac * no_break_yet.reshape(no_break_yet.shape + (1,) * (pfac.ndim - 3))
 
   # Intra-chunk: h_local[t] = sum_s L[t, s] b[s] -- an einsum whose subscripts skip size-1 (broadcast)
@@ -250,19 +252,20 @@ def _chunked(a, b, h0, breaks, reverse, chunk_size):
   b_sub, b_sq = subs(b_c, "zn", "s")
   all_out = "znt" + "".join(ch_letters)
   o_sub = "".join(l for l in all_out if l in l_sub or l in b_sub)
-  h_local = jnp.einsum(f"{l_sub},{b_sub}->{o_sub}", l_sq, b_sq,
-                       precision=jax.lax.Precision.HIGHEST, preferred_element_type=b.dtype)
+  h_local = jnp.einsum(
+      f"{l_sub},{b_sub}->{o_sub}", l_sq, b_sq, precision=jax.lax.Precision.HIGHEST, preferred_element_type=b.dtype
+  )
   h_local = h_local.reshape(tuple(out_shape_l[l] if l in o_sub else 1 for l in all_out))
   h_local = jnp.broadcast_to(h_local, (bsz, n, c) + tuple(ch_shape))
 
   # Across chunks: S_j = A_j S_{j-1} + end_j, S_{-1} = h0; chunk j starts from S_{j-1}.
   # (The last chunk's summary may include padding; it is never used as a carry.)
-  end = h_local[:, :, -1]                                  # [B, n, *ch]
+  end = h_local[:, :, -1]  # [B, n, *ch]
   a_chunk = pfac[:, :, -1]
   a_chunk = jnp.broadcast_to(a_chunk, a_chunk.shape[:1] + (n,) + a_chunk.shape[2:])
   if h0 is None:
     h0 = jnp.zeros((bsz,) + tuple(ch_shape), b.dtype)
-  carry, _ = entering_states(a_chunk, end, h0)             # [B, n, *ch]: state entering each chunk
+  carry, _ = entering_states(a_chunk, end, h0)  # [B, n, *ch]: state entering each chunk
   h = h_local + pfac * carry[:, :, None]
   h = h.reshape((bsz, n * c) + tuple(ch_shape))[:, :t_len]
   return h, h[:, -1]

@@ -23,8 +23,9 @@ def _current_seq_size(mesh=None) -> int:
   return int(mesh.shape["seq"])
 
 
-def seq_parallel_traces(x_BTD, alphas, resets_BT=None, *, bias_correction: bool = False, method: str = "auto",
-                        mesh=None):
+def seq_parallel_traces(
+    x_BTD, alphas, resets_BT=None, *, bias_correction: bool = False, method: str = "auto", mesh=None
+):
   """ema_traces with time split over the mesh's `seq` axis (jax.shard_map).
 
   Each shard scans its own tokens from a zero state; the shards all-gather their final states and decay
@@ -46,16 +47,16 @@ def seq_parallel_traces(x_BTD, alphas, resets_BT=None, *, bias_correction: bool 
     b, length, _ = x.shape
     h_raw, last_raw = traces.ema_traces(x, alpha_kd, resets=r, method=method)
     # Carry-in factor for local step t: (1 - alpha)^(t + 1), zero from the shard's first reset on.
-    log_a = jnp.log1p(-alpha_kd)                                      # [K, 1|D]
+    log_a = jnp.log1p(-alpha_kd)  # [K, 1|D]
     steps = jnp.arange(1, length + 1, dtype=jnp.float32)
     open_ = (jnp.cumsum(r.astype(jnp.int32), axis=1) == 0).astype(jnp.float32)  # [b, L]
-    fac = jnp.exp(steps[:, None, None] * log_a[None]) [None] * open_[:, :, None, None]  # [b, L, K, 1|D]
-    lasts = jax.lax.all_gather(last_raw, "seq")                       # [S, b, K, D]
-    prods = jax.lax.all_gather(fac[:, -1], "seq")                     # [S, b, K, 1|D]
+    fac = jnp.exp(steps[:, None, None] * log_a[None])[None] * open_[:, :, None, None]  # [b, L, K, 1|D]
+    lasts = jax.lax.all_gather(last_raw, "seq")  # [S, b, K, D]
+    prods = jax.lax.all_gather(fac[:, -1], "seq")  # [S, b, K, 1|D]
     has_reset = r.any(axis=1)
     last_pos = jnp.max(jnp.where(r, jnp.arange(length)[None], -1), axis=1)
-    tail = jnp.where(has_reset, length - last_pos, length)            # tokens since the last reset at the end
-    tails = jax.lax.all_gather(tail, "seq")                           # [S, b]
+    tail = jnp.where(has_reset, length - last_pos, length)  # tokens since the last reset at the end
+    tails = jax.lax.all_gather(tail, "seq")  # [S, b]
     resets_any = jax.lax.all_gather(has_reset, "seq")
     n_shards = lasts.shape[0]
     state = jnp.zeros_like(last_raw)
@@ -75,10 +76,13 @@ def seq_parallel_traces(x_BTD, alphas, resets_BT=None, *, bias_correction: bool 
     return h.astype(x.dtype), state
 
   spec_bt = P(BATCH_AXES, "seq")
-  fn = jax.shard_map(local, mesh=mesh,
-                     in_specs=(P(BATCH_AXES, "seq", None), spec_bt, P()),
-                     out_specs=(P(BATCH_AXES, "seq", None, None), P(BATCH_AXES, None, None)),
-                     check_vma=False)
+  fn = jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(P(BATCH_AXES, "seq", None), spec_bt, P()),
+      out_specs=(P(BATCH_AXES, "seq", None, None), P(BATCH_AXES, None, None)),
+      check_vma=False,
+  )
   return fn(x_BTD, resets_BT, alpha_kd)
 
 

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 AXES = ("data", "fsdp", "seq")
 BATCH_AXES = ("data", "fsdp")
 # Parameters smaller than this stay replicated: sharding them saves little and costs a collective.
-MIN_FSDP_SIZE = 2 ** 14
+MIN_FSDP_SIZE = 2**14
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> Dict[str, int]:
@@ -37,12 +37,15 @@ def mesh_shape(mesh_cfg, num_devices: int) -> Dict[str, int]:
   fixed = math.prod(v for v in sizes.values() if v != -1)
   if free:
     if num_devices % fixed:
-      raise ValueError(f"config.mesh={sizes}: {num_devices} devices are not divisible by the fixed axes' "
-                       f"product {fixed}.")
+      raise ValueError(
+          f"config.mesh={sizes}: {num_devices} devices are not divisible by the fixed axes' " f"product {fixed}."
+      )
     sizes[free[0]] = num_devices // fixed
   if math.prod(sizes.values()) != num_devices:
-    raise ValueError(f"config.mesh={sizes} needs {math.prod(sizes.values())} devices but {num_devices} are "
-                     f"available; make the product of data x fsdp x seq equal {num_devices} or set one to -1.")
+    raise ValueError(
+        f"config.mesh={sizes} needs {math.prod(sizes.values())} devices but {num_devices} are "
+        f"available; make the product of data x fsdp x seq equal {num_devices} or set one to -1."
+    )
   return sizes
 
 
@@ -92,13 +95,17 @@ def validate_batch(global_batch: int, seq_len: Optional[int], mesh: Mesh, shard_
   """Fails before compilation when the mesh cannot divide the batch or the sequence."""
   n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
   if global_batch % n_batch:
-    raise ValueError(f"config.batch_size={global_batch} is not divisible by mesh data x fsdp = "
-                     f"{mesh.shape['data']} x {mesh.shape['fsdp']} = {n_batch}; use a multiple of {n_batch}.")
+    raise ValueError(
+        f"config.batch_size={global_batch} is not divisible by mesh data x fsdp = "
+        f"{mesh.shape['data']} x {mesh.shape['fsdp']} = {n_batch}; use a multiple of {n_batch}."
+    )
   if global_batch % jax.process_count():
     raise ValueError(f"config.batch_size={global_batch} is not divisible by the {jax.process_count()} processes.")
   if shard_seq and seq_len is not None and seq_len % mesh.shape["seq"]:
-    raise ValueError(f"sequence length {seq_len} is not divisible by mesh seq = {mesh.shape['seq']}; use a "
-                     f"multiple of {mesh.shape['seq']}.")
+    raise ValueError(
+        f"sequence length {seq_len} is not divisible by mesh seq = {mesh.shape['seq']}; use a "
+        f"multiple of {mesh.shape['seq']}."
+    )
 
 
 def put_local_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, shard_seq: bool = False) -> Dict[str, jax.Array]:
@@ -121,9 +128,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def allgather_json(obj: Any) -> list:
   """Every process's JSON-serialisable `obj`, in process order (a collective: all processes call it)."""
   from jax.experimental import multihost_utils
+
   data = np.frombuffer(json.dumps(obj, sort_keys=True).encode(), np.uint8)
   sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).reshape(-1)
   padded = np.zeros(int(sizes.max()), np.uint8)
-  padded[:data.size] = data
+  padded[: data.size] = data
   everything = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
   return [json.loads(bytes(row[:n]).decode()) for row, n in zip(everything, sizes)]

@@ -22,7 +22,7 @@ from ema_jax import scan
 
 PAPER_ALPHAS = (0.5, 0.1, 0.02)
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
-METHODS = (scan.ScanMethod.FUSED.value,) + scan.METHODS   # ema_traces' methods; linear_scan's lack 'fused'
+METHODS = (scan.ScanMethod.FUSED.value,) + scan.METHODS  # ema_traces' methods; linear_scan's lack 'fused'
 
 
 def _is_concrete(x) -> bool:
@@ -46,8 +46,10 @@ def check_alphas(alphas, features: Optional[int] = None, name: str = "alphas") -
     values = np.asarray(alphas, dtype=np.float64)
     bad = ~np.isfinite(values) | (values <= 0) | (values > 1)
     if bad.any():
-      raise ValueError(f"`{name}`={values.tolist()}: every write rate must lie in (0, 1] "
-                       f"(0.5, 0.1, 0.02 give windows of about 2, 10 and 50 tokens).")
+      raise ValueError(
+          f"`{name}`={values.tolist()}: every write rate must lie in (0, 1] "
+          f"(0.5, 0.1, 0.02 give windows of about 2, 10 and 50 tokens)."
+      )
     if not isinstance(alphas, jax.Array):
       return values.astype(np.float32)  # stays NumPy, so it is usable while tracing (eval_shape, jit init)
   return jnp.asarray(alphas, jnp.float32)
@@ -59,15 +61,20 @@ def _check_x(x, h0, resets):
   if x.ndim != 3:
     raise ValueError(f"ema_traces: `x` has shape {x.shape}; expected [B, T, D].")
   if resets is not None and (resets.shape != x.shape[:2] or resets.dtype != bool):
-    raise ValueError(f"ema_traces: `resets` has shape {resets.shape} and dtype {resets.dtype}; "
-                     f"expected bool {x.shape[:2]} ([B, T]).")
+    raise ValueError(
+        f"ema_traces: `resets` has shape {resets.shape} and dtype {resets.dtype}; "
+        f"expected bool {x.shape[:2]} ([B, T])."
+    )
 
 
 def token_counts(resets, batch: int, length: int, start_count=None) -> jax.Array:
   """Tokens seen so far, including t, since the start (plus start_count) or the last reset: [B, T]."""
   idx = jnp.arange(length, dtype=jnp.int32)
-  start = jnp.zeros((batch,), jnp.int32) if start_count is None else jnp.broadcast_to(
-      jnp.asarray(start_count, jnp.int32), (batch,))
+  start = (
+      jnp.zeros((batch,), jnp.int32)
+      if start_count is None
+      else jnp.broadcast_to(jnp.asarray(start_count, jnp.int32), (batch,))
+  )
   n = idx[None, :] + 1 + start[:, None]
   if resets is not None:
     last = jax.lax.cummax(jnp.where(resets, idx[None, :], -1), axis=1)
@@ -77,7 +84,7 @@ def token_counts(resets, batch: int, length: int, start_count=None) -> jax.Array
 
 def debias_factor(alphas_kd, counts_bt) -> jax.Array:
   """1 - (1 - alpha)^n as [B, T, K, 1 or D], through exp(n log(1 - alpha)) in float32."""
-  log_a = jnp.log1p(-alphas_kd)                              # -inf for alpha = 1: factor 1 below
+  log_a = jnp.log1p(-alphas_kd)  # -inf for alpha = 1: factor 1 below
   n = counts_bt.astype(jnp.float32)[:, :, None, None]
   return -jnp.expm1(n * log_a[None, None])
 
@@ -100,7 +107,7 @@ def debias_factor(alphas_kd, counts_bt) -> jax.Array:
 # their cotangent through the small chunk matrices (jax.vjp of `_fused_weights`); XLA removes that part
 # when nothing uses it (fixed rates).
 
-DEFAULT_FUSED_CHUNK = 16   # benchmarks/scan_bench.py on a 2-core CPU: 16 beat 8, 32 and 64 overall
+DEFAULT_FUSED_CHUNK = 16  # benchmarks/scan_bench.py on a 2-core CPU: 16 beat 8, 32 and 64 overall
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Stand-in for log(1 - alpha) at alpha = 1: exp(n * _LOG_ZERO) is exactly 0 for n >= 1 and 1 for n = 0,
 # without the nan of 0 * -inf (and with a zero, not nan, write-rate gradient).
@@ -133,14 +140,20 @@ def _fused_weights(alpha_K, resets_BT, counts_BT, bsz: int, t_len: int, c: int, 
   acc = alpha_K.dtype
   log_a = _log_decay(alpha_K)
   tt = np.arange(c)
-  lag_CC = tt[:, None] - tt[None, :]                                     # t - s
-  w_tok = (lag_CC >= 0).astype(acc)[:, None, :] * alpha_K[None, :, None] * jnp.exp(
-      np.maximum(lag_CC, 0)[:, None, :].astype(acc) * log_a[None, :, None])       # [C, K, C]
+  lag_CC = tt[:, None] - tt[None, :]  # t - s
+  w_tok = (
+      (lag_CC >= 0).astype(acc)[:, None, :]
+      * alpha_K[None, :, None]
+      * jnp.exp(np.maximum(lag_CC, 0)[:, None, :].astype(acc) * log_a[None, :, None])
+  )  # [C, K, C]
   w_car = jnp.eye(k, dtype=acc)[None] * jnp.exp((tt + 1).astype(acc)[:, None, None] * log_a[None, :, None])
   ends_N = _chunk_ends(t_len, c)
   lag_NC = ends_N[:, None] - tt[None, :]
-  we_BNKC = ((lag_NC >= 0).astype(acc)[:, None, :] * alpha_K[None, :, None] * jnp.exp(
-      np.maximum(lag_NC, 0)[:, None, :].astype(acc) * log_a[None, :, None]))[None]
+  we_BNKC = (
+      (lag_NC >= 0).astype(acc)[:, None, :]
+      * alpha_K[None, :, None]
+      * jnp.exp(np.maximum(lag_NC, 0)[:, None, :].astype(acc) * log_a[None, :, None])
+  )[None]
   ac_BNK = jnp.exp((ends_N + 1).astype(acc)[:, None] * log_a[None, :])[None]
   if resets_BT is None and not bias:
     return jnp.concatenate([w_tok, w_car], axis=-1).reshape(1, c * k, c + k), we_BNKC, ac_BNK
@@ -149,7 +162,7 @@ def _fused_weights(alpha_K, resets_BT, counts_BT, bsz: int, t_len: int, c: int, 
   w_car = jnp.broadcast_to(w_car, (m,) + w_car.shape)
   if resets_BT is not None:
     r_BNC = jnp.pad(resets_BT, ((0, 0), (0, n * c - t_len))).reshape(bsz, n, c)
-    seg_BNC = jnp.cumsum(r_BNC.astype(jnp.int32), axis=2)                # documents started in the chunk
+    seg_BNC = jnp.cumsum(r_BNC.astype(jnp.int32), axis=2)  # documents started in the chunk
     seg_MC = seg_BNC.reshape(m, c)
     w_tok = w_tok * (seg_MC[:, :, None, None] == seg_MC[:, None, None, :])
     w_car = w_car * (seg_MC == 0)[:, :, None, None]
@@ -178,8 +191,9 @@ def _chunk_scan(a_BNK1, e_BNKD, s0_BKD, reverse: bool):
 def _batched_matmul(w_MRS, v_MSD):
   """[M|1, R, S] x [M, S, D] -> [M, R, D], float32 (float64 for x64) accumulation."""
   w_MRS = jnp.broadcast_to(w_MRS, v_MSD.shape[:1] + w_MRS.shape[1:])
-  return jax.lax.dot_general(w_MRS, v_MSD, (((2,), (1,)), ((0,), (0,))), precision=_HIGHEST,
-                             preferred_element_type=v_MSD.dtype)
+  return jax.lax.dot_general(
+      w_MRS, v_MSD, (((2,), (1,)), ((0,), (0,))), precision=_HIGHEST, preferred_element_type=v_MSD.dtype
+  )
 
 
 def _chunked_input(x_BTD, c: int, acc):
@@ -198,8 +212,9 @@ def _fused_forward(x_BTD, alpha_K, h0_BKD, resets_BT, counts_BT, c, bias):
   w_MRS, we_BNKC, ac_BNK = _fused_weights(alpha_K, resets_BT, counts_BT, bsz, t_len, c, bias)
   x_BNCD = _chunked_input(x_BTD, c, alpha_K.dtype)
   n = x_BNCD.shape[1]
-  e_BNKD = jnp.einsum("bnks,bnsd->bnkd", jnp.broadcast_to(we_BNKC, (bsz,) + we_BNKC.shape[1:]), x_BNCD,
-                      precision=_HIGHEST)
+  e_BNKD = jnp.einsum(
+      "bnks,bnsd->bnkd", jnp.broadcast_to(we_BNKC, (bsz,) + we_BNKC.shape[1:]), x_BNCD, precision=_HIGHEST
+  )
   carry_BNKD, last_BKD = _chunk_scan(ac_BNK[..., None], e_BNKD, h0_BKD.astype(e_BNKD.dtype), reverse=False)
   xs_MSD = jnp.concatenate([x_BNCD, carry_BNKD], axis=2).reshape(bsz * n, c + k, d)
   h_BTKD = _batched_matmul(w_MRS, xs_MSD).reshape(bsz, n * c, k, d)[:, :t_len]
@@ -229,7 +244,8 @@ def _fused_traces_bwd(c, bias, rate_grad, res, cts):
   n = carry_BNKD.shape[1]
   acc = alpha_K.dtype
   (w_MRS, we_BNKC, ac_BNK), weights_vjp = jax.vjp(
-      lambda al: _fused_weights(al, resets_BT, counts_BT, bsz, t_len, c, bias), alpha_K)
+      lambda al: _fused_weights(al, resets_BT, counts_BT, bsz, t_len, c, bias), alpha_K
+  )
   g_BTKD = g_BTKD.astype(acc)
   if n * c != t_len:
     g_BTKD = jnp.pad(g_BTKD, ((0, 0), (0, n * c - t_len), (0, 0), (0, 0)))
@@ -238,12 +254,10 @@ def _fused_traces_bwd(c, bias, rate_grad, res, cts):
   # transposed first (it is small): XLA:CPU then runs the plain batched-matmul kernel, 10-20% faster.
   dxs_BNSD = _batched_matmul(jnp.swapaxes(w_MRS, 1, 2), g_MRD).reshape(bsz, n, c + k, d)
   # Cotangent of the state after chunk n (lam_next[n]) from the right, starting from h_last's.
-  lam_next_BNKD, dh0_BKD = _chunk_scan(ac_BNK[..., None], dxs_BNSD[:, :, c:], g_last_BKD.astype(acc),
-                                       reverse=True)
+  lam_next_BNKD, dh0_BKD = _chunk_scan(ac_BNK[..., None], dxs_BNSD[:, :, c:], g_last_BKD.astype(acc), reverse=True)
   we_full_BNKC = jnp.broadcast_to(we_BNKC, (bsz,) + we_BNKC.shape[1:])
   # Sums over K written out: XLA:CPU runs some small-axis reductions very slowly (YNN reduce fusions).
-  dx_BNCD = dxs_BNSD[:, :, :c] + sum(we_full_BNKC[:, :, i, :, None] * lam_next_BNKD[:, :, i, None, :]
-                                     for i in range(k))
+  dx_BNCD = dxs_BNSD[:, :, :c] + sum(we_full_BNKC[:, :, i, :, None] * lam_next_BNKD[:, :, i, None, :] for i in range(k))
   dx_BTD = dx_BNCD.reshape(bsz, n * c, d)[:, :t_len].astype(x_BTD.dtype)
   dh0_BKD = dh0_BKD.astype(h0_BKD.dtype)
   if not rate_grad:
@@ -251,8 +265,9 @@ def _fused_traces_bwd(c, bias, rate_grad, res, cts):
   # Write-rate cotangent through the chunk matrices (under jit, XLA drops it when nothing uses it).
   x_BNCD = _chunked_input(x_BTD, c, acc)
   xs_MSD = jnp.concatenate([x_BNCD, carry_BNKD], axis=2).reshape(bsz * n, c + k, d)
-  dw_MRS = jax.lax.dot_general(g_MRD, xs_MSD, (((2,), (2,)), ((0,), (0,))), precision=_HIGHEST,
-                               preferred_element_type=acc)
+  dw_MRS = jax.lax.dot_general(
+      g_MRD, xs_MSD, (((2,), (2,)), ((0,), (0,))), precision=_HIGHEST, preferred_element_type=acc
+  )
   dwe_BNKC = jnp.einsum("bnkd,bnsd->bnks", lam_next_BNKD, x_BNCD, precision=_HIGHEST)
   dac_BNK = jnp.einsum("bnkd,bnkd->bnk", lam_next_BNKD, carry_BNKD, precision=_HIGHEST)
 
@@ -270,9 +285,17 @@ def _fused_traces_bwd(c, bias, rate_grad, res, cts):
 _fused_traces.defvjp(_fused_traces_fwd, _fused_traces_bwd)
 
 
-def ema_traces(x, alphas: Union[Sequence[float], jax.Array] = PAPER_ALPHAS, h0=None, *, resets=None,
-               bias_correction: bool = False, method: str | scan.ScanMethod = "auto", start_count=None,
-               chunk_size: Optional[int] = None):
+def ema_traces(
+    x,
+    alphas: Union[Sequence[float], jax.Array] = PAPER_ALPHAS,
+    h0=None,
+    *,
+    resets=None,
+    bias_correction: bool = False,
+    method: str | scan.ScanMethod = "auto",
+    start_count=None,
+    chunk_size: Optional[int] = None,
+):
   """EMA traces of x at K timescales.
 
   Args:
@@ -295,7 +318,7 @@ def ema_traces(x, alphas: Union[Sequence[float], jax.Array] = PAPER_ALPHAS, h0=N
   _check_x(x, h0, resets)
   bsz, t_len, d = x.shape
   alpha = check_alphas(alphas, d)
-  alpha_kd = alpha[:, None] if alpha.ndim == 1 else alpha     # [K, 1 or D]
+  alpha_kd = alpha[:, None] if alpha.ndim == 1 else alpha  # [K, 1 or D]
   k = alpha_kd.shape[0]
   if h0 is not None:
     h0 = jnp.asarray(h0)
@@ -306,9 +329,11 @@ def ema_traces(x, alphas: Union[Sequence[float], jax.Array] = PAPER_ALPHAS, h0=N
   if method is scan.ScanMethod.FUSED and t_len < 1:
     raise ValueError(f"ema_traces: method='fused' needs at least one token; `x` has shape {x.shape}.")
   if method is scan.ScanMethod.FUSED and not shared:
-    raise ValueError(f"ema_traces: method='fused' needs write rates shared over D ([K] or [K, 1]); got "
-                     f"`alphas` of shape {tuple(alpha_kd.shape)}. Use method='auto' or 'chunked' for "
-                     "per-channel rates.")
+    raise ValueError(
+        f"ema_traces: method='fused' needs write rates shared over D ([K] or [K, 1]); got "
+        f"`alphas` of shape {tuple(alpha_kd.shape)}. Use method='auto' or 'chunked' for "
+        "per-channel rates."
+    )
   if method is scan.ScanMethod.AUTO:
     method = _auto_method(t_len, shared)
   if chunk_size is None:
@@ -317,8 +342,7 @@ def ema_traces(x, alphas: Union[Sequence[float], jax.Array] = PAPER_ALPHAS, h0=N
     raise ValueError(f"ema_traces: `chunk_size`={chunk_size!r}; accepted: a positive integer.")
   # Concrete rates cannot be differentiated (no transformation traces them): skip their cotangent.
   rate_grad = not _is_concrete(alpha_kd)
-  return _ema_traces(x, alpha_kd, h0, resets, start_count, bias_correction, method, int(chunk_size),
-                     rate_grad)
+  return _ema_traces(x, alpha_kd, h0, resets, start_count, bias_correction, method, int(chunk_size), rate_grad)
 
 
 def _auto_method(t_len: int, rates_shared_over_d: bool) -> scan.ScanMethod:
@@ -338,12 +362,12 @@ def _ema_traces(x, alpha_kd, h0, resets, start_count, bias_correction, method, c
     alpha_K = jnp.asarray(alpha_kd[:, 0], acc)
     h0_BKD = jnp.zeros((bsz, alpha_K.shape[0], d), acc) if h0 is None else h0
     counts = token_counts(resets, bsz, t_len, start_count) if bias_correction else None
-    return _fused_traces(x, alpha_K, h0_BKD, resets, counts, min(chunk_size, t_len), bias_correction,
-                         rate_grad)
+    return _fused_traces(x, alpha_K, h0_BKD, resets, counts, min(chunk_size, t_len), bias_correction, rate_grad)
   # g_t = (1 - alpha) g_{t-1} + x_t, h = alpha * g. The scan sees x as [B, T, 1, D].
   g0 = None if h0 is None else h0.astype(jnp.float32) / alpha_kd[None]
-  g, g_last = scan.linear_scan((1.0 - alpha_kd)[None, None], x[:, :, None, :], g0, resets=resets,
-                               method=method, chunk_size=chunk_size)
+  g, g_last = scan.linear_scan(
+      (1.0 - alpha_kd)[None, None], x[:, :, None, :], g0, resets=resets, method=method, chunk_size=chunk_size
+  )
   h = g.astype(jnp.float32) * alpha_kd[None, None]
   h_last = g_last * alpha_kd[None]
   if bias_correction:
@@ -354,6 +378,7 @@ def _ema_traces(x, alpha_kd, h0, resets, start_count, bias_correction, method, c
 
 class TraceState(NamedTuple):
   """Decoding state: raw traces [B, K, D] float32 and tokens since the last reset [B] int32."""
+
   h: jax.Array
   count: jax.Array
 
@@ -366,8 +391,7 @@ def ema_step(state: TraceState, x_t, alphas=PAPER_ALPHAS, *, reset=None, bias_co
   """One token: returns (new_state, h_t [B, K, D] in x_t's dtype), equal to ema_traces token by token."""
   alpha = check_alphas(alphas, x_t.shape[-1])
   alpha_kd = alpha[:, None] if alpha.ndim == 1 else alpha
-  h = scan.step(state.h, (1.0 - alpha_kd)[None], alpha_kd[None] * x_t[:, None, :].astype(jnp.float32),
-                reset=reset)
+  h = scan.step(state.h, (1.0 - alpha_kd)[None], alpha_kd[None] * x_t[:, None, :].astype(jnp.float32), reset=reset)
   count = state.count + 1 if reset is None else jnp.where(reset, 1, state.count + 1)
   out = h
   if bias_correction:

@@ -36,6 +36,7 @@ from ema_jax.tasks.base import BatchIterator, EvalContext, LocalLearningTask, Ta
 
 log = logging.getLogger(__name__)
 
+
 class NonFiniteError(RuntimeError):
   """Raised when a step produced a NaN or Inf loss or gradient."""
 
@@ -47,6 +48,7 @@ validate_config = trainer_config.validate
 @dataclass
 class Setup:
   """Everything built from a config before any compilation."""
+
   config: ml_collections.ConfigDict
   task: Task
   mesh: jax.sharding.Mesh
@@ -73,17 +75,18 @@ def build(config: ml_collections.ConfigDict, devices=None, workdir: Optional[str
     params_key, dropout_key = jax.random.split(key)
     model = task.build_model(nnx.Rngs(params=params_key))
     graphdef, params, other = nnx.split(model, nnx.Param, ...)
-    state = dict(step=jnp.zeros((), jnp.int32), params=params, other=other, opt=tx.init(params),
-                 rng=dropout_key)
+    state = dict(step=jnp.zeros((), jnp.int32), params=params, other=other, opt=tx.init(params), rng=dropout_key)
     state["ema"] = None if weight_ema is None else weight_ema.init(params)
     return state, graphdef
 
   abstract_state, graphdef = _eval_shape_with_static(init_fn, jax.random.key(0))
   shardings = sharding.state_shardings(abstract_state, mesh)
-  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract_state, shardings)
-  return Setup(config, task, mesh, graphdef, abstract_state, shardings, tx, schedule, weight_ema,
-               lambda key: init_fn(key)[0])
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+  )
+  return Setup(
+      config, task, mesh, graphdef, abstract_state, shardings, tx, schedule, weight_ema, lambda key: init_fn(key)[0]
+  )
 
 
 def _eval_shape_with_static(fn, *args):
@@ -128,8 +131,14 @@ def make_train_step(setup: Setup):
     # Keep the last good state: a non-finite step changes nothing (the host then stops the run).
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
     lr = schedule(step) * optim.lr_scale(state["opt"])
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=lr, finite=finite,
-                   stop=jnp.any(preempted) if preempted is not None else jnp.zeros((), bool))
+    metrics = dict(
+        metrics,
+        loss=loss,
+        grad_norm=grad_norm,
+        lr=lr,
+        finite=finite,
+        stop=jnp.any(preempted) if preempted is not None else jnp.zeros((), bool),
+    )
     return new, metrics
 
   return train_step
@@ -153,18 +162,21 @@ def weights_names(setup: Setup):
 
 def evaluate_all(setup: Setup, state, workdir: Optional[str], step: int, weights=None) -> Dict[str, Any]:
   """Runs task.evaluate on raw and averaged weights; returns {name: results}."""
-  ctx = EvalContext(put_batch=lambda b: sharding.put_local_batch(b, setup.mesh),
-                    process_index=jax.process_index(), process_count=jax.process_count(), workdir=workdir)
+  ctx = EvalContext(
+      put_batch=lambda b: sharding.put_local_batch(b, setup.mesh),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      workdir=workdir,
+  )
   results = {}
   with jax.set_mesh(setup.mesh):
-    for name in (weights or weights_names(setup)):
+    for name in weights or weights_names(setup):
       model = make_model(setup, state, "raw" if name == "raw" else "ema")
       results[name] = setup.task.evaluate(model, ctx)
   return results
 
 
-def write_eval(workdir: Optional[str], step: int, results: Dict[str, Any], table: str,
-               tag: str = "") -> Optional[str]:
+def write_eval(workdir: Optional[str], step: int, results: Dict[str, Any], table: str, tag: str = "") -> Optional[str]:
   if workdir is None or jax.process_index() != 0:
     return None
   return workdir_lib.write_eval(workdir, step, results, table, tag=tag)
@@ -191,18 +203,23 @@ def gather_data_state(it) -> Dict[str, Any]:
 
 def _restore_data(it, data_state, step: int) -> None:
   if not isinstance(data_state, dict) or not data_state:
-    raise DataStateError(f"the checkpoint at step {step} holds no data position ({data_state!r}); its "
-                         f"data/metadata was damaged or edited. Resume from another checkpoint or train in a "
-                         f"new workdir.")
+    raise DataStateError(
+        f"the checkpoint at step {step} holds no data position ({data_state!r}); its "
+        f"data/metadata was damaged or edited. Resume from another checkpoint or train in a "
+        f"new workdir."
+    )
   it.set_state(data_state)
   consumed = getattr(it, "step", None)
   if isinstance(consumed, int) and consumed != step:
-    raise DataStateError(f"the checkpoint at step {step} holds a data position at batch {consumed}; a run "
-                         f"consumes one batch per step, so its data/metadata was damaged or edited.")
+    raise DataStateError(
+        f"the checkpoint at step {step} holds a data position at batch {consumed}; a run "
+        f"consumes one batch per step, so its data/metadata was damaged or edited."
+    )
 
 
-def train(config: ml_collections.ConfigDict, workdir: Optional[str],
-          allow_config_change: bool = False) -> Dict[str, Any]:
+def train(
+    config: ml_collections.ConfigDict, workdir: Optional[str], allow_config_change: bool = False
+) -> Dict[str, Any]:
   """Trains to config.steps (resuming from workdir if it holds checkpoints); returns the final metrics.
 
   allow_config_change: resume even where the saved config differs in fields that keep the state's
@@ -220,10 +237,16 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str],
   config_json = json.loads(config.to_json_best_effort())
 
   # Read, refuse or set aside before anything is written to the workdir.
-  checkpointer = (ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
-                  if workdir is not None and config.checkpoint_every > 0 else None)
-  restored = (checkpointer.restore_latest(setup.abstract_state, config_json, allow_config_change)
-              if checkpointer is not None else None)
+  checkpointer = (
+      ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
+      if workdir is not None and config.checkpoint_every > 0
+      else None
+  )
+  restored = (
+      checkpointer.restore_latest(setup.abstract_state, config_json, allow_config_change)
+      if checkpointer is not None
+      else None
+  )
   if restored is None and workdir is not None:
     _check_run_config(workdir, config_json, allow_config_change)
   it = task.train_iterator(jax.process_index(), jax.process_count())
@@ -252,13 +275,19 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str],
   shard_seq = mesh.shape["seq"] > 1
   put = lambda b: sharding.put_local_batch(b, mesh, shard_seq)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state["params"]))
-  step_fn = jax.jit(make_train_step(setup), in_shardings=(setup.state_shardings, None),
-                    out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
+  step_fn = jax.jit(
+      make_train_step(setup),
+      in_shardings=(setup.state_shardings, None),
+      out_shardings=(setup.state_shardings, None),
+      donate_argnums=(0,),
+  )
   progress = metrics_lib.Progress(config.steps, start, enabled=is_main)
   thru = metrics_lib.Throughput(config.batch_size * task.tokens_per_example(), task.flops_per_token())
   if is_main:
-    progress.write(f"ema_jax: task {config.task.name}, {n_params:,} parameters, mesh {dict(mesh.shape)}, "
-                   f"{jax.process_count()} process(es), {jax.device_count()} device(s), start step {start}")
+    progress.write(
+        f"ema_jax: task {config.task.name}, {n_params:,} parameters, mesh {dict(mesh.shape)}, "
+        f"{jax.process_count()} process(es), {jax.device_count()} device(s), start step {start}"
+    )
 
   # The running means of the current log window survive a checkpoint, so a row logged after a resume
   # averages the same steps as in an uninterrupted run.
@@ -269,8 +298,10 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str],
   def absorb(step, m) -> bool:
     m = jax.device_get(m)
     if not bool(m["finite"]):
-      raise NonFiniteError(f"step {step}: non-finite loss {float(m['loss'])} or gradient norm "
-                           f"{float(m['grad_norm'])}; stopping. The last good checkpoint is kept.")
+      raise NonFiniteError(
+          f"step {step}: non-finite loss {float(m['loss'])} or gradient norm "
+          f"{float(m['grad_norm'])}; stopping. The last good checkpoint is kept."
+      )
     for k, v in m.items():
       if k not in ("finite", "stop"):
         window.setdefault(k, []).append(float(v))
@@ -335,8 +366,11 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str],
         if stop and n < config.steps:
           status = "preempted"
           if is_main:
-            progress.write(f"SIGTERM: saved step {n} and stopping; rerun the same command to resume."
-                           if checkpointer is not None else f"SIGTERM: stopping at step {n} (no checkpoints).")
+            progress.write(
+                f"SIGTERM: saved step {n} and stopping; rerun the same command to resume."
+                if checkpointer is not None
+                else f"SIGTERM: stopping at step {n} (no checkpoints)."
+            )
           break
       if pending is not None:
         absorb(*pending)
@@ -372,7 +406,8 @@ def _check_run_config(workdir: str, config_json: Dict[str, Any], allow_config_ch
     raise errors.ConfigMismatchError(
         f"{workdir} holds the records of a run with another config (its config.json; no checkpoint); "
         f"nothing was changed in it. Differing fields:\n{lines}\nEither train in a new workdir "
-        f"(--workdir), or start over here on purpose with --allow_config_change.")
+        f"(--workdir), or start over here on purpose with --allow_config_change."
+    )
 
 
 def _report_finished(eval_path, checkpointer, is_main) -> Dict[str, Any]:

@@ -13,13 +13,13 @@ from ema_jax import errors, optim
 def default_config() -> ml_collections.ConfigDict:
   """Trainer fields with their defaults; a config sets `task` and `model` and overrides what it needs."""
   c = ml_collections.ConfigDict()
-  c.seed = 0                # initialisation and dropout keys; the data order where the task is seeded by it
-  c.steps = 1000            # optimizer steps to train to (safe to raise when resuming)
-  c.batch_size = 64         # global batch over all processes; a multiple of the mesh's data x fsdp
-  c.log_every = 100         # a metrics.jsonl / TensorBoard row every n steps (means over those steps)
-  c.eval_every = 0          # in-loop evaluation every n steps; 0 = only the final one, which always runs
-  c.checkpoint_every = 0    # an orbax checkpoint every n steps and at the end; 0 = no checkpoints
-  c.keep_checkpoints = 2    # newest checkpoints kept; older ones are deleted by orbax
+  c.seed = 0  # initialisation and dropout keys; the data order where the task is seeded by it
+  c.steps = 1000  # optimizer steps to train to (safe to raise when resuming)
+  c.batch_size = 64  # global batch over all processes; a multiple of the mesh's data x fsdp
+  c.log_every = 100  # a metrics.jsonl / TensorBoard row every n steps (means over those steps)
+  c.eval_every = 0  # in-loop evaluation every n steps; 0 = only the final one, which always runs
+  c.checkpoint_every = 0  # an orbax checkpoint every n steps and at the end; 0 = no checkpoints
+  c.keep_checkpoints = 2  # newest checkpoints kept; older ones are deleted by orbax
   c.optim = optim.default_optim_config()  # AdamW, warmup then decay, global-norm clipping (optim.py)
   c.weight_ema = optim.default_weight_ema_config("ema")  # averaged weights evaluated beside the raw ones
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1))  # device mesh; one size may be -1

@@ -140,9 +140,12 @@ def append_metrics(workdir, row: Dict[str, Any]) -> None:
 
 def truncate_metrics(workdir, step: int, drop_eval_at_step: bool = False) -> List[Dict[str, Any]]:
   """Keeps the rows up to `step` (without `step`'s eval rows if asked), atomically; returns them."""
-  rows = [r for r in read_metrics(workdir)
-          if r.get("step", 0) < step or (r.get("step", 0) == step and not (
-              drop_eval_at_step and any(k.startswith("eval/") for k in r)))]
+  rows = [
+      r
+      for r in read_metrics(workdir)
+      if r.get("step", 0) < step
+      or (r.get("step", 0) == step and not (drop_eval_at_step and any(k.startswith("eval/") for k in r)))
+  ]
   if metrics_path(workdir).exists():
     write_text_atomic(metrics_path(workdir), "".join(json.dumps(r) + "\n" for r in rows))
   return rows

@@ -44,15 +44,45 @@ VOLATILE = ("steps_per_s", "tokens_per_s", "mfu")
 
 # Small configs of the real tasks, as train.py flags.
 TASKS = {
-    "set_complement": ("configs/set_complement.py", dict(
-        steps=300, batch_size=32, checkpoint_every=50, keep_checkpoints=10, log_every=7, eval_every=100,
-        **{"optim.warmup_steps": 10, "task.num_tokens": 12, "task.train_max_size": 4,
-           "task.eval_examples": 16, "model.embed_dim": 16, "model.value_dim": 16})),
-    "lm": ("configs/ema_lm.py:tiny", dict(
-        steps=60, batch_size=8, checkpoint_every=20, keep_checkpoints=10, log_every=7, eval_every=30,
-        **{"optim.warmup_steps": 5, "task.seq_len": 32, "task.eval_batch_size": 8,
-           "data.eval_max_tokens": 2048, "model.width": 32, "model.num_blocks": 1,
-           "model.ffn_hidden": 64})),
+    "set_complement": (
+        "configs/set_complement.py",
+        dict(
+            steps=300,
+            batch_size=32,
+            checkpoint_every=50,
+            keep_checkpoints=10,
+            log_every=7,
+            eval_every=100,
+            **{
+                "optim.warmup_steps": 10,
+                "task.num_tokens": 12,
+                "task.train_max_size": 4,
+                "task.eval_examples": 16,
+                "model.embed_dim": 16,
+                "model.value_dim": 16,
+            },
+        ),
+    ),
+    "lm": (
+        "configs/ema_lm.py:tiny",
+        dict(
+            steps=60,
+            batch_size=8,
+            checkpoint_every=20,
+            keep_checkpoints=10,
+            log_every=7,
+            eval_every=30,
+            **{
+                "optim.warmup_steps": 5,
+                "task.seq_len": 32,
+                "task.eval_batch_size": 8,
+                "data.eval_max_tokens": 2048,
+                "model.width": 32,
+                "model.num_blocks": 1,
+                "model.ffn_hidden": 64,
+            },
+        ),
+    ),
 }
 
 
@@ -80,21 +110,22 @@ def _free_port() -> int:
 
 
 def _env(devices: int = 1, nproc: int = 1, pid: int = 0, port: Optional[int] = None) -> Dict[str, str]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = dict(
+      os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+  )
   for k in ("EMA_JAX_COORDINATOR", "EMA_JAX_NUM_PROCESSES", "EMA_JAX_PROCESS_ID"):
     env.pop(k, None)
   if nproc > 1:
-    env.update(EMA_JAX_COORDINATOR=f"127.0.0.1:{port}", EMA_JAX_NUM_PROCESSES=str(nproc),
-               EMA_JAX_PROCESS_ID=str(pid))
+    env.update(EMA_JAX_COORDINATOR=f"127.0.0.1:{port}", EMA_JAX_NUM_PROCESSES=str(nproc), EMA_JAX_PROCESS_ID=str(pid))
   return env
 
 
 def command(task: str, workdir: str, **extra) -> List[str]:
   config, overrides = TASKS[task]
   overrides = {**overrides, **OVERRIDES.get(task, {}), **extra}
-  return ([sys.executable, os.path.join(REPO, "train.py"), f"--config={config}", f"--workdir={workdir}"]
-          + [f"--config.{k}={v}" for k, v in overrides.items()])
+  return [sys.executable, os.path.join(REPO, "train.py"), f"--config={config}", f"--workdir={workdir}"] + [
+      f"--config.{k}={v}" for k, v in overrides.items()
+  ]
 
 
 def start(task: str, workdir: str, nproc: int = 1, devices: int = 1, **extra) -> List[subprocess.Popen]:
@@ -103,8 +134,15 @@ def start(task: str, workdir: str, nproc: int = 1, devices: int = 1, **extra) ->
   procs = []
   for i in range(nproc):
     log = open(os.path.join(log_dir, f"{os.path.basename(workdir)}.p{i}.log"), "a")
-    procs.append(subprocess.Popen(command(task, workdir, **extra), env=_env(devices, nproc, i, port), cwd=REPO,
-                                  stdout=log, stderr=subprocess.STDOUT))
+    procs.append(
+        subprocess.Popen(
+            command(task, workdir, **extra),
+            env=_env(devices, nproc, i, port),
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    )
   return procs
 
 
@@ -127,8 +165,9 @@ def run(task: str, workdir: str, nproc: int = 1, devices: int = 1, **extra) -> L
 
 def log_tail(workdir: str, n: int = 3) -> str:
   text = ""
-  for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(workdir)),
-                                            f"{os.path.basename(workdir)}.p*.log"))):
+  for path in sorted(
+      glob.glob(os.path.join(os.path.dirname(os.path.abspath(workdir)), f"{os.path.basename(workdir)}.p*.log"))
+  ):
     with open(path, errors="replace") as f:
       text += "".join(f.readlines()[-n:])
   return text.strip()
@@ -157,14 +196,15 @@ def read_tensorboard(workdir: str) -> Dict[tuple, int]:
   length, its CRC, the serialized Event, its CRC)."""
   import struct
   from tensorboardX.proto import event_pb2
+
   counts: Dict[tuple, int] = {}
   for path in glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents*")):
     with open(path, "rb") as f:
       data = f.read()
     pos = 0
     while pos + 12 <= len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
       pos += 12 + length + 4
       for value in event.summary.value:
         key = (value.tag, int(event.step))
@@ -262,14 +302,14 @@ def half_written(step_dir: str) -> None:
   os.makedirs(os.path.join(step_dir, "state"))
 
 
-DAMAGE = {"truncated arrays": truncate_arrays, "deleted _METADATA": delete_metadata,
-          "half-written step": half_written}
+DAMAGE = {"truncated arrays": truncate_arrays, "deleted _METADATA": delete_metadata, "half-written step": half_written}
 
 
 # ------------------------------------------------------------------------------------------------ trials
 
 
 class Drill:
+
   def __init__(self, root: str, seed: int = 0, overrides: Optional[Dict[str, Dict[str, object]]] = None):
     OVERRIDES.clear()
     OVERRIDES.update(overrides or {})
@@ -309,16 +349,20 @@ class Drill:
     trial.outcome, trial.note = compare(wd, reference, self.steps(trial.task))
     return trial
 
-  def signal_trial(self, task: str, sig: int, delay: Optional[float] = None,
-                   after_checkpoint: Optional[int] = None) -> Trial:
+  def signal_trial(
+      self, task: str, sig: int, delay: Optional[float] = None, after_checkpoint: Optional[int] = None
+  ) -> Trial:
     """Sends `sig` after `delay` seconds (random within the reference run's wall time by default) or
     as soon as checkpoint `after_checkpoint` is complete."""
     reference, wall = self.reference(task)
     kind = "kill9" if sig == signal.SIGKILL else "sigterm"
     if delay is None and after_checkpoint is None:
       delay = self.rng.uniform(0.0, wall)
-    when = (f"at {delay:.1f} s of a {wall:.0f} s run" if after_checkpoint is None
-            else f"right after checkpoint {after_checkpoint}")
+    when = (
+        f"at {delay:.1f} s of a {wall:.0f} s run"
+        if after_checkpoint is None
+        else f"right after checkpoint {after_checkpoint}"
+    )
     trial = Trial(task, kind, when)
     t0 = time.time()
     wd = self.workdir(task, kind)
@@ -371,8 +415,9 @@ class Drill:
     shutil.copytree(reference, wd)
     before = snapshot(wd)
     value = self.setting(task, width_field) * 2
-    proc = subprocess.run(command(task, wd, **{width_field: value}), env=_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        command(task, wd, **{width_field: value}), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     unchanged = snapshot(wd) == before
     first_error = next((l for l in proc.stderr.splitlines() if l.startswith("error:")), "")
     if proc.returncode != 0 and unchanged and width_field in proc.stderr and "Traceback" not in proc.stderr:
@@ -457,15 +502,24 @@ def main(argv=None) -> int:
     if not args.no_multi:
       trials.extend(drill.multi_trial(task))
   text = table(trials)
-  header = (f"fault drill: {len(trials)} trials, seed {args.seed}, {time.time() - t0:.0f} s, "
-            f"{os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f} at the end; runs in {root}")
+  header = (
+      f"fault drill: {len(trials)} trials, seed {args.seed}, {time.time() - t0:.0f} s, "
+      f"{os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f} at the end; runs in {root}"
+  )
   print(header)
   print(text)
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "drill.json"), "w") as f:
-      json.dump(dict(header=header, command=" ".join(["python -m experiments.fault_drill"] + (argv or sys.argv[1:])),
-                     trials=[dataclasses.asdict(t) for t in trials]), f, indent=1)
+      json.dump(
+          dict(
+              header=header,
+              command=" ".join(["python -m experiments.fault_drill"] + (argv or sys.argv[1:])),
+              trials=[dataclasses.asdict(t) for t in trials],
+          ),
+          f,
+          indent=1,
+      )
     with open(os.path.join(args.out, "drill.md"), "w") as f:
       f.write(header + "\n\n" + text + "\n")
   bad = [t for t in trials if t.outcome in ("differing", "failed")]

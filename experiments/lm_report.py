@@ -46,26 +46,45 @@ def main():
       tokens_per_s = sorted(tps)[len(tps) // 2] if tps else None
     for weights, res in ev["results"].items():
       for r in res["table"]:
-        rows.append(dict(run=os.path.basename(wd), weights=weights, step=ev["step"], source=r["source"],
-                         length=r["length"], tokens=r["tokens"], loss=r["loss"], perplexity=r["perplexity"],
-                         bits_per_byte=r["bits_per_byte"], train_tokens_per_s=tokens_per_s))
+        rows.append(
+            dict(
+                run=os.path.basename(wd),
+                weights=weights,
+                step=ev["step"],
+                source=r["source"],
+                length=r["length"],
+                tokens=r["tokens"],
+                loss=r["loss"],
+                perplexity=r["perplexity"],
+                bits_per_byte=r["bits_per_byte"],
+                train_tokens_per_s=tokens_per_s,
+            )
+        )
   gpt = {(r["weights"], r["source"]): r["perplexity"] for r in rows if r["run"] == "gpt"}
   for r in rows:
     ref = gpt.get((r["weights"], r["source"]))
     r["ppl_ratio_to_gpt"] = r["perplexity"] / ref if ref else None
-  meta = dict(date=time.strftime("%Y-%m-%d"), machine=f"{os.cpu_count()}-core CPU, {platform.processor() or platform.machine()}",
-              command=args.command)
+  meta = dict(
+      date=time.strftime("%Y-%m-%d"),
+      machine=f"{os.cpu_count()}-core CPU, {platform.processor() or platform.machine()}",
+      command=args.command,
+  )
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out + ".json", "w") as f:
     json.dump(dict(meta=meta, rows=rows), f, indent=1)
-  lines = [f"Measured {meta['date']} on {meta['machine']}; command: `{meta['command']}`", "",
-           "| run | weights | source | tokens | loss | perplexity | bits/byte | ppl / GPT | train tok/s |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+  lines = [
+      f"Measured {meta['date']} on {meta['machine']}; command: `{meta['command']}`",
+      "",
+      "| run | weights | source | tokens | loss | perplexity | bits/byte | ppl / GPT | train tok/s |",
+      "|---|---|---|---:|---:|---:|---:|---:|---:|",
+  ]
   for r in rows:
     ratio = f"{r['ppl_ratio_to_gpt']:.3f}" if r["ppl_ratio_to_gpt"] else "-"
     tps = f"{r['train_tokens_per_s']:.0f}" if r["train_tokens_per_s"] else "-"
-    lines.append(f"| {r['run']} | {r['weights']} | {r['source']} | {r['tokens']} | {r['loss']:.4f} | "
-                 f"{r['perplexity']:.3f} | {r['bits_per_byte']:.4f} | {ratio} | {tps} |")
+    lines.append(
+        f"| {r['run']} | {r['weights']} | {r['source']} | {r['tokens']} | {r['loss']:.4f} | "
+        f"{r['perplexity']:.3f} | {r['bits_per_byte']:.4f} | {ratio} | {tps} |"
+    )
   with open(args.out + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

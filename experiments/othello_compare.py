@@ -34,10 +34,15 @@ from ema_jax.tasks.othello import METRIC_LABELS, METRICS
 REGIONS = ("in_range", "out_of_range")
 HIGHER_IS_BETTER = {"legal_mass": True, "top1_legal": True, "kl": False}
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/othello.py:default", "The Othello config.",
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Runs go to <workdir>/runs/<name>; data to <workdir>/data "
-                               "unless config.task.data_dir is set.", required=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/othello.py:default", "The Othello config.", lock_config=False
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Runs go to <workdir>/runs/<name>; data to <workdir>/data " "unless config.task.data_dir is set.",
+    required=True,
+)
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated training seeds.")
 _DROPOUTS = flags.DEFINE_string("dropouts", "0,0.1", "Comma-separated model.dropout values.")
 _KINDS = flags.DEFINE_string("kinds", "ema,bema", "Comma-separated weight-EMA kinds, one run each.")
@@ -48,10 +53,12 @@ def run_name(seed: int, dropout: float, kind: str) -> str:
   return f"s{seed}_d{dropout:g}_{kind}"
 
 
-def train_runs(config, workdir: str, seeds: Sequence[int], dropouts: Sequence[float], kinds: Sequence[str],
-               log=print) -> List[Dict[str, Any]]:
+def train_runs(
+    config, workdir: str, seeds: Sequence[int], dropouts: Sequence[float], kinds: Sequence[str], log=print
+) -> List[Dict[str, Any]]:
   """Trains every (kind, dropout, seed) not already done; returns one record per run."""
   from ema_jax import optim, trainer
+
   records_path = os.path.join(workdir, "runs.json")
   records = {}
   if os.path.exists(records_path):
@@ -77,12 +84,12 @@ def train_runs(config, workdir: str, seeds: Sequence[int], dropouts: Sequence[fl
           log(f"== {name}: training {c.steps} steps")
           start = time.time()
           trainer.train(c, wd)
-          records[name] = dict(name=name, seed=int(seed), dropout=float(dropout), kind=kind,
-                               wall_s=round(time.time() - start, 1))
+          records[name] = dict(
+              name=name, seed=int(seed), dropout=float(dropout), kind=kind, wall_s=round(time.time() - start, 1)
+          )
           with open(records_path, "w") as f:
             json.dump(list(records.values()), f, indent=1)
-        rec = dict(records.get(name, dict(name=name, seed=int(seed), dropout=float(dropout), kind=kind,
-                                          wall_s=None)))
+        rec = dict(records.get(name, dict(name=name, seed=int(seed), dropout=float(dropout), kind=kind, wall_s=None)))
         with open(final) as f:
           rec["results"] = json.load(f)["results"]
         out.append(rec)
@@ -117,8 +124,13 @@ def raw_mismatch(runs: Sequence[Dict[str, Any]]):
 
 def describe(values: Sequence[float]) -> Dict[str, Any]:
   v = np.asarray(values, np.float64)
-  return dict(n=int(v.size), mean=float(v.mean()), sd=float(v.std(ddof=1)) if v.size > 1 else 0.0,
-              min=float(v.min()), max=float(v.max()))
+  return dict(
+      n=int(v.size),
+      mean=float(v.mean()),
+      sd=float(v.std(ddof=1)) if v.size > 1 else 0.0,
+      min=float(v.min()),
+      max=float(v.max()),
+  )
 
 
 def summarize_runs(table, kinds: Sequence[str]) -> Dict[str, Any]:
@@ -151,8 +163,10 @@ def summarize_runs(table, kinds: Sequence[str]) -> Dict[str, Any]:
     for d in drops[1:]:
       common = sorted(set(table[base]) & set(table[d]))
       out["dropout_effect"][f"{d:g}-{base:g}"] = {
-          f"{g}/{m}": describe([table[d][s]["raw"][f"{g}/{m}"] - table[base][s]["raw"][f"{g}/{m}"]
-                                for s in common]) for g in REGIONS for m in METRICS}
+          f"{g}/{m}": describe([table[d][s]["raw"][f"{g}/{m}"] - table[base][s]["raw"][f"{g}/{m}"] for s in common])
+          for g in REGIONS
+          for m in METRICS
+      }
   return out
 
 
@@ -161,46 +175,68 @@ def _pm(e, digits=4) -> str:
 
 
 def write_markdown(path: str, summary: Dict[str, Any], meta: Dict[str, Any], kinds: Sequence[str]) -> None:
-  lines = [f"# OthelloGPT: raw vs weight EMA vs BEMA ({meta['date']})", "",
-           f"Machine: {meta['machine']}. Command: `{meta['command']}`; {meta['config_summary']}.",
-           f"Seeds {meta['seeds']}, dropout {meta['dropouts']}, averaging kinds {list(kinds)}; "
-           f"{meta['runs']} runs, training wall time {meta['train_wall_s']:.0f} s in total "
-           f"({meta['run_wall_s']})." + ("" if meta["raw_mismatch"] is None else
-           f" Raw metrics of the ema and bema runs of one (seed, dropout) differ by at most "
-           f"{meta['raw_mismatch']:.2g} (they share the raw trajectory)."), "",
-           f"Positions 1..{meta['train_len']} are trained (in), {meta['train_len'] + 1}..59 are not (out). "
-           "Values: mean ± sd over seeds of the per-position averages; Δ = averaged - raw of the same run, "
-           "paired by seed; 'better' counts the seeds where the averaged weights did better.", ""]
+  lines = [
+      f"# OthelloGPT: raw vs weight EMA vs BEMA ({meta['date']})",
+      "",
+      f"Machine: {meta['machine']}. Command: `{meta['command']}`; {meta['config_summary']}.",
+      f"Seeds {meta['seeds']}, dropout {meta['dropouts']}, averaging kinds {list(kinds)}; "
+      f"{meta['runs']} runs, training wall time {meta['train_wall_s']:.0f} s in total "
+      f"({meta['run_wall_s']})."
+      + (
+          ""
+          if meta["raw_mismatch"] is None
+          else f" Raw metrics of the ema and bema runs of one (seed, dropout) differ by at most "
+          f"{meta['raw_mismatch']:.2g} (they share the raw trajectory)."
+      ),
+      "",
+      f"Positions 1..{meta['train_len']} are trained (in), {meta['train_len'] + 1}..59 are not (out). "
+      "Values: mean ± sd over seeds of the per-position averages; Δ = averaged - raw of the same run, "
+      "paired by seed; 'better' counts the seeds where the averaged weights did better.",
+      "",
+  ]
   for dropout in meta["dropouts"]:
     block = summary.get(f"{dropout:g}")
     if not block:
       continue
-    lines += [f"## dropout {dropout:g}", "",
-              "| region | metric | raw | " + " | ".join(kinds) + " | " +
-              " | ".join(f"Δ {k} [min, max], better" for k in kinds) + " |",
-              "|---|---|---|" + "---|" * len(kinds) * 2]
+    lines += [
+        f"## dropout {dropout:g}",
+        "",
+        "| region | metric | raw | "
+        + " | ".join(kinds)
+        + " | "
+        + " | ".join(f"Δ {k} [min, max], better" for k in kinds)
+        + " |",
+        "|---|---|---|" + "---|" * len(kinds) * 2,
+    ]
     for key, entry in block["metrics"].items():
       region, m = key.split("/")
       cells = [region.replace("_range", "").replace("_of", ""), m, _pm(entry["values"]["raw"])]
       cells += [_pm(entry["values"][k]) if k in entry["values"] else "-" for k in kinds]
       for k in kinds:
         p = entry["paired"].get(k)
-        cells.append(f"{p['mean']:+.4f} [{p['min']:+.4f}, {p['max']:+.4f}], {p['better']}/{p['seeds']}"
-                     if p else "-")
+        cells.append(f"{p['mean']:+.4f} [{p['min']:+.4f}, {p['max']:+.4f}], {p['better']}/{p['seeds']}" if p else "-")
       lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
   if "dropout_effect" in summary:
-    lines += ["## dropout effect on the raw weights (paired by seed)", "",
-              "| contrast | region | metric | Δ mean | sd | [min, max] |", "|---|---|---|---|---|---|"]
+    lines += [
+        "## dropout effect on the raw weights (paired by seed)",
+        "",
+        "| contrast | region | metric | Δ mean | sd | [min, max] |",
+        "|---|---|---|---|---|---|",
+    ]
     for contrast, ent in summary["dropout_effect"].items():
       for key, e in ent.items():
         region, m = key.split("/")
-        lines.append(f"| {contrast} | {region} | {m} | {e['mean']:+.4f} | {e['sd']:.4f} | "
-                     f"[{e['min']:+.4f}, {e['max']:+.4f}] |")
+        lines.append(
+            f"| {contrast} | {region} | {m} | {e['mean']:+.4f} | {e['sd']:.4f} | "
+            f"[{e['min']:+.4f}, {e['max']:+.4f}] |"
+        )
     lines.append("")
-  lines += ["Plots: plots/othello_compare_curves.png (per-position means over seeds, trained range shaded), "
-            "plots/othello_compare_deltas.png (paired averaged - raw per position: mean and min..max over seeds).",
-            ""]
+  lines += [
+      "Plots: plots/othello_compare_curves.png (per-position means over seeds, trained range shaded), "
+      "plots/othello_compare_deltas.png (paired averaged - raw per position: mean and min..max over seeds).",
+      "",
+  ]
   with open(path, "w") as f:
     f.write("\n".join(lines))
 
@@ -213,22 +249,34 @@ def write_csv(path: str, runs: Sequence[Dict[str, Any]]) -> None:
     for r in runs:
       for weights in ("raw", r["kind"]):
         res = r["results"][weights]
-        w.writerow(dict(name=r["name"], seed=r["seed"], dropout=r["dropout"], kind=r["kind"], wall_s=r["wall_s"],
-                        weights=weights, **{f"{g}/{m}": round(res[f"{g}/{m}"], 6) for g in REGIONS for m in METRICS}))
+        w.writerow(
+            dict(
+                name=r["name"],
+                seed=r["seed"],
+                dropout=r["dropout"],
+                kind=r["kind"],
+                wall_s=r["wall_s"],
+                weights=weights,
+                **{f"{g}/{m}": round(res[f"{g}/{m}"], 6) for g in REGIONS for m in METRICS},
+            )
+        )
 
 
 def plot(table, kinds: Sequence[str], train_len: int, out_dir: str) -> List[str]:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   os.makedirs(out_dir, exist_ok=True)
   drops = sorted(table)
   weights = ["raw", *kinds]
   colors = {"raw": "C0", "ema": "C1", "bema": "C2"}
   paths = []
   for which in ("curves", "deltas"):
-    fig, axes = plt.subplots(len(METRICS), len(drops), figsize=(4.2 * len(drops), 2.6 * len(METRICS)),
-                             dpi=80, squeeze=False)
+    fig, axes = plt.subplots(
+        len(METRICS), len(drops), figsize=(4.2 * len(drops), 2.6 * len(METRICS)), dpi=80, squeeze=False
+    )
     for j, d in enumerate(drops):
       by_seed = table[d]
       seeds = sorted(by_seed)
@@ -250,7 +298,7 @@ def plot(table, kinds: Sequence[str], train_len: int, out_dir: str) -> List[str]
           for k in kinds:
             c = curve(k)
             if c.size:
-              diff = c - raw[:len(c)]
+              diff = c - raw[: len(c)]
               ax.plot(pos, diff.mean(0), color=colors.get(k), label=f"{k} - raw", lw=1.2)
               ax.fill_between(pos, diff.min(0), diff.max(0), color=colors.get(k), alpha=0.2, lw=0)
         ax.set_title(f"dropout {d:g}: {METRIC_LABELS[m]}" + (" (Δ)" if which == "deltas" else ""), fontsize=8)
@@ -269,8 +317,9 @@ def plot(table, kinds: Sequence[str], train_len: int, out_dir: str) -> List[str]
 
 def machine() -> str:
   load = os.getloadavg() if hasattr(os, "getloadavg") else ()
-  return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores"
-          + (f", load average {load[0]:.1f} at the end" if load else ""))
+  return f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores" + (
+      f", load average {load[0]:.1f} at the end" if load else ""
+  )
 
 
 def main(argv):
@@ -291,15 +340,23 @@ def main(argv):
   walls = [r["wall_s"] for r in runs if r["wall_s"] is not None]
   c = config
   meta = dict(
-      date=datetime.date.today().isoformat(), machine=machine(),
+      date=datetime.date.today().isoformat(),
+      machine=machine(),
       command="python -m experiments.othello_compare " + " ".join(sys.argv[1:]),
-      config_summary=(f"GPT {c.model.num_layers} layers x width {c.model.width} ({c.model.num_heads} heads), "
-                      f"{c.task.num_games} games, train_len {c.task.train_len}, {c.steps} steps of batch "
-                      f"{c.batch_size}, lr {c.optim.lr} {c.optim.schedule}, EMA decay {c.weight_ema.decay}, "
-                      f"BEMA defaults, {c.task.eval_games} validation games"),
-      seeds=seeds, dropouts=dropouts, runs=len(runs), train_wall_s=float(sum(walls)) if walls else 0.0,
+      config_summary=(
+          f"GPT {c.model.num_layers} layers x width {c.model.width} ({c.model.num_heads} heads), "
+          f"{c.task.num_games} games, train_len {c.task.train_len}, {c.steps} steps of batch "
+          f"{c.batch_size}, lr {c.optim.lr} {c.optim.schedule}, EMA decay {c.weight_ema.decay}, "
+          f"BEMA defaults, {c.task.eval_games} validation games"
+      ),
+      seeds=seeds,
+      dropouts=dropouts,
+      runs=len(runs),
+      train_wall_s=float(sum(walls)) if walls else 0.0,
       run_wall_s=(f"{min(walls):.0f}-{max(walls):.0f} s per run" if walls else "wall times not recorded"),
-      raw_mismatch=raw_mismatch(runs), train_len=int(c.task.train_len))
+      raw_mismatch=raw_mismatch(runs),
+      train_len=int(c.task.train_len),
+  )
   summary["meta"] = meta
   with open(os.path.join(results, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)

@@ -21,17 +21,29 @@ import numpy as np
 from ema_jax import workdir as workdir_lib
 from ema_jax.tasks.roles import EVAL_SPLITS, SPLIT_TITLES
 
-MODELS = {"hebbian_unit_readout": ("hebbian", "unit_readout", "Hebbian, unit readout"),
-          "hebbian_linear_probe": ("hebbian", "linear_probe", "Hebbian, linear probe"),
-          "bigru": ("bigru", "raw", "BiGRU (supervised)")}
+MODELS = {
+    "hebbian_unit_readout": ("hebbian", "unit_readout", "Hebbian, unit readout"),
+    "hebbian_linear_probe": ("hebbian", "linear_probe", "Hebbian, linear probe"),
+    "bigru": ("bigru", "raw", "BiGRU (supervised)"),
+}
 HEBBIAN_MODELS = ("hebbian_unit_readout", "hebbian_linear_probe")
 PAPER = {"within_A_ratio": 96.0, "transfer_B": 61.8, "deep": 84.0}
 
 
 def _flat(details: Mapping[str, Any]) -> Dict[str, float]:
   """The numbers of one role_metrics dict that the comparison reports, flat."""
-  out = {k: details[k] for k in ("accuracy", "argument_accuracy", "macro_accuracy", "deep_argument_accuracy",
-                                 "shallow_argument_accuracy", "count_arguments", "count_deep_arguments")}
+  out = {
+      k: details[k]
+      for k in (
+          "accuracy",
+          "argument_accuracy",
+          "macro_accuracy",
+          "deep_argument_accuracy",
+          "shallow_argument_accuracy",
+          "count_arguments",
+          "count_deep_arguments",
+      )
+  }
   out.update({f"role/{r}": v for r, v in details["per_role"].items()})
   out.update({f"depth_arg/{k}": v for k, v in details["per_depth_arguments"].items()})
   out.update({f"count_depth/{k}": v for k, v in details["count_per_depth"].items()})
@@ -42,16 +54,23 @@ def _stats(values: Sequence[float]) -> Optional[Dict[str, Any]]:
   v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
   if not len(v):
     return None
-  return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v)),
-          "values": v.tolist()}
+  return {
+      "mean": float(v.mean()),
+      "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+      "n": int(len(v)),
+      "values": v.tolist(),
+  }
 
 
-def gather(hebbian_dirs: Sequence[str], bigru_dirs: Sequence[str], walltimes: Mapping[str, float] = {}
-           ) -> Dict[str, Any]:
+def gather(
+    hebbian_dirs: Sequence[str], bigru_dirs: Sequence[str], walltimes: Mapping[str, float] = {}
+) -> Dict[str, Any]:
   """Per model (MODELS) and split: mean / sd over runs of each metric, the runs' seeds, steps and wall
   times; and the Hebbian / BiGRU ratios, paired by seed (same sentences), as mean / sd."""
-  runs = {kind: [(w, workdir_lib.latest_eval(w)) for w in dirs]
-          for kind, dirs in (("hebbian", hebbian_dirs), ("bigru", bigru_dirs))}
+  runs = {
+      kind: [(w, workdir_lib.latest_eval(w)) for w in dirs]
+      for kind, dirs in (("hebbian", hebbian_dirs), ("bigru", bigru_dirs))
+  }
   out: Dict[str, Any] = {"models": {}, "ratios": {}, "runs": {}}
   per_seed: Dict[str, Dict[Any, Dict[str, Dict[str, float]]]] = {}
   for model, (kind, key, _) in MODELS.items():
@@ -68,9 +87,15 @@ def gather(hebbian_dirs: Sequence[str], bigru_dirs: Sequence[str], walltimes: Ma
           splits.setdefault(split, {}).setdefault(k, []).append(v)
     out["models"][model] = {s: {k: _stats(v) for k, v in vals.items()} for s, vals in splits.items()}
   for kind, items in runs.items():
-    out["runs"][kind] = [{"workdir": w, "seed": _seed_of(w, ev), "step": ev["step"],
-                          "wall_seconds": walltimes.get(os.path.basename(os.path.normpath(w)),
-                                                        ev.get("wall_seconds"))} for w, ev in items]
+    out["runs"][kind] = [
+        {
+            "workdir": w,
+            "seed": _seed_of(w, ev),
+            "step": ev["step"],
+            "wall_seconds": walltimes.get(os.path.basename(os.path.normpath(w)), ev.get("wall_seconds")),
+        }
+        for w, ev in items
+    ]
   if "bigru" in per_seed:
     for model in HEBBIAN_MODELS:
       if model not in per_seed:
@@ -107,19 +132,28 @@ def _pct(s: Optional[Mapping[str, Any]], digits: int = 1) -> str:
   return f"{100 * s['mean']:.{digits}f} ± {100 * s['std']:.{digits}f}"
 
 
-ROW_METRICS = (("accuracy", "accuracy (all tokens)"), ("argument_accuracy", "argument accuracy"),
-               ("role/VERB", "VERB recall"), ("role/AGENT", "AGENT recall"), ("role/PATIENT", "PATIENT recall"),
-               ("role/RECIPIENT", "RECIPIENT recall"), ("role/OBL", "OBL recall"),
-               ("shallow_argument_accuracy", "arguments at depth 0-1"),
-               ("deep_argument_accuracy", "deep arguments (depth >= 2)"))
+ROW_METRICS = (
+    ("accuracy", "accuracy (all tokens)"),
+    ("argument_accuracy", "argument accuracy"),
+    ("role/VERB", "VERB recall"),
+    ("role/AGENT", "AGENT recall"),
+    ("role/PATIENT", "PATIENT recall"),
+    ("role/RECIPIENT", "RECIPIENT recall"),
+    ("role/OBL", "OBL recall"),
+    ("shallow_argument_accuracy", "arguments at depth 0-1"),
+    ("deep_argument_accuracy", "deep arguments (depth >= 2)"),
+)
 
 
 def comparison_table(summary: Mapping[str, Any], splits: Sequence[str]) -> str:
   """Markdown: one row per (split, metric); the three models, then the paired Hebbian/BiGRU ratios."""
   models = [m for m in MODELS if m in summary["models"]]
   ratio_models = [m for m in HEBBIAN_MODELS if m in summary["ratios"]]
-  head = ["split", "metric"] + [MODELS[m][2] for m in models] + [
-      f"ratio {MODELS[m][2].split(', ')[1]} / BiGRU" for m in ratio_models]
+  head = (
+      ["split", "metric"]
+      + [MODELS[m][2] for m in models]
+      + [f"ratio {MODELS[m][2].split(', ')[1]} / BiGRU" for m in ratio_models]
+  )
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for split in splits:
     for key, label in ROW_METRICS:
@@ -128,12 +162,13 @@ def comparison_table(summary: Mapping[str, Any], splits: Sequence[str]) -> str:
         continue
       if key == "deep_argument_accuracy":
         n = summary["models"][models[0]][split].get("count_deep_arguments")
-        label += f" (n = {n['mean']:.0f})" if n and n["n"] == 1 else (
-            f" (n ≈ {n['mean']:.0f} per seed)" if n else "")
-      row = [SPLIT_TITLES.get(split, split), label] + [_pct(c, 2 if "bigru" == m else 1)
-                                                        for c, m in zip(cells, models)]
-      row += [_pct(summary["ratios"][m].get(split, {}).get(key)) + ("%" if summary["ratios"][m].get(
-          split, {}).get(key) else "") for m in ratio_models]
+        label += f" (n = {n['mean']:.0f})" if n and n["n"] == 1 else (f" (n ≈ {n['mean']:.0f} per seed)" if n else "")
+      row = [SPLIT_TITLES.get(split, split), label] + [_pct(c, 2 if "bigru" == m else 1) for c, m in zip(cells, models)]
+      row += [
+          _pct(summary["ratios"][m].get(split, {}).get(key))
+          + ("%" if summary["ratios"][m].get(split, {}).get(key) else "")
+          for m in ratio_models
+      ]
       lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 
@@ -143,25 +178,39 @@ def headline_table(summary: Mapping[str, Any]) -> str:
   m, r = summary["models"], summary["ratios"]
   g = lambda model, split, key: _pct(m.get(model, {}).get(split, {}).get(key))
   rat = lambda model, split, key: _pct(r.get(model, {}).get(split, {}).get(key)) + "%"
-  lines = ["| claim | paper | ours: Hebbian, unit readout | ours: Hebbian, linear probe | ours: BiGRU |",
-           "|---|---|---|---|---|"]
-  lines.append(f"| Hebbian / BiGRU within grammar A (held-out sentences), all tokens | 96% | "
-               f"{rat('hebbian_unit_readout', 'heldout', 'accuracy')} | "
-               f"{rat('hebbian_linear_probe', 'heldout', 'accuracy')} | 100% (reference) |")
-  lines.append(f"| same, argument tokens only | - | {rat('hebbian_unit_readout', 'heldout', 'argument_accuracy')} | "
-               f"{rat('hebbian_linear_probe', 'heldout', 'argument_accuracy')} | 100% (reference) |")
-  lines.append(f"| transfer A -> B, accuracy (all tokens) | 61.8 | {g('hebbian_unit_readout', 'transfer', 'accuracy')} | "
-               f"{g('hebbian_linear_probe', 'transfer', 'accuracy')} | {g('bigru', 'transfer', 'accuracy')} |")
-  lines.append(f"| B's constructions with A's words (no new words), accuracy | - | "
-               f"{g('hebbian_unit_readout', 'transfer_struct', 'accuracy')} | "
-               f"{g('hebbian_linear_probe', 'transfer_struct', 'accuracy')} | {g('bigru', 'transfer_struct', 'accuracy')} |")
-  lines.append(f"| transfer A -> B, argument accuracy | - | {g('hebbian_unit_readout', 'transfer', 'argument_accuracy')} | "
-               f"{g('hebbian_linear_probe', 'transfer', 'argument_accuracy')} | {g('bigru', 'transfer', 'argument_accuracy')} |")
+  lines = [
+      "| claim | paper | ours: Hebbian, unit readout | ours: Hebbian, linear probe | ours: BiGRU |",
+      "|---|---|---|---|---|",
+  ]
+  lines.append(
+      f"| Hebbian / BiGRU within grammar A (held-out sentences), all tokens | 96% | "
+      f"{rat('hebbian_unit_readout', 'heldout', 'accuracy')} | "
+      f"{rat('hebbian_linear_probe', 'heldout', 'accuracy')} | 100% (reference) |"
+  )
+  lines.append(
+      f"| same, argument tokens only | - | {rat('hebbian_unit_readout', 'heldout', 'argument_accuracy')} | "
+      f"{rat('hebbian_linear_probe', 'heldout', 'argument_accuracy')} | 100% (reference) |"
+  )
+  lines.append(
+      f"| transfer A -> B, accuracy (all tokens) | 61.8 | {g('hebbian_unit_readout', 'transfer', 'accuracy')} | "
+      f"{g('hebbian_linear_probe', 'transfer', 'accuracy')} | {g('bigru', 'transfer', 'accuracy')} |"
+  )
+  lines.append(
+      f"| B's constructions with A's words (no new words), accuracy | - | "
+      f"{g('hebbian_unit_readout', 'transfer_struct', 'accuracy')} | "
+      f"{g('hebbian_linear_probe', 'transfer_struct', 'accuracy')} | {g('bigru', 'transfer_struct', 'accuracy')} |"
+  )
+  lines.append(
+      f"| transfer A -> B, argument accuracy | - | {g('hebbian_unit_readout', 'transfer', 'argument_accuracy')} | "
+      f"{g('hebbian_linear_probe', 'transfer', 'argument_accuracy')} | {g('bigru', 'transfer', 'argument_accuracy')} |"
+  )
   for split in EVAL_SPLITS["grammar"]:
-    lines.append(f"| deeply embedded arguments (depth >= 2), {SPLIT_TITLES[split]} | 84 (above BiGRU) | "
-                 f"{g('hebbian_unit_readout', split, 'deep_argument_accuracy')} | "
-                 f"{g('hebbian_linear_probe', split, 'deep_argument_accuracy')} | "
-                 f"{g('bigru', split, 'deep_argument_accuracy')} |")
+    lines.append(
+        f"| deeply embedded arguments (depth >= 2), {SPLIT_TITLES[split]} | 84 (above BiGRU) | "
+        f"{g('hebbian_unit_readout', split, 'deep_argument_accuracy')} | "
+        f"{g('hebbian_linear_probe', split, 'deep_argument_accuracy')} | "
+        f"{g('bigru', split, 'deep_argument_accuracy')} |"
+    )
   return "\n".join(lines)
 
 
@@ -169,18 +218,29 @@ def plot_depth(summaries: Mapping[str, Mapping[str, Any]], path: str, min_tokens
   """Argument accuracy against embedding depth, one panel per split, mean ± sd over seeds; depths with
   fewer than min_tokens tokens (all roles) in the split are left out."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  panels = [(name, split) for name, s in summaries.items() for split in EVAL_SPLITS[name]
-            if any(split in s["models"].get(m, {}) for m in MODELS)]
+
+  panels = [
+      (name, split)
+      for name, s in summaries.items()
+      for split in EVAL_SPLITS[name]
+      if any(split in s["models"].get(m, {}) for m in MODELS)
+  ]
   fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), dpi=90, squeeze=False)
   for ax, (name, split) in zip(axes[0], panels):
     for model, (_, _, label) in MODELS.items():
       stats = summaries[name]["models"].get(model, {}).get(split)
       if not stats:
         continue
-      depths = sorted(int(k.split("/")[1]) for k in stats if k.startswith("depth_arg/") and stats[k]
-                      and (stats.get(f"count_depth/{k.split('/')[1]}") or {"mean": 0})["mean"] >= min_tokens)
+      depths = sorted(
+          int(k.split("/")[1])
+          for k in stats
+          if k.startswith("depth_arg/")
+          and stats[k]
+          and (stats.get(f"count_depth/{k.split('/')[1]}") or {"mean": 0})["mean"] >= min_tokens
+      )
       mean = [100 * stats[f"depth_arg/{d}"]["mean"] for d in depths]
       sd = [100 * stats[f"depth_arg/{d}"]["std"] for d in depths]
       ax.errorbar(depths, mean, yerr=sd, marker="o", capsize=3, label=label)
@@ -212,11 +272,12 @@ def read_walltimes(path: Optional[str]) -> Dict[str, float]:
 def ablation_table(entries: Sequence[str]) -> str:
   """Markdown rows for runs given as 'LABEL=WORKDIR[,WORKDIR...]': every readout / weights (raw, not the
   weight EMA) of each, mean ± sd over the workdirs."""
-  cols = [(sp, k) for sp in EVAL_SPLITS["grammar"]
-          for k in ("accuracy", "argument_accuracy", "deep_argument_accuracy")]
+  cols = [(sp, k) for sp in EVAL_SPLITS["grammar"] for k in ("accuracy", "argument_accuracy", "deep_argument_accuracy")]
   short = {"accuracy": "acc", "argument_accuracy": "arg acc", "deep_argument_accuracy": "deep arg acc"}
-  lines = ["| run | seeds | readout | " + " | ".join(f"{SPLIT_TITLES[sp]}: {short[k]}" for sp, k in cols) + " |",
-           "|---|---|---|" + "---|" * len(cols)]
+  lines = [
+      "| run | seeds | readout | " + " | ".join(f"{SPLIT_TITLES[sp]}: {short[k]}" for sp, k in cols) + " |",
+      "|---|---|---|" + "---|" * len(cols),
+  ]
   for entry in entries:
     label, _, workdirs = entry.partition("=")
     evals = [workdir_lib.latest_eval(w) for w in workdirs.split(",") if w]
@@ -224,20 +285,29 @@ def ablation_table(entries: Sequence[str]) -> str:
     for name, res in evals[0]["results"].items():
       if name == "ema" or "details" not in res:
         continue
-      cells = [_pct(_stats([ev["results"][name]["details"][sp][k] for ev in evals]))
-               if sp in res["details"] else "-" for sp, k in cols]
+      cells = [
+          _pct(_stats([ev["results"][name]["details"][sp][k] for ev in evals])) if sp in res["details"] else "-"
+          for sp, k in cols
+      ]
       lines.append(f"| {label} | {seeds} | {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def main(argv=None):
   import argparse
-  p = argparse.ArgumentParser(description="Gathers finished role runs into results.json, results.md and "
-                              "depth.png (see results/roles/README.md).")
+
+  p = argparse.ArgumentParser(
+      description="Gathers finished role runs into results.json, results.md and "
+      "depth.png (see results/roles/README.md)."
+  )
   for name in ("hebbian", "bigru", "hebbian_ud", "bigru_ud"):
     p.add_argument(f"--{name}", default="", help=f"comma-separated workdirs of {name} runs")
-  p.add_argument("--ablation", action="append", default=[],
-                 help="LABEL=WORKDIR[,WORKDIR...] of grammar runs for the ablation table (repeatable)")
+  p.add_argument(
+      "--ablation",
+      action="append",
+      default=[],
+      help="LABEL=WORKDIR[,WORKDIR...] of grammar runs for the ablation table (repeatable)",
+  )
   p.add_argument("--walltimes", default=None, help="file of 'NAME rc=.. wall_s=..' lines")
   p.add_argument("--out_dir", required=True)
   a = p.parse_args(argv)
@@ -249,28 +319,36 @@ def main(argv=None):
   os.makedirs(a.out_dir, exist_ok=True)
   with open(os.path.join(a.out_dir, "results.json"), "w") as f:
     json.dump(summaries, f, indent=1)
-  md = ["# Role assignment: label-free Hebbian traces vs a supervised BiGRU", "",
-        "Written by `python -m experiments.roles_report` (commands in README.md). Accuracies in %, mean ± sd over "
-        "seeds (sd with n - 1); 'ratio' = Hebbian / BiGRU computed per seed on the same sentences, then "
-        "averaged. Arguments = gold AGENT, PATIENT, RECIPIENT (and OBL on UD); deep = embedding depth >= 2. "
-        "Hebbian readouts: 'unit readout' = majority role of each unit's training tokens; 'linear probe' = "
-        "logistic regression on the frozen unit activations. BiGRU: raw weights (the weight EMA is in the "
-        "eval JSONs).", "",
-        "## Headline: the paper's numbers beside ours (grammar A / B)", "", headline_table(summaries["grammar"]),
-        "", "## Grammar: held-out A, A -> B transfer, B's constructions with A's words", "",
-        comparison_table(summaries["grammar"], EVAL_SPLITS["grammar"])]
+  md = [
+      "# Role assignment: label-free Hebbian traces vs a supervised BiGRU",
+      "",
+      "Written by `python -m experiments.roles_report` (commands in README.md). Accuracies in %, mean ± sd over "
+      "seeds (sd with n - 1); 'ratio' = Hebbian / BiGRU computed per seed on the same sentences, then "
+      "averaged. Arguments = gold AGENT, PATIENT, RECIPIENT (and OBL on UD); deep = embedding depth >= 2. "
+      "Hebbian readouts: 'unit readout' = majority role of each unit's training tokens; 'linear probe' = "
+      "logistic regression on the frozen unit activations. BiGRU: raw weights (the weight EMA is in the "
+      "eval JSONs).",
+      "",
+      "## Headline: the paper's numbers beside ours (grammar A / B)",
+      "",
+      headline_table(summaries["grammar"]),
+      "",
+      "## Grammar: held-out A, A -> B transfer, B's constructions with A's words",
+      "",
+      comparison_table(summaries["grammar"], EVAL_SPLITS["grammar"]),
+  ]
   if "ud" in summaries:
     md += ["", "## UD English EWT (one run each)", "", comparison_table(summaries["ud"], EVAL_SPLITS["ud"])]
   if a.ablation:
-    md += ["", "## Ablations (grammar; mean ± sd over the seeds listed)", "",
-           ablation_table(a.ablation)]
+    md += ["", "## Ablations (grammar; mean ± sd over the seeds listed)", "", ablation_table(a.ablation)]
   md += ["", "## Runs", "", "| model | data | seed | workdir | steps | wall time (s) |", "|---|---|---|---|---|---|"]
   for data, s in summaries.items():
     for kind, items in s["runs"].items():
       for r in items:
         w = r["wall_seconds"]
-        md.append(f"| {kind} | {data} | {r['seed']} | {r['workdir']} | {r['step']} | "
-                  f"{'-' if w is None else f'{w:.0f}'} |")
+        md.append(
+            f"| {kind} | {data} | {r['seed']} | {r['workdir']} | {r['step']} | " f"{'-' if w is None else f'{w:.0f}'} |"
+        )
   with open(os.path.join(a.out_dir, "results.md"), "w") as f:
     f.write("\n".join(md) + "\n")
   plot_depth(summaries, os.path.join(a.out_dir, "depth.png"))

@@ -48,8 +48,15 @@ from ema_jax.tasks import set_complement as sc
 
 METRICS = sc.METRICS
 # Direction in which a metric improves (for "fraction of runs improved").
-LOWER_IS_BETTER = {"kl": True, "log_kl": True, "tv": True, "invalid_mass": True, "precision": False,
-                   "logit_gap": False, "top1_valid": False}
+LOWER_IS_BETTER = {
+    "kl": True,
+    "log_kl": True,
+    "tv": True,
+    "invalid_mass": True,
+    "precision": False,
+    "logit_gap": False,
+    "top1_valid": False,
+}
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -71,8 +78,9 @@ def validate_sweep(config: ml_collections.ConfigDict, runs: int) -> None:
     except ValueError:
       raise ValueError(f"config.sweep.dims entry {d!r}: expected 'EMBEDxVALUE', e.g. '64x64'.") from None
     if e < 1 or v < 1 or e % s.num_heads or v % s.num_heads:
-      raise ValueError(f"config.sweep.dims entry {d!r}: expected positive widths divisible by "
-                       f"num_heads={s.num_heads}.")
+      raise ValueError(
+          f"config.sweep.dims entry {d!r}: expected positive widths divisible by " f"num_heads={s.num_heads}."
+      )
   lo, hi = s.lr
   if not 0 < lo <= hi:
     raise ValueError(f"config.sweep.lr={s.lr!r}: expected 0 < low <= high.")
@@ -83,8 +91,9 @@ def validate_sweep(config: ml_collections.ConfigDict, runs: int) -> None:
     raise ValueError(f"config.sweep.dropout_zero_prob={s.dropout_zero_prob!r}: expected a probability.")
   for p in s.dropout_on:
     if not all(x in DROPOUT_SITES for x in parse_dropout_on(p)):
-      raise ValueError(f"config.sweep.dropout_on entry {p!r}: expected a comma-separated subset of "
-                       f"{DROPOUT_SITES}.")
+      raise ValueError(
+          f"config.sweep.dropout_on entry {p!r}: expected a comma-separated subset of " f"{DROPOUT_SITES}."
+      )
   for k in s.ema_kinds:
     if k not in optim.EMA_KINDS:
       raise ValueError(f"config.sweep.ema_kinds entry {k!r}: accepted {optim.EMA_KINDS}.")
@@ -109,8 +118,18 @@ def sample_runs(sweep: ml_collections.ConfigDict, runs: int) -> List[Dict[str, A
     one_minus = math.exp(rng.uniform(math.log(1 - sweep.ema_decay[1]), math.log(1 - sweep.ema_decay[0])))
     decay = float(1.0 - one_minus) if kind == "ema" else None
     seed = int(rng.integers(2**31 - 1))
-    run = dict(run=i, seed=seed, embed_dim=e, value_dim=v, num_heads=int(sweep.num_heads), lr=lr,
-               dropout=rate, dropout_on=sites, ema_kind=kind, ema_decay=decay)
+    run = dict(
+        run=i,
+        seed=seed,
+        embed_dim=e,
+        value_dim=v,
+        num_heads=int(sweep.num_heads),
+        lr=lr,
+        dropout=rate,
+        dropout_on=sites,
+        ema_kind=kind,
+        ema_decay=decay,
+    )
     for s in DROPOUT_SITES:
       run[f"drop_{s}"] = rate if s in sites.split(",") else 0.0
     out.append(run)
@@ -134,20 +153,23 @@ def hyper_arrays(runs: Sequence[Dict[str, Any]]) -> Dict[str, jax.Array]:
       key=jnp.stack([jax.random.key(r["seed"]) for r in runs]),
       lr=jnp.asarray([r["lr"] for r in runs], jnp.float32),
       rates=jnp.asarray([[r[f"drop_{s}"] for s in DROPOUT_SITES] for r in runs], jnp.float32),
-      decay=jnp.asarray([r["ema_decay"] or 0.999 for r in runs], jnp.float32))
+      decay=jnp.asarray([r["ema_decay"] or 0.999 for r in runs], jnp.float32),
+  )
 
 
 # ------------------------------------------------------------------------------------------------ training
 
 
-def group_config(config: ml_collections.ConfigDict, embed_dim: int, value_dim: int, num_heads: int,
-                 ema_kind: str) -> ml_collections.ConfigDict:
+def group_config(
+    config: ml_collections.ConfigDict, embed_dim: int, value_dim: int, num_heads: int, ema_kind: str
+) -> ml_collections.ConfigDict:
   """The train.py config of a group's runs: their dims and EMA kind, dropout rates held in the model's
   state, peak learning rate 1 (each run's lr is its optimizer state's lr_scale)."""
   c = ml_collections.ConfigDict(config.to_dict())
   del c["sweep"]
-  c.model.update(embed_dim=embed_dim, value_dim=value_dim, num_heads=num_heads, dropout=0.0, dropout_on="",
-                 traced_dropout=True)
+  c.model.update(
+      embed_dim=embed_dim, value_dim=value_dim, num_heads=num_heads, dropout=0.0, dropout_on="", traced_dropout=True
+  )
   c.optim.lr = 1.0
   c.weight_ema.kind = ema_kind
   return c
@@ -156,8 +178,7 @@ def group_config(config: ml_collections.ConfigDict, embed_dim: int, value_dim: i
 class GroupPrograms:
   """The trainer's setup and step for all runs sharing dims, heads and EMA kind, vmapped over runs."""
 
-  def __init__(self, config: ml_collections.ConfigDict, embed_dim: int, value_dim: int, num_heads: int,
-               ema_kind: str):
+  def __init__(self, config: ml_collections.ConfigDict, embed_dim: int, value_dim: int, num_heads: int, ema_kind: str):
     self.setup = trainer.build(group_config(config, embed_dim, value_dim, num_heads, ema_kind))
     self.num_tokens = self.setup.task.num_tokens
     # Runs share the batch; everything else (the whole train state) has a leading run axis.
@@ -168,6 +189,7 @@ class GroupPrograms:
         st, m = step(st, batch)
         # The loss of a step that kept no update (non-finite loss or gradient) reads as NaN.
         return st, jnp.where(m["finite"], m["loss"], jnp.nan)
+
       return jax.lax.scan(body, state, batches_K)
 
     self.init = jax.jit(jax.vmap(self.init_one))
@@ -243,6 +265,7 @@ def evaluate_group(programs: GroupPrograms, state, eval_batches) -> Dict[str, Di
 
 def _t_quantile(df: int, level: float = 0.95) -> float:
   from scipy import stats
+
   return float(stats.t.ppf(0.5 + level / 2, df))
 
 
@@ -261,6 +284,7 @@ def mean_ci(d: np.ndarray, rng: np.random.Generator, bootstrap: int) -> Dict[str
     out.update(se=se, t_ci=[mean - q * se, mean + q * se])
     if se > 0:
       from scipy import stats
+
       out["p_value"] = float(2 * stats.t.sf(abs(mean / se), n - 1))
     idx = rng.integers(0, n, size=(bootstrap, n))
     boots = d[idx].mean(1)
@@ -286,8 +310,7 @@ def paired_comparison(rows, kind: str, rng, bootstrap: int) -> Dict[str, Any]:
       diff = avg - raw
       res = mean_ci(diff, rng, bootstrap)
       better = diff < 0 if LOWER_IS_BETTER[m] else diff > 0
-      res.update(mean_raw=float(np.mean(raw)), mean_avg=float(np.mean(avg)),
-                 frac_improved=float(np.mean(better)))
+      res.update(mean_raw=float(np.mean(raw)), mean_avg=float(np.mean(avg)), frac_improved=float(np.mean(better)))
       out[f"{'out_of_range' if part == 'out' else 'in_range'}/{m}"] = res
   return out
 
@@ -299,7 +322,7 @@ def ols(X: np.ndarray, y: np.ndarray, names: Sequence[str]) -> Dict[str, Any]:
   A = np.ones((X.shape[0], 1))
   kept = ["intercept"]
   for j in range(X.shape[1]):
-    trial = np.concatenate([A, X[:, j:j + 1]], axis=1)
+    trial = np.concatenate([A, X[:, j : j + 1]], axis=1)
     if np.linalg.matrix_rank(trial) > A.shape[1]:
       A, kept = trial, kept + [names[j]]
   names = kept
@@ -314,8 +337,10 @@ def ols(X: np.ndarray, y: np.ndarray, names: Sequence[str]) -> Dict[str, Any]:
   se = np.sqrt(np.diag(cov))
   q = _t_quantile(dof)
   r2 = 1.0 - float(resid @ resid) / float(((y - y.mean()) ** 2).sum()) if np.ptp(y) > 0 else float("nan")
-  coef = {nm: dict(estimate=float(b), se=float(s), ci=[float(b - q * s), float(b + q * s)])
-          for nm, b, s in zip(names, beta, se)}
+  coef = {
+      nm: dict(estimate=float(b), se=float(s), ci=[float(b - q * s), float(b + q * s)])
+      for nm, b, s in zip(names, beta, se)
+  }
   return dict(n=int(n), r2=r2, residual_sd=math.sqrt(sigma2), coef=coef)
 
 
@@ -329,22 +354,26 @@ def regressions(rows) -> Dict[str, Any]:
   out = {}
   X = np.asarray([[r["dropout"]] + common(r) for r in ok])
   out["raw_log_kl_out__dropout"] = dict(
-      target="log out-of-range KL, raw weights", **ols(X, y_raw, ["dropout"] + common_names))
+      target="log out-of-range KL, raw weights", **ols(X, y_raw, ["dropout"] + common_names)
+  )
   # The same predictors for the in-range fit: separates "fits worse" from "generalises worse".
   y_in = np.log([max(r["raw_in_kl"], 1e-12) for r in ok])
   out["raw_log_kl_in__dropout"] = dict(
-      target="log in-range KL, raw weights", **ols(X, y_in, ["dropout"] + common_names))
+      target="log in-range KL, raw weights", **ols(X, y_in, ["dropout"] + common_names)
+  )
   X = np.asarray([[r[f"drop_{s}"] for s in DROPOUT_SITES] + common(r) for r in ok])
   out["raw_log_kl_out__dropout_by_site"] = dict(
-      target="log out-of-range KL, raw weights", **ols(X, y_raw, [f"drop_{s}" for s in DROPOUT_SITES]
-                                                       + common_names))
+      target="log out-of-range KL, raw weights", **ols(X, y_raw, [f"drop_{s}" for s in DROPOUT_SITES] + common_names)
+  )
   # The weights a run would ship (averaged when it keeps an average): between-run effect of the EMA kind.
   y_final = np.log([r["avg_out_kl"] if r["ema_kind"] != "none" else r["raw_out_kl"] for r in ok])
-  X = np.asarray([[r["dropout"]] + common(r) + [r["ema_kind"] == "ema", r["ema_kind"] == "bema"] for r in ok],
-                 np.float64)
+  X = np.asarray(
+      [[r["dropout"]] + common(r) + [r["ema_kind"] == "ema", r["ema_kind"] == "bema"] for r in ok], np.float64
+  )
   out["final_log_kl_out__dropout_ema"] = dict(
       target="log out-of-range KL of the run's final weights (averaged if kept, else raw)",
-      **ols(X, y_final, ["dropout"] + common_names + ["is_ema", "is_bema"]))
+      **ols(X, y_final, ["dropout"] + common_names + ["is_ema", "is_bema"]),
+  )
   return out
 
 
@@ -358,13 +387,17 @@ def dropout_split(rows, rng, bootstrap: int) -> Dict[str, Any]:
     diff = float(a.mean() - b.mean())
     va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
     se = math.sqrt(va + vb)
-    dof = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))  # Welch
+    dof = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))  # Welch
     q = _t_quantile(max(int(dof), 1))
-    boots = (a[rng.integers(0, a.size, (bootstrap, a.size))].mean(1)
-             - b[rng.integers(0, b.size, (bootstrap, b.size))].mean(1))
-    out.update(mean_diff_log_kl=diff, welch_ci=[diff - q * se, diff + q * se],
-               bootstrap_ci=[float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
-               ratio=math.exp(diff))
+    boots = a[rng.integers(0, a.size, (bootstrap, a.size))].mean(1) - b[
+        rng.integers(0, b.size, (bootstrap, b.size))
+    ].mean(1)
+    out.update(
+        mean_diff_log_kl=diff,
+        welch_ci=[diff - q * se, diff + q * se],
+        bootstrap_ci=[float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+        ratio=math.exp(diff),
+    )
   return out
 
 
@@ -381,29 +414,44 @@ def _fmt_ci(res, key="t_ci", digits=3) -> str:
 
 def write_markdown(path: str, summary: Dict[str, Any]) -> None:
   s = summary
-  lines = [f"# Set-complement random search ({s['n_runs']} runs)", "",
-           f"Command: `{s['command']}`  ", f"Wall time: {s['wall_time_s']:.0f} s on {s['device']}; "
-           f"{s['n_groups']} compiled groups; diverged runs: {s['n_diverged']}.  ",
-           f"Task: N = {s['task']['num_tokens']}, training sizes {s['task']['train_min_size']}.."
-           f"{s['task']['train_max_size']}, evaluation at sizes {s['eval_sizes'][0]}..{s['eval_sizes'][-1]}, "
-           f"{s['task']['eval_examples']} examples per size; {s['steps']} steps of batch {s['batch_size']}.", "",
-           "## Weight averaging vs the raw weights of the same run (averaged - raw)", "",
-           "Mean difference with 95% t-interval; bootstrap 95% interval; share of runs where averaging helped.", "",
-           "| kind | metric | n | mean raw | mean avg | diff [t 95% CI] | bootstrap CI | p | improved |",
-           "|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+      f"# Set-complement random search ({s['n_runs']} runs)",
+      "",
+      f"Command: `{s['command']}`  ",
+      f"Wall time: {s['wall_time_s']:.0f} s on {s['device']}; "
+      f"{s['n_groups']} compiled groups; diverged runs: {s['n_diverged']}.  ",
+      f"Task: N = {s['task']['num_tokens']}, training sizes {s['task']['train_min_size']}.."
+      f"{s['task']['train_max_size']}, evaluation at sizes {s['eval_sizes'][0]}..{s['eval_sizes'][-1]}, "
+      f"{s['task']['eval_examples']} examples per size; {s['steps']} steps of batch {s['batch_size']}.",
+      "",
+      "## Weight averaging vs the raw weights of the same run (averaged - raw)",
+      "",
+      "Mean difference with 95% t-interval; bootstrap 95% interval; share of runs where averaging helped.",
+      "",
+      "| kind | metric | n | mean raw | mean avg | diff [t 95% CI] | bootstrap CI | p | improved |",
+      "|---|---|---|---|---|---|---|---|---|",
+  ]
   for kind, res in s["paired"].items():
     for m, r in res.items():
       if not isinstance(r, dict) or "mean" not in r:
         continue
       b = r.get("bootstrap_ci")
-      lines.append(f"| {kind} | {m} | {r['n']} | {r['mean_raw']:.4g} | {r['mean_avg']:.4g} | {_fmt_ci(r)} | "
-                   f"{'[%.3g, %.3g]' % tuple(b) if b else 'n/a'} | {r.get('p_value', float('nan')):.2g} | "
-                   f"{r['frac_improved']:.0%} |")
-  lines += ["", "log_kl differences are log ratios: exp(diff) is the geometric-mean factor on KL.", "",
-            "## Regressions (OLS, 95% t-intervals)", ""]
+      lines.append(
+          f"| {kind} | {m} | {r['n']} | {r['mean_raw']:.4g} | {r['mean_avg']:.4g} | {_fmt_ci(r)} | "
+          f"{'[%.3g, %.3g]' % tuple(b) if b else 'n/a'} | {r.get('p_value', float('nan')):.2g} | "
+          f"{r['frac_improved']:.0%} |"
+      )
+  lines += [
+      "",
+      "log_kl differences are log ratios: exp(diff) is the geometric-mean factor on KL.",
+      "",
+      "## Regressions (OLS, 95% t-intervals)",
+      "",
+  ]
   for name, reg in s["regression"].items():
-    lines.append(f"**{name}**: {reg.get('target', '')}; n = {reg.get('n')}, "
-                 f"R^2 = {reg.get('r2', float('nan')):.3f}")
+    lines.append(
+        f"**{name}**: {reg.get('target', '')}; n = {reg.get('n')}, " f"R^2 = {reg.get('r2', float('nan')):.3f}"
+    )
     if "coef" not in reg:
       lines += [f"  {reg.get('error', '')}", ""]
       continue
@@ -413,10 +461,14 @@ def write_markdown(path: str, summary: Dict[str, Any]) -> None:
     lines.append("")
   d = s["dropout_split"]
   if "mean_diff_log_kl" in d:
-    lines += ["## Dropout > 0 vs dropout = 0 (raw weights, log out-of-range KL)", "",
-              f"{d['n_dropout']} vs {d['n_no_dropout']} runs: difference {d['mean_diff_log_kl']:.3g} "
-              f"(Welch 95% CI [{d['welch_ci'][0]:.3g}, {d['welch_ci'][1]:.3g}], bootstrap "
-              f"[{d['bootstrap_ci'][0]:.3g}, {d['bootstrap_ci'][1]:.3g}]), KL ratio {d['ratio']:.3g}.", ""]
+    lines += [
+        "## Dropout > 0 vs dropout = 0 (raw weights, log out-of-range KL)",
+        "",
+        f"{d['n_dropout']} vs {d['n_no_dropout']} runs: difference {d['mean_diff_log_kl']:.3g} "
+        f"(Welch 95% CI [{d['welch_ci'][0]:.3g}, {d['welch_ci'][1]:.3g}], bootstrap "
+        f"[{d['bootstrap_ci'][0]:.3g}, {d['bootstrap_ci'][1]:.3g}]), KL ratio {d['ratio']:.3g}.",
+        "",
+    ]
   lines += ["## Findings", ""] + [f"- {f}" for f in s["findings"]] + [""]
   with open(path, "w") as f:
     f.write("\n".join(lines))
@@ -430,26 +482,34 @@ def findings(summary: Dict[str, Any]) -> List[str]:
     if r and "t_ci" in r:
       lo, hi = r["t_ci"]
       verdict = "lower than" if hi < 0 else "higher than" if lo > 0 else "not distinguishable from"
-      out.append(f"{kind} weights: out-of-range KL {verdict} raw (geometric-mean factor {math.exp(r['mean']):.3g}, "
-                 f"95% CI [{math.exp(lo):.3g}, {math.exp(hi):.3g}], {r['frac_improved']:.0%} of {r['n']} runs "
-                 f"improved).")
+      out.append(
+          f"{kind} weights: out-of-range KL {verdict} raw (geometric-mean factor {math.exp(r['mean']):.3g}, "
+          f"95% CI [{math.exp(lo):.3g}, {math.exp(hi):.3g}], {r['frac_improved']:.0%} of {r['n']} runs "
+          f"improved)."
+      )
     r = res.get("in_range/log_kl")
     if r and "t_ci" in r:
       lo, hi = r["t_ci"]
-      out.append(f"{kind} weights in range: KL factor {math.exp(r['mean']):.3g} "
-                 f"(95% CI [{math.exp(lo):.3g}, {math.exp(hi):.3g}]).")
+      out.append(
+          f"{kind} weights in range: KL factor {math.exp(r['mean']):.3g} "
+          f"(95% CI [{math.exp(lo):.3g}, {math.exp(hi):.3g}])."
+      )
   reg = summary["regression"].get("raw_log_kl_out__dropout", {})
   c = reg.get("coef", {}).get("dropout")
   if c:
     lo, hi = c["ci"]
     verdict = "lowers" if hi < 0 else "raises" if lo > 0 else "has no clear effect on"
-    out.append(f"dropout {verdict} out-of-range KL of the raw weights: log KL changes by {c['estimate']:.3g} per "
-               f"unit rate (95% CI [{lo:.3g}, {hi:.3g}]), i.e. a factor {math.exp(0.1 * c['estimate']):.3g} per "
-               f"+0.1 rate.")
+    out.append(
+        f"dropout {verdict} out-of-range KL of the raw weights: log KL changes by {c['estimate']:.3g} per "
+        f"unit rate (95% CI [{lo:.3g}, {hi:.3g}]), i.e. a factor {math.exp(0.1 * c['estimate']):.3g} per "
+        f"+0.1 rate."
+    )
   c = summary["regression"].get("raw_log_kl_in__dropout", {}).get("coef", {}).get("dropout")
   if c:
-    out.append(f"dropout and in-range KL of the raw weights: {c['estimate']:.3g} per unit rate "
-               f"(95% CI [{c['ci'][0]:.3g}, {c['ci'][1]:.3g}]).")
+    out.append(
+        f"dropout and in-range KL of the raw weights: {c['estimate']:.3g} per unit rate "
+        f"(95% CI [{c['ci'][0]:.3g}, {c['ci'][1]:.3g}])."
+    )
   reg = summary["regression"].get("raw_log_kl_out__dropout_by_site", {})
   for s in DROPOUT_SITES:
     c = reg.get("coef", {}).get(f"drop_{s}")
@@ -460,8 +520,10 @@ def findings(summary: Dict[str, Any]) -> List[str]:
 
 def make_plots(rows, sizes, train_max_size: int, out_dir: str) -> List[str]:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   os.makedirs(out_dir, exist_ok=True)
   ok = [r for r in rows if not r["diverged"]]
   paths = []
@@ -470,8 +532,9 @@ def make_plots(rows, sizes, train_max_size: int, out_dir: str) -> List[str]:
   placements = sorted({r["dropout_on"] for r in ok})
   for i, p in enumerate(placements):
     sel = [r for r in ok if r["dropout_on"] == p]
-    ax.scatter([r["dropout"] for r in sel], [r["raw_out_kl"] for r in sel], s=18, label=p or "none",
-               color=plt.cm.tab10(i % 10))
+    ax.scatter(
+        [r["dropout"] for r in sel], [r["raw_out_kl"] for r in sel], s=18, label=p or "none", color=plt.cm.tab10(i % 10)
+    )
   ax.set_yscale("log")
   ax.set_xlabel("dropout rate")
   ax.set_ylabel("out-of-range KL (raw weights)")
@@ -504,15 +567,22 @@ def make_plots(rows, sizes, train_max_size: int, out_dir: str) -> List[str]:
 
   fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
   ax.axvspan(0.5, train_max_size + 0.5, color="0.9", label="training sizes")
-  curves = [("raw, dropout = 0", [r["raw_per_size"]["kl"] for r in ok if r["dropout"] == 0]),
-            ("raw, dropout > 0", [r["raw_per_size"]["kl"] for r in ok if r["dropout"] > 0])]
+  curves = [
+      ("raw, dropout = 0", [r["raw_per_size"]["kl"] for r in ok if r["dropout"] == 0]),
+      ("raw, dropout > 0", [r["raw_per_size"]["kl"] for r in ok if r["dropout"] > 0]),
+  ]
   for kind in ("ema", "bema"):
     curves.append((f"raw, {kind} runs", [r["raw_per_size"]["kl"] for r in ok if r["ema_kind"] == kind]))
     curves.append((f"{kind} weights", [r["avg_per_size"]["kl"] for r in ok if r["ema_kind"] == kind]))
   for label, c in curves:
     if c:
-      ax.plot(sizes, np.median(np.asarray(c), 0), marker=".", label=f"{label} (n={len(c)})",
-              ls="--" if label.startswith("raw, ") and "runs" in label else "-")
+      ax.plot(
+          sizes,
+          np.median(np.asarray(c), 0),
+          marker=".",
+          label=f"{label} (n={len(c)})",
+          ls="--" if label.startswith("raw, ") and "runs" in label else "-",
+      )
   ax.set_yscale("log")
   ax.set_xlabel("set size s")
   ax.set_ylabel("median KL over runs")
@@ -533,17 +603,20 @@ def _csv_value(v):
   return v
 
 
-CSV_COLUMNS = (["run", "group", "seed", "embed_dim", "value_dim", "num_heads", "lr", "dropout", "dropout_on"]
-               + [f"drop_{s}" for s in DROPOUT_SITES]
-               + ["ema_kind", "ema_decay", "final_train_loss", "diverged"]
-               + [f"{w}_{p}_{m}" for w in ("raw", "avg") for p in ("in", "out") for m in METRICS])
+CSV_COLUMNS = (
+    ["run", "group", "seed", "embed_dim", "value_dim", "num_heads", "lr", "dropout", "dropout_on"]
+    + [f"drop_{s}" for s in DROPOUT_SITES]
+    + ["ema_kind", "ema_decay", "final_train_loss", "diverged"]
+    + [f"{w}_{p}_{m}" for w in ("raw", "avg") for p in ("in", "out") for m in METRICS]
+)
 
 
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Optional[int] = None,
-              log=print, command: str = "") -> Dict[str, Any]:
+def run_sweep(
+    config: ml_collections.ConfigDict, workdir: str, runs: Optional[int] = None, log=print, command: str = ""
+) -> Dict[str, Any]:
   """Samples, trains, evaluates and summarises the sweep; returns the summary written to summary.json."""
   t_start = time.time()
   runs = int(config.sweep.runs if runs is None else runs)
@@ -553,8 +626,9 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Optional[in
   n_tok, l_train = task.num_tokens, task.train_max_size
   sizes = task.eval_sizes()
   t = config.task
-  eval_batches = [data.eval_batch(int(t.eval_seed), s, int(t.eval_examples), num_tokens=n_tok, length=n_tok - 1)
-                  for s in sizes]
+  eval_batches = [
+      data.eval_batch(int(t.eval_seed), s, int(t.eval_examples), num_tokens=n_tok, length=n_tok - 1) for s in sizes
+  ]
   chunks = training_chunks(config, int(config.sweep.chunk_steps))
   sampled = sample_runs(config.sweep, runs)
   groups = group_runs(sampled)
@@ -567,10 +641,14 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Optional[in
     state, losses_SR = train_group(programs, g_runs, chunks)
     t_train = time.time() - t0
     res = evaluate_group(programs, state, eval_batches)
-    tail = losses_SR[-min(100, losses_SR.shape[0]):]
+    tail = losses_SR[-min(100, losses_SR.shape[0]) :]
     for j, run in enumerate(g_runs):
-      row = dict(run, group=key, final_train_loss=float(np.nanmean(tail[:, j])),
-                 diverged=bool(not np.all(np.isfinite(losses_SR[:, j]))))
+      row = dict(
+          run,
+          group=key,
+          final_train_loss=float(np.nanmean(tail[:, j])),
+          diverged=bool(not np.all(np.isfinite(losses_SR[:, j]))),
+      )
       for w in ("raw", "avg"):
         has = w == "raw" or run["ema_kind"] != "none"
         per = {m: res[w][m][j].tolist() for m in METRICS}
@@ -580,11 +658,13 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Optional[in
             row[f"{w}_{p}_{m}"] = summ.get(f"{pname}/{m}") if has else None
         row[f"{w}_per_size"] = per if has else None
       rows.append(row)
-    kl_raw = np.median([r["raw_out_kl"] for r in rows[-len(g_runs):]])
-    loss_med = np.median([r["final_train_loss"] for r in rows[-len(g_runs):]])
-    log(f"  group {gi + 1}/{len(groups)} {key}: {len(g_runs)} runs, train {t_train:.1f} s, eval "
+    kl_raw = np.median([r["raw_out_kl"] for r in rows[-len(g_runs) :]])
+    loss_med = np.median([r["final_train_loss"] for r in rows[-len(g_runs) :]])
+    log(
+        f"  group {gi + 1}/{len(groups)} {key}: {len(g_runs)} runs, train {t_train:.1f} s, eval "
         f"{time.time() - t0 - t_train:.1f} s, median final loss {loss_med:.4f}, "
-        f"median out-of-range KL (raw) {kl_raw:.4g}")
+        f"median out-of-range KL (raw) {kl_raw:.4g}"
+    )
   rows.sort(key=lambda r: r["run"])
 
   with open(os.path.join(workdir, "runs.csv"), "w", newline="") as f:
@@ -598,21 +678,32 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Optional[in
   rng = np.random.default_rng(12345)
   boot = int(config.sweep.bootstrap)
   summary = dict(
-      command=command, n_runs=len(rows), n_groups=len(groups), n_diverged=sum(r["diverged"] for r in rows),
-      device=f"{jax.devices()[0].platform} x{jax.device_count()}", steps=int(config.steps),
-      batch_size=int(config.batch_size), task=config.task.to_dict(), eval_sizes=sizes,
+      command=command,
+      n_runs=len(rows),
+      n_groups=len(groups),
+      n_diverged=sum(r["diverged"] for r in rows),
+      device=f"{jax.devices()[0].platform} x{jax.device_count()}",
+      steps=int(config.steps),
+      batch_size=int(config.batch_size),
+      task=config.task.to_dict(),
+      eval_sizes=sizes,
       sweep=config.sweep.to_dict(),
-      paired={k: paired_comparison(rows, k, rng, boot) for k in ("ema", "bema")
-              if any(r["ema_kind"] == k for r in rows)},
-      regression=regressions(rows), dropout_split=dropout_split(rows, rng, boot))
+      paired={
+          k: paired_comparison(rows, k, rng, boot) for k in ("ema", "bema") if any(r["ema_kind"] == k for r in rows)
+      },
+      regression=regressions(rows),
+      dropout_split=dropout_split(rows, rng, boot),
+  )
   summary["findings"] = findings(summary)
   summary["plots"] = make_plots(rows, sizes, l_train, os.path.join(workdir, "plots"))
   summary["wall_time_s"] = time.time() - t_start
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1, default=str)
   write_markdown(os.path.join(workdir, "summary.md"), summary)
-  log(f"sweep: done in {summary['wall_time_s']:.0f} s; wrote runs.csv, runs.json, summary.json, summary.md, "
-      f"plots/ to {workdir}")
+  log(
+      f"sweep: done in {summary['wall_time_s']:.0f} s; wrote runs.csv, runs.json, summary.json, summary.md, "
+      f"plots/ to {workdir}"
+  )
   for line in summary["findings"]:
     log("  " + line)
   return summary
@@ -621,19 +712,23 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, runs: Optional[in
 def main(argv):
   import sys
   from absl import flags
+
   del argv
   FLAGS = flags.FLAGS
   config = FLAGS.config
   if "sweep" not in config:
-    raise ValueError("experiments.set_complement_sweep: the config has no `sweep` field; use "
-                     "configs/set_complement.py:sweep.")
-  run_sweep(config, FLAGS.workdir, FLAGS.runs,
-            command="python -m experiments.set_complement_sweep " + " ".join(sys.argv[1:]))
+    raise ValueError(
+        "experiments.set_complement_sweep: the config has no `sweep` field; use " "configs/set_complement.py:sweep."
+    )
+  run_sweep(
+      config, FLAGS.workdir, FLAGS.runs, command="python -m experiments.set_complement_sweep " + " ".join(sys.argv[1:])
+  )
 
 
 if __name__ == "__main__":
   from absl import app, flags
   from ml_collections import config_flags
+
   config_flags.DEFINE_config_file("config", None, "Sweep config, e.g. configs/set_complement.py:sweep.")
   flags.DEFINE_string("workdir", None, "Output directory.")
   flags.DEFINE_integer("runs", None, "Number of runs (default config.sweep.runs).")

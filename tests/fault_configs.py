@@ -10,13 +10,37 @@ VOLATILE = ("steps_per_s", "tokens_per_s", "mfu")
 
 # Overrides as train.py flags, so the same settings serve in-process and subprocess runs.
 SET_COMPLEMENT = dict(
-    steps=40, batch_size=32, checkpoint_every=10, keep_checkpoints=10, log_every=3, eval_every=20,
-    **{"optim.warmup_steps": 5, "task.num_tokens": 12, "task.train_max_size": 4, "task.eval_examples": 16,
-       "model.embed_dim": 16, "model.value_dim": 16})
+    steps=40,
+    batch_size=32,
+    checkpoint_every=10,
+    keep_checkpoints=10,
+    log_every=3,
+    eval_every=20,
+    **{
+        "optim.warmup_steps": 5,
+        "task.num_tokens": 12,
+        "task.train_max_size": 4,
+        "task.eval_examples": 16,
+        "model.embed_dim": 16,
+        "model.value_dim": 16,
+    },
+)
 LM = dict(
-    steps=20, batch_size=8, checkpoint_every=10, keep_checkpoints=10, log_every=3, eval_every=0,
-    **{"optim.warmup_steps": 2, "task.seq_len": 32, "task.eval_batch_size": 8, "data.eval_max_tokens": 1024,
-       "model.width": 32, "model.num_blocks": 1})
+    steps=20,
+    batch_size=8,
+    checkpoint_every=10,
+    keep_checkpoints=10,
+    log_every=3,
+    eval_every=0,
+    **{
+        "optim.warmup_steps": 2,
+        "task.seq_len": 32,
+        "task.eval_batch_size": 8,
+        "data.eval_max_tokens": 1024,
+        "model.width": 32,
+        "model.num_blocks": 1,
+    },
+)
 
 
 def _load_config_module(path):

@@ -28,8 +28,13 @@ def batch(seed, b=8, t=32, vocab=257):
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   resets = inputs == vocab - 1
   seg = np.cumsum(resets, axis=1) - resets[:, :1]
-  return dict(inputs=inputs, targets=targets, resets=resets, segment_ids=seg.astype(np.int32),
-              mask=np.ones_like(inputs, np.float32))
+  return dict(
+      inputs=inputs,
+      targets=targets,
+      resets=resets,
+      segment_ids=seg.astype(np.int32),
+      mask=np.ones_like(inputs, np.float32),
+  )
 
 
 def loss_and_grads(model, b):
@@ -59,10 +64,21 @@ def compare(name, model):
   rel = lambda x, y: float(jnp.max(jnp.abs(x - y)) / max(float(jnp.max(jnp.abs(y))), 1e-3 * scale))
   grad_err = max(rel(x, y) for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))
   sharded_leaves = sum(1 for x in jax.tree.leaves(params) if not x.sharding.is_fully_replicated)
-  print(json.dumps(dict(model=name, loss=float(loss), ref_loss=float(ref_loss),
-                        loss_rel=abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)),
-                        grad_rel=grad_err, devices=jax.device_count(), sharded_params=sharded_leaves,
-                        input_sharding=str(gb["inputs"].sharding.spec))), flush=True)
+  print(
+      json.dumps(
+          dict(
+              model=name,
+              loss=float(loss),
+              ref_loss=float(ref_loss),
+              loss_rel=abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)),
+              grad_rel=grad_err,
+              devices=jax.device_count(),
+              sharded_params=sharded_leaves,
+              input_sharding=str(gb["inputs"].sharding.spec),
+          )
+      ),
+      flush=True,
+  )
 
 
 def main():

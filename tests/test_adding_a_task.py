@@ -13,8 +13,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def readme_blocks():
   with open(os.path.join(REPO, "README.md")) as f:
     text = f.read()
-  section = text[text.index("## Adding a task"):]
-  section = section[:section.index("\n## ", 5)]
+  section = text[text.index("## Adding a task") :]
+  section = section[: section.index("\n## ", 5)]
   blocks = re.findall(r"```python\n(.*?)```", section, re.S)
   return {re.match(r"# (\w+\.py)", b).group(1): b for b in blocks}
 
@@ -26,8 +26,14 @@ def test_readme_task_trains_and_resumes(tmp_path):
   for name, code in blocks.items():
     (tmp_path / name).write_text(code)
   wd = tmp_path / "wd"
-  cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config", str(tmp_path / "my_config.py"),
-         "--workdir", str(wd)]
+  cmd = [
+      sys.executable,
+      os.path.join(REPO, "train.py"),
+      "--config",
+      str(tmp_path / "my_config.py"),
+      "--workdir",
+      str(wd),
+  ]
   env = dict(os.environ, PYTHONPATH=str(tmp_path), JAX_PLATFORMS="cpu")
   out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]

@@ -61,8 +61,7 @@ def snapshot(workdir):
 
 @pytest.mark.parametrize("damage", [truncate_array_file, delete_metadata, half_written])
 @pytest.mark.parametrize("where", ["newest", "newest_and_older"])
-def test_unreadable_step_is_set_aside_and_the_run_finishes_identically(reference, tmp_path, damage, where,
-                                                                       capsys):
+def test_unreadable_step_is_set_aside_and_the_run_finishes_identically(reference, tmp_path, damage, where, capsys):
   wd = str(tmp_path / "wd")
   shutil.copytree(reference, wd)
   os.remove(os.path.join(wd, "eval_40.json"))  # as if the run had stopped at its last checkpoint
@@ -88,8 +87,9 @@ def test_unreadable_step_is_set_aside_and_the_run_finishes_identically(reference
   assert snapshot(wd) == before
 
 
-@pytest.mark.parametrize("field,value", [("model.embed_dim", 32), ("optim.lr", 1e-3), ("seed", 1),
-                                         ("task.train_max_size", 3)])
+@pytest.mark.parametrize(
+    "field,value", [("model.embed_dim", 32), ("optim.lr", 1e-3), ("seed", 1), ("task.train_max_size", 3)]
+)
 def test_checkpoint_of_another_config_is_refused_before_anything_is_written(reference, tmp_path, field, value):
   wd = str(tmp_path / "wd")
   shutil.copytree(reference, wd)
@@ -116,17 +116,22 @@ def test_allow_config_change_resumes_a_non_structural_change(reference, tmp_path
 def test_safe_changes_resume(reference, tmp_path):
   wd = str(tmp_path / "wd")
   shutil.copytree(reference, wd)
-  trainer.train(sc_config(steps=48, log_every=3, eval_every=24, checkpoint_every=8,
-                          **{"task.eval_examples": 32, "mesh.data": 1}), wd)
+  trainer.train(
+      sc_config(steps=48, log_every=3, eval_every=24, checkpoint_every=8, **{"task.eval_examples": 32, "mesh.data": 1}),
+      wd,
+  )
   assert max(fc.read_metrics(wd)) == 48
 
 
-@pytest.mark.parametrize("edit,match", [
-    ({}, "no data position"),
-    ({"step": -3}, "not a step-counter position"),
-    ({"step": 7}, "batch 7"),
-    ({"position": 40}, "not a step-counter position"),
-])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        ({}, "no data position"),
+        ({"step": -3}, "not a step-counter position"),
+        ({"step": 7}, "batch 7"),
+        ({"position": 40}, "not a step-counter position"),
+    ],
+)
 def test_damaged_data_position_is_an_error(reference, tmp_path, edit, match):
   wd = str(tmp_path / "wd")
   shutil.copytree(reference, wd)

@@ -19,18 +19,34 @@ import pytest
 from ema_jax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config", os.path.join(REPO, "configs/set_complement.py"),
-        "--config.steps=4", "--config.batch_size=8", "--config.optim.warmup_steps=1",
-        "--config.log_every=2", "--config.eval_every=0", "--config.checkpoint_every=4",
-        "--config.task.num_tokens=16", "--config.task.train_max_size=4", "--config.task.eval_examples=8",
-        "--config.model.embed_dim=16", "--config.model.value_dim=16"]
+TINY = [
+    "--config",
+    os.path.join(REPO, "configs/set_complement.py"),
+    "--config.steps=4",
+    "--config.batch_size=8",
+    "--config.optim.warmup_steps=1",
+    "--config.log_every=2",
+    "--config.eval_every=0",
+    "--config.checkpoint_every=4",
+    "--config.task.num_tokens=16",
+    "--config.task.train_max_size=4",
+    "--config.task.eval_examples=8",
+    "--config.model.embed_dim=16",
+    "--config.model.value_dim=16",
+]
 LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")  # absl's log line prefix
 
 
 def script(name, *args, cwd=REPO, timeout=300):
   env = dict(os.environ, PYTHONUNBUFFERED="1")
-  return subprocess.run([sys.executable, os.path.join(REPO, name), *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+      [sys.executable, os.path.join(REPO, name), *args],
+      cwd=cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
 
 
 def assert_one_line_error(proc, *fragments):
@@ -66,12 +82,15 @@ def test_train_without_config_and_workdir_prints_usage(tmp_path):
   assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("override,fragments", [
-    ("--config.batch_size=0", ("config.batch_size=0",)),          # config validation (ValueError)
-    ("--config.model.widht=3", ("config.model", "'widht'")),       # a field the config lacks
-    ("--config.optim.lrr=0.1", ("'lrr'", "did you mean 'lr'")),
-    ("--config.steps=abc", ("--config.steps=abc", "int")),         # a value of the wrong type
-])
+@pytest.mark.parametrize(
+    "override,fragments",
+    [
+        ("--config.batch_size=0", ("config.batch_size=0",)),  # config validation (ValueError)
+        ("--config.model.widht=3", ("config.model", "'widht'")),  # a field the config lacks
+        ("--config.optim.lrr=0.1", ("'lrr'", "did you mean 'lr'")),
+        ("--config.steps=abc", ("--config.steps=abc", "int")),  # a value of the wrong type
+    ],
+)
 def test_bad_config_is_one_line_without_traceback(tmp_path, override, fragments):
   wd = str(tmp_path / "wd")
   assert_one_line_error(script("train.py", *TINY, override, "--workdir", wd), *fragments)
@@ -85,8 +104,14 @@ def test_verbose_adds_the_traceback(tmp_path):
 
 
 def test_missing_data_file_is_one_line(tmp_path):
-  proc = script("train.py", "--config", os.path.join(REPO, "configs/ema_lm.py:wiki_tiny"),
-                "--config.data.path=/nonexistent/train.txt", "--workdir", str(tmp_path / "wd"))
+  proc = script(
+      "train.py",
+      "--config",
+      os.path.join(REPO, "configs/ema_lm.py:wiki_tiny"),
+      "--config.data.path=/nonexistent/train.txt",
+      "--workdir",
+      str(tmp_path / "wd"),
+  )
   assert_one_line_error(proc, "config.data.path", "/nonexistent/train.txt")
 
 
@@ -106,9 +131,14 @@ def test_normal_run_is_quiet(finished):
 
 def test_sigterm_during_start_up_exits_0(tmp_path):
   env = dict(os.environ, PYTHONUNBUFFERED="1")
-  proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *TINY, "--workdir",
-                           str(tmp_path / "wd")], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(REPO, "train.py"), *TINY, "--workdir", str(tmp_path / "wd")],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   time.sleep(1.5)  # inside the imports (JAX alone takes longer); any later point must exit 0 too
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=300)
@@ -196,6 +226,7 @@ def test_only_closed_event_loop_noise_is_dropped():
 
 def test_missing_field_names_the_closest():
   import ml_collections
+
   c = ml_collections.ConfigDict(dict(model=dict(width=3, depth=2), steps=1))
   assert cli.missing_field(c, "model.width") is None
   assert "did you mean 'width'" in cli.missing_field(c, "model.widht")

@@ -25,6 +25,7 @@ def forward(model):
   @jax.jit
   def run(inputs_BT, resets_BT, segment_ids_BT):
     return nnx.merge(graphdef, state)(inputs_BT, resets_BT=resets_BT, segment_ids_BT=segment_ids_BT)
+
   return run
 
 
@@ -40,7 +41,7 @@ def test_causal(predictor):
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 50, size=(2, 16)).astype(np.int32)
   resets = np.zeros((2, 16), bool)
-  resets[1, 5] = True                              # a document boundary must not break causality either
+  resets[1, 5] = True  # a document boundary must not break causality either
   base = np.asarray(run(tokens, resets, None))
   for t in (0, 4, 5, 9, 15):
     changed = tokens.copy()
@@ -64,8 +65,9 @@ def test_documents_are_independent(predictor, boundary):
   resets[:, r] = True
   segments = np.cumsum(resets, axis=1).astype(np.int32) + 3
   args = (resets, None) if boundary == "resets" else (None, segments)
-  np.testing.assert_allclose(np.asarray(run(changed, *args))[:, r:], np.asarray(run(tokens, *args))[:, r:],
-                             atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+      np.asarray(run(changed, *args))[:, r:], np.asarray(run(tokens, *args))[:, r:], atol=1e-5, rtol=0
+  )
   # Without the boundary the earlier tokens do reach later positions (the check above is not vacuous).
   diff = np.asarray(run(changed, None, None))[:, r:] - np.asarray(run(tokens, None, None))[:, r:]
   assert np.abs(diff).max() > 1e-4
@@ -82,7 +84,7 @@ def test_past_traces_match_float64_loop():
   alphas = np.asarray(SMALL.get("alphas", (0.5, 0.1, 0.02)), np.float64)
   want = np.zeros((2, 12, 3, 32))
   for b in range(2):
-    h = np.zeros((3, 32))                          # traces of u_{<t}, read before u_t is written
+    h = np.zeros((3, 32))  # traces of u_{<t}, read before u_t is written
     for t in range(12):
       if resets[b, t]:
         h = np.zeros((3, 32))
@@ -102,7 +104,7 @@ def test_prediction_excludes_current_input(predictor):
     changed = u.copy()
     changed[:, t] += 5.0
     out = np.asarray(predict(changed))
-    np.testing.assert_allclose(out[:, :t + 1], base[:, :t + 1], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out[:, : t + 1], base[:, : t + 1], atol=1e-5, rtol=0)
     if t + 1 < 10:
       assert np.abs(out[:, t + 1] - base[:, t + 1]).max() > 1e-4
 
@@ -138,13 +140,20 @@ def test_topk_ffn_gradient_reaches_only_kept_units():
 
 def test_130m_preset_parameter_count():
   cfg = ema_lm.preset("130m")
-  n = ema_lm.param_count(cfg)                       # eval_shape: nothing allocated
+  n = ema_lm.param_count(cfg)  # eval_shape: nothing allocated
   assert 125e6 <= n <= 135e6
   d, v, h, k, layers = 768, 50257, cfg.ffn_hidden, 3, 12
-  per_block = (2 * 2 * d                           # two LayerNorms
-               + k * d * d + d                     # linear predictor
-               + (k + 1) * d * d + d               # context mix
-               + d * h + h + h * d + d)            # FFN
+  per_block = (
+      2 * 2 * d  # two LayerNorms
+      + k * d * d
+      + d  # linear predictor
+      + (k + 1) * d * d
+      + d  # context mix
+      + d * h
+      + h
+      + h * d
+      + d
+  )  # FFN
   assert n == v * d + layers * per_block + 2 * d
   assert cfg.ffn_k == round(0.06 * h)
 
@@ -173,9 +182,11 @@ def test_tiny_forward_backward_finite(predictor, dtype):
 
   @jax.jit
   def grad_fn(state, key):
-    loss, grads = jax.value_and_grad(lambda s: lm_loss(nnx.merge(graphdef, s), tokens, resets_BT=resets,
-                                                       deterministic=False, rngs=key))(state)
+    loss, grads = jax.value_and_grad(
+        lambda s: lm_loss(nnx.merge(graphdef, s), tokens, resets_BT=resets, deterministic=False, rngs=key)
+    )(state)
     return loss, grads, nnx.merge(graphdef, state)(tokens[:, :-1], resets_BT=resets)
+
   loss, grads, logits = grad_fn(state, jax.random.key(1))
   assert np.isfinite(float(loss))
   for leaf in jax.tree.leaves(state):
@@ -198,6 +209,7 @@ def test_adam_lowers_loss_on_repeated_batch(predictor):
     loss, grads = jax.value_and_grad(lambda s: lm_loss(nnx.merge(graphdef, s), tokens))(state)
     updates, opt_state = tx.update(grads, opt_state, state)
     return optax.apply_updates(state, updates), opt_state, loss
+
   losses = []
   for _ in range(40):
     state, opt_state, loss = step(state, opt_state)

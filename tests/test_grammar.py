@@ -20,7 +20,8 @@ class _Parser:
 
   def cls(self):
     return {"the": "det", "that": "that", "was": "was", "by": "by", "to": "to", None: "end"}.get(
-        self.peek(), g.WORD_CLASS.get(self.peek()))
+        self.peek(), g.WORD_CLASS.get(self.peek())
+    )
 
   def eat(self, want_cls, role, depth):
     assert self.cls() == want_cls, (self.words, self.i, want_cls)
@@ -82,12 +83,12 @@ class _Parser:
 
   def relative(self, d):
     self.eat("that", "OTHER", d)
-    if self.cls() == "was":                 # passive relative: head noun is the patient
+    if self.cls() == "was":  # passive relative: head noun is the patient
       self.passive_tail(d)
-    elif self.cls() == "det":               # object relative: head noun is the object gap
+    elif self.cls() == "det":  # object relative: head noun is the object gap
       self.out[self.np(d)][0] = "AGENT"
       self.eat("v_tr", "VERB", d)
-    else:                                   # subject relative: head noun is the subject gap
+    else:  # subject relative: head noun is the subject gap
       self.vp(d)
 
 
@@ -97,22 +98,70 @@ def _parse(sentence_text):
 
 def test_parser_on_hand_labelled_sentences():
   assert _parse("the dog that the cat chased ran") == [
-      ("OTHER", 0), ("AGENT", 0), ("OTHER", 1), ("OTHER", 1), ("AGENT", 1), ("VERB", 1), ("VERB", 0)]
+      ("OTHER", 0),
+      ("AGENT", 0),
+      ("OTHER", 1),
+      ("OTHER", 1),
+      ("AGENT", 1),
+      ("VERB", 1),
+      ("VERB", 0),
+  ]
   assert _parse("the dog that chased the cat ran") == [
-      ("OTHER", 0), ("AGENT", 0), ("OTHER", 1), ("VERB", 1), ("OTHER", 1), ("PATIENT", 1), ("VERB", 0)]
+      ("OTHER", 0),
+      ("AGENT", 0),
+      ("OTHER", 1),
+      ("VERB", 1),
+      ("OTHER", 1),
+      ("PATIENT", 1),
+      ("VERB", 0),
+  ]
   assert _parse("the cat was chased by the old dog") == [
-      ("OTHER", 0), ("PATIENT", 0), ("OTHER", 0), ("VERB", 0), ("OTHER", 0), ("OTHER", 0), ("OTHER", 0),
-      ("AGENT", 0)]
+      ("OTHER", 0),
+      ("PATIENT", 0),
+      ("OTHER", 0),
+      ("VERB", 0),
+      ("OTHER", 0),
+      ("OTHER", 0),
+      ("OTHER", 0),
+      ("AGENT", 0),
+  ]
   assert [r for r, _ in _parse("the man gave the girl the dog")] == [
-      "OTHER", "AGENT", "VERB", "OTHER", "RECIPIENT", "OTHER", "PATIENT"]
+      "OTHER",
+      "AGENT",
+      "VERB",
+      "OTHER",
+      "RECIPIENT",
+      "OTHER",
+      "PATIENT",
+  ]
   assert [r for r, _ in _parse("the man gave the dog to the girl")] == [
-      "OTHER", "AGENT", "VERB", "OTHER", "PATIENT", "OTHER", "OTHER", "RECIPIENT"]
+      "OTHER",
+      "AGENT",
+      "VERB",
+      "OTHER",
+      "PATIENT",
+      "OTHER",
+      "OTHER",
+      "RECIPIENT",
+  ]
 
 
 def test_parser_depths_on_hand_labelled_sentence():
   assert _parse("the man said that the dog that was helped by the cat slept") == [
-      ("OTHER", 0), ("AGENT", 0), ("VERB", 0), ("OTHER", 1), ("OTHER", 1), ("AGENT", 1), ("OTHER", 2),
-      ("OTHER", 2), ("VERB", 2), ("OTHER", 2), ("OTHER", 2), ("AGENT", 2), ("VERB", 1)]
+      ("OTHER", 0),
+      ("AGENT", 0),
+      ("VERB", 0),
+      ("OTHER", 1),
+      ("OTHER", 1),
+      ("AGENT", 1),
+      ("OTHER", 2),
+      ("OTHER", 2),
+      ("VERB", 2),
+      ("OTHER", 2),
+      ("OTHER", 2),
+      ("AGENT", 2),
+      ("VERB", 1),
+  ]
 
 
 @pytest.mark.parametrize("name,seed", [("A", 0), ("A", 7), ("B", 3)])
@@ -162,8 +211,11 @@ def test_splits_are_disjoint():
 
 
 def test_deterministic_by_seed():
-  a, b, c = g.make_splits(300, 100, 100, seed=5), g.make_splits(300, 100, 100, seed=5), g.make_splits(
-      300, 100, 100, seed=6)
+  a, b, c = (
+      g.make_splits(300, 100, 100, seed=5),
+      g.make_splits(300, 100, 100, seed=5),
+      g.make_splits(300, 100, 100, seed=6),
+  )
   for k in a:
     for field in ("tokens", "roles", "depth", "mask"):
       np.testing.assert_array_equal(getattr(a[k], field), getattr(b[k], field))

@@ -13,20 +13,22 @@ from ema_jax.models import hebbian as H
 
 def test_competitive_update_matches_hand_computation():
   units = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-  x = jnp.array([[0.8, 0.6, 0.0],    # scores (0.8, 0.6): unit 0 wins
-                 [0.0, 0.6, 0.8],    # (0.0, 0.6): unit 1
-                 [0.6, 0.0, 0.8],    # (0.6, 0.0): unit 0
-                 [0.0, 1.0, 0.0]])   # padding: must change nothing
+  x = jnp.array(
+      [
+          [0.8, 0.6, 0.0],  # scores (0.8, 0.6): unit 0 wins
+          [0.0, 0.6, 0.8],  # (0.0, 0.6): unit 1
+          [0.6, 0.0, 0.8],  # (0.6, 0.0): unit 0
+          [0.0, 1.0, 0.0],
+      ]
+  )  # padding: must change nothing
   valid = jnp.array([True, True, True, False])
-  new_units, usage, win = H.competitive_update(units, jnp.array([0.5, 0.5]), x, valid, 0.5,
-                                               usage_rate=0.1)
+  new_units, usage, win = H.competitive_update(units, jnp.array([0.5, 0.5]), x, valid, 0.5, usage_rate=0.1)
   assert np.asarray(win)[:3, 0].tolist() == [0, 1, 0]
   # unit 0: mean of won inputs (0.7, 0.3, 0.4); w + 0.5 (mean - w) = (0.85, 0.15, 0.2), then unit length.
-  n0 = math.sqrt(0.85 ** 2 + 0.15 ** 2 + 0.2 ** 2)
+  n0 = math.sqrt(0.85**2 + 0.15**2 + 0.2**2)
   # unit 1: mean (0, 0.6, 0.8); (0, 0.8, 0.4), then unit length.
-  n1 = math.sqrt(0.8 ** 2 + 0.4 ** 2)
-  np.testing.assert_allclose(new_units, [[0.85 / n0, 0.15 / n0, 0.2 / n0], [0.0, 0.8 / n1, 0.4 / n1]],
-                             rtol=1e-6)
+  n1 = math.sqrt(0.8**2 + 0.4**2)
+  np.testing.assert_allclose(new_units, [[0.85 / n0, 0.15 / n0, 0.2 / n0], [0.0, 0.8 / n1, 0.4 / n1]], rtol=1e-6)
   # usage: 0.9 * 0.5 + 0.1 * share of wins (2/3, 1/3) over the 3 valid tokens.
   np.testing.assert_allclose(usage, [0.45 + 0.1 * 2 / 3, 0.45 + 0.1 / 3], rtol=1e-6)
 
@@ -41,8 +43,7 @@ def test_conscience_and_k_winners():
   _, _, win = H.competitive_update(units, jnp.array([0.9, 0.1]), x, valid, 0.5, conscience=0.0)
   assert int(win[0, 0]) == 0
   # k = 2: both units move halfway to x.
-  new_units, usage, _ = H.competitive_update(units, jnp.array([0.5, 0.5]), x, valid, 0.5, winners=2,
-                                             usage_rate=1.0)
+  new_units, usage, _ = H.competitive_update(units, jnp.array([0.5, 0.5]), x, valid, 0.5, winners=2, usage_rate=1.0)
   for u in range(2):
     moved = 0.5 * np.asarray(units[u]) + 0.5 * np.array([0.8, 0.6, 0.0])
     np.testing.assert_allclose(new_units[u], moved / np.linalg.norm(moved), rtol=1e-6)
@@ -55,8 +56,7 @@ def _unit64(v):
 
 
 def test_input_features_match_numpy_loop():
-  cfg = H.HebbianConfig(vocab_size=7, code_dim=4, codes="random", alphas=(0.5, 0.1), code_weight=0.7,
-                        trace_weight=1.3)
+  cfg = H.HebbianConfig(vocab_size=7, code_dim=4, codes="random", alphas=(0.5, 0.1), code_weight=0.7, trace_weight=1.3)
   tokens = np.array([[3, 1, 4, 1, 5, 0], [2, 6, 0, 0, 0, 0]], np.int32)
   mask = tokens != 0
   codes = np.asarray(H.make_codes(cfg, tokens, mask), np.float64)
@@ -68,7 +68,7 @@ def test_input_features_match_numpy_loop():
     bwd = {a: [None] * n for a in cfg.alphas}
     for a in cfg.alphas:
       h = np.zeros(4)
-      for t in range(n):       # context strictly before t
+      for t in range(n):  # context strictly before t
         fwd[a].append(h.copy())
         h = (1 - a) * h + a * xs[t]
       h = np.zeros(4)
@@ -79,8 +79,11 @@ def test_input_features_match_numpy_loop():
       if t >= n:
         np.testing.assert_array_equal(got[b, t], 0.0)
         continue
-      blocks = [0.7 * _unit64(xs[t])] + [1.3 * _unit64(fwd[a][t]) for a in cfg.alphas] + [
-          1.3 * _unit64(bwd[a][t]) for a in cfg.alphas]
+      blocks = (
+          [0.7 * _unit64(xs[t])]
+          + [1.3 * _unit64(fwd[a][t]) for a in cfg.alphas]
+          + [1.3 * _unit64(bwd[a][t]) for a in cfg.alphas]
+      )
       np.testing.assert_allclose(got[b, t], _unit64(np.concatenate(blocks)), atol=2e-6)
 
 
@@ -91,10 +94,10 @@ def test_context_codes_sum_neighbours():
   assert codes.shape == (6, 24)
   rand = codes[:, :8] / 0.5
   np.testing.assert_allclose(np.linalg.norm(rand, axis=1), 1.0, rtol=1e-5)
-  np.testing.assert_allclose(codes[2, 8:16], _unit64(rand[1] + rand[4]), atol=1e-6)   # left of word 2
-  np.testing.assert_allclose(codes[1, 16:], rand[2], atol=1e-6)                      # right of word 1
-  np.testing.assert_allclose(codes[3, 8:16], rand[2], atol=1e-6)                     # left of word 3
-  np.testing.assert_array_equal(codes[5, 8:], 0.0)                                    # never seen
+  np.testing.assert_allclose(codes[2, 8:16], _unit64(rand[1] + rand[4]), atol=1e-6)  # left of word 2
+  np.testing.assert_allclose(codes[1, 16:], rand[2], atol=1e-6)  # right of word 1
+  np.testing.assert_allclose(codes[3, 8:16], rand[2], atol=1e-6)  # left of word 3
+  np.testing.assert_array_equal(codes[5, 8:], 0.0)  # never seen
 
 
 def test_evaluate_by_hand():

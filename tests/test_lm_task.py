@@ -18,6 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_config(name, arg):
   import importlib.util
+
   spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -39,8 +40,9 @@ def short(cfg, steps=6):
   return cfg
 
 
-@pytest.mark.parametrize("config_name,predictor", [("ema_lm", "linear"), ("ema_lm", "attention_history"),
-                                                    ("gpt2", None)])
+@pytest.mark.parametrize(
+    "config_name,predictor", [("ema_lm", "linear"), ("ema_lm", "attention_history"), ("gpt2", None)]
+)
 def test_train_and_eval_py_agree(tmp_path, config_name, predictor):
   cfg = short(load_config(config_name, "tiny"))
   if predictor:

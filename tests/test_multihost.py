@@ -28,20 +28,26 @@ def free_port():
 
 
 def env_for(devices, nproc=1, pid=0, port=None, **extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = dict(
+      os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+  )
   for k in ("EMA_JAX_COORDINATOR", "EMA_JAX_NUM_PROCESSES", "EMA_JAX_PROCESS_ID"):
     env.pop(k, None)
   if nproc > 1:
-    env.update(EMA_JAX_COORDINATOR=f"127.0.0.1:{port}", EMA_JAX_NUM_PROCESSES=str(nproc),
-               EMA_JAX_PROCESS_ID=str(pid))
+    env.update(EMA_JAX_COORDINATOR=f"127.0.0.1:{port}", EMA_JAX_NUM_PROCESSES=str(nproc), EMA_JAX_PROCESS_ID=str(pid))
   env.update(extra)
   return env
 
 
 def test_sharded_step_equals_one_device():
-  out = subprocess.run([sys.executable, os.path.join(TESTS_DIR, "sharded_step_worker.py")], cwd=REPO,
-                       env=env_for(8), capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+      [sys.executable, os.path.join(TESTS_DIR, "sharded_step_worker.py")],
+      cwd=REPO,
+      env=env_for(8),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   rows = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
   assert {r["model"] for r in rows} == {"ema_lm", "ema_lm_attention_history", "gpt"}
@@ -52,24 +58,33 @@ def test_sharded_step_equals_one_device():
     assert r["grad_rel"] < 1e-4, r
 
 
-@pytest.mark.parametrize("code,match", [
-    ("c.mesh.data = 3", "needs 3 devices but 4 are available"),
-    ("c.mesh.data = 4; c.batch_size = 6", "batch_size=6 is not divisible by mesh data x fsdp = 4 x 1"),
-])
+@pytest.mark.parametrize(
+    "code,match",
+    [
+        ("c.mesh.data = 3", "needs 3 devices but 4 are available"),
+        ("c.mesh.data = 4; c.batch_size = 6", "batch_size=6 is not divisible by mesh data x fsdp = 4 x 1"),
+    ],
+)
 def test_indivisible_mesh_fails_before_compilation(code, match):
-  script = (f"import sys; sys.path.insert(0, {TESTS_DIR!r}); import toy_task; from ema_jax import trainer; "
-            f"c = toy_task.get_config(); {code}; trainer.build(c)")
-  out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env_for(4), capture_output=True,
-                       text=True, timeout=300)
+  script = (
+      f"import sys; sys.path.insert(0, {TESTS_DIR!r}); import toy_task; from ema_jax import trainer; "
+      f"c = toy_task.get_config(); {code}; trainer.build(c)"
+  )
+  out = subprocess.run(
+      [sys.executable, "-c", script], cwd=REPO, env=env_for(4), capture_output=True, text=True, timeout=300
+  )
   assert out.returncode != 0 and match in out.stderr, out.stderr[-2000:]
 
 
 def test_sequence_not_divisible_by_seq_axis():
-  script = ("import jax, jax.numpy as jnp, ml_collections; from ema_jax import seq_parallel, sharding; "
-            "m = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, seq=4))); "
-            "seq_parallel.seq_parallel_traces(jnp.zeros((2, 30, 8)), (0.5, 0.1), mesh=m)")
-  out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env_for(4), capture_output=True,
-                       text=True, timeout=300)
+  script = (
+      "import jax, jax.numpy as jnp, ml_collections; from ema_jax import seq_parallel, sharding; "
+      "m = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, seq=4))); "
+      "seq_parallel.seq_parallel_traces(jnp.zeros((2, 30, 8)), (0.5, 0.1), mesh=m)"
+  )
+  out = subprocess.run(
+      [sys.executable, "-c", script], cwd=REPO, env=env_for(4), capture_output=True, text=True, timeout=300
+  )
   assert out.returncode != 0 and "sequence length 30 is not divisible by mesh seq = 4" in out.stderr
 
 
@@ -79,8 +94,11 @@ def test_killed_multiprocess_run_resumes_on_any_topology(task, tmp_path):
   every row of metrics.jsonl and the final evaluation match an uninterrupted one-process run (to float
   rounding: the gradient all-reduce order depends on the mesh)."""
   from experiments import fault_drill
-  short = {"set_complement": dict(steps=60, checkpoint_every=20, eval_every=30),
-           "lm": dict(steps=30, checkpoint_every=10, eval_every=0)}
+
+  short = {
+      "set_complement": dict(steps=60, checkpoint_every=20, eval_every=30),
+      "lm": dict(steps=30, checkpoint_every=10, eval_every=0),
+  }
   drill = fault_drill.Drill(str(tmp_path), overrides={task: short[task]})
   trials = drill.multi_trial(task)
   assert len(trials) == 3
@@ -91,6 +109,7 @@ def test_killed_multiprocess_run_resumes_on_any_topology(task, tmp_path):
 
 def test_dead_peer_stops_an_lm_run_within_a_minute(tmp_path):
   from experiments import fault_drill
+
   wd = str(tmp_path / "wd")
   procs = fault_drill.start("lm", wd, nproc=2, devices=1, steps=100000)
   t0 = time.time()

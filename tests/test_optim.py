@@ -30,9 +30,9 @@ def test_debiased_ema_hand_values():
 def test_debiased_ema_every_k():
   ema = optim.WeightEMA(decay=0.5, every=2)
   s = ema.init({"w": jnp.zeros(())})
-  s = ema.update(s, {"w": jnp.asarray(10.0)}, 1)   # skipped
+  s = ema.update(s, {"w": jnp.asarray(10.0)}, 1)  # skipped
   assert int(s.count) == 0
-  s = ema.update(s, {"w": jnp.asarray(2.0)}, 2)    # ema = 1, count 1 -> debiased 2
+  s = ema.update(s, {"w": jnp.asarray(2.0)}, 2)  # ema = 1, count 1 -> debiased 2
   np.testing.assert_allclose(ema.value(s, {"w": jnp.asarray(2.0)})["w"], 2.0)
 
 
@@ -54,8 +54,8 @@ def test_bema_default_rates():
   bema = optim.BEMA()  # kappa 0.5, eta 0.2, gamma 1, rho 10
   s = bema.init({"w": jnp.asarray(0.0)})
   s = bema.update(s, {"w": jnp.asarray(1.0)}, 1)
-  beta1 = 11.0 ** -0.5
-  alpha1 = 11.0 ** -0.2
+  beta1 = 11.0**-0.5
+  alpha1 = 11.0**-0.2
   np.testing.assert_allclose(s.ema["w"], beta1, rtol=1e-6)
   np.testing.assert_allclose(bema.value(s, {"w": jnp.asarray(1.0)})["w"], alpha1 * 1.0 + beta1, rtol=1e-6)
 
@@ -76,8 +76,14 @@ def test_optimizer_equals_optax_adamw_and_lr_scale_scales(schedule, grad_clip, w
   cfg = optim.default_optim_config()
   cfg.update(schedule=schedule, grad_clip=grad_clip, weight_decay=weight_decay, warmup_steps=3, lr=3e-3)
   tx, sched = optim.make_optimizer(cfg, 20)
-  plain = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=weight_decay,
-                      mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+  plain = optax.adamw(
+      sched,
+      b1=cfg.b1,
+      b2=cfg.b2,
+      eps=cfg.eps,
+      weight_decay=weight_decay,
+      mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p),
+  )
   if grad_clip is not None:
     plain = optax.chain(optax.clip_by_global_norm(grad_clip), plain)
   params = {"w": jax.random.normal(jax.random.key(0), (6, 4)), "b": jnp.linspace(-1.0, 1.0, 4)}
@@ -91,6 +97,7 @@ def test_optimizer_equals_optax_adamw_and_lr_scale_scales(schedule, grad_clip, w
       u, s = tx.update(g, s, p)
       u_ref, s_ref = plain.update(g_ref, s_ref, p_ref)
       return (optax.apply_updates(p, u), s, s_ref, optax.apply_updates(p_ref, u_ref)), None
+
     return jax.lax.scan(body, (params, tx.init(params), plain.init(params), params), jnp.arange(20.0))[0]
 
   p1, s1, _, p_ref = run(params)
@@ -108,8 +115,7 @@ def test_optimizer_equals_optax_adamw_and_lr_scale_scales(schedule, grad_clip, w
       np.testing.assert_array_equal(a, 0.5 * b)
 
 
-@pytest.mark.parametrize("field,value", [("kind", "swa"), ("decay", 1.0), ("decay", 0.0), ("every", 0),
-                                         ("rho", -1.0)])
+@pytest.mark.parametrize("field,value", [("kind", "swa"), ("decay", 1.0), ("decay", 0.0), ("every", 0), ("rho", -1.0)])
 def test_weight_ema_validation(field, value):
   cfg = optim.default_weight_ema_config("bema" if field == "rho" else "ema")
   cfg[field] = value

@@ -53,7 +53,7 @@ def test_batches_align_targets_with_legal_sets(data_dir):
   tokens = train.tokens()
   # Find each row's game, then check the window and the next-move targets against the full game.
   for inputs, targets in zip(batch["inputs"], batch["targets"]):
-    g = int(np.flatnonzero((tokens[:, :L] == inputs).all(1) & (tokens[:, 1:L + 1] == targets).all(1))[0])
+    g = int(np.flatnonzero((tokens[:, :L] == inputs).all(1) & (tokens[:, 1 : L + 1] == targets).all(1))[0])
     moves = train.moves[g]
     legal = data.legal_move_masks(moves[None])[0]
     for t in range(L):
@@ -63,7 +63,7 @@ def test_batches_align_targets_with_legal_sets(data_dir):
       assert data.TOKEN_TO_SQUARE[targets[t]] == moves[t + 1]
       # The target is one of the moves legal after moves[:t+1] (the position the model has seen).
       assert legal[t, targets[t]]
-      assert sorted(data.SQUARE_TO_TOKEN[data.legal_moves(moves[:t + 1])]) == list(np.flatnonzero(legal[t]))
+      assert sorted(data.SQUARE_TO_TOKEN[data.legal_moves(moves[: t + 1])]) == list(np.flatnonzero(legal[t]))
 
 
 def test_iterator_resumes_exactly_and_covers_an_epoch(data_dir):
@@ -87,13 +87,14 @@ def test_eval_positions_score_the_legal_set_after_p_moves(data_dir):
   c = tiny_config(data_dir, eval_games=10, eval_batch_size=4)
   task = task_lib.OthelloTask(c)
 
-  ctx = EvalContext(put_batch=lambda b: {k: jnp.asarray(v) for k, v in b.items()}, process_index=0,
-                    process_count=1, workdir=None)
+  ctx = EvalContext(
+      put_batch=lambda b: {k: jnp.asarray(v) for k, v in b.items()}, process_index=0, process_count=1, workdir=None
+  )
   batches = task._local_eval_batches(ctx)
   _, val = task.games()
   legal_ref = data.legal_move_masks(val.moves[:10])
   rows = np.concatenate([b["legal"] for b in batches])
-  np.testing.assert_array_equal(rows[:10], legal_ref[:, :task_lib.MAX_POSITION])
+  np.testing.assert_array_equal(rows[:10], legal_ref[:, : task_lib.MAX_POSITION])
   assert not rows[10:].any()  # padding rows are never scored
   for b in batches:
     logits = np.where(b["legal"], 0.0, -1e9).astype(np.float32)
@@ -180,31 +181,34 @@ def test_restore_reproduces_in_loop_numbers(trained):
   for name in results:
     for key in ("in_range/legal_mass", "out_of_range/kl", "in_range/top1_legal"):
       assert results[name][key] == pytest.approx(in_loop[name][key], rel=1e-6, abs=1e-7)
-    np.testing.assert_allclose(results[name]["per_position"]["kl"], in_loop[name]["per_position"]["kl"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(results[name]["per_position"]["kl"], in_loop[name]["per_position"]["kl"], rtol=1e-6)
   some = evaluation.run(wd, step=c.steps, weights="raw", lengths="3,8,9,40")
   assert some["raw"]["per_position"]["position"] == [3, 8, 9, 40]
   assert some["raw"]["in_range/legal_mass"] == pytest.approx(
-      np.mean([in_loop["raw"]["per_position"]["legal_mass"][p - 1] for p in (3, 8)]), rel=1e-6)
+      np.mean([in_loop["raw"]["per_position"]["legal_mass"][p - 1] for p in (3, 8)]), rel=1e-6
+  )
 
 
 # ------------------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("task.train_len", 0, r"config\.task\.train_len=0"),
-    ("task.train_len", 60, r"config\.task\.train_len=60"),
-    ("task.num_games", 1, r"config\.task\.num_games=1"),
-    ("task.val_fraction", 1.0, r"config\.task\.val_fraction=1\.0"),
-    ("task.val_fraction", 0.0001, r"config\.task\.val_fraction"),
-    ("task.eval_games", 1000, r"config\.task\.eval_games=1000"),
-    ("task.eval_lengths", [0, 5], r"config\.task\.eval_lengths"),
-    ("task.eval_lengths", [5, 5], r"config\.task\.eval_lengths"),
-    ("model.num_heads", 3, r"config\.model\.num_heads=3"),
-    ("model.context_len", 20, r"config\.model\.context_len=20"),
-    ("model.dropout", 1.0, r"config\.model\.dropout"),
-    ("batch_size", 10_000, r"config\.batch_size=10000"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("task.train_len", 0, r"config\.task\.train_len=0"),
+        ("task.train_len", 60, r"config\.task\.train_len=60"),
+        ("task.num_games", 1, r"config\.task\.num_games=1"),
+        ("task.val_fraction", 1.0, r"config\.task\.val_fraction=1\.0"),
+        ("task.val_fraction", 0.0001, r"config\.task\.val_fraction"),
+        ("task.eval_games", 1000, r"config\.task\.eval_games=1000"),
+        ("task.eval_lengths", [0, 5], r"config\.task\.eval_lengths"),
+        ("task.eval_lengths", [5, 5], r"config\.task\.eval_lengths"),
+        ("model.num_heads", 3, r"config\.model\.num_heads=3"),
+        ("model.context_len", 20, r"config\.model\.context_len=20"),
+        ("model.dropout", 1.0, r"config\.model\.dropout"),
+        ("batch_size", 10_000, r"config\.batch_size=10000"),
+    ],
+)
 def test_bad_config_fails_before_compilation(data_dir, field, value, match):
   c = tiny_config(data_dir)
   node = c

@@ -96,12 +96,12 @@ def test_padding_does_not_change_real_tokens(tagger):
 def test_prediction_depends_on_later_and_earlier_tokens(tagger):
   a = np.array([[3, 7, 2, 9, 4, 6]], np.int32)
   b = a.copy()
-  b[0, 5] = 12   # change the last token only
+  b[0, 5] = 12  # change the last token only
   mask = jnp.ones(a.shape, bool)
   la, lb = np.asarray(tagger(jnp.asarray(a), mask)), np.asarray(tagger(jnp.asarray(b), mask))
   assert np.abs(la[0, 0] - lb[0, 0]).max() > 1e-4, "the first token ignores a later token: not bidirectional"
   c = a.copy()
-  c[0, 0] = 12   # change the first token only
+  c[0, 0] = 12  # change the first token only
   lc = np.asarray(tagger(jnp.asarray(c), mask))
   assert np.abs(la[0, 5] - lc[0, 5]).max() > 1e-4
 
@@ -139,6 +139,7 @@ def test_sentence_iterator_epochs_and_exact_state():
 
 def test_grammar_splits_structure_transfer_uses_training_words_only():
   from ema_jax.data import grammar
+
   cfg = roles_config("bigru_tiny")
   data = roles.load_data(cfg.task, seed=0)
   assert list(data) == ["train", "heldout", "transfer", "transfer_struct"]
@@ -207,8 +208,18 @@ def test_hebbian_tiny_end_to_end(tiny_runs):
 
 def test_report_gathers_runs(tiny_runs, tmp_path, capsys):
   hebbian_wd, bigru_wd = tiny_runs["hebbian_tiny"][0], tiny_runs["bigru_tiny"][0]
-  roles_report.main(["--hebbian", str(hebbian_wd), "--bigru", str(bigru_wd), "--ablation",
-                     f"tiny={hebbian_wd}", "--out_dir", str(tmp_path)])
+  roles_report.main(
+      [
+          "--hebbian",
+          str(hebbian_wd),
+          "--bigru",
+          str(bigru_wd),
+          "--ablation",
+          f"tiny={hebbian_wd}",
+          "--out_dir",
+          str(tmp_path),
+      ]
+  )
   summary = json.loads((tmp_path / "results.json").read_text())["grammar"]
   bigru = latest_eval(bigru_wd)["results"]["raw"]["details"]["heldout"]
   hebbian = latest_eval(hebbian_wd)["results"]["unit_readout"]["details"]["heldout"]
@@ -231,8 +242,10 @@ def test_ud_preset_without_data_fails_clearly(tmp_path, preset):
   assert not os.path.exists(tmp_path / "wd" / "metrics.jsonl")
 
 
-@pytest.mark.skipif(not ud_available(), reason="UD English EWT not found at config.task.ud_dir "
-                    "(team-only offline data, see ../shared/data/README.md)")
+@pytest.mark.skipif(
+    not ud_available(),
+    reason="UD English EWT not found at config.task.ud_dir " "(team-only offline data, see ../shared/data/README.md)",
+)
 @pytest.mark.parametrize("preset,readout", [("bigru_ud_tiny", "raw"), ("hebbian_ud_tiny", "linear_probe")])
 def test_ud_tiny_end_to_end(tmp_path, preset, readout):
   cfg = roles_config(preset)

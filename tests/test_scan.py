@@ -162,8 +162,9 @@ def test_check_grads(method):
     for decay, reverse in ((a, False), (av, True)):
       f = lambda a, b, h0: linear_scan(a, b, h0, resets=resets, reverse=reverse, method=method, chunk_size=4)
       check_grads(f, (decay, b, h0), order=1, modes=("rev",))
-      g = lambda a, b, h0: linear_scan(a, b, h0, resets=resets, reverse=reverse, method=method,
-                                       chunk_size=4, custom_vjp=False)
+      g = lambda a, b, h0: linear_scan(
+          a, b, h0, resets=resets, reverse=reverse, method=method, chunk_size=4, custom_vjp=False
+      )
       check_grads(g, (decay, b, h0), order=1, modes=("fwd", "rev"))
 
 
@@ -172,8 +173,7 @@ def _loss_weights(rng, shape, state_shape):
 
 
 @pytest.mark.parametrize("method", ["associative", "sequential", "chunked"])
-@pytest.mark.parametrize("kind,reverse", [("const", False), ("const", True), ("varying", False),
-                                          ("varying", True)])
+@pytest.mark.parametrize("kind,reverse", [("const", False), ("const", True), ("varying", False), ("varying", True)])
 def test_custom_vjp_matches_autodiff(method, kind, reverse):
   """Custom VJP == autodiff through the textbook associative scan == autodiff through a float64 loop."""
   rng = np.random.default_rng(7)
@@ -183,8 +183,16 @@ def test_custom_vjp_matches_autodiff(method, kind, reverse):
   w, wl = _loss_weights(rng, (2, 19, 3, 4), (2, 3, 4))
 
   def loss(a, b, h0, custom):
-    h, hl = linear_scan(a, b, h0, reverse=reverse, resets=resets, method=method if custom else "associative",
-                        chunk_size=8, custom_vjp=custom)
+    h, hl = linear_scan(
+        a,
+        b,
+        h0,
+        reverse=reverse,
+        resets=resets,
+        method=method if custom else "associative",
+        chunk_size=8,
+        custom_vjp=custom,
+    )
     return jnp.sum(h * w) + jnp.sum(hl * wl)
 
   g_custom = jax.grad(loss, (0, 1, 2))(a, b, h0, True)
@@ -195,6 +203,7 @@ def test_custom_vjp_matches_autodiff(method, kind, reverse):
 
   # Autodiff through the float64 NumPy-style loop written with jax.numpy in x64.
   with jax.enable_x64(True):
+
     def loop_loss(a, b, h0):
       shape = jnp.broadcast_shapes(a.shape, b.shape)
       a_f = jnp.broadcast_to(a, shape)
@@ -206,8 +215,9 @@ def test_custom_vjp_matches_autodiff(method, kind, reverse):
         outs[t] = state
       return jnp.sum(jnp.stack(outs, 1) * w) + jnp.sum(state * wl)
 
-    g_ref = jax.grad(loop_loss, (0, 1, 2))(jnp.asarray(a, jnp.float64), jnp.asarray(b, jnp.float64),
-                                           jnp.asarray(h0, jnp.float64))
+    g_ref = jax.grad(loop_loss, (0, 1, 2))(
+        jnp.asarray(a, jnp.float64), jnp.asarray(b, jnp.float64), jnp.asarray(h0, jnp.float64)
+    )
     for x, y in zip(g_custom, g_ref):
       assert rel_err(x, np.asarray(y)) < 1e-5
 
@@ -239,12 +249,16 @@ def test_entering_states(method, reverse):
   a = rng.uniform(-1, 1, (2, 7, 3)).astype(np.float32)
   b = rng.normal(size=(2, 7, 3)).astype(np.float32)
   h0 = rng.normal(size=(2, 3)).astype(np.float32)
-  entering, final = scan.entering_states(jnp.asarray(a), jnp.asarray(b), jnp.asarray(h0), reverse=reverse,
-                                         method=method)
+  entering, final = scan.entering_states(
+      jnp.asarray(a), jnp.asarray(b), jnp.asarray(h0), reverse=reverse, method=method
+  )
   h, _ = linear_scan(a, b, h0, reverse=reverse, method="sequential")
   # The state entering step t is h0 or the state after the step before it (in scan order).
-  want = (np.concatenate([np.asarray(h)[:, 1:], h0[:, None]], 1) if reverse
-          else np.concatenate([h0[:, None], np.asarray(h)[:, :-1]], 1))
+  want = (
+      np.concatenate([np.asarray(h)[:, 1:], h0[:, None]], 1)
+      if reverse
+      else np.concatenate([h0[:, None], np.asarray(h)[:, :-1]], 1)
+  )
   np.testing.assert_allclose(np.asarray(entering), want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(final), np.asarray(h)[:, 0 if reverse else -1], rtol=1e-5, atol=1e-6)
 
@@ -252,13 +266,16 @@ def test_entering_states(method, reverse):
 # ---------------------------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(method="fast"), "method"),
-    (dict(chunk_size=0), "chunk_size"),
-    (dict(resets=np.zeros((2, 5), np.int32)), "resets"),
-    (dict(resets=np.zeros((2, 4), bool)), "resets"),
-    (dict(h0=np.zeros((2, 3), np.float32)), "h0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(method="fast"), "method"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(resets=np.zeros((2, 5), np.int32)), "resets"),
+        (dict(resets=np.zeros((2, 4), bool)), "resets"),
+        (dict(h0=np.zeros((2, 3), np.float32)), "h0"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
   a = np.full((3, 1), 0.5, np.float32)
   b = np.zeros((2, 5, 3, 4), np.float32)
@@ -282,4 +299,4 @@ def test_bad_method_lists_accepted_values():
   with pytest.raises(ValueError, match="`method`='fast'; accepted: auto, associative, sequential, chunked."):
     linear_scan(np.float32(0.5), b, method="fast")
   with pytest.raises(ValueError, match="accepted: auto, associative, sequential, chunked"):
-    linear_scan(np.float32(0.5), b, method=scan.ScanMethod.FUSED)   # ema_traces' method only
+    linear_scan(np.float32(0.5), b, method=scan.ScanMethod.FUSED)  # ema_traces' method only

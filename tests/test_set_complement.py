@@ -40,8 +40,9 @@ def tiny_config(**task):
 
 
 def local_ctx(workdir=None):
-  return EvalContext(put_batch=lambda b: {k: jnp.asarray(v) for k, v in b.items()}, process_index=0,
-                     process_count=1, workdir=workdir)
+  return EvalContext(
+      put_batch=lambda b: {k: jnp.asarray(v) for k, v in b.items()}, process_index=0, process_count=1, workdir=workdir
+  )
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -227,8 +228,20 @@ def test_validate_rejects_bad_configs(edit, field, value):
 @pytest.mark.parametrize("preset", ["default", "paper", "sweep"])
 def test_presets_validate_and_build(preset):
   c = load_config(preset)
-  for f in ("seed", "steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-            "optim", "weight_ema", "mesh", "task", "model"):
+  for f in (
+      "seed",
+      "steps",
+      "batch_size",
+      "log_every",
+      "eval_every",
+      "checkpoint_every",
+      "keep_checkpoints",
+      "optim",
+      "weight_ema",
+      "mesh",
+      "task",
+      "model",
+  ):
     assert f in c, f
   task = get_task(c)
   assert isinstance(task, SetComplementTask)

@@ -43,12 +43,15 @@ def test_train_then_eval_py_reproduces(tmp_path):
         assert again[weights][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (weights, key)
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("task.num_tokens", 1, "num_tokens"),
-    ("task.train_max_size", 64, "train_max_size"),
-    ("model.dropout", -0.1, "dropout"),
-    ("weight_ema.kind", "swa", "weight_ema.kind"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("task.num_tokens", 1, "num_tokens"),
+        ("task.train_max_size", 64, "train_max_size"),
+        ("model.dropout", -0.1, "dropout"),
+        ("weight_ema.kind", "swa", "weight_ema.kind"),
+    ],
+)
 def test_bad_config_fails_before_compilation(field, value, match):
   c = config()
   node = c

@@ -18,11 +18,14 @@ def drill(tmp_path_factory):
   return fault_drill.Drill(str(tmp_path_factory.mktemp("drill")), seed=0, overrides=SHORT)
 
 
-@pytest.mark.parametrize("sig,when", [
-    (signal.SIGTERM, dict(delay=0.3)),            # during start-up: imports, before any step
-    (signal.SIGTERM, dict(after_checkpoint=30)),  # in the middle of training
-    (signal.SIGKILL, dict(after_checkpoint=30)),
-])
+@pytest.mark.parametrize(
+    "sig,when",
+    [
+        (signal.SIGTERM, dict(delay=0.3)),  # during start-up: imports, before any step
+        (signal.SIGTERM, dict(after_checkpoint=30)),  # in the middle of training
+        (signal.SIGKILL, dict(after_checkpoint=30)),
+    ],
+)
 def test_signal_then_rerun_matches_an_uninterrupted_run(drill, sig, when):
   trial = drill.signal_trial("set_complement", sig, **when)
   assert trial.outcome == "identical", trial

@@ -40,8 +40,13 @@ def reference_run(config, run, steps):
   """One run trained the plain way: the model's own dropout config (constant rates at the run's sites),
   AdamW at the run's lr, WeightEMA; keys as the trainer splits config.seed (parameters, dropout)."""
   c = ml_collections.ConfigDict(config.to_dict())
-  c.model.update(embed_dim=run["embed_dim"], value_dim=run["value_dim"], num_heads=run["num_heads"],
-                 dropout=run["dropout"], dropout_on=run["dropout_on"])
+  c.model.update(
+      embed_dim=run["embed_dim"],
+      value_dim=run["value_dim"],
+      num_heads=run["num_heads"],
+      dropout=run["dropout"],
+      dropout_on=run["dropout_on"],
+  )
   task = SetComplementTask(c)
   params_key, dropout_key = jax.random.split(jax.random.key(run["seed"]))
   model = task.build_model(nnx.Rngs(params=params_key))
@@ -58,6 +63,7 @@ def reference_run(config, run, steps):
     def lf(p):
       rngs = nnx.Rngs(dropout=jax.random.fold_in(dropout_key, i))
       return task.loss(nnx.merge(graphdef, p), batch, rngs=rngs, train=True)[0]
+
     loss, g = jax.value_and_grad(lf)(params)
     u, opt = tx.update(g, opt, params)
     params = optax.apply_updates(params, u)
@@ -74,9 +80,17 @@ def test_vmapped_training_equals_single_runs():
   runs = sweep.sample_runs(c.sweep, 3)
   placements = ["attention", "embedding,output", ""]
   for r, p, lr, rate, decay in zip(runs, placements, [1e-3, 3e-3, 2e-2], [0.3, 0.2, 0.0], [0.9, 0.95, 0.99]):
-    r.update(embed_dim=8, value_dim=8, num_heads=1, ema_kind="ema", ema_decay=decay, lr=lr, dropout=rate,
-             dropout_on=p, **{f"drop_{s}": rate if s in p.split(",") else 0.0
-                              for s in ("attention", "embedding", "output")})
+    r.update(
+        embed_dim=8,
+        value_dim=8,
+        num_heads=1,
+        ema_kind="ema",
+        ema_decay=decay,
+        lr=lr,
+        dropout=rate,
+        dropout_on=p,
+        **{f"drop_{s}": rate if s in p.split(",") else 0.0 for s in ("attention", "embedding", "output")},
+    )
   programs = sweep.GroupPrograms(c, 8, 8, 1, "ema")
   state, losses = sweep.train_group(programs, runs, sweep.training_chunks(c, 6))
   averaged = programs.averaged(state)
@@ -100,7 +114,8 @@ def test_sampling_is_deterministic_and_in_range():
     if r["ema_decay"] is not None:
       assert c.ema_decay[0] <= r["ema_decay"] <= c.ema_decay[1]
     assert sum(r[f"drop_{s}"] > 0 for s in ("attention", "embedding", "output")) == (
-        len(r["dropout_on"].split(",")) if r["dropout"] > 0 else 0)
+        len(r["dropout_on"].split(",")) if r["dropout"] > 0 else 0
+    )
   groups = sweep.group_runs(a)
   assert sum(len(g) for g in groups.values()) == 40
   assert all(len({(r["embed_dim"], r["ema_kind"]) for r in g}) == 1 for g in groups.values())
@@ -129,8 +144,18 @@ def test_tiny_sweep_end_to_end(tmp_path):
   with open(tmp_path / "runs.csv") as f:
     rows = list(csv.DictReader(f))
   assert len(rows) == 4 and list(rows[0]) == sweep.CSV_COLUMNS
-  for col in ("lr", "dropout", "dropout_on", "ema_kind", "raw_in_kl", "raw_out_kl", "avg_in_kl", "avg_out_kl",
-              "raw_out_precision", "avg_out_invalid_mass"):
+  for col in (
+      "lr",
+      "dropout",
+      "dropout_on",
+      "ema_kind",
+      "raw_in_kl",
+      "raw_out_kl",
+      "avg_in_kl",
+      "avg_out_kl",
+      "raw_out_precision",
+      "avg_out_invalid_mass",
+  ):
     assert col in rows[0]
   assert all(math.isfinite(float(r["raw_out_kl"])) and math.isfinite(float(r["avg_out_kl"])) for r in rows)
   runs = json.loads((tmp_path / "runs.json").read_text())

@@ -40,14 +40,17 @@ def rel_err(x, ref):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("shape,alphas,resets,bias", [
-    ((2, 1, 4), (0.5, 0.1, 0.02), False, False),
-    ((2, 1, 4), (0.5, 0.1, 0.02), True, True),
-    ((3, 37, 5), (0.5, 0.1, 0.02), True, False),
-    ((2, 33, 3), (0.3,), False, True),
-    ((2, 64, 6), (1.0, 0.1), True, True),
-    ((1, 257, 8), (0.5, 0.1, 0.02), True, True),
-])
+@pytest.mark.parametrize(
+    "shape,alphas,resets,bias",
+    [
+        ((2, 1, 4), (0.5, 0.1, 0.02), False, False),
+        ((2, 1, 4), (0.5, 0.1, 0.02), True, True),
+        ((3, 37, 5), (0.5, 0.1, 0.02), True, False),
+        ((2, 33, 3), (0.3,), False, True),
+        ((2, 64, 6), (1.0, 0.1), True, True),
+        ((1, 257, 8), (0.5, 0.1, 0.02), True, True),
+    ],
+)
 def test_matches_float64_loop(method, shape, alphas, resets, bias):
   rng = np.random.default_rng(sum(shape))
   x = rng.normal(size=shape).astype(np.float32)
@@ -97,8 +100,9 @@ def test_step_equals_scan(bias):
   h, _ = ema_traces(x, (0.5, 0.1, 0.02), resets=r, bias_correction=bias)
   state = traces.init_state(3, 3, 4)
   for t in range(25):
-    state, h_t = traces.ema_step(state, jnp.asarray(x[:, t]), (0.5, 0.1, 0.02), reset=jnp.asarray(r[:, t]),
-                                 bias_correction=bias)
+    state, h_t = traces.ema_step(
+        state, jnp.asarray(x[:, t]), (0.5, 0.1, 0.02), reset=jnp.asarray(r[:, t]), bias_correction=bias
+    )
     np.testing.assert_allclose(h_t, h[:, t], rtol=1e-5, atol=1e-6)
 
 
@@ -108,8 +112,9 @@ def test_gradients_match_reference():
   w = rng.normal(size=(2, 17, 3, 3)).astype(np.float32)
   r = rng.uniform(size=(2, 17)) < 0.2
   g = jax.grad(lambda x: jnp.sum(ema_traces(x, (0.5, 0.1, 0.02), resets=r, bias_correction=True)[0] * w))(x)
-  g_ref = jax.grad(lambda x: jnp.sum(ema_traces(x, (0.5, 0.1, 0.02), resets=r, bias_correction=True,
-                                                method="sequential")[0] * w))(x)
+  g_ref = jax.grad(
+      lambda x: jnp.sum(ema_traces(x, (0.5, 0.1, 0.02), resets=r, bias_correction=True, method="sequential")[0] * w)
+  )(x)
   # Finite differences in float64 through the reference loop.
   eps = 1e-6
   x64 = x.astype(np.float64)
@@ -125,14 +130,17 @@ def test_gradients_match_reference():
   np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("alphas,match", [
-    ((0.5, 0.0), r"\(0, 1\]"),
-    ((1.5,), r"\(0, 1\]"),
-    ((), "K >= 1"),
-    (0.5, "sequence"),
-    ((float("nan"),), r"\(0, 1\]"),
-    (np.ones((2, 3, 4)) * 0.5, "shape"),
-])
+@pytest.mark.parametrize(
+    "alphas,match",
+    [
+        ((0.5, 0.0), r"\(0, 1\]"),
+        ((1.5,), r"\(0, 1\]"),
+        ((), "K >= 1"),
+        (0.5, "sequence"),
+        ((float("nan"),), r"\(0, 1\]"),
+        (np.ones((2, 3, 4)) * 0.5, "shape"),
+    ],
+)
 def test_bad_alphas(alphas, match):
   with pytest.raises(ValueError, match=match):
     ema_traces(np.zeros((1, 4, 3), np.float32), alphas)
@@ -158,12 +166,15 @@ def test_layer_call_and_step(learn):
   layer = EMATraces(4, learn=learn, bias_correction=True)
   x = jnp.asarray(rng.normal(size=(2, 15, 4)), jnp.float32)
   r = jnp.asarray(rng.uniform(size=(2, 15)) < 0.2)
-  np.testing.assert_allclose(layer.alphas(), np.broadcast_to(
-      np.array([0.5, 0.1, 0.02])[:, None] if learn == "per_channel" else [0.5, 0.1, 0.02],
-      layer.alphas().shape), rtol=1e-5)
+  np.testing.assert_allclose(
+      layer.alphas(),
+      np.broadcast_to(
+          np.array([0.5, 0.1, 0.02])[:, None] if learn == "per_channel" else [0.5, 0.1, 0.02], layer.alphas().shape
+      ),
+      rtol=1e-5,
+  )
   h, final = layer(x, resets_BT=r)
-  ref, _ = reference_traces(np.asarray(x), np.asarray(layer.alphas()), resets=np.asarray(r),
-                            bias_correction=True)
+  ref, _ = reference_traces(np.asarray(x), np.asarray(layer.alphas()), resets=np.asarray(r), bias_correction=True)
   assert rel_err(h, ref) < 1e-5
   state = layer.init_state(2)
   for t in range(15):

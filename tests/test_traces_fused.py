@@ -40,31 +40,35 @@ def rel_err(x, ref):
 
 def make_resets(rng, bsz, t_len, chunk):
   r = rng.uniform(size=(bsz, t_len)) < 0.1
-  r[0, 0] = True                                      # at t = 0
-  r[-1, chunk::chunk] = True                          # at chunk starts
-  r[0, chunk - 1::2 * chunk] = True                   # at chunk ends
+  r[0, 0] = True  # at t = 0
+  r[-1, chunk::chunk] = True  # at chunk starts
+  r[0, chunk - 1 :: 2 * chunk] = True  # at chunk ends
   return r
 
 
-@pytest.mark.parametrize("shape,alphas,chunk,resets,bias,with_h0,start", [
-    ((2, 1, 4), ALPHAS, 16, False, False, False, None),       # T = 1
-    ((2, 1, 4), ALPHAS, 16, True, True, True, 3),
-    ((3, 37, 5), ALPHAS, 8, True, False, True, None),         # odd T, not a multiple of the chunk
-    ((2, 33, 3), (0.3,), 4, False, True, False, None),        # K = 1
-    ((2, 64, 6), (1.0, 0.1), 16, True, True, True, None),     # alpha = 1, T a multiple of the chunk
-    ((2, 29, 4), ALPHAS, 5, True, True, True, np.array([0, 7])),  # start_count per row
-    ((1, 257, 8), ALPHAS, 32, False, True, True, 2),          # scalar start_count
-    ((2, 40, 3), ALPHAS, 1, True, True, True, None),          # chunk of one token
-    ((2, 20, 3), ALPHAS, 64, True, False, False, None),       # chunk longer than T
-])
+@pytest.mark.parametrize(
+    "shape,alphas,chunk,resets,bias,with_h0,start",
+    [
+        ((2, 1, 4), ALPHAS, 16, False, False, False, None),  # T = 1
+        ((2, 1, 4), ALPHAS, 16, True, True, True, 3),
+        ((3, 37, 5), ALPHAS, 8, True, False, True, None),  # odd T, not a multiple of the chunk
+        ((2, 33, 3), (0.3,), 4, False, True, False, None),  # K = 1
+        ((2, 64, 6), (1.0, 0.1), 16, True, True, True, None),  # alpha = 1, T a multiple of the chunk
+        ((2, 29, 4), ALPHAS, 5, True, True, True, np.array([0, 7])),  # start_count per row
+        ((1, 257, 8), ALPHAS, 32, False, True, True, 2),  # scalar start_count
+        ((2, 40, 3), ALPHAS, 1, True, True, True, None),  # chunk of one token
+        ((2, 20, 3), ALPHAS, 64, True, False, False, None),  # chunk longer than T
+    ],
+)
 def test_matches_float64_loop(shape, alphas, chunk, resets, bias, with_h0, start):
   rng = np.random.default_rng(sum(shape) + chunk)
   bsz, t_len, d = shape
   x = rng.normal(size=shape).astype(np.float32)
   r = make_resets(rng, bsz, t_len, min(chunk, t_len)) if resets else None
   h0 = rng.normal(size=(bsz, len(alphas), d)).astype(np.float32) if with_h0 else None
-  h, h_last = ema_traces(x, alphas, h0, resets=r, bias_correction=bias, start_count=start, method="fused",
-                         chunk_size=chunk)
+  h, h_last = ema_traces(
+      x, alphas, h0, resets=r, bias_correction=bias, start_count=start, method="fused", chunk_size=chunk
+  )
   ref, ref_last = loop_traces(x, alphas, h0, r, bias, start)
   assert h.shape == (bsz, t_len, len(alphas), d) and h.dtype == jnp.float32 and h_last.dtype == jnp.float32
   assert rel_err(h, ref) < 1e-5
@@ -75,7 +79,7 @@ def test_learned_rate_array_and_auto():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(2, 45, 4)).astype(np.float32)
   r = make_resets(rng, 2, 45, 16)
-  alphas = jnp.asarray([[0.7], [0.05]], jnp.float32)        # [K, 1] shared over D
+  alphas = jnp.asarray([[0.7], [0.05]], jnp.float32)  # [K, 1] shared over D
   ref = loop_traces(x, np.asarray(alphas[:, 0]), resets=r, bias_correction=True)[0]
   for method in ("fused", "auto"):
     h, _ = ema_traces(x, alphas, resets=r, bias_correction=True, method=method)
@@ -100,7 +104,7 @@ def test_low_precision(dtype, tol):
 
 def test_jit_and_vmap():
   rng = np.random.default_rng(4)
-  x = jnp.asarray(rng.normal(size=(3, 2, 21, 4)), jnp.float32)      # [V, B, T, D]
+  x = jnp.asarray(rng.normal(size=(3, 2, 21, 4)), jnp.float32)  # [V, B, T, D]
   r = jnp.asarray(rng.uniform(size=(3, 2, 21)) < 0.2)
   h0 = jnp.asarray(rng.normal(size=(3, 2, 3, 4)), jnp.float32)
   f = lambda x, r, h0: ema_traces(x, ALPHAS, h0, resets=r, bias_correction=True, method="fused", chunk_size=8)
@@ -128,8 +132,9 @@ def test_gradients_match_sequential(t_len, chunk, bias):
   wl = jnp.asarray(rng.normal(size=(2, 3, 3)), jnp.float32)
 
   def loss(x, h0, alphas, method):
-    h, h_last = ema_traces(x, alphas, h0, resets=r, bias_correction=bias, start_count=2, method=method,
-                           chunk_size=chunk)
+    h, h_last = ema_traces(
+        x, alphas, h0, resets=r, bias_correction=bias, start_count=2, method=method, chunk_size=chunk
+    )
     return jnp.sum(h * w) + jnp.sum(h_last * wl)
 
   g_fused = jax.jit(jax.grad(loss, (0, 1, 2)), static_argnums=3)(x, h0, alphas, "fused")

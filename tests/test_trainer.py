@@ -34,12 +34,15 @@ def read_metrics(workdir):
 def launch(workdir, **overrides):
   """Runs the toy task's training in a subprocess (so it can be killed)."""
   task = overrides.pop("task", {})
-  code = (f"import sys; sys.path.insert(0, {TESTS_DIR!r}); import toy_task; "
-          f"from ema_jax import trainer; c = toy_task.get_config(**{overrides!r}); "
-          f"c.task.update({task!r}); r = trainer.train(c, {workdir!r}); sys.exit(0)")
+  code = (
+      f"import sys; sys.path.insert(0, {TESTS_DIR!r}); import toy_task; "
+      f"from ema_jax import trainer; c = toy_task.get_config(**{overrides!r}); "
+      f"c.task.update({task!r}); r = trainer.train(c, {workdir!r}); sys.exit(0)"
+  )
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+      [sys.executable, "-c", code], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
 
 
 def wait_for_checkpoint(workdir, step, proc, timeout=120):
@@ -117,6 +120,7 @@ def _garble(step_dir):
 
 def test_corrupt_checkpoint_is_reported_and_skipped(uninterrupted, tmp_path, capsys):
   import shutil
+
   wd = str(tmp_path / "wd")
   shutil.copytree(uninterrupted, wd)
   _garble(os.path.join(wd, "checkpoints", "60"))
@@ -163,16 +167,19 @@ def test_eval_py_reproduces_in_loop_numbers(uninterrupted):
     evaluation.run(uninterrupted, step=7)
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("steps", 0, "config.steps"),
-    ("batch_size", -4, "config.batch_size"),
-    ("optim.lr", -1.0, "config.optim.lr"),
-    ("optim.schedule", "sometimes", "config.optim.schedule"),
-    ("weight_ema.kind", "polyak", "config.weight_ema.kind"),
-    ("weight_ema.decay", 1.5, "config.weight_ema.decay"),
-    ("mesh.data", 3, "devices"),
-    ("task.hidden", 0, "config.task.hidden"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("steps", 0, "config.steps"),
+        ("batch_size", -4, "config.batch_size"),
+        ("optim.lr", -1.0, "config.optim.lr"),
+        ("optim.schedule", "sometimes", "config.optim.schedule"),
+        ("weight_ema.kind", "polyak", "config.weight_ema.kind"),
+        ("weight_ema.decay", 1.5, "config.weight_ema.decay"),
+        ("mesh.data", 3, "devices"),
+        ("task.hidden", 0, "config.task.hidden"),
+    ],
+)
 def test_bad_config_fails_before_compilation(field, value, match):
   cfg = toy_task.get_config()
   node = cfg

@@ -23,6 +23,7 @@ def forward(model):
   @jax.jit
   def run(inputs_BT, resets_BT, segment_ids_BT):
     return nnx.merge(graphdef, state)(inputs_BT, resets_BT=resets_BT, segment_ids_BT=segment_ids_BT)
+
   return run
 
 
@@ -39,8 +40,13 @@ def test_attention_matches_float64_reference():
   mask = rng.random((2, 1, 4, 7)) < 0.7
   mask[:, :, :, 0] = True
   got = np.asarray(jax.jit(lambda q, kv, m: layer(q, kv, mask=m))(xq, xkv, mask))
-  p = {name: (np.asarray(getattr(layer, name).kernel[...], np.float64),
-              np.asarray(getattr(layer, name).bias[...], np.float64)) for name in ("query", "key", "value", "out")}
+  p = {
+      name: (
+          np.asarray(getattr(layer, name).kernel[...], np.float64),
+          np.asarray(getattr(layer, name).bias[...], np.float64),
+      )
+      for name in ("query", "key", "value", "out")
+  }
   want = np.zeros((2, 4, 3))
   for b in range(2):
     q = xq[b] @ p["query"][0] + p["query"][1]
@@ -48,7 +54,7 @@ def test_attention_matches_float64_reference():
     v = xkv[b] @ p["value"][0] + p["value"][1]
     heads = []
     for h in range(2):
-      qh, kh, vh = q[:, 2 * h:2 * h + 2], k[:, 2 * h:2 * h + 2], v[:, 4 * h:4 * h + 4]
+      qh, kh, vh = q[:, 2 * h : 2 * h + 2], k[:, 2 * h : 2 * h + 2], v[:, 4 * h : 4 * h + 4]
       s = qh @ kh.T / np.sqrt(2.0)
       s = np.where(mask[b, 0], s, -np.inf)
       w = np.exp(s - s.max(-1, keepdims=True))
@@ -103,17 +109,18 @@ def test_packed_documents_are_independent(boundary):
   resets = np.zeros((2, 16), bool)
   resets[:, r] = True
   args = (None, segments) if boundary == "segment_ids" else (resets, None)
-  np.testing.assert_allclose(np.asarray(run(changed, *args))[:, r:], np.asarray(run(tokens, *args))[:, r:],
-                             atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+      np.asarray(run(changed, *args))[:, r:], np.asarray(run(tokens, *args))[:, r:], atol=1e-5, rtol=0
+  )
   diff = np.asarray(run(changed, None, None))[:, r:] - np.asarray(run(tokens, None, None))[:, r:]
   assert np.abs(diff).max() > 1e-4
 
 
 def test_124m_preset_is_gpt2_small():
   cfg = transformer.preset("124m")
-  n = transformer.param_count(cfg)                 # eval_shape: nothing allocated
+  n = transformer.param_count(cfg)  # eval_shape: nothing allocated
   assert 120e6 <= n <= 130e6
-  assert n == 124_439_808                          # GPT-2 small with tied embeddings
+  assert n == 124_439_808  # GPT-2 small with tied embeddings
 
 
 @pytest.mark.slow
@@ -137,9 +144,13 @@ def test_tiny_forward_backward_finite(dtype):
 
   @jax.jit
   def grad_fn(state, key):
-    loss, grads = jax.value_and_grad(lambda s: lm_loss(nnx.merge(graphdef, s), tokens, segment_ids_BT=segments,
-                                                       deterministic=False, rngs=nnx.Rngs(dropout=key)))(state)
+    loss, grads = jax.value_and_grad(
+        lambda s: lm_loss(
+            nnx.merge(graphdef, s), tokens, segment_ids_BT=segments, deterministic=False, rngs=nnx.Rngs(dropout=key)
+        )
+    )(state)
     return loss, grads, nnx.merge(graphdef, state)(tokens[:, :-1], segment_ids_BT=segments)
+
   loss, grads, logits = grad_fn(state, jax.random.key(1))
   assert np.isfinite(float(loss))
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state))
@@ -159,6 +170,7 @@ def test_adam_lowers_loss_on_repeated_batch():
     loss, grads = jax.value_and_grad(lambda s: lm_loss(nnx.merge(graphdef, s), tokens))(state)
     updates, opt_state = tx.update(grads, opt_state, state)
     return optax.apply_updates(state, updates), opt_state, loss
+
   losses = []
   for _ in range(40):
     state, opt_state, loss = step(state, opt_state)

@@ -31,8 +31,13 @@ def test_kill9_during_eval_json_writes_never_leaves_a_truncated_file(tmp_path):
   path = tmp_path / "eval_7.json"
   seen = set()
   for trial in range(8):
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
-                            text=True, env=dict(os.environ, PYTHONPATH=REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
     assert proc.stdout.readline()  # at least one complete write
     time.sleep(rng.uniform(0.0, 0.3))
     proc.send_signal(signal.SIGKILL)
@@ -48,8 +53,7 @@ def test_kill9_during_eval_json_writes_never_leaves_a_truncated_file(tmp_path):
 
 
 def test_truncate_metrics_and_latest_eval(tmp_path):
-  rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 2, "eval/raw/kl": 0.5},
-          {"step": 3, "loss": 1.0}]
+  rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 2, "eval/raw/kl": 0.5}, {"step": 3, "loss": 1.0}]
   wd_lib.write_metrics(tmp_path, rows)
   with open(wd_lib.metrics_path(tmp_path), "a") as f:
     f.write('{"step": 4, "lo')  # a torn last line from a killed run

@@ -44,6 +44,7 @@ class ToyIterator(BatchIterator):
 
 
 class Model(nnx.Module):
+
   def __init__(self, rngs, hidden, dropout):
     self.l1 = nnx.Linear(4, hidden, rngs=rngs)
     self.l2 = nnx.Linear(hidden, 1, rngs=rngs)
@@ -54,6 +55,7 @@ class Model(nnx.Module):
 
 
 class ToyTask(Task):
+
   def validate(self):
     if self.config.task.hidden < 1:
       raise ValueError(f"config.task.hidden={self.config.task.hidden}: expected >= 1.")
@@ -63,8 +65,7 @@ class ToyTask(Task):
 
   def train_iterator(self, process_index, process_count):
     t = self.config.task
-    return ToyIterator(self.config.batch_size, self.config.seed, process_index, process_count, t.sleep,
-                       t.nan_at_step)
+    return ToyIterator(self.config.batch_size, self.config.seed, process_index, process_count, t.sleep, t.nan_at_step)
 
   def loss(self, model, batch, *, rngs, train):
     pred = model(batch["x"], deterministic=not train, rngs=rngs)
@@ -102,8 +103,9 @@ def get_config(steps=20, **kw):
   c.weight_ema = optim.default_weight_ema_config("ema")
   c.weight_ema.decay = 0.9
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1))
-  c.task = ml_collections.ConfigDict(dict(name="toy_task", hidden=8, dropout=0.1, loss_scale=1.0, sleep=0.0,
-                                          nan_at_step=-1))
+  c.task = ml_collections.ConfigDict(
+      dict(name="toy_task", hidden=8, dropout=0.1, loss_scale=1.0, sleep=0.0, nan_at_step=-1)
+  )
   for k, v in kw.items():
     c[k] = v
   return c

@@ -57,8 +57,12 @@ def parse_conllu(text: str, source: str = "<string>") -> list:
   def finish():
     for tok, tok_lineno, tok_line in current:
       if tok.head > len(current):
-        _fail(source, tok_lineno, tok_line, f"expected HEAD between 0 and {len(current)} (the "
-              f"sentence's word count), found {tok.head}")
+        _fail(
+            source,
+            tok_lineno,
+            tok_line,
+            f"expected HEAD between 0 and {len(current)} (the " f"sentence's word count), found {tok.head}",
+        )
     sentence = [tok for tok, _, _ in current]
     try:
       token_depths(sentence)
@@ -88,8 +92,7 @@ def parse_conllu(text: str, source: str = "<string>") -> list:
     if not tok_id.isdigit():
       _fail(source, lineno, line, f"expected an integer ID, found {tok_id!r}")
     if int(tok_id) != len(current) + 1:
-      _fail(source, lineno, line, f"expected word ID {len(current) + 1} (IDs count up from 1), "
-            f"found {tok_id}")
+      _fail(source, lineno, line, f"expected word ID {len(current) + 1} (IDs count up from 1), " f"found {tok_id}")
     head = cols[6]
     if not head.isdigit():
       _fail(source, lineno, line, f"expected an integer HEAD (0 for the root), found {head!r}")
@@ -150,6 +153,7 @@ def token_depths(sentence: Sequence[Token]) -> list:
 @dataclasses.dataclass(frozen=True)
 class Vocab:
   """Word ids: 0 PAD, 1 UNK, then words seen >= min_count times, most frequent first (ties by word)."""
+
   words: tuple
   lowercase: bool
 
@@ -157,8 +161,7 @@ class Vocab:
   def build(cls, sentences: Iterable, min_count: int = 2, lowercase: bool = True) -> "Vocab":
     if min_count < 1:
       raise ValueError(f"min_count={min_count}: must be >= 1")
-    counts = collections.Counter(
-        (tok.form.lower() if lowercase else tok.form) for sent in sentences for tok in sent)
+    counts = collections.Counter((tok.form.lower() if lowercase else tok.form) for sent in sentences for tok in sent)
     kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
     return cls((PAD, UNK) + tuple(kept), lowercase)
 
@@ -177,6 +180,7 @@ class DepData:
   """Padded UD sentences: tokens [N, T] int32 (PAD_ID at padding); roles, depth [N, T] int32 (-1 at
   padding); mask [N, T] bool; vocab: id -> word; role_names: role id -> name; n_truncated: sentences
   longer than T that were cut to their first T words."""
+
   tokens: np.ndarray
   roles: np.ndarray
   depth: np.ndarray
@@ -205,7 +209,6 @@ def to_arrays(sentences: Sequence, vocab: Vocab, max_len: int) -> DepData:
 
 def load_ud(data_dir: str, max_len: int = 64, min_count: int = 2, lowercase: bool = True) -> dict:
   """{'train', 'dev', 'test'} DepData from `data_dir`/en_ewt-ud-{split}.conllu; vocab from train."""
-  splits = {s: read_conllu(os.path.join(data_dir, f"en_ewt-ud-{s}.conllu"))
-            for s in ("train", "dev", "test")}
+  splits = {s: read_conllu(os.path.join(data_dir, f"en_ewt-ud-{s}.conllu")) for s in ("train", "dev", "test")}
   vocab = Vocab.build(splits["train"], min_count=min_count, lowercase=lowercase)
   return {s: to_arrays(sents, vocab, max_len) for s, sents in splits.items()}

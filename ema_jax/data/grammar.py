@@ -70,8 +70,7 @@ _LEXICON = {
 WORD_CLASSES = tuple(_LEXICON)
 B_ONLY_WORDS = frozenset(w for shared_a_b in _LEXICON.values() for w in shared_a_b[2])
 # One vocabulary for both grammars, so ids mean the same word in A and B.
-VOCAB = (PAD,) + FUNCTION_WORDS + tuple(
-    w for cls in WORD_CLASSES for part in _LEXICON[cls] for w in part)
+VOCAB = (PAD,) + FUNCTION_WORDS + tuple(w for cls in WORD_CLASSES for part in _LEXICON[cls] for w in part)
 WORD_TO_ID = {w: i for i, w in enumerate(VOCAB)}
 WORD_CLASS = {w: cls for cls in WORD_CLASSES for part in _LEXICON[cls] for w in part}
 
@@ -79,16 +78,17 @@ WORD_CLASS = {w: cls for cls in WORD_CLASSES for part in _LEXICON[cls] for w in 
 @dataclasses.dataclass(frozen=True)
 class GrammarSpec:
   """Lexicon and construction probabilities of one grammar."""
+
   name: str
-  lexicon: str                # "A" or "B": which half of the content words (see _LEXICON)
-  p_passive: float            # a clause is passive
-  vp_weights: tuple           # active VP: (intransitive, transitive, ditransitive, complement clause)
-  p_to_dative: float          # a ditransitive uses "V NP to NP" instead of "V NP NP"
-  p_rel: float                # a noun phrase gets a relative clause (times rel_decay ** depth)
+  lexicon: str  # "A" or "B": which half of the content words (see _LEXICON)
+  p_passive: float  # a clause is passive
+  vp_weights: tuple  # active VP: (intransitive, transitive, ditransitive, complement clause)
+  p_to_dative: float  # a ditransitive uses "V NP to NP" instead of "V NP NP"
+  p_rel: float  # a noun phrase gets a relative clause (times rel_decay ** depth)
   rel_decay: float
-  rel_weights: tuple          # relative clause type: (subject, object, passive)
-  p_adj: float                # a noun phrase gets an adjective
-  max_depth: int              # clauses at this depth embed nothing
+  rel_weights: tuple  # relative clause type: (subject, object, passive)
+  p_adj: float  # a noun phrase gets an adjective
+  max_depth: int  # clauses at this depth embed nothing
 
   def words(self, cls: str) -> tuple:
     shared, a_only, b_only = _LEXICON[cls]
@@ -96,17 +96,36 @@ class GrammarSpec:
 
 
 GRAMMAR_A = GrammarSpec(
-    name="A", lexicon="A", p_passive=0.15, vp_weights=(0.2, 0.5, 0.15, 0.15), p_to_dative=0.4,
-    p_rel=0.25, rel_decay=0.6, rel_weights=(0.6, 0.3, 0.1), p_adj=0.2, max_depth=3)
+    name="A",
+    lexicon="A",
+    p_passive=0.15,
+    vp_weights=(0.2, 0.5, 0.15, 0.15),
+    p_to_dative=0.4,
+    p_rel=0.25,
+    rel_decay=0.6,
+    rel_weights=(0.6, 0.3, 0.1),
+    p_adj=0.2,
+    max_depth=3,
+)
 GRAMMAR_B = GrammarSpec(
-    name="B", lexicon="B", p_passive=0.35, vp_weights=(0.15, 0.4, 0.2, 0.25), p_to_dative=0.7,
-    p_rel=0.35, rel_decay=0.7, rel_weights=(0.3, 0.5, 0.2), p_adj=0.2, max_depth=4)
+    name="B",
+    lexicon="B",
+    p_passive=0.35,
+    vp_weights=(0.15, 0.4, 0.2, 0.25),
+    p_to_dative=0.7,
+    p_rel=0.35,
+    rel_decay=0.7,
+    rel_weights=(0.3, 0.5, 0.2),
+    p_adj=0.2,
+    max_depth=4,
+)
 GRAMMARS = {"A": GRAMMAR_A, "B": GRAMMAR_B}
 
 Sentence = tuple  # ((word, role, depth), ...)
 
 
 class _Generator:
+
   def __init__(self, spec: GrammarSpec, rng: np.random.Generator):
     self.spec, self.rng = spec, rng
 
@@ -120,8 +139,11 @@ class _Generator:
 
   def clause(self, depth):
     if self.rng.random() < self.spec.p_passive:
-      return (self.np(PATIENT, depth) + [("was", OTHER, depth), (self._word("v_tr"), VERB, depth),
-                                         ("by", OTHER, depth)] + self.np(AGENT, depth))
+      return (
+          self.np(PATIENT, depth)
+          + [("was", OTHER, depth), (self._word("v_tr"), VERB, depth), ("by", OTHER, depth)]
+          + self.np(AGENT, depth)
+      )
     return self.np(AGENT, depth) + self.vp(depth)
 
   def vp(self, depth):
@@ -145,7 +167,7 @@ class _Generator:
     if self.rng.random() < self.spec.p_adj:
       words.append((self._word("adj"), OTHER, depth))
     words.append((self._word("noun"), role, depth))
-    p_rel = self.spec.p_rel * self.spec.rel_decay ** depth if depth < self.spec.max_depth else 0.0
+    p_rel = self.spec.p_rel * self.spec.rel_decay**depth if depth < self.spec.max_depth else 0.0
     if self.rng.random() < p_rel:
       words += self.relative_clause(depth + 1)
     return words
@@ -157,12 +179,20 @@ class _Generator:
       return that + self.vp(depth)
     if kind == 1:
       return that + self.np(AGENT, depth) + [(self._word("v_tr"), VERB, depth)]
-    return that + [("was", OTHER, depth), (self._word("v_tr"), VERB, depth),
-                   ("by", OTHER, depth)] + self.np(AGENT, depth)
+    return (
+        that + [("was", OTHER, depth), (self._word("v_tr"), VERB, depth), ("by", OTHER, depth)] + self.np(AGENT, depth)
+    )
 
 
-def sample_sentences(spec: GrammarSpec | str, n: int, seed: int, *, max_len: int = 32,
-                     exclude: frozenset | set = frozenset(), max_tries_factor: int = 50) -> list:
+def sample_sentences(
+    spec: GrammarSpec | str,
+    n: int,
+    seed: int,
+    *,
+    max_len: int = 32,
+    exclude: frozenset | set = frozenset(),
+    max_tries_factor: int = 50,
+) -> list:
   """`n` distinct sentences (by word sequence) of at most `max_len` words, none in `exclude`.
 
   Deterministic in (spec, n, seed, max_len, exclude). Longer sentences are redrawn, so the length cap
@@ -182,8 +212,10 @@ def sample_sentences(spec: GrammarSpec | str, n: int, seed: int, *, max_len: int
       seen.add(words)
       out.append(sent)
   if len(out) < n:
-    raise ValueError(f"grammar {spec.name}: found only {len(out)} distinct sentences of <= {max_len} "
-                     f"words out of n={n} asked for; ask for fewer or raise max_len")
+    raise ValueError(
+        f"grammar {spec.name}: found only {len(out)} distinct sentences of <= {max_len} "
+        f"words out of n={n} asked for; ask for fewer or raise max_len"
+    )
   return out
 
 
@@ -191,6 +223,7 @@ def sample_sentences(spec: GrammarSpec | str, n: int, seed: int, *, max_len: int
 class RoleData:
   """Padded role-labelled sentences. tokens [N, T] int32 (PAD_ID at padding); roles, depth [N, T]
   int32 (-1 at padding); mask [N, T] bool; vocab: id -> word; role_names: role id -> name."""
+
   tokens: np.ndarray
   roles: np.ndarray
   depth: np.ndarray
@@ -215,9 +248,16 @@ def to_arrays(sentences: Sequence[Sentence], max_len: int) -> RoleData:
   return RoleData(tokens, roles, depth, tokens != PAD_ID, VOCAB, ROLE_NAMES)
 
 
-def make_splits(n_train: int = 4000, n_heldout: int = 1000, n_transfer: int = 1000, *, seed: int = 0,
-                max_len: int = 32, train_grammar: GrammarSpec | str = "A",
-                transfer_grammar: GrammarSpec | str = "B") -> dict:
+def make_splits(
+    n_train: int = 4000,
+    n_heldout: int = 1000,
+    n_transfer: int = 1000,
+    *,
+    seed: int = 0,
+    max_len: int = 32,
+    train_grammar: GrammarSpec | str = "A",
+    transfer_grammar: GrammarSpec | str = "B",
+) -> dict:
   """{'train', 'heldout'} from train_grammar and {'transfer'} from transfer_grammar, as RoleData.
 
   train and heldout are one pool of distinct sentences split in order; transfer sentences are drawn
@@ -226,10 +266,12 @@ def make_splits(n_train: int = 4000, n_heldout: int = 1000, n_transfer: int = 10
   pool = sample_sentences(train_grammar, n_train + n_heldout, seed, max_len=max_len)
   train, heldout = pool[:n_train], pool[n_train:]
   train_words = frozenset(tuple(w for w, _, _ in s) for s in train)
-  transfer = sample_sentences(transfer_grammar, n_transfer, seed + 1_000_003, max_len=max_len,
-                                exclude=train_words)
-  return {"train": to_arrays(train, max_len), "heldout": to_arrays(heldout, max_len),
-          "transfer": to_arrays(transfer, max_len)}
+  transfer = sample_sentences(transfer_grammar, n_transfer, seed + 1_000_003, max_len=max_len, exclude=train_words)
+  return {
+      "train": to_arrays(train, max_len),
+      "heldout": to_arrays(heldout, max_len),
+      "transfer": to_arrays(transfer, max_len),
+  }
 
 
 def decode(tokens_row: np.ndarray) -> str:

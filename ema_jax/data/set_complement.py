@@ -35,13 +35,14 @@ def vocab_size(num_tokens: int) -> int:
   return num_tokens + 2
 
 
-def sample_sets(rng: np.random.Generator, num_tokens: int, sizes_B: np.ndarray, length: int
-                ) -> Dict[str, np.ndarray]:
+def sample_sets(rng: np.random.Generator, num_tokens: int, sizes_B: np.ndarray, length: int) -> Dict[str, np.ndarray]:
   """Rows of sizes_B[b] distinct tokens from 0..N-1 in uniformly random order, padded to `length`."""
   sizes_B = np.asarray(sizes_B, np.int32)
   if sizes_B.size and (sizes_B.min() < 0 or sizes_B.max() > min(length, num_tokens)):
-    raise ValueError(f"sample_sets: sizes must lie in [0, min(length={length}, num_tokens={num_tokens})], "
-                     f"got [{sizes_B.min()}, {sizes_B.max()}].")
+    raise ValueError(
+        f"sample_sets: sizes must lie in [0, min(length={length}, num_tokens={num_tokens})], "
+        f"got [{sizes_B.min()}, {sizes_B.max()}]."
+    )
   # The argsort of i.i.d. uniforms is a uniform random permutation; its first s entries are a uniform
   # random s-subset in uniform random order.
   perm_BN = np.argsort(rng.random((sizes_B.shape[0], num_tokens)), axis=1)[:, :length]
@@ -64,8 +65,18 @@ def sample_sizes(rng: np.random.Generator, batch: int, min_size: int, max_size: 
   raise ValueError(f"sample_sizes: dist={dist!r}; accepted: {', '.join(SIZE_DISTRIBUTIONS)}.")
 
 
-def train_batch(seed: int, step: int, stream: int, batch: int, *, num_tokens: int, min_size: int,
-                max_size: int, length: int, dist: str = "uniform") -> Dict[str, np.ndarray]:
+def train_batch(
+    seed: int,
+    step: int,
+    stream: int,
+    batch: int,
+    *,
+    num_tokens: int,
+    min_size: int,
+    max_size: int,
+    length: int,
+    dist: str = "uniform",
+) -> Dict[str, np.ndarray]:
   """The training batch of `step`; a pure function of (seed, stream, step). The trainer uses stream 0
   for the global batch (processes slice their rows), so one stream serves every process layout."""
   rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(stream), int(step)]))
@@ -79,8 +90,7 @@ def eval_batch(seed: int, size: int, examples: int, *, num_tokens: int, length: 
   return sample_sets(rng, num_tokens, np.full(examples, size, np.int32), length)
 
 
-def present_tokens(tokens_BL: np.ndarray, mask_BL: np.ndarray, num_tokens: int,
-                      xp: Optional[Any] = None):
+def present_tokens(tokens_BL: np.ndarray, mask_BL: np.ndarray, num_tokens: int, xp: Optional[Any] = None):
   """Multi-hot of present tokens [B, N] (float32) from padded rows; works for numpy or jax.numpy (xp)."""
   xp = np if xp is None else xp
   onehot_BLN = (tokens_BL[..., None] == xp.arange(num_tokens)) & (mask_BL[..., None] > 0)

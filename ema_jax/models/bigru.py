@@ -31,11 +31,11 @@ from flax import nnx
 
 @dataclasses.dataclass(frozen=True)
 class BiGRUConfig:
-  vocab_size: int           # V: rows of the embedding table (unk_id included)
-  num_roles: int            # R
-  unk_id: int               # word dropout replaces tokens by this id
+  vocab_size: int  # V: rows of the embedding table (unk_id included)
+  num_roles: int  # R
+  unk_id: int  # word dropout replaces tokens by this id
   embed_dim: int = 128
-  hidden: int = 128         # per direction; a layer outputs 2 * hidden
+  hidden: int = 128  # per direction; a layer outputs 2 * hidden
   num_layers: int = 2
   dropout: float = 0.2
   word_dropout: float = 0.1
@@ -74,8 +74,8 @@ class GRU(nnx.Module):
       gx_B3H, m_B1 = inputs
       gh_B3H = h_BH @ u_H3H + c_3H
       r_BH = jax.nn.sigmoid(gx_B3H[:, :H] + gh_B3H[:, :H])
-      z_BH = jax.nn.sigmoid(gx_B3H[:, H:2 * H] + gh_B3H[:, H:2 * H])
-      n_BH = jnp.tanh(gx_B3H[:, 2 * H:] + r_BH * gh_B3H[:, 2 * H:])
+      z_BH = jax.nn.sigmoid(gx_B3H[:, H : 2 * H] + gh_B3H[:, H : 2 * H])
+      n_BH = jnp.tanh(gx_B3H[:, 2 * H :] + r_BH * gh_B3H[:, 2 * H :])
       new_BH = (1.0 - z_BH) * n_BH + z_BH * h_BH
       h_BH = jnp.where(m_B1, new_BH, h_BH)  # identity step at padding
       return h_BH, h_BH
@@ -86,6 +86,7 @@ class GRU(nnx.Module):
 
 
 class BiGRULayer(nnx.Module):
+
   def __init__(self, in_features: int, hidden: int, *, rngs: nnx.Rngs):
     self.fwd = GRU(in_features, hidden, reverse=False, rngs=rngs)
     self.bwd = GRU(in_features, hidden, reverse=True, rngs=rngs)
@@ -105,8 +106,9 @@ class BiGRUTagger(nnx.Module):
     self.drop = nnx.Dropout(cfg.dropout)
     self.out = nnx.Linear(2 * cfg.hidden, cfg.num_roles, rngs=rngs)
 
-  def __call__(self, tokens_BT: jax.Array, mask_BT: jax.Array, *, deterministic: bool = True,
-               rngs: Optional[nnx.Rngs] = None) -> jax.Array:
+  def __call__(
+      self, tokens_BT: jax.Array, mask_BT: jax.Array, *, deterministic: bool = True, rngs: Optional[nnx.Rngs] = None
+  ) -> jax.Array:
     mask_BT = mask_BT.astype(bool)
     if not deterministic and self.cfg.word_dropout > 0:
       drop_BT = jax.random.bernoulli(rngs.dropout(), self.cfg.word_dropout, tokens_BT.shape)
@@ -120,8 +122,11 @@ class BiGRUTagger(nnx.Module):
 def num_params(cfg: BiGRUConfig) -> int:
   gru = lambda d_in: 3 * cfg.hidden * (d_in + cfg.hidden + 2)
   dims = [cfg.embed_dim] + [2 * cfg.hidden] * cfg.num_layers
-  return (cfg.vocab_size * cfg.embed_dim + sum(2 * gru(dims[i]) for i in range(cfg.num_layers))
-          + (2 * cfg.hidden + 1) * cfg.num_roles)
+  return (
+      cfg.vocab_size * cfg.embed_dim
+      + sum(2 * gru(dims[i]) for i in range(cfg.num_layers))
+      + (2 * cfg.hidden + 1) * cfg.num_roles
+  )
 
 
 def flops_per_token(cfg: BiGRUConfig) -> float:

@@ -55,23 +55,24 @@ DTYPES = ("float32", "bfloat16")
 @dataclasses.dataclass(frozen=True)
 class EMALMConfig:
   """Hyperparameters of EMALM. Parameters are always float32; `dtype` is the compute dtype."""
+
   vocab_size: int
-  width: int = 768                      # D
+  width: int = 768  # D
   num_blocks: int = 12
-  alphas: tuple = (0.5, 0.1, 0.02)      # K write rates
+  alphas: tuple = (0.5, 0.1, 0.02)  # K write rates
   ffn_hidden: int = 2304
-  ffn_active_fraction: float = 0.06     # k = round(fraction * ffn_hidden) units kept per token
-  ffn_activation: str = "relu"          # applied to the k kept pre-activations
+  ffn_active_fraction: float = 0.06  # k = round(fraction * ffn_hidden) units kept per token
+  ffn_activation: str = "relu"  # applied to the k kept pre-activations
   predictor: str = "linear"
-  heads: int = 12                       # attention predictors only
+  heads: int = 12  # attention predictors only
   dropout: float = 0.0
   dtype: str = "float32"
   tie_embeddings: bool = True
   norm: str = "layernorm"
   norm_eps: float = 1e-5
-  trace_learn: str = "none"             # EMATraces' learn mode: fixed or learned write rates
-  trace_method: str = "auto"            # scan method of the traces
-  init_std: float = 0.02                # token embedding (and the untied head)
+  trace_learn: str = "none"  # EMATraces' learn mode: fixed or learned write rates
+  trace_method: str = "auto"  # scan method of the traces
+  init_std: float = 0.02  # token embedding (and the untied head)
 
   def __post_init__(self):
     object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
@@ -80,15 +81,24 @@ class EMALMConfig:
         (isinstance(self.vocab_size, int) and self.vocab_size >= 2, "vocab_size", "an integer >= 2"),
         (isinstance(d, int) and d >= 1, "width", "a positive integer"),
         (isinstance(self.num_blocks, int) and self.num_blocks >= 1, "num_blocks", "a positive integer"),
-        (len(self.alphas) >= 1 and all(0.0 < a <= 1.0 for a in self.alphas), "alphas",
-         "a non-empty tuple of write rates in (0, 1], e.g. (0.5, 0.1, 0.02)"),
+        (
+            len(self.alphas) >= 1 and all(0.0 < a <= 1.0 for a in self.alphas),
+            "alphas",
+            "a non-empty tuple of write rates in (0, 1], e.g. (0.5, 0.1, 0.02)",
+        ),
         (isinstance(self.ffn_hidden, int) and self.ffn_hidden >= 1, "ffn_hidden", "a positive integer"),
-        (0.0 < self.ffn_active_fraction <= 1.0 and 1 <= round(self.ffn_active_fraction * self.ffn_hidden),
-         "ffn_active_fraction", "a fraction in (0, 1] with round(fraction * ffn_hidden) >= 1"),
+        (
+            0.0 < self.ffn_active_fraction <= 1.0 and 1 <= round(self.ffn_active_fraction * self.ffn_hidden),
+            "ffn_active_fraction",
+            "a fraction in (0, 1] with round(fraction * ffn_hidden) >= 1",
+        ),
         (self.ffn_activation in ACTIVATIONS, "ffn_activation", f"one of {tuple(ACTIVATIONS)}"),
         (self.predictor in PREDICTORS, "predictor", f"one of {PREDICTORS}"),
-        (isinstance(self.heads, int) and self.heads >= 1 and d % self.heads == 0, "heads",
-         f"a positive divisor of width={d}"),
+        (
+            isinstance(self.heads, int) and self.heads >= 1 and d % self.heads == 0,
+            "heads",
+            f"a positive divisor of width={d}",
+        ),
         (0.0 <= self.dropout < 1.0, "dropout", "a rate in [0, 1)"),
         (self.dtype in DTYPES, "dtype", f"one of {DTYPES}"),
         (self.norm in NORMS, "norm", f"one of {NORMS}"),
@@ -151,11 +161,13 @@ class TracePredictor(nnx.Module):
       self.linear = nnx.Linear(k * d, d, dtype=dt, rngs=rngs)
     elif self.kind == "attention":
       self.timescale_embed = nnx.Param(nnx.initializers.normal(cfg.init_std)(rngs.params(), (k, d)))
-      self.attention = MultiHeadAttention(cfg.heads, k * d, d, qk_features=d, v_features=d, out_features=d,
-                                          dropout=cfg.dropout, dtype=dt, rngs=rngs)
+      self.attention = MultiHeadAttention(
+          cfg.heads, k * d, d, qk_features=d, v_features=d, out_features=d, dropout=cfg.dropout, dtype=dt, rngs=rngs
+      )
     else:
-      self.attention = MultiHeadAttention(cfg.heads, k * d, k * d, qk_features=d, v_features=d,
-                                          out_features=d, dropout=cfg.dropout, dtype=dt, rngs=rngs)
+      self.attention = MultiHeadAttention(
+          cfg.heads, k * d, k * d, qk_features=d, v_features=d, out_features=d, dropout=cfg.dropout, dtype=dt, rngs=rngs
+      )
 
   def __call__(self, h_BTKD, *, segment_ids_BT=None, deterministic: bool = True, rngs=None):
     b, t, k, d = h_BTKD.shape
@@ -185,8 +197,15 @@ class EMABlock(nnx.Module):
     self.predictor = TracePredictor(cfg, rngs=rngs)
     self.mix = nnx.Linear((k + 1) * d, d, dtype=dt, kernel_init=_residual_init(cfg.num_blocks), rngs=rngs)
     self.norm_ffn = make_norm(cfg.norm, d, **norm)
-    self.ffn = TopKFFN(d, cfg.ffn_hidden, cfg.ffn_k, activation=cfg.ffn_activation, dtype=dt,
-                       out_kernel_init=_residual_init(cfg.num_blocks), rngs=rngs)
+    self.ffn = TopKFFN(
+        d,
+        cfg.ffn_hidden,
+        cfg.ffn_k,
+        activation=cfg.ffn_activation,
+        dtype=dt,
+        out_kernel_init=_residual_init(cfg.num_blocks),
+        rngs=rngs,
+    )
     self.dropout = nnx.Dropout(cfg.dropout)
 
   def past_traces(self, u_BTD, *, resets_BT=None):
@@ -206,8 +225,9 @@ class EMABlock(nnx.Module):
   def __call__(self, x_BTD, *, resets_BT=None, segment_ids_BT=None, deterministic: bool = True, rngs=None):
     b, t, d = x_BTD.shape
     u_BTD = self.norm_in(x_BTD)
-    h_BTKD, uhat_BTD = self.predict(u_BTD, resets_BT=resets_BT, segment_ids_BT=segment_ids_BT,
-                                    deterministic=deterministic, rngs=rngs)
+    h_BTKD, uhat_BTD = self.predict(
+        u_BTD, resets_BT=resets_BT, segment_ids_BT=segment_ids_BT, deterministic=deterministic, rngs=rngs
+    )
     e_BTD = u_BTD - uhat_BTD.astype(u_BTD.dtype)
     mix_in_BTF = jnp.concatenate([e_BTD, h_BTKD.reshape(b, t, -1).astype(e_BTD.dtype)], axis=-1)
     x_BTD = x_BTD + self.dropout(self.mix(mix_in_BTF), deterministic=deterministic, rngs=rngs)
@@ -222,39 +242,47 @@ class EMALM(nnx.Module):
     cfg = config
     self.config = cfg
     dt = cfg.compute_dtype
-    self.embed = nnx.Embed(cfg.vocab_size, cfg.width, dtype=dt,
-                           embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
+    self.embed = nnx.Embed(
+        cfg.vocab_size, cfg.width, dtype=dt, embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs
+    )
     self.blocks = nnx.List([EMABlock(cfg, rngs=rngs) for _ in range(cfg.num_blocks)])
     self.norm_out = make_norm(cfg.norm, cfg.width, eps=cfg.norm_eps, dtype=dt, rngs=rngs)
     if not cfg.tie_embeddings:
-      self.head = nnx.Linear(cfg.width, cfg.vocab_size, use_bias=False, dtype=dt,
-                             kernel_init=nnx.initializers.normal(cfg.init_std),
-                             preferred_element_type=jnp.float32, rngs=rngs)
+      self.head = nnx.Linear(
+          cfg.width,
+          cfg.vocab_size,
+          use_bias=False,
+          dtype=dt,
+          kernel_init=nnx.initializers.normal(cfg.init_std),
+          preferred_element_type=jnp.float32,
+          rngs=rngs,
+      )
     self.dropout = nnx.Dropout(cfg.dropout)
 
-  def __call__(self, inputs_BT, *, resets_BT=None, segment_ids_BT=None, deterministic: bool = True,
-               rngs=None):
+  def __call__(self, inputs_BT, *, resets_BT=None, segment_ids_BT=None, deterministic: bool = True, rngs=None):
     """inputs_BT int [B, T]; resets_BT bool [B, T] (True: inputs[t] starts a document) and/or
     segment_ids_BT int [B, T] (one id per document; either is derived from the other). rngs: nnx.Rngs
     or a PRNG key, needed when deterministic=False and dropout > 0. Returns float32 logits [B, T, V]."""
     cfg = self.config
     inputs_BT = jnp.asarray(inputs_BT)
     if inputs_BT.ndim != 2 or not jnp.issubdtype(inputs_BT.dtype, jnp.integer):
-      raise ValueError(f"EMALM: `inputs_BT` has shape {inputs_BT.shape} and dtype {inputs_BT.dtype}; "
-                       f"expected integer token ids [B, T].")
+      raise ValueError(
+          f"EMALM: `inputs_BT` has shape {inputs_BT.shape} and dtype {inputs_BT.dtype}; "
+          f"expected integer token ids [B, T]."
+      )
     resets_BT, segment_ids_BT = resolve_documents(inputs_BT.shape, resets_BT, segment_ids_BT, where="EMALM")
     if cfg.predictor != "attention_history":
       segment_ids_BT = None
     rngs = dropout_rngs(rngs, not deterministic and cfg.dropout > 0, where="EMALM")
     x_BTD = self.dropout(self.embed(inputs_BT), deterministic=deterministic, rngs=rngs)
     for block in self.blocks:
-      x_BTD = block(x_BTD, resets_BT=resets_BT, segment_ids_BT=segment_ids_BT, deterministic=deterministic,
-                    rngs=rngs)
+      x_BTD = block(x_BTD, resets_BT=resets_BT, segment_ids_BT=segment_ids_BT, deterministic=deterministic, rngs=rngs)
     x_BTD = self.norm_out(x_BTD)
     if cfg.tie_embeddings:
       dt = cfg.compute_dtype
-      return jnp.einsum("btd,vd->btv", x_BTD.astype(dt), self.embed.embedding[...].astype(dt),
-                        preferred_element_type=jnp.float32)
+      return jnp.einsum(
+          "btd,vd->btv", x_BTD.astype(dt), self.embed.embedding[...].astype(dt), preferred_element_type=jnp.float32
+      )
     return self.head(x_BTD).astype(jnp.float32)
 
 

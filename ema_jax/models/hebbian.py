@@ -59,24 +59,25 @@ CODE_KINDS = ("random", "context")
 @dataclasses.dataclass(frozen=True)
 class HebbianConfig:
   """Hyperparameters; defaults are the ones used for the reported numbers."""
+
   vocab_size: int
-  code_dim: int = 32              # D: size of each code part ("context" codes are 3 * D long)
+  code_dim: int = 32  # D: size of each code part ("context" codes are 3 * D long)
   codes: str = "context"
   alphas: tuple = (0.5, 0.1, 0.02)
   backward: bool = True
-  identity_weight: float = 0.3    # weight of the random part inside "context" codes
-  code_weight: float = 1.0        # weight of the token's own code block
-  trace_weight: float = 1.0       # weight of each trace block
+  identity_weight: float = 0.3  # weight of the random part inside "context" codes
+  code_weight: float = 1.0  # weight of the token's own code block
+  trace_weight: float = 1.0  # weight of each trace block
   num_units: int = 512
-  winners: int = 1                # k of the k-winners-take-all
+  winners: int = 1  # k of the k-winners-take-all
   lr: float = 0.2
   lr_final: float = 0.01
-  conscience: float = 0.0         # > 0 handicaps units that win more than 1/U of the time
-  usage_rate: float = 0.01        # EMA rate of each unit's win frequency
+  conscience: float = 0.0  # > 0 handicaps units that win more than 1/U of the time
+  usage_rate: float = 0.01  # EMA rate of each unit's win frequency
   epochs: int = 3
-  batch_size: int = 64            # sentences per step
-  temperature: float = 0.02       # of the soft competition that `features` returns
-  center: bool = False            # subtract the mean training input before the competition
+  batch_size: int = 64  # sentences per step
+  temperature: float = 0.02  # of the soft competition that `features` returns
+  center: bool = False  # subtract the mean training input before the competition
   seed: int = 0
 
   def __post_init__(self):
@@ -84,8 +85,11 @@ class HebbianConfig:
         (self.vocab_size >= 1, "vocab_size", "an integer >= 1"),
         (self.code_dim >= 1, "code_dim", "an integer >= 1"),
         (self.codes in CODE_KINDS, "codes", f"one of {CODE_KINDS}"),
-        (len(self.alphas) >= 1 and all(0.0 < a <= 1.0 for a in self.alphas), "alphas",
-         "a non-empty tuple of write rates in (0, 1]"),
+        (
+            len(self.alphas) >= 1 and all(0.0 < a <= 1.0 for a in self.alphas),
+            "alphas",
+            "a non-empty tuple of write rates in (0, 1]",
+        ),
         (self.num_units >= 1, "num_units", "an integer >= 1"),
         (1 <= self.winners <= self.num_units, "winners", f"an integer in [1, num_units={self.num_units}]"),
         (self.lr > 0 and self.lr_final > 0, "lr/lr_final", "positive learning rates"),
@@ -109,10 +113,10 @@ class HebbianConfig:
 
 
 class HebbianParams(NamedTuple):
-  codes_VC: jax.Array     # token codes, fixed after make_codes
-  center_F: jax.Array     # mean input over the training tokens (zeros when cfg.center is False)
-  units_UF: jax.Array     # unit weight vectors, unit length
-  usage_U: jax.Array      # running win frequency of each unit (for the conscience bias)
+  codes_VC: jax.Array  # token codes, fixed after make_codes
+  center_F: jax.Array  # mean input over the training tokens (zeros when cfg.center is False)
+  units_UF: jax.Array  # unit weight vectors, unit length
+  usage_U: jax.Array  # running win frequency of each unit (for the conscience bias)
 
 
 def _unit(x, axis=-1):
@@ -124,7 +128,7 @@ def make_codes(cfg: HebbianConfig, tokens_BT, mask_BT) -> jax.Array:
   key = jax.random.key(cfg.seed)
   rand_VD = _unit(jax.random.normal(key, (cfg.vocab_size + 2, cfg.code_dim)))
   if cfg.codes == "random":
-    return rand_VD[:cfg.vocab_size]
+    return rand_VD[: cfg.vocab_size]
   tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
   mask_BT = jnp.asarray(mask_BT, bool)
   bos, eos = cfg.vocab_size, cfg.vocab_size + 1
@@ -134,12 +138,9 @@ def make_codes(cfg: HebbianConfig, tokens_BT, mask_BT) -> jax.Array:
   right_BT = jnp.where(next_valid_BT, jnp.pad(tokens_BT, ((0, 0), (0, 1)))[:, 1:], eos)
   w_N = jnp.where(mask_BT, 1.0, 0.0).reshape(-1)
   rows_N = tokens_BT.reshape(-1)
-  left_VD = jnp.zeros((cfg.vocab_size, cfg.code_dim)).at[rows_N].add(
-      w_N[:, None] * rand_VD[left_BT.reshape(-1)])
-  right_VD = jnp.zeros((cfg.vocab_size, cfg.code_dim)).at[rows_N].add(
-      w_N[:, None] * rand_VD[right_BT.reshape(-1)])
-  return jnp.concatenate([cfg.identity_weight * rand_VD[:cfg.vocab_size], _unit(left_VD), _unit(right_VD)],
-                         axis=-1)
+  left_VD = jnp.zeros((cfg.vocab_size, cfg.code_dim)).at[rows_N].add(w_N[:, None] * rand_VD[left_BT.reshape(-1)])
+  right_VD = jnp.zeros((cfg.vocab_size, cfg.code_dim)).at[rows_N].add(w_N[:, None] * rand_VD[right_BT.reshape(-1)])
+  return jnp.concatenate([cfg.identity_weight * rand_VD[: cfg.vocab_size], _unit(left_VD), _unit(right_VD)], axis=-1)
 
 
 def _context_traces(x_BTC, alphas):
@@ -168,8 +169,7 @@ def _centered(params, tokens_BT, mask_BT, cfg):
   return _unit(x_BTF - params.center_F) * mask_BT[..., None]
 
 
-def competitive_update(units_UF, usage_U, x_NF, valid_N, lr, *, winners=1, conscience=0.0,
-                       usage_rate=0.01):
+def competitive_update(units_UF, usage_U, x_NF, valid_N, lr, *, winners=1, conscience=0.0, usage_rate=0.01):
   """One minibatch of k-WTA competitive Hebbian learning; returns (units_UF, usage_U, win_NK).
 
   scores = x . w_u - conscience * (U * usage_u - 1); the `winners` best units of each valid token move
@@ -197,8 +197,15 @@ def train_step(params: HebbianParams, tokens_BT, mask_BT, lr, cfg: HebbianConfig
   x_NF = x_BTF.reshape(-1, x_BTF.shape[-1])
   valid_N = mask_BT.reshape(-1)
   units_UF, usage_U, win_NK = competitive_update(
-      params.units_UF, params.usage_U, x_NF, valid_N, lr, winners=cfg.winners,
-      conscience=cfg.conscience, usage_rate=cfg.usage_rate)
+      params.units_UF,
+      params.usage_U,
+      x_NF,
+      valid_N,
+      lr,
+      winners=cfg.winners,
+      conscience=cfg.conscience,
+      usage_rate=cfg.usage_rate,
+  )
   # Quantization quality: mean cosine between a token and its best unit (before the update).
   best_N = jnp.take_along_axis(x_NF @ params.units_UF.T, win_NK[:, :1], axis=1)[:, 0]
   mean_cos = (best_N * valid_N).sum() / jnp.maximum(valid_N.sum(), 1)
@@ -208,14 +215,14 @@ def train_step(params: HebbianParams, tokens_BT, mask_BT, lr, cfg: HebbianConfig
 def _batches(n, batch_size, order=None):
   order = np.arange(n) if order is None else order
   for start in range(0, n, batch_size):
-    yield order[start:start + batch_size]
+    yield order[start : start + batch_size]
 
 
 def _pad_batch(tokens, mask, idx, batch_size):
   """Rows idx of (tokens, mask), padded with empty sentences to batch_size rows (one jit shape)."""
   tok = np.zeros((batch_size, tokens.shape[1]), np.int32)
   msk = np.zeros((batch_size, tokens.shape[1]), bool)
-  tok[:len(idx)], msk[:len(idx)] = tokens[idx], mask[idx]
+  tok[: len(idx)], msk[: len(idx)] = tokens[idx], mask[idx]
   return jnp.asarray(tok), jnp.asarray(msk)
 
 
@@ -224,8 +231,9 @@ def _check_data(tokens_BT, mask_BT, cfg, where):
   if tokens_BT.ndim != 2 or tokens_BT.shape != mask_BT.shape:
     raise ValueError(f"{where}: tokens {tokens_BT.shape} and mask {mask_BT.shape} must both be [B, T]")
   if tokens_BT.size and (tokens_BT.min() < 0 or tokens_BT.max() >= cfg.vocab_size):
-    raise ValueError(f"{where}: token ids span [{tokens_BT.min()}, {tokens_BT.max()}], outside "
-                     f"[0, vocab_size={cfg.vocab_size})")
+    raise ValueError(
+        f"{where}: token ids span [{tokens_BT.min()}, {tokens_BT.max()}], outside " f"[0, vocab_size={cfg.vocab_size})"
+    )
   return tokens_BT.astype(np.int32), mask_BT
 
 
@@ -236,26 +244,31 @@ def fit(cfg: HebbianConfig, tokens_BT, mask_BT, *, verbose: bool = False) -> Heb
   codes_VC = make_codes(cfg, tokens_BT, mask_BT)
   # Units start at the inputs of random training tokens; the same sample gives the mean input.
   init_rows = rng.choice(len(tokens_BT), size=min(len(tokens_BT), 4 * cfg.num_units), replace=False)
-  init_NF = np.concatenate([
-      np.asarray(input_features(codes_VC, *_pad_batch(tokens_BT, mask_BT, idx, cfg.batch_size), cfg))
-      [mask_BT[idx].nonzero()] for idx in _batches(len(init_rows), cfg.batch_size, init_rows)])
+  init_NF = np.concatenate(
+      [
+          np.asarray(input_features(codes_VC, *_pad_batch(tokens_BT, mask_BT, idx, cfg.batch_size), cfg))[
+              mask_BT[idx].nonzero()
+          ]
+          for idx in _batches(len(init_rows), cfg.batch_size, init_rows)
+      ]
+  )
   if len(init_NF) < cfg.num_units:
-    raise ValueError(f"hebbian.fit: {len(init_NF)} training tokens for num_units={cfg.num_units}; "
-                     "give more sentences or fewer units")
+    raise ValueError(
+        f"hebbian.fit: {len(init_NF)} training tokens for num_units={cfg.num_units}; "
+        "give more sentences or fewer units"
+    )
   center_F = init_NF.mean(0) if cfg.center else np.zeros(init_NF.shape[1], np.float32)
   init_NF = init_NF - center_F
   init_NF /= np.maximum(np.linalg.norm(init_NF, axis=1, keepdims=True), 1e-12)
   units_UF = jnp.asarray(init_NF[rng.choice(len(init_NF), cfg.num_units, replace=False)])
-  params = HebbianParams(codes_VC, jnp.asarray(center_F), units_UF,
-                         jnp.full((cfg.num_units,), 1.0 / cfg.num_units))
+  params = HebbianParams(codes_VC, jnp.asarray(center_F), units_UF, jnp.full((cfg.num_units,), 1.0 / cfg.num_units))
   steps = cfg.epochs * -(-len(tokens_BT) // cfg.batch_size)
   step = 0
   for epoch in range(cfg.epochs):
     cos = []
     for idx in _batches(len(tokens_BT), cfg.batch_size, rng.permutation(len(tokens_BT))):
       lr = cfg.lr + (cfg.lr_final - cfg.lr) * step / max(steps - 1, 1)
-      params, mean_cos = train_step(params, *_pad_batch(tokens_BT, mask_BT, idx, cfg.batch_size),
-                                    jnp.float32(lr), cfg)
+      params, mean_cos = train_step(params, *_pad_batch(tokens_BT, mask_BT, idx, cfg.batch_size), jnp.float32(lr), cfg)
       cos.append(mean_cos)
       step += 1
     if verbose:
@@ -264,8 +277,10 @@ def fit(cfg: HebbianConfig, tokens_BT, mask_BT, *, verbose: bool = False) -> Heb
 
 
 def _map_batches(fn, tokens_BT, mask_BT, batch_size):
-  outs = [np.asarray(fn(*_pad_batch(tokens_BT, mask_BT, idx, batch_size)))[:len(idx)]
-          for idx in _batches(len(tokens_BT), batch_size)]
+  outs = [
+      np.asarray(fn(*_pad_batch(tokens_BT, mask_BT, idx, batch_size)))[: len(idx)]
+      for idx in _batches(len(tokens_BT), batch_size)
+  ]
   return np.concatenate(outs)
 
 
@@ -287,8 +302,9 @@ def features(params: HebbianParams, cfg: HebbianConfig, tokens_BT, mask_BT) -> n
 def winning_units(params: HebbianParams, cfg: HebbianConfig, tokens_BT, mask_BT) -> np.ndarray:
   """The best unit of each token (no conscience bias at test time), int32 [B, T], -1 at padding."""
   tokens_BT, mask_BT = _check_data(tokens_BT, mask_BT, cfg, "hebbian.winning_units")
-  win_BT = _map_batches(lambda t, m: jnp.argmax(_unit_scores(params, t, m, cfg), -1),
-                        tokens_BT, mask_BT, cfg.batch_size)
+  win_BT = _map_batches(
+      lambda t, m: jnp.argmax(_unit_scores(params, t, m, cfg), -1), tokens_BT, mask_BT, cfg.batch_size
+  )
   return np.where(mask_BT, win_BT, -1).astype(np.int32)
 
 
@@ -324,8 +340,9 @@ class Probe(NamedTuple):
   b_R: jax.Array
 
 
-def fit_probe(feats_BTF, mask_BT, roles_BT, num_roles: int, *, steps: int = 300, lr: float = 0.05,
-              l2: float = 1e-4, seed: int = 0) -> Probe:
+def fit_probe(
+    feats_BTF, mask_BT, roles_BT, num_roles: int, *, steps: int = 300, lr: float = 0.05, l2: float = 1e-4, seed: int = 0
+) -> Probe:
   """Readout (b): multinomial logistic regression (full batch, Adam) on standardized frozen features."""
   valid = np.asarray(mask_BT, bool)
   x_NF = jnp.asarray(np.asarray(feats_BTF, np.float32)[valid])
@@ -350,6 +367,7 @@ def fit_probe(feats_BTF, mask_BT, roles_BT, num_roles: int, *, steps: int = 300,
       g = jax.grad(loss_fn)(p)
       upd, s = opt.update(g, s, p)
       return (optax.apply_updates(p, upd), s), None
+
     (p, _), _ = jax.lax.scan(body, (p, opt.init(p)), None, length=steps)
     return p
 
@@ -365,25 +383,42 @@ def probe_predict(probe: Probe, feats_BTF, mask_BT) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # evaluation
 
-def fit_and_evaluate(cfg: HebbianConfig, train, evals: dict, *, probe_steps: int = 300,
-                     verbose: bool = False) -> dict:
+
+def fit_and_evaluate(cfg: HebbianConfig, train, evals: dict, *, probe_steps: int = 300, verbose: bool = False) -> dict:
   """Label-free fit on train.tokens/mask, both readouts fitted on train's labels, evaluated on each of
   `evals` (name -> object with tokens, roles, depth, mask, role_names such as grammar.RoleData).
   Returns {name: {"unit_readout", "linear_probe", "majority"} -> role_metrics.evaluate(...) dict}."""
   num_roles = len(train.role_names)
   params = fit(cfg, train.tokens, train.mask, verbose=verbose)
   unit_roles_U = fit_unit_roles(params, cfg, train.tokens, train.mask, train.roles, num_roles)
-  probe = fit_probe(features(params, cfg, train.tokens, train.mask), train.mask, train.roles, num_roles,
-                    steps=probe_steps, seed=cfg.seed)
+  probe = fit_probe(
+      features(params, cfg, train.tokens, train.mask),
+      train.mask,
+      train.roles,
+      num_roles,
+      steps=probe_steps,
+      seed=cfg.seed,
+  )
   results = {}
   for name, data in {"train": train, **evals}.items():
     feats = features(params, cfg, data.tokens, data.mask)
     results[name] = {
-        "unit_readout": role_metrics.evaluate(assign(params, cfg, unit_roles_U, data.tokens, data.mask),
-                                 data.roles, data.depth, data.mask, data.role_names),
-        "linear_probe": role_metrics.evaluate(probe_predict(probe, feats, data.mask), data.roles, data.depth,
-                                 data.mask, data.role_names),
-        "majority": role_metrics.evaluate(role_metrics.majority_predictions(train.roles, train.mask, data.mask), data.roles,
-                             data.depth, data.mask, data.role_names),
+        "unit_readout": role_metrics.evaluate(
+            assign(params, cfg, unit_roles_U, data.tokens, data.mask),
+            data.roles,
+            data.depth,
+            data.mask,
+            data.role_names,
+        ),
+        "linear_probe": role_metrics.evaluate(
+            probe_predict(probe, feats, data.mask), data.roles, data.depth, data.mask, data.role_names
+        ),
+        "majority": role_metrics.evaluate(
+            role_metrics.majority_predictions(train.roles, train.mask, data.mask),
+            data.roles,
+            data.depth,
+            data.mask,
+            data.role_names,
+        ),
     }
   return results

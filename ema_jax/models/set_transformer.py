@@ -55,15 +55,15 @@ def parse_dropout_on(value) -> Tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class SetTransformerConfig:
-  num_tokens: int                       # N set tokens; the vocabulary adds PAD and QUERY
-  embed_dim: int = 64                   # D: embeddings, queries/keys, residual
-  value_dim: int = 64                   # total value width over all heads
-  num_heads: int = 1                    # H, divides embed_dim and value_dim
+  num_tokens: int  # N set tokens; the vocabulary adds PAD and QUERY
+  embed_dim: int = 64  # D: embeddings, queries/keys, residual
+  value_dim: int = 64  # total value width over all heads
+  num_heads: int = 1  # H, divides embed_dim and value_dim
   norm: str = "none"
   positions: str = "none"
   dropout: float = 0.0
   dropout_on: Tuple[str, ...] = ("attention",)
-  traced_dropout: bool = False          # rates in a DropoutRates variable instead of constants
+  traced_dropout: bool = False  # rates in a DropoutRates variable instead of constants
 
   def __post_init__(self):
     object.__setattr__(self, "dropout_on", parse_dropout_on(self.dropout_on))
@@ -71,9 +71,14 @@ class SetTransformerConfig:
         (isinstance(self.num_tokens, int) and self.num_tokens >= 2, "num_tokens", "an integer >= 2"),
         (isinstance(self.embed_dim, int) and self.embed_dim >= 1, "embed_dim", "a positive integer"),
         (isinstance(self.value_dim, int) and self.value_dim >= 1, "value_dim", "a positive integer"),
-        (isinstance(self.num_heads, int) and self.num_heads >= 1 and self.embed_dim % self.num_heads == 0
-         and self.value_dim % self.num_heads == 0, "num_heads",
-         f"a positive common divisor of embed_dim={self.embed_dim} and value_dim={self.value_dim}"),
+        (
+            isinstance(self.num_heads, int)
+            and self.num_heads >= 1
+            and self.embed_dim % self.num_heads == 0
+            and self.value_dim % self.num_heads == 0,
+            "num_heads",
+            f"a positive common divisor of embed_dim={self.embed_dim} and value_dim={self.value_dim}",
+        ),
         (self.norm in NORMS, "norm", f"one of {NORMS}"),
         (self.positions in POSITIONS, "positions", f"one of {POSITIONS}"),
         (0.0 <= self.dropout < 1.0, "dropout", "a rate in [0, 1)"),
@@ -108,8 +113,10 @@ def _dropout(x, rate, key, active: bool):
 
 def _base_key(rngs):
   if rngs is None:
-    raise ValueError("SetTransformer: deterministic=False with dropout > 0 needs `rngs` (an nnx.Rngs with a "
-                     "'dropout' or 'default' stream, or a PRNG key).")
+    raise ValueError(
+        "SetTransformer: deterministic=False with dropout > 0 needs `rngs` (an nnx.Rngs with a "
+        "'dropout' or 'default' stream, or a PRNG key)."
+    )
   if isinstance(rngs, nnx.Rngs):
     return rngs.dropout()
   if isinstance(rngs, nnx.RngStream):
@@ -124,31 +131,45 @@ class SetTransformer(nnx.Module):
     cfg = self.config = config
     d, dv, n = cfg.embed_dim, cfg.value_dim, cfg.num_tokens
     self.embed = nnx.Embed(n + 2, d, rngs=rngs)
-    self.positions = nnx.Embed(n, d, embedding_init=nnx.initializers.normal(0.02), rngs=rngs) \
-        if cfg.positions == "learned" else None
+    self.positions = (
+        nnx.Embed(n, d, embedding_init=nnx.initializers.normal(0.02), rngs=rngs) if cfg.positions == "learned" else None
+    )
     self.norm = nnx.LayerNorm(d, rngs=rngs) if cfg.norm == "pre" else None
     self.query = nnx.Linear(d, d, use_bias=False, rngs=rngs)
     self.key = nnx.Linear(d, d, use_bias=False, rngs=rngs)
     self.value = nnx.Linear(d, dv, use_bias=False, rngs=rngs)
     self.attn_out = nnx.Linear(dv, d, use_bias=False, rngs=rngs)
     self.readout = nnx.Linear(d, n, rngs=rngs)
-    self.dropout_rates = DropoutRates(jnp.asarray(
-        [cfg.dropout if s in cfg.dropout_on else 0.0 for s in DROPOUT_SITES], jnp.float32)) \
-        if cfg.traced_dropout else None
+    self.dropout_rates = (
+        DropoutRates(jnp.asarray([cfg.dropout if s in cfg.dropout_on else 0.0 for s in DROPOUT_SITES], jnp.float32))
+        if cfg.traced_dropout
+        else None
+    )
 
-  def __call__(self, tokens_BL, mask_BL, *, deterministic: bool = True, rngs=None,
-               dropout_rates: Optional[Mapping[str, jax.Array]] = None):
+  def __call__(
+      self,
+      tokens_BL,
+      mask_BL,
+      *,
+      deterministic: bool = True,
+      rngs=None,
+      dropout_rates: Optional[Mapping[str, jax.Array]] = None,
+  ):
     """dropout_rates: {site: rate} overriding config.dropout / dropout_on and the state's DropoutRates (rates
     may be traced)."""
     cfg = self.config
     tokens_BL = jnp.asarray(tokens_BL)
     if tokens_BL.ndim != 2 or not jnp.issubdtype(tokens_BL.dtype, jnp.integer):
-      raise ValueError(f"SetTransformer: `tokens_BL` has shape {tokens_BL.shape} and dtype {tokens_BL.dtype}; "
-                       "expected integer token ids [B, L].")
+      raise ValueError(
+          f"SetTransformer: `tokens_BL` has shape {tokens_BL.shape} and dtype {tokens_BL.dtype}; "
+          "expected integer token ids [B, L]."
+      )
     b, length = tokens_BL.shape
     if length > cfg.num_tokens - 1 and cfg.positions == "learned":
-      raise ValueError(f"SetTransformer: rows of length {length} exceed the {cfg.num_tokens - 1} set slots of "
-                       "positions='learned'; pad to at most num_tokens - 1.")
+      raise ValueError(
+          f"SetTransformer: rows of length {length} exceed the {cfg.num_tokens - 1} set slots of "
+          "positions='learned'; pad to at most num_tokens - 1."
+      )
     if dropout_rates is None and self.dropout_rates is not None:
       rates = self.dropout_rates.value
       dropout_rates = {s: rates[i] for i, s in enumerate(DROPOUT_SITES)}

@@ -28,11 +28,12 @@ DTYPES = ("float32", "bfloat16")
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
   """Hyperparameters of GPT. Parameters are always float32; `dtype` is the compute dtype."""
+
   vocab_size: int = 50257
-  context_len: int = 1024               # number of learned positions: the longest window
+  context_len: int = 1024  # number of learned positions: the longest window
   num_layers: int = 12
   num_heads: int = 12
-  width: int = 768                      # D
+  width: int = 768  # D
   mlp_ratio: int = 4
   dropout: float = 0.0
   dtype: str = "float32"
@@ -46,8 +47,11 @@ class GPTConfig:
         (isinstance(self.context_len, int) and self.context_len >= 1, "context_len", "a positive integer"),
         (isinstance(self.num_layers, int) and self.num_layers >= 1, "num_layers", "a positive integer"),
         (isinstance(self.width, int) and self.width >= 1, "width", "a positive integer"),
-        (isinstance(self.num_heads, int) and self.num_heads >= 1 and self.width % self.num_heads == 0,
-         "num_heads", f"a positive divisor of width={self.width}"),
+        (
+            isinstance(self.num_heads, int) and self.num_heads >= 1 and self.width % self.num_heads == 0,
+            "num_heads",
+            f"a positive divisor of width={self.width}",
+        ),
         (isinstance(self.mlp_ratio, int) and self.mlp_ratio >= 1, "mlp_ratio", "a positive integer"),
         (0.0 <= self.dropout < 1.0, "dropout", "a rate in [0, 1)"),
         (self.dtype in DTYPES, "dtype", f"one of {DTYPES}"),
@@ -85,11 +89,13 @@ class GPTBlock(nnx.Module):
     init = nnx.initializers.normal(cfg.init_std)
     out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
     self.norm_attn = nnx.LayerNorm(d, epsilon=cfg.norm_eps, dtype=dt, rngs=rngs)
-    self.attention = MultiHeadAttention(cfg.num_heads, d, dropout=cfg.dropout, dtype=dt, kernel_init=init,
-                                        out_kernel_init=out_init, rngs=rngs)
+    self.attention = MultiHeadAttention(
+        cfg.num_heads, d, dropout=cfg.dropout, dtype=dt, kernel_init=init, out_kernel_init=out_init, rngs=rngs
+    )
     self.norm_mlp = nnx.LayerNorm(d, epsilon=cfg.norm_eps, dtype=dt, rngs=rngs)
-    self.mlp = MLP(d, cfg.mlp_ratio * d, activation="gelu", dtype=dt, kernel_init=init,
-                   out_kernel_init=out_init, rngs=rngs)
+    self.mlp = MLP(
+        d, cfg.mlp_ratio * d, activation="gelu", dtype=dt, kernel_init=init, out_kernel_init=out_init, rngs=rngs
+    )
     self.dropout = nnx.Dropout(cfg.dropout)
 
   def __call__(self, x_BTD, *, mask_B1TT, deterministic: bool = True, rngs=None):
@@ -106,32 +112,43 @@ class GPT(nnx.Module):
     cfg = config
     self.config = cfg
     dt = cfg.compute_dtype
-    self.embed = nnx.Embed(cfg.vocab_size, cfg.width, dtype=dt,
-                           embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
-    self.positions = nnx.Embed(cfg.context_len, cfg.width, dtype=dt,
-                               embedding_init=nnx.initializers.normal(0.01), rngs=rngs)
+    self.embed = nnx.Embed(
+        cfg.vocab_size, cfg.width, dtype=dt, embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs
+    )
+    self.positions = nnx.Embed(
+        cfg.context_len, cfg.width, dtype=dt, embedding_init=nnx.initializers.normal(0.01), rngs=rngs
+    )
     self.blocks = nnx.List([GPTBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.norm_out = nnx.LayerNorm(cfg.width, epsilon=cfg.norm_eps, dtype=dt, rngs=rngs)
     if not cfg.tie_embeddings:
-      self.head = nnx.Linear(cfg.width, cfg.vocab_size, use_bias=False, dtype=dt,
-                             kernel_init=nnx.initializers.normal(cfg.init_std),
-                             preferred_element_type=jnp.float32, rngs=rngs)
+      self.head = nnx.Linear(
+          cfg.width,
+          cfg.vocab_size,
+          use_bias=False,
+          dtype=dt,
+          kernel_init=nnx.initializers.normal(cfg.init_std),
+          preferred_element_type=jnp.float32,
+          rngs=rngs,
+      )
     self.dropout = nnx.Dropout(cfg.dropout)
 
-  def __call__(self, inputs_BT, *, resets_BT=None, segment_ids_BT=None, deterministic: bool = True,
-               rngs=None):
+  def __call__(self, inputs_BT, *, resets_BT=None, segment_ids_BT=None, deterministic: bool = True, rngs=None):
     """inputs_BT int [B, T]; segment_ids_BT int [B, T] and/or resets_BT bool [B, T] keep attention
     inside each packed document (either is derived from the other). rngs: nnx.Rngs or a PRNG key,
     needed when deterministic=False and dropout > 0. Returns float32 logits [B, T, V]."""
     cfg = self.config
     inputs_BT = jnp.asarray(inputs_BT)
     if inputs_BT.ndim != 2 or not jnp.issubdtype(inputs_BT.dtype, jnp.integer):
-      raise ValueError(f"GPT: `inputs_BT` has shape {inputs_BT.shape} and dtype {inputs_BT.dtype}; "
-                       f"expected integer token ids [B, T].")
+      raise ValueError(
+          f"GPT: `inputs_BT` has shape {inputs_BT.shape} and dtype {inputs_BT.dtype}; "
+          f"expected integer token ids [B, T]."
+      )
     t = inputs_BT.shape[1]
     if t > cfg.context_len:
-      raise ValueError(f"GPT: sequence length {t} exceeds `context_len`={cfg.context_len}; "
-                       f"use windows of at most {cfg.context_len} tokens or a larger context_len.")
+      raise ValueError(
+          f"GPT: sequence length {t} exceeds `context_len`={cfg.context_len}; "
+          f"use windows of at most {cfg.context_len} tokens or a larger context_len."
+      )
     _, segment_ids_BT = resolve_documents(inputs_BT.shape, resets_BT, segment_ids_BT, where="GPT")
     mask_B1TT = causal_segment_mask(t, segment_ids_BT)
     rngs = dropout_rngs(rngs, not deterministic and cfg.dropout > 0, where="GPT")
@@ -142,8 +159,9 @@ class GPT(nnx.Module):
     x_BTD = self.norm_out(x_BTD)
     if cfg.tie_embeddings:
       dt = cfg.compute_dtype
-      return jnp.einsum("btd,vd->btv", x_BTD.astype(dt), self.embed.embedding[...].astype(dt),
-                        preferred_element_type=jnp.float32)
+      return jnp.einsum(
+          "btd,vd->btv", x_BTD.astype(dt), self.embed.embedding[...].astype(dt), preferred_element_type=jnp.float32
+      )
     return self.head(x_BTD).astype(jnp.float32)
 
 

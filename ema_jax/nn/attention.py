@@ -38,13 +38,17 @@ def resolve_documents(shape_BT, resets_BT=None, segment_ids_BT=None, *, where: s
   if resets_BT is not None:
     resets_BT = jnp.asarray(resets_BT)
     if resets_BT.shape != tuple(shape_BT) or resets_BT.dtype != jnp.bool_:
-      raise ValueError(f"{where}: `resets_BT` has shape {resets_BT.shape} and dtype {resets_BT.dtype}; "
-                       f"expected bool {tuple(shape_BT)} ([B, T], True where a document starts).")
+      raise ValueError(
+          f"{where}: `resets_BT` has shape {resets_BT.shape} and dtype {resets_BT.dtype}; "
+          f"expected bool {tuple(shape_BT)} ([B, T], True where a document starts)."
+      )
   if segment_ids_BT is not None:
     segment_ids_BT = jnp.asarray(segment_ids_BT)
     if segment_ids_BT.shape != tuple(shape_BT) or not jnp.issubdtype(segment_ids_BT.dtype, jnp.integer):
-      raise ValueError(f"{where}: `segment_ids_BT` has shape {segment_ids_BT.shape} and dtype "
-                       f"{segment_ids_BT.dtype}; expected integers {tuple(shape_BT)} ([B, T], one id per document).")
+      raise ValueError(
+          f"{where}: `segment_ids_BT` has shape {segment_ids_BT.shape} and dtype "
+          f"{segment_ids_BT.dtype}; expected integers {tuple(shape_BT)} ([B, T], one id per document)."
+      )
     segment_ids_BT = segment_ids_BT.astype(jnp.int32)
   if resets_BT is None and segment_ids_BT is not None:
     resets_BT = resets_from_segment_ids(segment_ids_BT)
@@ -62,8 +66,10 @@ def dropout_rngs(rngs, active: bool, *, where: str = "model"):
   if not active:
     return None
   if rngs is None:
-    raise ValueError(f"{where}: deterministic=False with dropout > 0 needs `rngs` (an nnx.Rngs with a "
-                     f"'dropout' stream, or a PRNG key); pass deterministic=True for evaluation.")
+    raise ValueError(
+        f"{where}: deterministic=False with dropout > 0 needs `rngs` (an nnx.Rngs with a "
+        f"'dropout' stream, or a PRNG key); pass deterministic=True for evaluation."
+    )
   if isinstance(rngs, (nnx.Rngs, nnx.RngStream)):
     return rngs
   return nnx.Rngs(dropout=rngs)
@@ -93,23 +99,42 @@ class MultiHeadAttention(nnx.Module):
   acts on the attention weights.
   """
 
-  def __init__(self, num_heads: int, q_features: int, kv_features: Optional[int] = None, *,
-               qk_features: Optional[int] = None, v_features: Optional[int] = None,
-               out_features: Optional[int] = None, use_bias: bool = True, dropout: float = 0.0,
-               dtype=None, kernel_init=_DEFAULT_INIT, out_kernel_init=None, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      num_heads: int,
+      q_features: int,
+      kv_features: Optional[int] = None,
+      *,
+      qk_features: Optional[int] = None,
+      v_features: Optional[int] = None,
+      out_features: Optional[int] = None,
+      use_bias: bool = True,
+      dropout: float = 0.0,
+      dtype=None,
+      kernel_init=_DEFAULT_INIT,
+      out_kernel_init=None,
+      rngs: nnx.Rngs,
+  ):
     kv_features = q_features if kv_features is None else kv_features
     qk_features = q_features if qk_features is None else qk_features
     v_features = qk_features if v_features is None else v_features
     out_features = q_features if out_features is None else out_features
-    for name, value in (("num_heads", num_heads), ("q_features", q_features), ("kv_features", kv_features),
-                        ("qk_features", qk_features), ("v_features", v_features),
-                        ("out_features", out_features)):
+    for name, value in (
+        ("num_heads", num_heads),
+        ("q_features", q_features),
+        ("kv_features", kv_features),
+        ("qk_features", qk_features),
+        ("v_features", v_features),
+        ("out_features", out_features),
+    ):
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"MultiHeadAttention: `{name}`={value!r}; expected a positive integer.")
     for name, value in (("qk_features", qk_features), ("v_features", v_features)):
       if value % num_heads:
-        raise ValueError(f"MultiHeadAttention: `{name}`={value} is not divisible by num_heads={num_heads}; "
-                         f"pick a multiple of {num_heads}.")
+        raise ValueError(
+            f"MultiHeadAttention: `{name}`={value} is not divisible by num_heads={num_heads}; "
+            f"pick a multiple of {num_heads}."
+        )
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"MultiHeadAttention: `dropout`={dropout!r}; expected a rate in [0, 1).")
     self.num_heads = num_heads
@@ -136,7 +161,7 @@ class MultiHeadAttention(nnx.Module):
     q_SHd = self.query(x_q).reshape(*lead, x_q.shape[-2], self.num_heads, self.head_qk)
     k_THd = self.key(x_kv).reshape(*x_kv.shape[:-2], x_kv.shape[-2], self.num_heads, self.head_qk)
     v_THd = self.value(x_kv).reshape(*x_kv.shape[:-2], x_kv.shape[-2], self.num_heads, self.head_v)
-    q_SHd = q_SHd * jnp.asarray(self.head_qk ** -0.5, q_SHd.dtype)
+    q_SHd = q_SHd * jnp.asarray(self.head_qk**-0.5, q_SHd.dtype)
     scores_HST = jnp.einsum("...shd,...thd->...hst", q_SHd, k_THd, preferred_element_type=jnp.float32)
     if mask is not None:
       scores_HST = jnp.where(mask, scores_HST, jnp.finfo(jnp.float32).min)

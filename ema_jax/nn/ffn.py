@@ -11,7 +11,7 @@ from flax import nnx
 _DEFAULT_INIT = nnx.initializers.lecun_normal()
 
 ACTIVATIONS = {
-    "gelu": lambda a: jax.nn.gelu(a, approximate=True),   # GPT-2's tanh approximation
+    "gelu": lambda a: jax.nn.gelu(a, approximate=True),  # GPT-2's tanh approximation
     "gelu_exact": lambda a: jax.nn.gelu(a, approximate=False),
     "relu": jax.nn.relu,
     "identity": lambda a: a,
@@ -39,9 +39,18 @@ def topk_mask(a_NH, k: int) -> jax.Array:
 class MLP(nnx.Module):
   """Dense two-layer FFN: W_2 act(W_1 x + b_1) + b_2 (GPT-2: hidden 4 D, tanh-GELU)."""
 
-  def __init__(self, in_features: int, hidden: int, out_features: Optional[int] = None, *,
-               activation: str = "gelu", dtype=None, kernel_init=_DEFAULT_INIT, out_kernel_init=None,
-               rngs: nnx.Rngs):
+  def __init__(
+      self,
+      in_features: int,
+      hidden: int,
+      out_features: Optional[int] = None,
+      *,
+      activation: str = "gelu",
+      dtype=None,
+      kernel_init=_DEFAULT_INIT,
+      out_kernel_init=None,
+      rngs: nnx.Rngs,
+  ):
     self.activation = activation
     _activation(activation, "MLP")
     out_features = in_features if out_features is None else out_features
@@ -62,9 +71,19 @@ class TopKFFN(nnx.Module):
   gradient from that token (no straight-through estimate).
   """
 
-  def __init__(self, in_features: int, hidden: int, k: int, out_features: Optional[int] = None, *,
-               activation: str = "relu", dtype=None, kernel_init=_DEFAULT_INIT, out_kernel_init=None,
-               rngs: nnx.Rngs):
+  def __init__(
+      self,
+      in_features: int,
+      hidden: int,
+      k: int,
+      out_features: Optional[int] = None,
+      *,
+      activation: str = "relu",
+      dtype=None,
+      kernel_init=_DEFAULT_INIT,
+      out_kernel_init=None,
+      rngs: nnx.Rngs,
+  ):
     if not isinstance(k, int) or not 1 <= k <= hidden:
       raise ValueError(f"TopKFFN: `k`={k!r}; expected an integer in [1, hidden={hidden}].")
     _activation(activation, "TopKFFN")

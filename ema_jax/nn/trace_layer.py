@@ -22,8 +22,15 @@ class EMATraces(nnx.Module):
   log(1 - alpha) = -softplus(raw), so the decay 1 - alpha stays in (0, 1) and alpha inside (0, 1).
   """
 
-  def __init__(self, features: int, alphas: Sequence[float] = traces.PAPER_ALPHAS, *, learn: str = "none",
-               bias_correction: bool = False, method: str = "auto"):
+  def __init__(
+      self,
+      features: int,
+      alphas: Sequence[float] = traces.PAPER_ALPHAS,
+      *,
+      learn: str = "none",
+      bias_correction: bool = False,
+      method: str = "auto",
+  ):
     if learn not in LEARN_MODES:
       raise ValueError(f"EMATraces: `learn`={learn!r}; accepted: {', '.join(LEARN_MODES)}.")
     if not isinstance(features, int) or features < 1:
@@ -56,13 +63,20 @@ class EMATraces(nnx.Module):
     """Returns (h_BTKD, final TraceState) over a whole sequence."""
     if state is None:
       # Under a mesh with seq > 1 (jax.set_mesh) this runs sequence-parallel.
-      h_BTKD, h_last = seq_parallel.auto_traces(x_BTD, self.alphas(), resets_BT,
-                                                bias_correction=self.bias_correction, method=self.method)
+      h_BTKD, h_last = seq_parallel.auto_traces(
+          x_BTD, self.alphas(), resets_BT, bias_correction=self.bias_correction, method=self.method
+      )
       counts = traces.token_counts(resets_BT, x_BTD.shape[0], x_BTD.shape[1])[:, -1]
       return h_BTKD, traces.TraceState(h_last, counts)
-    h_BTKD, h_last = traces.ema_traces(x_BTD, self.alphas(), state.h, resets=resets_BT,
-                                       bias_correction=self.bias_correction, method=self.method,
-                                       start_count=state.count)
+    h_BTKD, h_last = traces.ema_traces(
+        x_BTD,
+        self.alphas(),
+        state.h,
+        resets=resets_BT,
+        bias_correction=self.bias_correction,
+        method=self.method,
+        start_count=state.count,
+    )
     start = state.count
     counts = traces.token_counts(resets_BT, x_BTD.shape[0], x_BTD.shape[1], start)[:, -1]
     return h_BTKD, traces.TraceState(h_last, counts)

@@ -50,9 +50,11 @@ class BatchIterator(abc.ABC):
     first = dict(states[0])
     for i, s in enumerate(states[1:], 1):
       if dict(s) != first:
-        raise RuntimeError(f"data positions differ between process 0 ({str(first)[:200]}) and process {i} "
-                           f"({str(dict(s))[:200]}): this iterator's position is not global; give it a "
-                           f"merge_states.")
+        raise RuntimeError(
+            f"data positions differ between process 0 ({str(first)[:200]}) and process {i} "
+            f"({str(dict(s))[:200]}): this iterator's position is not global; give it a "
+            f"merge_states."
+        )
     return first
 
 
@@ -67,16 +69,19 @@ class StepBatchIterator(BatchIterator):
   def set_state(self, state: Mapping[str, Any]) -> None:
     step = state.get("step") if isinstance(state, Mapping) else None
     if not is_int(step) or step < 0 or set(state) != {"step"}:
-      raise DataStateError(f"saved data position {str(state)[:200]!r} is not a step-counter position "
-                           f"{{'step': n >= 0}}; the checkpoint's data/metadata was damaged or edited. "
-                           f"Resume from another checkpoint or train in a new workdir.")
+      raise DataStateError(
+          f"saved data position {str(state)[:200]!r} is not a step-counter position "
+          f"{{'step': n >= 0}}; the checkpoint's data/metadata was damaged or edited. "
+          f"Resume from another checkpoint or train in a new workdir."
+      )
     self.step = int(step)
 
 
 @dataclass
 class EvalContext:
   """What a task's evaluation needs from the trainer."""
-  put_batch: Callable[[Batch], Dict[str, jax.Array]]   # process-local numpy -> global sharded arrays
+
+  put_batch: Callable[[Batch], Dict[str, jax.Array]]  # process-local numpy -> global sharded arrays
   process_index: int
   process_count: int
   workdir: Optional[str]
@@ -106,8 +111,9 @@ class Task(abc.ABC):
     ...
 
   @abc.abstractmethod
-  def loss(self, model: nnx.Module, batch: Mapping[str, jax.Array], *, rngs: Optional[nnx.Rngs],
-           train: bool) -> Tuple[jax.Array, Metrics]:
+  def loss(
+      self, model: nnx.Module, batch: Mapping[str, jax.Array], *, rngs: Optional[nnx.Rngs], train: bool
+  ) -> Tuple[jax.Array, Metrics]:
     """Scalar loss (float32) and scalar metrics; pure and jittable."""
 
   def evaluate(self, model: nnx.Module, ctx: EvalContext) -> Dict[str, Any]:
@@ -164,8 +170,10 @@ def task_class(config: ml_collections.ConfigDict):
       if e.name != module_name:
         raise
   else:
-    raise ValueError(f"config.task.name={name!r}: no module ema_jax.tasks.{name} (tasks live in "
-                     f"ema_jax/tasks/<name>.py) and no importable module {name!r}.")
+    raise ValueError(
+        f"config.task.name={name!r}: no module ema_jax.tasks.{name} (tasks live in "
+        f"ema_jax/tasks/<name>.py) and no importable module {name!r}."
+    )
   return module.TASK
 
 

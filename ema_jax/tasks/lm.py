@@ -34,8 +34,10 @@ _NON_MODEL_FIELDS = ("kind", "preset")
 def _model_module(kind):
   if kind == "ema_lm":
     from ema_jax.models import ema_lm
+
     return ema_lm, ema_lm.EMALMConfig, ema_lm.EMALM
   from ema_jax.models import transformer
+
   return transformer, transformer.GPTConfig, transformer.GPT
 
 
@@ -70,8 +72,10 @@ class LMTask(Task):
         return module.preset(m.preset, **fields)
       return cfg_cls(**fields)
     except TypeError as e:
-      raise ValueError(f"config.model: {e} (fields of {cfg_cls.__name__}: "
-                       f"{', '.join(f.name for f in cfg_cls.__dataclass_fields__.values())}).") from None
+      raise ValueError(
+          f"config.model: {e} (fields of {cfg_cls.__name__}: "
+          f"{', '.join(f.name for f in cfg_cls.__dataclass_fields__.values())})."
+      ) from None
 
   def validate(self) -> None:
     t = self.config.task
@@ -87,8 +91,10 @@ class LMTask(Task):
       text_lib.parse_data_config(self._source_config(name))
     cfg = self.model_config()  # validates the model fields
     if self.config.model.kind == "gpt" and max(lengths + [t.seq_len]) > cfg.context_len:
-      raise ValueError(f"config.task.seq_len/eval_lengths up to {max(lengths + [t.seq_len])} exceed the GPT's "
-                       f"context_len={cfg.context_len}; raise config.model.context_len or shorten them.")
+      raise ValueError(
+          f"config.task.seq_len/eval_lengths up to {max(lengths + [t.seq_len])} exceed the GPT's "
+          f"context_len={cfg.context_len}; raise config.model.context_len or shorten them."
+      )
 
   def _source_config(self, name):
     data = ml_collections.ConfigDict(self.config.data.to_dict())
@@ -105,8 +111,9 @@ class LMTask(Task):
 
   def train_iterator(self, process_index: int, process_count: int):
     c = self.config
-    return text_lib.make_train_iterator(c.data, self.tokenizer, c.task.seq_len, c.batch_size, c.seed,
-                                        process_index, process_count)
+    return text_lib.make_train_iterator(
+        c.data, self.tokenizer, c.task.seq_len, c.batch_size, c.seed, process_index, process_count
+    )
 
   def loss(self, model, batch: Mapping[str, jax.Array], *, rngs: Optional[nnx.Rngs], train: bool):
     nll_sum, n_tokens = token_nll(model, batch, rngs=rngs, train=train)
@@ -130,21 +137,27 @@ class LMTask(Task):
     if key not in self._eval_batches:
       t = self.config.task
       self._eval_batches[key] = text_lib.make_eval_batches(
-          self._source_config(source), self.tokenizer, length, t.eval_batch_size,
-          process_index=ctx.process_index, process_count=ctx.process_count)
+          self._source_config(source),
+          self.tokenizer,
+          length,
+          t.eval_batch_size,
+          process_index=ctx.process_index,
+          process_count=ctx.process_count,
+      )
     return self._eval_batches[key]
 
   def evaluate(self, model: nnx.Module, ctx: EvalContext) -> Dict[str, Any]:
     graphdef, state = nnx.split(model)
     if graphdef not in self._eval_fn:
       self._eval_fn[graphdef] = jax.jit(
-          lambda state, batch: token_nll(nnx.merge(graphdef, state), batch, rngs=None, train=False))
+          lambda state, batch: token_nll(nnx.merge(graphdef, state), batch, rngs=None, train=False)
+      )
     fn = self._eval_fn[graphdef]
     t = self.config.task
     sources = ["validation"] + [s for s in (t.eval_sources or {})]
     table, out = [], {}
     for source in sources:
-      for length in (t.eval_lengths or [t.seq_len]):
+      for length in t.eval_lengths or [t.seq_len]:
         batches = self._batches(source, length, ctx)
         nll = 0.0
         for b in batches:
@@ -152,8 +165,18 @@ class LMTask(Task):
           nll += float(s)
         ppl = math.exp(nll / batches.num_tokens)
         bpb = nll / (math.log(2.0) * max(batches.num_bytes, 1))
-        table.append(dict(source=source, length=length, tokens=batches.num_tokens, bytes=batches.num_bytes,
-                          nll=nll, loss=nll / batches.num_tokens, perplexity=ppl, bits_per_byte=bpb))
+        table.append(
+            dict(
+                source=source,
+                length=length,
+                tokens=batches.num_tokens,
+                bytes=batches.num_bytes,
+                nll=nll,
+                loss=nll / batches.num_tokens,
+                perplexity=ppl,
+                bits_per_byte=bpb,
+            )
+        )
         if length == (t.eval_lengths or [t.seq_len])[0]:
           out[f"{source}/loss"] = nll / batches.num_tokens
           out[f"{source}/perplexity"] = ppl
@@ -162,19 +185,28 @@ class LMTask(Task):
     return out
 
   def summarize(self, results: Dict[str, Dict[str, Any]], step: int, workdir: Optional[str]) -> str:
-    lines = [f"LM evaluation at step {step} ({self.config.model.kind}, tokenizer {self.config.data.tokenizer})",
-             f"{'weights':<8}{'source':<14}{'length':>7}{'tokens':>10}{'loss':>9}{'perplexity':>12}{'bits/byte':>10}"]
+    lines = [
+        f"LM evaluation at step {step} ({self.config.model.kind}, tokenizer {self.config.data.tokenizer})",
+        f"{'weights':<8}{'source':<14}{'length':>7}{'tokens':>10}{'loss':>9}{'perplexity':>12}{'bits/byte':>10}",
+    ]
     for name, res in results.items():
       for row in res["table"]:
-        lines.append(f"{name:<8}{row['source']:<14}{row['length']:>7}{row['tokens']:>10}{row['loss']:>9.4f}"
-                     f"{row['perplexity']:>12.2f}{row['bits_per_byte']:>10.4f}")
+        lines.append(
+            f"{name:<8}{row['source']:<14}{row['length']:>7}{row['tokens']:>10}{row['loss']:>9.4f}"
+            f"{row['perplexity']:>12.2f}{row['bits_per_byte']:>10.4f}"
+        )
     return "\n".join(lines)
 
 
 def token_nll(model, batch, *, rngs, train):
   """(sum of masked token NLL in float32, number of target tokens)."""
-  logits_BTV = model(batch["inputs"], resets_BT=batch["resets"], segment_ids_BT=batch["segment_ids"],
-                     deterministic=not train, rngs=rngs)
+  logits_BTV = model(
+      batch["inputs"],
+      resets_BT=batch["resets"],
+      segment_ids_BT=batch["segment_ids"],
+      deterministic=not train,
+      rngs=rngs,
+  )
   nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), batch["targets"])
   mask_BT = batch["mask"].astype(jnp.float32)
   return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)

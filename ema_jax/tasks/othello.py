@@ -44,10 +44,13 @@ from ema_jax import length_report
 from ema_jax.errors import config_error, is_int
 from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task
 
-MAX_POSITION = data.MAX_MOVES - 1          # 59 predictions per game (nothing follows move 60)
+MAX_POSITION = data.MAX_MOVES - 1  # 59 predictions per game (nothing follows move 60)
 METRICS = ("legal_mass", "top1_legal", "kl")
-METRIC_LABELS = {"legal_mass": "probability on legal moves", "top1_legal": "top-1 legal rate",
-                 "kl": "KL(uniform over legal || p)"}
+METRIC_LABELS = {
+    "legal_mass": "probability on legal moves",
+    "top1_legal": "top-1 legal rate",
+    "kl": "KL(uniform over legal || p)",
+}
 SHORT = {"legal_mass": "mass", "top1_legal": "top1", "kl": "KL"}
 LOG_SCALE = ("kl",)
 
@@ -85,8 +88,9 @@ def next_move_loss(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
   return (ce_BT * mask_BT).sum() / jnp.maximum(mask_BT.sum(), 1.0)
 
 
-def region_means(positions: Sequence[int], per_position: Mapping[str, Sequence[float]], train_len: int
-                 ) -> Dict[str, float]:
+def region_means(
+    positions: Sequence[int], per_position: Mapping[str, Sequence[float]], train_len: int
+) -> Dict[str, float]:
   """In-range (p <= train_len) and out-of-range means of every metric (length_report.range_means)."""
   return length_report.range_means(positions, per_position, train_len, METRICS)
 
@@ -101,15 +105,27 @@ class OthelloIterator(StepBatchIterator):
   moves (0 past the end of a game), b = global_batch // process_count rows of the global batch.
   """
 
-  def __init__(self, tokens_NT: np.ndarray, *, train_len: int, seed: int, global_batch: int,
-               process_index: int = 0, process_count: int = 1):
+  def __init__(
+      self,
+      tokens_NT: np.ndarray,
+      *,
+      train_len: int,
+      seed: int,
+      global_batch: int,
+      process_index: int = 0,
+      process_count: int = 1,
+  ):
     if global_batch % process_count:
-      raise ValueError(f"OthelloIterator: batch_size={global_batch} is not divisible by "
-                       f"process_count={process_count}; use a multiple of {process_count}.")
+      raise ValueError(
+          f"OthelloIterator: batch_size={global_batch} is not divisible by "
+          f"process_count={process_count}; use a multiple of {process_count}."
+      )
     if tokens_NT.shape[0] < global_batch:
-      raise ValueError(f"config.batch_size={global_batch} exceeds the {tokens_NT.shape[0]} training games; "
-                       f"use a smaller batch or more games (config.task.num_games).")
-    self.window_NT = np.ascontiguousarray(tokens_NT[:, :train_len + 1], dtype=np.int32)
+      raise ValueError(
+          f"config.batch_size={global_batch} exceeds the {tokens_NT.shape[0]} training games; "
+          f"use a smaller batch or more games (config.task.num_games)."
+      )
+    self.window_NT = np.ascontiguousarray(tokens_NT[:, : train_len + 1], dtype=np.int32)
     self.seed, self.global_batch = int(seed), int(global_batch)
     self.local_batch = global_batch // process_count
     self.offset = process_index * self.local_batch
@@ -126,15 +142,13 @@ class OthelloIterator(StepBatchIterator):
   def __next__(self) -> Dict[str, np.ndarray]:
     epoch, k = divmod(self.step, self.batches_per_epoch)
     start = k * self.global_batch + self.offset
-    rows = self._permutation(epoch)[start:start + self.local_batch]
+    rows = self._permutation(epoch)[start : start + self.local_batch]
     window = self.window_NT[rows]
     self.step += 1
     return {"inputs": window[:, :-1], "targets": window[:, 1:]}
 
 
 # ------------------------------------------------------------------------------------------------- config
-
-
 
 
 def num_val_games(config: ml_collections.ConfigDict) -> int:
@@ -158,26 +172,44 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     config_error("task.val_fraction", t.val_fraction, "a fraction in (0, 1)")
   n_val = num_val_games(config)
   if not 1 <= n_val < t.num_games:
-    config_error("task.val_fraction", t.val_fraction, f"a fraction that leaves at least one validation and one "
-          f"training game out of num_games={t.num_games} (it gives {n_val} validation games)")
+    config_error(
+        "task.val_fraction",
+        t.val_fraction,
+        f"a fraction that leaves at least one validation and one "
+        f"training game out of num_games={t.num_games} (it gives {n_val} validation games)",
+    )
   if not (is_int(t.data_seed) and t.data_seed >= 0):
     config_error("task.data_seed", t.data_seed, "a non-negative integer (seeds the game generator)")
   if t.data_dir is not None and not (isinstance(t.data_dir, str) and t.data_dir):
     config_error("task.data_dir", t.data_dir, "None (the default cache directory) or a directory path")
   if not (is_int(t.train_len) and 1 <= t.train_len <= MAX_POSITION):
-    config_error("task.train_len", t.train_len, f"an integer in [1, {MAX_POSITION}]: the number of moves fed "
-          f"in training (the last one is scored against move train_len + 1)")
+    config_error(
+        "task.train_len",
+        t.train_len,
+        f"an integer in [1, {MAX_POSITION}]: the number of moves fed "
+        f"in training (the last one is scored against move train_len + 1)",
+    )
   if not (is_int(t.eval_games) and 1 <= t.eval_games <= n_val):
-    config_error("task.eval_games", t.eval_games, f"an integer in [1, {n_val}] (the validation games: "
-          f"num_games * val_fraction)")
+    config_error(
+        "task.eval_games",
+        t.eval_games,
+        f"an integer in [1, {n_val}] (the validation games: " f"num_games * val_fraction)",
+    )
   if not (is_int(t.eval_batch_size) and t.eval_batch_size >= 1):
     config_error("task.eval_batch_size", t.eval_batch_size, "a positive integer")
   if t.eval_lengths is not None:
     lengths = list(t.eval_lengths) if isinstance(t.eval_lengths, (list, tuple)) else None
-    if (not lengths or not all(is_int(p) and 1 <= p <= MAX_POSITION for p in lengths)
-        or len(set(lengths)) != len(lengths)):
-      config_error("task.eval_lengths", t.eval_lengths, f"None (every position 1..{MAX_POSITION}) or a non-empty "
-            f"list of distinct positions in [1, {MAX_POSITION}]")
+    if (
+        not lengths
+        or not all(is_int(p) and 1 <= p <= MAX_POSITION for p in lengths)
+        or len(set(lengths)) != len(lengths)
+    ):
+      config_error(
+          "task.eval_lengths",
+          t.eval_lengths,
+          f"None (every position 1..{MAX_POSITION}) or a non-empty "
+          f"list of distinct positions in [1, {MAX_POSITION}]",
+      )
   for f in ("num_layers", "num_heads", "width", "mlp_ratio"):
     if not (is_int(m[f]) and m[f] >= 1):
       config_error(f"model.{f}", m[f], "a positive integer")
@@ -185,8 +217,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     config_error("model.num_heads", m.num_heads, f"a divisor of model.width={m.width}")
   longest = max([t.train_len] + eval_positions(config))
   if not (is_int(m.context_len) and m.context_len >= longest):
-    config_error("model.context_len", m.context_len, f"an integer >= {longest} (the longest input: train_len and "
-          f"the evaluated positions; {MAX_POSITION} covers every position)")
+    config_error(
+        "model.context_len",
+        m.context_len,
+        f"an integer >= {longest} (the longest input: train_len and "
+        f"the evaluated positions; {MAX_POSITION} covers every position)",
+    )
   if not (isinstance(m.dropout, (int, float)) and 0.0 <= m.dropout < 1.0):
     config_error("model.dropout", m.dropout, "a rate in [0, 1)")
   if m.dtype not in DTYPES:
@@ -197,9 +233,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 def model_config(config: ml_collections.ConfigDict) -> GPTConfig:
   m = config.model
-  return GPTConfig(vocab_size=data.VOCAB_SIZE, context_len=int(m.context_len), num_layers=int(m.num_layers),
-                   num_heads=int(m.num_heads), width=int(m.width), mlp_ratio=int(m.mlp_ratio),
-                   dropout=float(m.dropout), dtype=m.dtype)
+  return GPTConfig(
+      vocab_size=data.VOCAB_SIZE,
+      context_len=int(m.context_len),
+      num_layers=int(m.num_layers),
+      num_heads=int(m.num_heads),
+      width=int(m.width),
+      mlp_ratio=int(m.mlp_ratio),
+      dropout=float(m.dropout),
+      dtype=m.dtype,
+  )
 
 
 # ------------------------------------------------------------------------------------------------- task
@@ -240,8 +283,9 @@ class OthelloTask(Task):
     """(train, val) OthelloGames, generated on first use and cached on disk with a checksum."""
     if self._games is None:
       t = self.config.task
-      self._games = othello_dataset.load_or_generate(self.data_dir(), int(t.num_games), int(t.data_seed),
-                                          float(t.val_fraction))
+      self._games = othello_dataset.load_or_generate(
+          self.data_dir(), int(t.num_games), int(t.data_seed), float(t.val_fraction)
+      )
     return self._games
 
   def validate(self) -> None:
@@ -252,9 +296,14 @@ class OthelloTask(Task):
 
   def train_iterator(self, process_index: int, process_count: int) -> StepBatchIterator:
     train, _ = self.games()
-    return OthelloIterator(train.tokens(), train_len=self.train_len, seed=int(self.config.seed),
-                           global_batch=int(self.config.batch_size), process_index=process_index,
-                           process_count=process_count)
+    return OthelloIterator(
+        train.tokens(),
+        train_len=self.train_len,
+        seed=int(self.config.seed),
+        global_batch=int(self.config.batch_size),
+        process_index=process_index,
+        process_count=process_count,
+    )
 
   def loss(self, model, batch, *, rngs=None, train: bool):
     logits_BTV = model(batch["inputs"], deterministic=not train, rngs=rngs)
@@ -268,8 +317,13 @@ class OthelloTask(Task):
     they are never scored), so every batch has the same shape and the forward compiles once.
     """
     t = self.config.task
-    key = (ctx.process_index, ctx.process_count, int(t.eval_games), int(t.eval_batch_size),
-           max(eval_positions(self.config)))
+    key = (
+        ctx.process_index,
+        ctx.process_count,
+        int(t.eval_games),
+        int(t.eval_batch_size),
+        max(eval_positions(self.config)),
+    )
     if self._eval_batches is None or self._eval_batches[0] != key:
       _, val = self.games()
       n, pc, pi = int(t.eval_games), ctx.process_count, ctx.process_index
@@ -307,8 +361,11 @@ class OthelloTask(Task):
     per_position["games"] = games.astype(int).tolist()
     result = region_means(positions, per_position, self.train_len)
     result["per_position"] = per_position
-    result["info"] = {"train_len": self.train_len, "eval_games": int(self.config.task.eval_games),
-                      "positions_trained": f"1..{self.train_len}"}
+    result["info"] = {
+        "train_len": self.train_len,
+        "eval_games": int(self.config.task.eval_games),
+        "positions_trained": f"1..{self.train_len}",
+    }
     return result
 
   def summarize(self, results: Dict[str, Dict[str, Any]], step: int, workdir: Optional[str]) -> str:
@@ -338,23 +395,49 @@ TASK = OthelloTask
 
 def format_table(results, kinds, train_len: int, step: int, metrics=METRICS) -> str:
   return length_report.format_table(
-      results, kinds, per_key="per_position", length_key="position", train_len=train_len, metrics=metrics,
-      short=SHORT, title=(f"othello, step {step} (trained positions 1..{train_len}; '*' = beyond; chance = "
-                          f"mass of uniform over 60 squares)"),
-      length_header="pos", fmt=lambda v: f"{v:.4f}", max_rows=20, margin=1,
-      extra_column=("chance", "chance_mass", lambda v: f"{v:.4f}"))
+      results,
+      kinds,
+      per_key="per_position",
+      length_key="position",
+      train_len=train_len,
+      metrics=metrics,
+      short=SHORT,
+      title=(
+          f"othello, step {step} (trained positions 1..{train_len}; '*' = beyond; chance = "
+          f"mass of uniform over 60 squares)"
+      ),
+      length_header="pos",
+      fmt=lambda v: f"{v:.4f}",
+      max_rows=20,
+      margin=1,
+      extra_column=("chance", "chance_mass", lambda v: f"{v:.4f}"),
+  )
 
 
-def plot_per_position(results, kinds, train_len: int, out_dir: str, step: Optional[int] = None,
-                      metrics=METRICS, prefix: str = "othello") -> list:
+def plot_per_position(
+    results, kinds, train_len: int, out_dir: str, step: Optional[int] = None, metrics=METRICS, prefix: str = "othello"
+) -> list:
   """One PNG per metric against position, trained range shaded, one line per weights kind."""
+
   def chance(ax, m):
     if m == "legal_mass":
       pp = results[kinds[0]]["per_position"]
       ax.plot(pp["position"], pp["chance_mass"], color="0.5", linestyle=":", label="uniform over 60")
 
   return length_report.plot_per_length(
-      results, kinds, per_key="per_position", length_key="position", train_len=train_len, metrics=metrics,
-      labels=METRIC_LABELS, log_scale=LOG_SCALE, out_dir=out_dir, prefix=prefix,
-      xlabel="position p (moves seen)", shade_label="trained positions", step=step, markersize=3,
-      reference=chance)
+      results,
+      kinds,
+      per_key="per_position",
+      length_key="position",
+      train_len=train_len,
+      metrics=metrics,
+      labels=METRIC_LABELS,
+      log_scale=LOG_SCALE,
+      out_dir=out_dir,
+      prefix=prefix,
+      xlabel="position p (moves seen)",
+      shade_label="trained positions",
+      step=step,
+      markersize=3,
+      reference=chance,
+  )

@@ -41,12 +41,16 @@ from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task
 
 SOURCES = ("grammar", "ud")
 EVAL_SPLITS = {"grammar": ("heldout", "transfer", "transfer_struct"), "ud": ("dev", "test")}
-SPLIT_TITLES = {"heldout": "held-out A", "transfer": "A -> B transfer", "transfer_struct": "B constructions, A words",
-                "dev": "UD dev", "test": "UD test", "train": "train"}
+SPLIT_TITLES = {
+    "heldout": "held-out A",
+    "transfer": "A -> B transfer",
+    "transfer_struct": "B constructions, A words",
+    "dev": "UD dev",
+    "test": "UD test",
+    "train": "train",
+}
 ARGUMENT_ROLES = role_metrics_lib.ARGUMENT_ROLES
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -56,8 +60,11 @@ def resolve_ud_dir(ud_dir: str) -> str:
   """An existing directory for config.task.ud_dir (relative: to the working directory, else to the repo
   root); raises FileNotFoundError naming the field and what is missing."""
   files = [f"en_ewt-ud-{s}.conllu" for s in ("train", "dev", "test")]
-  tried = [ud_dir] if os.path.isabs(ud_dir) else [os.path.abspath(ud_dir),
-                                                   os.path.normpath(os.path.join(REPO_ROOT, ud_dir))]
+  tried = (
+      [ud_dir]
+      if os.path.isabs(ud_dir)
+      else [os.path.abspath(ud_dir), os.path.normpath(os.path.join(REPO_ROOT, ud_dir))]
+  )
   for path in dict.fromkeys(tried):
     if all(os.path.isfile(os.path.join(path, f)) for f in files):
       return path
@@ -65,23 +72,37 @@ def resolve_ud_dir(ud_dir: str) -> str:
       f"config.task.ud_dir={ud_dir!r}: UD English EWT not found (looked for {', '.join(files)} in "
       f"{' and '.join(dict.fromkeys(tried))}). Point --config.task.ud_dir at a directory holding the "
       f"UD_English-EWT .conllu files, or use the grammar presets (configs/roles.py:hebbian / :bigru), "
-      f"which need no data.")
+      f"which need no data."
+  )
 
 
 def load_data(task_cfg: ml_collections.ConfigDict, seed: int) -> Dict[str, Any]:
   """{'train': RoleData/DepData, <eval split>: ...} for config.task (see the module docstring)."""
   t = task_cfg
   if t.source == "grammar":
-    splits = grammar.make_splits(t.n_train, t.n_heldout, t.n_transfer, seed=seed, max_len=t.max_len,
-                                 train_grammar=t.train_grammar, transfer_grammar=t.transfer_grammar)
+    splits = grammar.make_splits(
+        t.n_train,
+        t.n_heldout,
+        t.n_transfer,
+        seed=seed,
+        max_len=t.max_len,
+        train_grammar=t.train_grammar,
+        transfer_grammar=t.transfer_grammar,
+    )
     if t.structure_split:
       train_spec = grammar.GRAMMARS[t.train_grammar]
-      spec = dataclasses.replace(grammar.GRAMMARS[t.transfer_grammar], lexicon=train_spec.lexicon,
-                                 name=f"{t.transfer_grammar}_words{train_spec.lexicon}")
-      train_words = frozenset(tuple(grammar.VOCAB[i] for i in row[row != grammar.PAD_ID])
-                              for row in splits["train"].tokens)
-      splits["transfer_struct"] = grammar.to_arrays(grammar.sample_sentences(
-          spec, t.n_transfer, seed + 2_000_003, max_len=t.max_len, exclude=train_words), t.max_len)
+      spec = dataclasses.replace(
+          grammar.GRAMMARS[t.transfer_grammar],
+          lexicon=train_spec.lexicon,
+          name=f"{t.transfer_grammar}_words{train_spec.lexicon}",
+      )
+      train_words = frozenset(
+          tuple(grammar.VOCAB[i] for i in row[row != grammar.PAD_ID]) for row in splits["train"].tokens
+      )
+      splits["transfer_struct"] = grammar.to_arrays(
+          grammar.sample_sentences(spec, t.n_transfer, seed + 2_000_003, max_len=t.max_len, exclude=train_words),
+          t.max_len,
+      )
     return splits
   data = conllu.load_ud(resolve_ud_dir(t.ud_dir), max_len=t.max_len, min_count=t.ud_min_count)
   limits = {"train": t.ud_train_sentences, "dev": t.ud_eval_sentences, "test": t.ud_eval_sentences}
@@ -124,9 +145,14 @@ def role_metrics(pred_BT, data, deep_depth: int = 2) -> Dict[str, Any]:
   is_arg = np.isin(gold, [i for i, n in enumerate(data.role_names) if n in ARGUMENT_ROLES])
   deep = depth >= deep_depth
   acc = lambda sel: float((pred == gold)[sel].mean()) if sel.any() else float("nan")
-  out.update(deep_accuracy=acc(deep), deep_argument_accuracy=acc(deep & is_arg),
-             shallow_argument_accuracy=acc(~deep & is_arg), count_arguments=int(is_arg.sum()),
-             count_deep_arguments=int((deep & is_arg).sum()), deep_depth=int(deep_depth))
+  out.update(
+      deep_accuracy=acc(deep),
+      deep_argument_accuracy=acc(deep & is_arg),
+      shallow_argument_accuracy=acc(~deep & is_arg),
+      count_arguments=int(is_arg.sum()),
+      count_deep_arguments=int((deep & is_arg).sum()),
+      deep_depth=int(deep_depth),
+  )
   return out
 
 
@@ -159,17 +185,17 @@ def format_table(results: Mapping[str, Dict[str, Any]], title: str = "") -> str:
       rows.append((name, split, d, res.get(f"{split}/majority_accuracy", float("nan"))))
   if not rows:
     return ""
-  head = ["model", "split", "acc", "arg acc"] + [r[:5] for r in roles] + [
-      "deep arg (n)", "majority"]
+  head = ["model", "split", "acc", "arg acc"] + [r[:5] for r in roles] + ["deep arg (n)", "majority"]
   lines = [title] if title else []
   table = [head]
   for name, split, d, maj in rows:
-    table.append([name, split, f"{d['accuracy']:.4f}", f"{d['argument_accuracy']:.4f}"]
-                 + [f"{d['per_role'].get(r, float('nan')):.4f}" for r in roles]
-                 + [f"{d['deep_argument_accuracy']:.4f} ({d['count_deep_arguments']})", f"{maj:.4f}"])
+    table.append(
+        [name, split, f"{d['accuracy']:.4f}", f"{d['argument_accuracy']:.4f}"]
+        + [f"{d['per_role'].get(r, float('nan')):.4f}" for r in roles]
+        + [f"{d['deep_argument_accuracy']:.4f} ({d['count_deep_arguments']})", f"{maj:.4f}"]
+    )
   widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-  lines += ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-            for r in table]
+  lines += ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
   return "\n".join(lines)
 
 
@@ -206,12 +232,18 @@ def validate_task_config(config: ml_collections.ConfigDict, *, check_files: bool
       resolve_ud_dir(t.ud_dir)
 
 
-def model_config(config: ml_collections.ConfigDict, vocab_size: int, unk_id: int, num_roles: int
-                 ) -> BiGRUConfig:
+def model_config(config: ml_collections.ConfigDict, vocab_size: int, unk_id: int, num_roles: int) -> BiGRUConfig:
   m = config.model
-  return BiGRUConfig(vocab_size=vocab_size, num_roles=num_roles, unk_id=unk_id, embed_dim=int(m.embed_dim),
-                     hidden=int(m.hidden), num_layers=int(m.num_layers), dropout=float(m.dropout),
-                     word_dropout=float(m.word_dropout))
+  return BiGRUConfig(
+      vocab_size=vocab_size,
+      num_roles=num_roles,
+      unk_id=unk_id,
+      embed_dim=int(m.embed_dim),
+      hidden=int(m.hidden),
+      num_layers=int(m.num_layers),
+      dropout=float(m.dropout),
+      word_dropout=float(m.word_dropout),
+  )
 
 
 # ---------------------------------------------------------------------------------------------- iterator
@@ -222,8 +254,15 @@ class SentenceIterator(StepBatchIterator):
   step * B ... (step + 1) * B - 1 of the concatenated epoch permutations (each drawn from (seed, epoch)),
   of which this process takes its contiguous share. The state is the step counter alone."""
 
-  def __init__(self, arrays: Mapping[str, np.ndarray], *, seed: int, global_batch: int,
-               process_index: int = 0, process_count: int = 1):
+  def __init__(
+      self,
+      arrays: Mapping[str, np.ndarray],
+      *,
+      seed: int,
+      global_batch: int,
+      process_index: int = 0,
+      process_count: int = 1,
+  ):
     if global_batch % process_count:
       raise ValueError(f"config.batch_size={global_batch} is not divisible by process_count={process_count}.")
     self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
@@ -257,8 +296,7 @@ class SentenceIterator(StepBatchIterator):
 def masked_cross_entropy(logits_BTR, roles_BT, mask_BT):
   """(mean cross-entropy over real tokens, accuracy over real tokens), float32."""
   mask_BT = mask_BT.astype(jnp.float32)
-  ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTR.astype(jnp.float32),
-                                                          jnp.maximum(roles_BT, 0))
+  ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTR.astype(jnp.float32), jnp.maximum(roles_BT, 0))
   n = jnp.maximum(mask_BT.sum(), 1.0)
   acc = ((jnp.argmax(logits_BTR, -1) == roles_BT) * mask_BT).sum() / n
   return (ce_BT * mask_BT).sum() / n, acc
@@ -303,8 +341,12 @@ class RolesTask(Task):
         if t.unseen_to_unk and k != "train":
           d = dataclasses.replace(d, tokens=map_unseen(d.tokens, d.mask, seen_V, unk_id))
         data[k] = d
-      self._data = dict(splits=data, unk_id=unk_id, vocab_size=vocab_size,
-                        unseen_tokens={k: int((d.mask & ~seen_V[raw[k].tokens]).sum()) for k, d in raw.items()})
+      self._data = dict(
+          splits=data,
+          unk_id=unk_id,
+          vocab_size=vocab_size,
+          unseen_tokens={k: int((d.mask & ~seen_V[raw[k].tokens]).sum()) for k, d in raw.items()},
+      )
     return self._data
 
   def model_config(self) -> BiGRUConfig:
@@ -316,9 +358,13 @@ class RolesTask(Task):
 
   def train_iterator(self, process_index: int, process_count: int) -> StepBatchIterator:
     train = self.data["splits"]["train"]
-    return SentenceIterator({"tokens": train.tokens, "roles": train.roles, "mask": train.mask},
-                            seed=int(self.config.seed), global_batch=int(self.config.batch_size),
-                            process_index=process_index, process_count=process_count)
+    return SentenceIterator(
+        {"tokens": train.tokens, "roles": train.roles, "mask": train.mask},
+        seed=int(self.config.seed),
+        global_batch=int(self.config.batch_size),
+        process_index=process_index,
+        process_count=process_count,
+    )
 
   def loss(self, model, batch, *, rngs=None, train: bool):
     logits_BTR = model(batch["tokens"], batch["mask"], deterministic=not train, rngs=rngs)
@@ -338,15 +384,16 @@ class RolesTask(Task):
       tok = np.zeros((bs, T), np.int32)
       msk = np.zeros((bs, T), bool)
       rows = slice(start, min(start + bs, n))
-      tok[:rows.stop - start], msk[:rows.stop - start] = tokens_BT[rows], mask_BT[rows]
+      tok[: rows.stop - start], msk[: rows.stop - start] = tokens_BT[rows], mask_BT[rows]
       local = slice(pi * bs // pc, (pi + 1) * bs // pc)
       batch = {"tokens": tok[local], "mask": msk[local]}
       batch = ctx.put_batch(batch) if ctx is not None else {k: jnp.asarray(v) for k, v in batch.items()}
       pred = self._predict(graphdef, state, batch["tokens"], batch["mask"])
       if pc > 1:
         from jax.experimental import multihost_utils
+
         pred = multihost_utils.process_allgather(pred, tiled=True)
-      out.append(np.asarray(pred)[:rows.stop - start])
+      out.append(np.asarray(pred)[: rows.stop - start])
     pred = np.concatenate(out) if out else np.zeros((0, T), np.int32)
     return np.where(np.asarray(mask_BT, bool), pred, -1).astype(np.int32)
 
@@ -359,9 +406,12 @@ class RolesTask(Task):
       details[name] = role_metrics(self.predict(model, d.tokens, d.mask, ctx), d, deep)
       majority[name] = majority_accuracy(train, d)
     out = split_results(details, majority)
-    out["info"] = {"source": self.config.task.source, "seed": int(self.config.seed),
-                   "unseen_tokens": self.data["unseen_tokens"],
-                   "sentences": {k: len(v) for k, v in splits.items()}}
+    out["info"] = {
+        "source": self.config.task.source,
+        "seed": int(self.config.seed),
+        "unseen_tokens": self.data["unseen_tokens"],
+        "sentences": {k: len(v) for k, v in splits.items()},
+    }
     return out
 
   def summarize(self, results: Dict[str, Dict[str, Any]], step: int, workdir: Optional[str]) -> str:

@@ -36,8 +36,10 @@ def hebbian_config(config: ml_collections.ConfigDict, vocab_size: int) -> hebbia
   m = config.model.to_dict()
   unknown = sorted(set(m) - {f for f in hebbian.HebbianConfig.__dataclass_fields__})
   if unknown:
-    raise ValueError(f"config.model has fields {unknown} that HebbianConfig does not know; accepted: "
-                     f"{sorted(f for f in hebbian.HebbianConfig.__dataclass_fields__ if f not in ('vocab_size', 'seed'))}.")
+    raise ValueError(
+        f"config.model has fields {unknown} that HebbianConfig does not know; accepted: "
+        f"{sorted(f for f in hebbian.HebbianConfig.__dataclass_fields__ if f not in ('vocab_size', 'seed'))}."
+    )
   m = {k: tuple(v) if isinstance(v, list) else v for k, v in m.items()}
   return hebbian.HebbianConfig(vocab_size=vocab_size, seed=int(config.seed), **m)
 
@@ -49,8 +51,10 @@ class RolesHebbianTask(LocalLearningTask):
     if not (isinstance(self.config.task.probe_steps, int) and self.config.task.probe_steps >= 1):
       roles._fail("task.probe_steps", self.config.task.probe_steps, "a positive integer")
     if "seed" in self.config.model or "vocab_size" in self.config.model:
-      raise ValueError("config.model.seed / vocab_size: not settable here; the seed is config.seed and the "
-                       "vocabulary size comes from the data.")
+      raise ValueError(
+          "config.model.seed / vocab_size: not settable here; the seed is config.seed and the "
+          "vocabulary size comes from the data."
+      )
     hebbian_config(self.config, 2)  # field names and values, before any data is read
 
   def run(self, workdir: Optional[str]) -> Dict[str, Any]:
@@ -61,8 +65,11 @@ class RolesHebbianTask(LocalLearningTask):
     cfg = hebbian_config(self.config, len(train.vocab))
     num_roles = len(train.role_names)
     timing = {"data_seconds": time.perf_counter() - t0}
-    print(f"ema_jax: task roles_hebbian ({t.source}), {len(train)} training sentences, vocabulary "
-          f"{cfg.vocab_size}, {cfg.num_units} units, input size {cfg.input_size}", flush=True)
+    print(
+        f"ema_jax: task roles_hebbian ({t.source}), {len(train)} training sentences, vocabulary "
+        f"{cfg.vocab_size}, {cfg.num_units} units, input size {cfg.input_size}",
+        flush=True,
+    )
 
     t1 = time.perf_counter()
     params = hebbian.fit(cfg, train.tokens, train.mask, verbose=True)  # label-free
@@ -70,8 +77,14 @@ class RolesHebbianTask(LocalLearningTask):
 
     t1 = time.perf_counter()  # labels from here on: the readouts, fitted on training sentences only
     unit_roles_U = hebbian.fit_unit_roles(params, cfg, train.tokens, train.mask, train.roles, num_roles)
-    probe = hebbian.fit_probe(hebbian.features(params, cfg, train.tokens, train.mask), train.mask,
-                              train.roles, num_roles, steps=int(t.probe_steps), seed=cfg.seed)
+    probe = hebbian.fit_probe(
+        hebbian.features(params, cfg, train.tokens, train.mask),
+        train.mask,
+        train.roles,
+        num_roles,
+        steps=int(t.probe_steps),
+        seed=cfg.seed,
+    )
     timing["readout_seconds"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
@@ -79,20 +92,27 @@ class RolesHebbianTask(LocalLearningTask):
     majority = {}
     for name in roles.eval_splits(t):
       d = splits[name]
-      preds = {"unit_readout": hebbian.assign(params, cfg, unit_roles_U, d.tokens, d.mask),
-               "linear_probe": hebbian.probe_predict(probe, hebbian.features(params, cfg, d.tokens, d.mask),
-                                                     d.mask)}
+      preds = {
+          "unit_readout": hebbian.assign(params, cfg, unit_roles_U, d.tokens, d.mask),
+          "linear_probe": hebbian.probe_predict(probe, hebbian.features(params, cfg, d.tokens, d.mask), d.mask),
+      }
       for r in READOUTS:
         details[r][name] = roles.role_metrics(preds[r], d, int(t.deep_depth))
       majority[name] = roles.majority_accuracy(train, d)
     timing["eval_seconds"] = time.perf_counter() - t1
 
     results = {r: roles.split_results(details[r], majority) for r in READOUTS}
-    used = np.bincount(hebbian.winning_units(params, cfg, train.tokens, train.mask)[train.mask],
-                       minlength=cfg.num_units)
-    info = {"source": t.source, "seed": int(self.config.seed), "sentences": {k: len(v) for k, v in splits.items()},
-            "units_used": int((used > 0).sum()), "num_units": cfg.num_units,
-            "hebbian_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
+    used = np.bincount(
+        hebbian.winning_units(params, cfg, train.tokens, train.mask)[train.mask], minlength=cfg.num_units
+    )
+    info = {
+        "source": t.source,
+        "seed": int(self.config.seed),
+        "sentences": {k: len(v) for k, v in splits.items()},
+        "units_used": int((used > 0).sum()),
+        "num_units": cfg.num_units,
+        "hebbian_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+    }
     for r in READOUTS:
       results[r]["info"] = info
     step = cfg.epochs * -(-len(train) // cfg.batch_size)
@@ -100,15 +120,20 @@ class RolesHebbianTask(LocalLearningTask):
     table = roles.format_table(results, f"roles (Hebbian, {t.source}), {step} Hebbian updates")
     print(table, flush=True)
 
-    scalars = {f"eval/{r}/{k}": v for r, res in results.items() for k, v in res.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    scalars = {
+        f"eval/{r}/{k}": v
+        for r, res in results.items()
+        for k, v in res.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     scalars.update(timing, wall_seconds=wall)
     if workdir is not None:
       os.makedirs(workdir, exist_ok=True)
       # A rerun starts over (no resume for a label-free pass): its one metrics row replaces the old ones.
       workdir_lib.write_metrics(workdir, [dict(step=step, **{k: metrics_lib.to_scalar(v) for k, v in scalars.items()})])
-      workdir_lib.write_eval(workdir, step, results, table, wall_seconds=wall,
-                             config=json.loads(self.config.to_json_best_effort()))
+      workdir_lib.write_eval(
+          workdir, step, results, table, wall_seconds=wall, config=json.loads(self.config.to_json_best_effort())
+      )
     scalars["status"] = "done"
     return scalars
 

@@ -22,16 +22,28 @@ import numpy as np
 from flax import nnx
 
 from ema_jax.data import set_complement as data
-from ema_jax.models.set_transformer import (DROPOUT_SITES, NORMS, POSITIONS, SetTransformer,
-                                            SetTransformerConfig, flops_per_example, parse_dropout_on)
+from ema_jax.models.set_transformer import (
+    DROPOUT_SITES,
+    NORMS,
+    POSITIONS,
+    SetTransformer,
+    SetTransformerConfig,
+    flops_per_example,
+    parse_dropout_on,
+)
 from ema_jax import length_report
 from ema_jax.errors import config_error, is_int
 from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task
 
 METRICS = ("kl", "tv", "invalid_mass", "precision", "logit_gap", "top1_valid")
-METRIC_LABELS = {"kl": "KL(target || p)", "tv": "total variation", "invalid_mass": "invalid mass",
-                 "precision": "precision (min/max valid p)", "logit_gap": "logit gap (valid - invalid)",
-                 "top1_valid": "top-1 valid rate"}
+METRIC_LABELS = {
+    "kl": "KL(target || p)",
+    "tv": "total variation",
+    "invalid_mass": "invalid mass",
+    "precision": "precision (min/max valid p)",
+    "logit_gap": "logit gap (valid - invalid)",
+    "top1_valid": "top-1 valid rate",
+}
 LOG_SCALE = ("kl", "tv", "invalid_mass")
 
 
@@ -64,16 +76,24 @@ def complement_metrics(logits_BN: jax.Array, present_BN: jax.Array) -> Dict[str,
   gap_B = jnp.where(n_present_B > 0, mean_valid_B - mean_invalid_B, jnp.nan)
   top_B = jnp.argmax(logits_BN, -1)
   top1_B = jnp.take_along_axis(valid_BN, top_B[:, None], axis=-1)[:, 0]
-  return {"ce": ce_B, "kl": kl_B, "tv": tv_B, "invalid_mass": invalid_B, "precision": precision_B,
-          "logit_gap": gap_B, "top1_valid": top1_B}
+  return {
+      "ce": ce_B,
+      "kl": kl_B,
+      "tv": tv_B,
+      "invalid_mass": invalid_B,
+      "precision": precision_B,
+      "logit_gap": gap_B,
+      "top1_valid": top1_B,
+  }
 
 
 def batch_present(batch: Mapping[str, jax.Array], num_tokens: int) -> jax.Array:
   return data.present_tokens(batch["tokens"], batch["mask"], num_tokens, xp=jnp)
 
 
-def range_summary(sizes: Sequence[int], per_size: Mapping[str, Sequence[float]], train_max_size: int
-                  ) -> Dict[str, float]:
+def range_summary(
+    sizes: Sequence[int], per_size: Mapping[str, Sequence[float]], train_max_size: int
+) -> Dict[str, float]:
   """In-range (s <= L_train) and out-of-range means of every metric (length_report.range_means)."""
   return length_report.range_means(sizes, per_size, train_max_size, METRICS)
 
@@ -85,11 +105,24 @@ class SetComplementIterator(StepBatchIterator):
   """Endless training batches: process p of P takes rows [p b, (p + 1) b) of the step's global batch,
   so the stream does not depend on the process count; the state is the step counter only."""
 
-  def __init__(self, *, seed: int, num_tokens: int, min_size: int, max_size: int, length: int,
-               global_batch: int, process_index: int = 0, process_count: int = 1, dist: str = "uniform"):
+  def __init__(
+      self,
+      *,
+      seed: int,
+      num_tokens: int,
+      min_size: int,
+      max_size: int,
+      length: int,
+      global_batch: int,
+      process_index: int = 0,
+      process_count: int = 1,
+      dist: str = "uniform",
+  ):
     if global_batch % process_count:
-      raise ValueError(f"SetComplementIterator: batch_size={global_batch} is not divisible by "
-                       f"process_count={process_count}; use a multiple of {process_count}.")
+      raise ValueError(
+          f"SetComplementIterator: batch_size={global_batch} is not divisible by "
+          f"process_count={process_count}; use a multiple of {process_count}."
+      )
     self.kw = dict(num_tokens=num_tokens, min_size=min_size, max_size=max_size, length=length, dist=dist)
     self.seed, self.global_batch = int(seed), int(global_batch)
     self.local_batch = global_batch // process_count
@@ -107,15 +140,19 @@ class SetComplementIterator(StepBatchIterator):
 # ------------------------------------------------------------------------------------------------- task
 
 
-
-
 def model_config(config: ml_collections.ConfigDict) -> SetTransformerConfig:
   m = config.model
-  return SetTransformerConfig(num_tokens=int(config.task.num_tokens), embed_dim=int(m.embed_dim),
-                              value_dim=int(m.value_dim), num_heads=int(m.num_heads), norm=m.norm,
-                              positions=m.positions, dropout=float(m.dropout),
-                              dropout_on=parse_dropout_on(m.dropout_on),
-                              traced_dropout=bool(m.get("traced_dropout", False)))
+  return SetTransformerConfig(
+      num_tokens=int(config.task.num_tokens),
+      embed_dim=int(m.embed_dim),
+      value_dim=int(m.value_dim),
+      num_heads=int(m.num_heads),
+      norm=m.norm,
+      positions=m.positions,
+      dropout=float(m.dropout),
+      dropout_on=parse_dropout_on(m.dropout_on),
+      traced_dropout=bool(m.get("traced_dropout", False)),
+  )
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -125,32 +162,46 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not (is_int(n) and n >= 2):
     config_error("task.num_tokens", n, "an integer >= 2 (the number of set tokens N)")
   if not (is_int(t.train_max_size) and 1 <= t.train_max_size <= n - 1):
-    config_error("task.train_max_size", t.train_max_size, f"an integer in [1, num_tokens - 1 = {n - 1}] so that "
-          "longer sets remain for evaluation")
+    config_error(
+        "task.train_max_size",
+        t.train_max_size,
+        f"an integer in [1, num_tokens - 1 = {n - 1}] so that " "longer sets remain for evaluation",
+    )
   if not (is_int(t.train_min_size) and 1 <= t.train_min_size <= t.train_max_size):
     config_error("task.train_min_size", t.train_min_size, f"an integer in [1, train_max_size = {t.train_max_size}]")
   if t.train_size_dist not in data.SIZE_DISTRIBUTIONS:
     config_error("task.train_size_dist", t.train_size_dist, f"one of {data.SIZE_DISTRIBUTIONS}")
   if t.max_len is not None and not (is_int(t.max_len) and t.train_max_size <= t.max_len <= n - 1):
-    config_error("task.max_len", t.max_len, f"None or an integer in [train_max_size = {t.train_max_size}, "
-          f"num_tokens - 1 = {n - 1}] (the padded length of training rows)")
+    config_error(
+        "task.max_len",
+        t.max_len,
+        f"None or an integer in [train_max_size = {t.train_max_size}, "
+        f"num_tokens - 1 = {n - 1}] (the padded length of training rows)",
+    )
   if not (is_int(t.eval_examples) and t.eval_examples >= 1):
     config_error("task.eval_examples", t.eval_examples, "a positive integer (examples per set size)")
   if not is_int(t.eval_seed):
     config_error("task.eval_seed", t.eval_seed, "an integer")
   if t.eval_sizes is not None:
     sizes = list(t.eval_sizes) if isinstance(t.eval_sizes, (list, tuple)) else None
-    if (not sizes or not all(is_int(s) and 1 <= s <= n - 1 for s in sizes) or len(set(sizes)) != len(sizes)):
-      config_error("task.eval_sizes", t.eval_sizes, f"None (every size 1..{n - 1}) or a non-empty list of distinct "
-            f"integers in [1, {n - 1}]")
+    if not sizes or not all(is_int(s) and 1 <= s <= n - 1 for s in sizes) or len(set(sizes)) != len(sizes):
+      config_error(
+          "task.eval_sizes",
+          t.eval_sizes,
+          f"None (every size 1..{n - 1}) or a non-empty list of distinct " f"integers in [1, {n - 1}]",
+      )
   for f in ("embed_dim", "value_dim"):
     if not (is_int(m[f]) and m[f] >= 1):
       config_error(f"model.{f}", m[f], "a positive integer")
-  if not (is_int(m.num_heads) and m.num_heads >= 1 and m.embed_dim % m.num_heads == 0
-          and m.value_dim % m.num_heads == 0):
+  if not (
+      is_int(m.num_heads) and m.num_heads >= 1 and m.embed_dim % m.num_heads == 0 and m.value_dim % m.num_heads == 0
+  ):
     divisors = [h for h in range(1, m.embed_dim + 1) if m.embed_dim % h == 0 and m.value_dim % h == 0]
-    config_error("model.num_heads", m.num_heads, f"a common divisor of embed_dim={m.embed_dim} and "
-          f"value_dim={m.value_dim}: one of {divisors}")
+    config_error(
+        "model.num_heads",
+        m.num_heads,
+        f"a common divisor of embed_dim={m.embed_dim} and " f"value_dim={m.value_dim}: one of {divisors}",
+    )
   if not (isinstance(m.dropout, (int, float)) and 0.0 <= m.dropout < 1.0):
     config_error("model.dropout", m.dropout, "a rate in [0, 1)")
   try:
@@ -213,18 +264,28 @@ class SetComplementTask(Task):
 
   def train_iterator(self, process_index: int, process_count: int) -> StepBatchIterator:
     t = self.config.task
-    return SetComplementIterator(seed=int(self.config.seed), num_tokens=self.num_tokens,
-                                 min_size=int(t.train_min_size), max_size=self.train_max_size,
-                                 length=self.max_len, global_batch=int(self.config.batch_size),
-                                 process_index=process_index, process_count=process_count,
-                                 dist=t.train_size_dist)
+    return SetComplementIterator(
+        seed=int(self.config.seed),
+        num_tokens=self.num_tokens,
+        min_size=int(t.train_min_size),
+        max_size=self.train_max_size,
+        length=self.max_len,
+        global_batch=int(self.config.batch_size),
+        process_index=process_index,
+        process_count=process_count,
+        dist=t.train_size_dist,
+    )
 
   def loss(self, model, batch, *, rngs=None, train: bool):
     logits_BN = model(batch["tokens"], batch["mask"], deterministic=not train, rngs=rngs)
     m = complement_metrics(logits_BN, batch_present(batch, self.num_tokens))
     loss = jnp.mean(m["ce"])
-    return loss, {"loss": loss, "kl": jnp.mean(m["kl"]), "invalid_mass": jnp.mean(m["invalid_mass"]),
-                  "top1_valid": jnp.mean(m["top1_valid"])}
+    return loss, {
+        "loss": loss,
+        "kl": jnp.mean(m["kl"]),
+        "invalid_mass": jnp.mean(m["invalid_mass"]),
+        "top1_valid": jnp.mean(m["top1_valid"]),
+    }
 
   def _local_eval_batches(self, ctx: EvalContext):
     """{size: process-local numpy rows}; every size padded to N - 1 so the forward compiles once."""
@@ -253,8 +314,11 @@ class SetComplementTask(Task):
         per_size[m].append(float(out[m]))
     result = range_summary(sizes, per_size, self.train_max_size)
     result["per_size"] = {"size": sizes, **per_size}
-    result["info"] = {"train_max_size": self.train_max_size, "num_tokens": self.num_tokens,
-                      "eval_examples": int(self.config.task.eval_examples)}
+    result["info"] = {
+        "train_max_size": self.train_max_size,
+        "num_tokens": self.num_tokens,
+        "eval_examples": int(self.config.task.eval_examples),
+    }
     return result
 
   def summarize(self, results: Dict[str, Dict[str, Any]], step: int, workdir: Optional[str]) -> str:
@@ -282,22 +346,50 @@ TASK = SetComplementTask
 # --------------------------------------------------------------------------------------- tables and plots
 
 
-_SHORT = {"kl": "KL", "invalid_mass": "inv", "precision": "prec", "logit_gap": "gap", "tv": "TV",
-          "top1_valid": "top1"}
+_SHORT = {"kl": "KL", "invalid_mass": "inv", "precision": "prec", "logit_gap": "gap", "tv": "TV", "top1_valid": "top1"}
 
 
-def format_table(results, kinds, train_max_size: int, step: int,
-                 metrics=("kl", "invalid_mass", "precision", "logit_gap")) -> str:
+def format_table(
+    results, kinds, train_max_size: int, step: int, metrics=("kl", "invalid_mass", "precision", "logit_gap")
+) -> str:
   return length_report.format_table(
-      results, kinds, per_key="per_size", length_key="size", train_len=train_max_size, metrics=metrics,
-      short=_SHORT, title=f"set complement, step {step} (training sizes <= {train_max_size}; '*' = beyond)",
-      length_header="size", fmt=lambda v: f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}", max_rows=24, margin=2)
+      results,
+      kinds,
+      per_key="per_size",
+      length_key="size",
+      train_len=train_max_size,
+      metrics=metrics,
+      short=_SHORT,
+      title=f"set complement, step {step} (training sizes <= {train_max_size}; '*' = beyond)",
+      length_header="size",
+      fmt=lambda v: f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}",
+      max_rows=24,
+      margin=2,
+  )
 
 
-def plot_per_size(results, kinds, train_max_size: int, out_dir: str, step: Optional[int] = None,
-                  metrics=METRICS, prefix: str = "set_complement") -> list:
+def plot_per_size(
+    results,
+    kinds,
+    train_max_size: int,
+    out_dir: str,
+    step: Optional[int] = None,
+    metrics=METRICS,
+    prefix: str = "set_complement",
+) -> list:
   """One PNG per metric against set size, training range shaded, one line per weights kind."""
   return length_report.plot_per_length(
-      results, kinds, per_key="per_size", length_key="size", train_len=train_max_size, metrics=metrics,
-      labels=METRIC_LABELS, log_scale=LOG_SCALE, out_dir=out_dir, prefix=prefix, xlabel="set size s",
-      shade_label="training sizes", step=step)
+      results,
+      kinds,
+      per_key="per_size",
+      length_key="size",
+      train_len=train_max_size,
+      metrics=metrics,
+      labels=METRIC_LABELS,
+      log_scale=LOG_SCALE,
+      out_dir=out_dir,
+      prefix=prefix,
+      xlabel="set size s",
+      shade_label="training sizes",
+      step=step,
+  )

@@ -25,9 +25,7 @@ from ema_jax.data.text import documents as documents_lib
 
 BUILTIN_SPLITS = ("train", "validation")
 
-_SKIPPED_DIRS = frozenset(
-    {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-)
+_SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 
 
 def _docstrings_in_source_order(node: ast.AST) -> list[str]:
@@ -58,9 +56,7 @@ def _parse_stdlib_docstrings() -> list[tuple[str, str]]:
   root = sysconfig.get_paths()["stdlib"]
   paths = []
   for folder, subfolders, files in os.walk(root):
-    subfolders[:] = sorted(
-        d for d in subfolders if d not in _SKIPPED_DIRS and not d.startswith("config-")
-    )
+    subfolders[:] = sorted(d for d in subfolders if d not in _SKIPPED_DIRS and not d.startswith("config-"))
     paths.extend(os.path.join(folder, f) for f in sorted(files) if f.endswith(".py"))
   documents = []
   for path in paths:
@@ -119,8 +115,5 @@ def load(split: str) -> documents_lib.Documents:
         "config.data.train_split / eval_split to one of them."
     )
   want_validation = split == "validation"
-  texts = [
-      text for module, text in stdlib_docstring_documents()
-      if _is_builtin_validation(module) == want_validation
-  ]
+  texts = [text for module, text in stdlib_docstring_documents() if _is_builtin_validation(module) == want_validation]
   return documents_lib.ListDocuments(texts, f"builtin stdlib docstrings, split {split!r}")

@@ -44,7 +44,7 @@ _DEFAULTS: dict[str, Any] = dict(
 
 _REMOVED = {
     "shuffle_buffer": "every row of the batch has its own document stream, so each step's rows "
-                      "already come from different documents and no window shuffle is done.",
+    "already come from different documents and no window shuffle is done.",
 }
 
 
@@ -88,14 +88,11 @@ def parse_data_config(data_cfg: Any) -> DataSpec:
   removed = sorted(set(data_cfg) & set(_REMOVED))
   if removed:
     raise ValueError(
-        f"config.data.{removed[0]} is no longer accepted: {_REMOVED[removed[0]]} Remove it "
-        "from the config."
+        f"config.data.{removed[0]} is no longer accepted: {_REMOVED[removed[0]]} Remove it " "from the config."
     )
   unknown = sorted(set(data_cfg) - set(_DEFAULTS))
   if unknown:
-    raise ValueError(
-        f"config.data has unknown field(s) {unknown}; accepted: {', '.join(_DEFAULTS)}."
-    )
+    raise ValueError(f"config.data has unknown field(s) {unknown}; accepted: {', '.join(_DEFAULTS)}.")
   values = {**_DEFAULTS, **dict(data_cfg)}
 
   def check(name, ok, accepted):
@@ -115,8 +112,11 @@ def parse_data_config(data_cfg: Any) -> DataSpec:
     check(name, isinstance(values[name], str) and values[name], "a non-empty string")
   for name in ("eval_max_documents", "eval_max_tokens"):
     check(name, is_int(values[name]) and values[name] >= 0, "an integer >= 0")
-  check("read_threads", is_int(values["read_threads"]) and values["read_threads"] >= -1,
-        "an integer >= 0, or -1 for automatic")
+  check(
+      "read_threads",
+      is_int(values["read_threads"]) and values["read_threads"] >= -1,
+      "an integer >= 0, or -1 for automatic",
+  )
   check("seed", is_int(values["seed"]) and values["seed"] >= 0, "an integer >= 0")
   if values["source"] == "files" and not values["path"]:
     raise ValueError(
@@ -133,9 +133,7 @@ def _check_process(process_index: int, process_count: int) -> None:
   if not (isinstance(process_count, int) and process_count >= 1):
     raise ValueError(f"process_count={process_count!r} must be an integer >= 1.")
   if not (isinstance(process_index, int) and 0 <= process_index < process_count):
-    raise ValueError(
-        f"process_index={process_index!r} must be an integer in [0, {process_count})."
-    )
+    raise ValueError(f"process_index={process_index!r} must be an integer in [0, {process_count}).")
 
 
 def process_and_local_batch(global_batch, process_index, process_count, name="global_batch"):

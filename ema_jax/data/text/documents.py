@@ -86,9 +86,7 @@ class SubsetDocuments(Documents):
         yield from self._parent.iter_range(a + base, b + base)
 
 
-def assign_part(
-    units: Sequence[tuple[int, int]], part: int, num_parts: int
-) -> list[tuple[int, int]]:
+def assign_part(units: Sequence[tuple[int, int]], part: int, num_parts: int) -> list[tuple[int, int]]:
   """The index ranges of part k of n: whole units k, k + n, ... when there are at least n units,
   else a contiguous 1/n of the records."""
   if num_parts == 1:

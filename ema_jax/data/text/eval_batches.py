@@ -33,8 +33,17 @@ class EvalBatches:
     num_windows: windows of seq_len + 1 tokens (the last one padded).
   """
 
-  def __init__(self, stream: np.ndarray, num_documents: int, tok, seq_len: int,
-               global_batch: int, process_index: int, process_count: int, description: str):
+  def __init__(
+      self,
+      stream: np.ndarray,
+      num_documents: int,
+      tok,
+      seq_len: int,
+      global_batch: int,
+      process_index: int,
+      process_count: int,
+      description: str,
+  ):
     self.description = description
     self.num_documents = num_documents
     self.num_tokens = len(stream) - 1
@@ -94,9 +103,7 @@ def make_eval_batches(
   """
   spec = config_lib.parse_data_config(data_cfg)
   config_lib.check_seq_len(seq_len)
-  process_index, process_count, _ = config_lib.process_and_local_batch(
-      global_batch, process_index, process_count
-  )
+  process_index, process_count, _ = config_lib.process_and_local_batch(global_batch, process_index, process_count)
   max_documents = spec.eval_max_documents if max_documents is None else max_documents
   max_tokens = spec.eval_max_tokens if max_tokens is None else max_tokens
   for name, value in (("max_documents", max_documents), ("max_tokens", max_tokens)):
@@ -124,6 +131,12 @@ def make_eval_batches(
   if max_tokens:
     stream = stream[: max_tokens + 1]
   return EvalBatches(
-      stream, num_documents, tok, seq_len, global_batch, process_index, process_count,
+      stream,
+      num_documents,
+      tok,
+      seq_len,
+      global_batch,
+      process_index,
+      process_count,
       f"{docs.description}, {tok.name}",
   )

@@ -117,8 +117,7 @@ def resolve_files(data_cfg: Any, split: str) -> list[str]:
   """The sorted files of `split` for source='files'; raises FileNotFoundError if none match."""
   spec = config_lib.parse_data_config(data_cfg)
   pattern = _split_glob(spec, split)
-  files = sorted(f for f in glob_lib.glob(os.path.expanduser(pattern), recursive=True)
-                 if os.path.isfile(f))
+  files = sorted(f for f in glob_lib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(f))
   if not files:
     where = "config.data.eval_path" if pattern == spec.eval_path else "config.data.path"
     raise FileNotFoundError(
@@ -128,8 +127,7 @@ def resolve_files(data_cfg: Any, split: str) -> list[str]:
   return files
 
 
-def _read_files(spec: config_lib.DataSpec, split: str,
-                files: Sequence[str]) -> documents_lib.ListDocuments:
+def _read_files(spec: config_lib.DataSpec, split: str, files: Sequence[str]) -> documents_lib.ListDocuments:
   """The documents of `files` in order, one unit per file."""
   texts, units = [], []
   for filename in files:
@@ -140,8 +138,7 @@ def _read_files(spec: config_lib.DataSpec, split: str,
   return documents_lib.ListDocuments(texts, description, units)
 
 
-def load(spec: config_lib.DataSpec, split: str, part: int,
-         num_parts: int) -> documents_lib.Documents:
+def load(spec: config_lib.DataSpec, split: str, part: int, num_parts: int) -> documents_lib.Documents:
   """The documents of `split`, or part `part` of `num_parts` (whole files when there are enough)."""
   files = resolve_files(spec, split)
   if num_parts == 1:
@@ -152,12 +149,10 @@ def load(spec: config_lib.DataSpec, split: str, part: int,
     return docs
   docs = _read_files(spec, split, files)
   ranges = documents_lib.assign_part(docs.units, part, num_parts)
-  return documents_lib.SubsetDocuments(
-      docs, ranges, f"{docs.description} (part {part} of {num_parts})")
+  return documents_lib.SubsetDocuments(docs, ranges, f"{docs.description} (part {part} of {num_parts})")
 
 
-def stream_documents(spec: config_lib.DataSpec, split: str, num_streams: int,
-                     streams: Sequence[int]):
+def stream_documents(spec: config_lib.DataSpec, split: str, num_streams: int, streams: Sequence[int]):
   """(documents, {stream: index ranges} or None, number of files) for training streams.
 
   With at least num_streams files, stream r owns files r, r + G, ... and only the given streams'

@@ -115,8 +115,12 @@ class Stream:
 
   def get_state(self) -> dict[str, int]:
     epoch, doc = self._docs[0][0] if self._docs else self.reader.position
-    return {"epoch": int(epoch), "doc": int(doc), "offset": int(self._offset),
-            "num_documents": self.reader.num_documents}
+    return {
+        "epoch": int(epoch),
+        "doc": int(doc),
+        "offset": int(self._offset),
+        "num_documents": self.reader.num_documents,
+    }
 
   def restored(self, state: Mapping[str, Any]):
     """The (position, tokens, offset) `state` puts this stream at; DataStateError if it cannot."""

@@ -54,8 +54,7 @@ class _RandomAccessReader:
   # cost nothing), which costs ~5 us a call there but up to ~15 ms on domains of a few elements.
   _MAX_ARRAY_PERMUTATION = 1 << 14
 
-  def __init__(self, docs: documents_lib.Documents, ranges, seed: int, stream: int, encode, pool,
-               ahead: int):
+  def __init__(self, docs: documents_lib.Documents, ranges, seed: int, stream: int, encode, pool, ahead: int):
     self._docs, self._ranges, self._encode = docs, list(ranges), encode
     self._starts = np.cumsum([0] + [hi - lo for lo, hi in self._ranges])
     self.num_documents = int(self._starts[-1])
@@ -174,8 +173,7 @@ class _SequentialReader:
       order, starts = self._epoch_order(epoch)
       k = int(np.searchsorted(starts, doc, side="right")) - 1
       self._unit_end = int(starts[k + 1])
-      self._reader = self._docs.iter_range(self.document_index(epoch, doc),
-                                           self._units[order[k]][1])
+      self._reader = self._docs.iter_range(self.document_index(epoch, doc), self._units[order[k]][1])
     try:
       text = next(self._reader)
     except StopIteration:

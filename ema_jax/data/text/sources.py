@@ -17,12 +17,10 @@ from ema_jax.data.text import files
 from ema_jax.data.text import tfds_source
 
 
-def load_documents(data_cfg: Any, split: str, part: int = 0,
-                   num_parts: int = 1) -> documents_lib.Documents:
+def load_documents(data_cfg: Any, split: str, part: int = 0, num_parts: int = 1) -> documents_lib.Documents:
   """The documents of `split`, or part `part` of `num_parts` disjoint parts of it (assign_part)."""
   spec = config_lib.parse_data_config(data_cfg)
-  if not (isinstance(num_parts, int) and num_parts >= 1 and isinstance(part, int)
-          and 0 <= part < num_parts):
+  if not (isinstance(num_parts, int) and num_parts >= 1 and isinstance(part, int) and 0 <= part < num_parts):
     raise ValueError(f"part={part!r} of num_parts={num_parts!r}: expected 0 <= part < num_parts.")
   if spec.source == "builtin":
     docs = builtin.load(split)
@@ -33,12 +31,10 @@ def load_documents(data_cfg: Any, split: str, part: int = 0,
   if num_parts == 1:
     return docs
   ranges = documents_lib.assign_part(docs.units, part, num_parts)
-  return documents_lib.SubsetDocuments(
-      docs, ranges, f"{docs.description} (part {part} of {num_parts})")
+  return documents_lib.SubsetDocuments(docs, ranges, f"{docs.description} (part {part} of {num_parts})")
 
 
-def stream_layout(spec: config_lib.DataSpec, split: str, num_streams: int,
-                  streams: Sequence[int]):
+def stream_layout(spec: config_lib.DataSpec, split: str, num_streams: int, streams: Sequence[int]):
   """(documents, {stream: index ranges into them}, num_units) for the given streams.
 
   The ranges of stream r depend only on the split and num_streams (never on which process asks),

@@ -34,13 +34,10 @@ def _tfds_builder(spec: config_lib.DataSpec):
     builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError:
     raise FileNotFoundError(
-        f"tfds dataset config.data.tfds_name={spec.tfds_name!r} is not prepared under "
-        f"data_dir={where!r}. {how}"
+        f"tfds dataset config.data.tfds_name={spec.tfds_name!r} is not prepared under " f"data_dir={where!r}. {how}"
     ) from None
   if not builder.is_prepared():
-    raise FileNotFoundError(
-        f"tfds dataset {spec.tfds_name!r} is not prepared under {builder.data_dir!r}. {how}"
-    )
+    raise FileNotFoundError(f"tfds dataset {spec.tfds_name!r} is not prepared under {builder.data_dir!r}. {how}")
   return builder
 
 
@@ -71,6 +68,7 @@ def _split_units(builder, split: str) -> list[tuple[str, int, int, int]]:
 
 
 class _TfdsArrayRecordDocuments(documents_lib.Documents):
+
   def __init__(self, builder, split: str, field: str):
     pieces = _split_units(builder, split)
     super().__init__(
@@ -80,9 +78,7 @@ class _TfdsArrayRecordDocuments(documents_lib.Documents):
     self._source = builder.as_data_source(split=split)
     self._field = field
     if len(self._source) != len(self):
-      raise ValueError(
-          f"{self.description}: {len(self._source)} records, expected {len(self)}."
-      )
+      raise ValueError(f"{self.description}: {len(self._source)} records, expected {len(self)}.")
 
   def __len__(self) -> int:
     return len(self._source)
@@ -136,8 +132,7 @@ class _TfdsTFRecordDocuments(documents_lib.Documents):
 def _record_text(record: Mapping[str, Any], field: str, description: str, index: int) -> str:
   if field not in record:
     raise ValueError(
-        f"{description} record {index}: no feature {field!r} (features: {sorted(record)}); "
-        "set config.data.field."
+        f"{description} record {index}: no feature {field!r} (features: {sorted(record)}); " "set config.data.field."
     )
   value = record[field]
   if isinstance(value, np.ndarray) and value.ndim == 0:
@@ -147,14 +142,11 @@ def _record_text(record: Mapping[str, Any], field: str, description: str, index:
       return value.decode("utf-8")
     except UnicodeDecodeError as e:
       raise ValueError(
-          f"{description} record {index}: feature {field!r} is not valid UTF-8 ({e.reason} "
-          f"at byte {e.start})."
+          f"{description} record {index}: feature {field!r} is not valid UTF-8 ({e.reason} " f"at byte {e.start})."
       ) from None
   if isinstance(value, str):
     return value
-  raise ValueError(
-      f"{description} record {index}: feature {field!r} holds {type(value).__name__}, not text."
-  )
+  raise ValueError(f"{description} record {index}: feature {field!r} holds {type(value).__name__}, not text.")
 
 
 def _tensorflow_importable() -> bool:

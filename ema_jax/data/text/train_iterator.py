@@ -69,8 +69,11 @@ def _checked_state(state: Any, what: str = "The data iterator state") -> Mapping
     old = state.get("format") == "ema_jax.data.text/1"
     raise DataStateError(
         f"{what} has format {state.get('format')!r}, not {_STATE_FORMAT!r}"
-        + (" (format /1 described one process's reader and cannot be restored by the "
-           "per-row streams)" if old else "")
+        + (
+            " (format /1 described one process's reader and cannot be restored by the " "per-row streams)"
+            if old
+            else ""
+        )
         + ". Resume from a checkpoint written by this version, or use a new workdir."
     )
   settings, streams = state.get("settings"), state.get("streams")
@@ -81,8 +84,12 @@ def _checked_state(state: Any, what: str = "The data iterator state") -> Mapping
     )
   for key, position in streams.items():
     fields = ("epoch", "doc", "offset", "num_documents")
-    if not (isinstance(key, str) and key.isdigit() and isinstance(position, Mapping)
-            and all(_is_count(position.get(k)) for k in fields)):
+    if not (
+        isinstance(key, str)
+        and key.isdigit()
+        and isinstance(position, Mapping)
+        and all(_is_count(position.get(k)) for k in fields)
+    ):
       raise DataStateError(
           f"{what}: stream {key!r} has position {str(position)[:200]}; expected a stream "
           "number and {'epoch': e, 'doc': i, 'offset': o, 'num_documents': n}, each an "
@@ -100,8 +107,7 @@ class TrainIterator:
   `set_state()` restores on any process layout whose batch split divides global_batch.
   """
 
-  def __init__(self, streams: Sequence[packing.Stream], settings: dict[str, Any], eod_id: int,
-               window: int, pool=None):
+  def __init__(self, streams: Sequence[packing.Stream], settings: dict[str, Any], eod_id: int, window: int, pool=None):
     self._streams = list(streams)
     self._settings = settings
     self._eod_id, self._window = eod_id, window
@@ -136,11 +142,8 @@ class TrainIterator:
   def merge_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The global state from every process's `get_state()` (any order): the union of streams."""
     if not isinstance(states, (list, tuple)) or not states:
-      raise DataStateError(
-          f"merge_states needs a non-empty list of get_state() results, got {states!r}."
-      )
-    parts = [_checked_state(s, f"Part {i} of the data iterator states")
-             for i, s in enumerate(states)]
+      raise DataStateError(f"merge_states needs a non-empty list of get_state() results, got {states!r}.")
+    parts = [_checked_state(s, f"Part {i} of the data iterator states") for i, s in enumerate(states)]
     settings = dict(parts[0]["settings"])
     streams: dict[str, Any] = {}
     for i, part in enumerate(parts):
@@ -201,8 +204,7 @@ class TrainIterator:
 
 def _settings_diff(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:
   keys = list(now) + [k for k in saved if k not in now]
-  return ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
-                   for k in keys if saved.get(k) != now.get(k))
+  return ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k))
 
 
 def make_train_iterator(
@@ -255,7 +257,13 @@ def make_train_iterator(
     reader = readers.make_reader(docs, ranges[r], seed, r, encode, pool)
     streams.append(packing.Stream(r, reader, window=seq_len + 1, stride=seq_len))
   settings = dict(
-      source=spec.source, tfds_name=spec.tfds_name, split=split, tokenizer=tok.name,
-      seq_len=seq_len, global_batch=global_batch, seed=seed, num_units=num_units,
+      source=spec.source,
+      tfds_name=spec.tfds_name,
+      split=split,
+      tokenizer=tok.name,
+      seq_len=seq_len,
+      global_batch=global_batch,
+      seed=seed,
+      num_units=num_units,
   )
   return TrainIterator(streams, settings, tok.eod_id, seq_len + 1, pool)
