@@ -25,7 +25,7 @@ from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_dict, config_flags
+from ml_collections import config_dict
 from ml_collections.config_flags.config_flags import is_config_flag
 
 from ema_jax import errors

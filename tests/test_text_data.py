@@ -5,7 +5,6 @@ the token stream on the end-of-document id, and reset / segment / mask arrays ar
 plain loops.
 """
 
-import dataclasses
 import gzip
 import importlib.util
 import json
