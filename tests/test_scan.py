@@ -1,6 +1,5 @@
 """linear_scan against a float64 NumPy loop, step-by-step decoding, gradients and bad arguments."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
