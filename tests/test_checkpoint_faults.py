@@ -5,7 +5,6 @@ finishes with the metrics and evaluation of an uninterrupted run; a checkpoint o
 refused before the workdir changes; a damaged data position is a clear error.
 """
 
-import glob
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ import shutil
 import pytest
 
 import fault_configs as fc
+from experiments import fault_drill
 from ema_jax import errors, trainer
 
 CFG = "configs/set_complement.py"
@@ -29,34 +29,11 @@ def reference(tmp_path_factory):
   return wd
 
 
-def truncate_array_file(step_dir):
-  # The array bytes live in state/d (orbax merges the per-process OCDBT stores there; which files are
-  # still read depends on the merge), so every data file is cut to half its size.
-  for path in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True):
-    with open(path, "r+b") as f:
-      f.truncate(os.path.getsize(path) // 2)
-
-
-def delete_metadata(step_dir):
-  os.remove(os.path.join(step_dir, "state", "_METADATA"))
-
-
-def half_written(step_dir):
-  # What a crash in the middle of writing leaves: the step folder with only part of its files.
-  shutil.rmtree(os.path.join(step_dir, "state"))
-  os.remove(os.path.join(step_dir, "commit_success.txt"))
-  os.makedirs(os.path.join(step_dir, "state"))
-
-
-def snapshot(workdir):
-  """Every file under the workdir with its bytes (to prove nothing was written or lost)."""
-  out = {}
-  for root, _, files in os.walk(workdir):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, workdir)] = f.read()
-  return out
+# The drill's damage, so the tests and the drill break checkpoints the same way.
+truncate_array_file = fault_drill.truncate_arrays
+delete_metadata = fault_drill.delete_metadata
+half_written = fault_drill.half_written
+snapshot = fault_drill.snapshot
 
 
 @pytest.mark.parametrize("damage", [truncate_array_file, delete_metadata, half_written])

@@ -46,6 +46,7 @@ from flax import nnx
 from ema_jax.nn.attention import MultiHeadAttention, causal_segment_mask, dropout_rngs, resolve_documents
 from ema_jax.nn.ffn import ACTIVATIONS, TopKFFN
 from ema_jax.nn.trace_layer import LEARN_MODES, EMATraces
+from ema_jax.models import presets
 
 PREDICTORS = ("linear", "attention", "attention_history")
 NORMS = ("layernorm", "rmsnorm")
@@ -134,9 +135,7 @@ PRESETS = {
 
 def preset(name: str, **overrides) -> EMALMConfig:
   """EMALMConfig of a named preset ('130m', 'tiny') with any field overridden."""
-  if name not in PRESETS:
-    raise ValueError(f"ema_lm.preset: unknown preset {name!r}; accepted: {', '.join(PRESETS)}.")
-  return EMALMConfig(**{**PRESETS[name], **overrides})
+  return presets.from_preset(PRESETS, EMALMConfig, name, "ema_lm.preset", **overrides)
 
 
 def make_norm(kind: str, features: int, *, eps: float, dtype, rngs: nnx.Rngs):

@@ -21,6 +21,7 @@ from flax import nnx
 
 from ema_jax.nn.attention import MultiHeadAttention, causal_segment_mask, dropout_rngs, resolve_documents
 from ema_jax.nn.ffn import MLP
+from ema_jax.models import presets
 
 DTYPES = ("float32", "bfloat16")
 
@@ -76,9 +77,7 @@ PRESETS = {
 
 def preset(name: str, **overrides) -> GPTConfig:
   """GPTConfig of a named preset ('124m', 'tiny') with any field overridden."""
-  if name not in PRESETS:
-    raise ValueError(f"transformer.preset: unknown preset {name!r}; accepted: {', '.join(PRESETS)}.")
-  return GPTConfig(**{**PRESETS[name], **overrides})
+  return presets.from_preset(PRESETS, GPTConfig, name, "transformer.preset", **overrides)
 
 
 class GPTBlock(nnx.Module):
