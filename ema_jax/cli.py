@@ -72,12 +72,25 @@ def fail(message: str, verbose: bool = False, usage: bool = False) -> NoReturn:
   sys.exit(USER_ERROR_STATUS)
 
 
+MAX_MESSAGE = 1500  # characters of a library's message kept in the one-line error (--verbose has it all)
+
+
 def one_line(message: str) -> str:
-  """A message's lines joined into one, with '; ' where a line ends without punctuation."""
+  """A message's lines joined into one, with '; ' where a line ends without punctuation.
+
+  Some library errors (tensorstore through orbax) embed a whole traceback and spec dump in their text:
+  that part is cut, as is anything past MAX_MESSAGE characters.
+  """
+  text = str(message).strip()
+  cut = text.find("Traceback (most recent call last)")
+  if cut > 0:
+    text = text[:cut].rstrip() + " [details: rerun with --verbose]"
   out = ""
-  for line in (l.strip() for l in str(message).strip().splitlines()):
+  for line in (l.strip() for l in text.splitlines()):
     if line:
       out += ("" if not out else " " if out[-1] in ".:;,(" else "; ") + line
+  if len(out) > MAX_MESSAGE:
+    out = out[:MAX_MESSAGE] + " ... [rerun with --verbose for the rest]"
   return out
 
 

@@ -65,6 +65,7 @@ def test_train_and_eval_py_agree(tmp_path, config_name, predictor):
   assert rows[1]["perplexity"] == pytest.approx(in_loop["raw"]["table"][0]["perplexity"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_130m_preset_counts_and_steps(tmp_path):
   cfg = load_config("ema_lm", "130m")
   task = lm.LMTask(cfg)

@@ -88,6 +88,7 @@ def test_sequence_not_divisible_by_seq_axis():
   assert out.returncode != 0 and "sequence length 30 is not divisible by mesh seq = 4" in out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["set_complement", "lm"])
 def test_killed_multiprocess_run_resumes_on_any_topology(task, tmp_path):
   """2 processes x 2 devices killed (SIGKILL) after a checkpoint, resumed on 2 x 2, 1 x 4 and 4 x 1:
@@ -107,6 +108,7 @@ def test_killed_multiprocess_run_resumes_on_any_topology(task, tmp_path):
     assert t.outcome in ("identical", "close"), (t, fault_drill.log_tail(str(tmp_path), 20))
 
 
+@pytest.mark.slow
 def test_dead_peer_stops_an_lm_run_within_a_minute(tmp_path):
   from experiments import fault_drill
 

@@ -261,8 +261,11 @@ def test_evaluate_every_size_compiles_once_and_summarizes(tmp_path):
   task.validate()
   raw = task.build_model(nnx.Rngs(params=0))
   other = task.build_model(nnx.Rngs(params=1))
+  # jit's cache is shared by every jit of the same function, so other tests' entries may be there too:
+  # evaluating two sets of weights at every size must add exactly one program.
+  before = task._eval_fn._cache_size()
   results = {"raw": task.evaluate(raw, local_ctx()), "ema": task.evaluate(other, local_ctx())}
-  assert task._eval_fn._cache_size() == 1
+  assert task._eval_fn._cache_size() - before <= 1
   r = results["raw"]
   assert r["per_size"]["size"] == [1, 2, 3, 4, 5]
   for m in ("kl", "tv", "invalid_mass", "precision", "logit_gap", "top1_valid"):

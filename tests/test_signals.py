@@ -8,6 +8,8 @@ import signal
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 from experiments import fault_drill
 
 SHORT = {"set_complement": dict(steps=120, checkpoint_every=30, eval_every=60, log_every=7)}
