@@ -1,13 +1,16 @@
 """Role assignment: label-free Hebbian traces vs a supervised BiGRU, gathered from finished runs.
 
-  python -m experiments.roles_report --hebbian W1,W2 --bigru W3,W4 [--hebbian_ud W5 --bigru_ud W6]
-      [--ablation LABEL=W7,W8 ...] [--walltimes FILE] --out_dir results/roles
+  python -m experiments.roles_report --hebbian W1,W2 --bigru W3,W4 [--hebbian_causal W5,W6]
+      [--hebbian_ud W7 --bigru_ud W8] [--ablation LABEL=W9,W10 ...] [--walltimes FILE] --out_dir results/roles
+  python -m experiments.roles_report --previous results/roles/results.json --hebbian_causal W5,W6 \
+      --out_dir results/roles   # adds runs to an earlier results.json, rewrites it and causal.md only
 
 Reads the newest eval_<step>.json of each workdir (runs of configs/roles.py: the BiGRU task
 ema_jax/tasks/roles.py and the Hebbian one, roles_hebbian.py); ratios Hebbian / BiGRU are paired by seed
 (same sentences). Writes to --out_dir: results.json (per model and split: mean / sd over runs of every
 metric, the paired ratios, the runs), results.md (the paper's numbers beside ours, the comparison tables,
-ablations, runs) and depth.png (argument accuracy against embedding depth). See results/roles/README.md.
+ablations, runs), depth.png (argument accuracy against embedding depth) and, given causal runs, causal.md
+(forward-only traces beside bidirectional ones). See results/roles/README.md.
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ import numpy as np
 from ema_jax import workdir as workdir_lib
 from ema_jax.tasks.roles import EVAL_SPLITS, SPLIT_TITLES
 
+# "Hebbian" reads traces both ways (the default, model.backward=True); "Hebbian causal" only the tokens
+# before each position (model.backward=False), what a streaming reader has.
 MODELS = {
     "hebbian_unit_readout": ("hebbian", "unit_readout", "Hebbian, unit readout"),
     "hebbian_linear_probe": ("hebbian", "linear_probe", "Hebbian, linear probe"),
+    "hebbian_causal_unit_readout": ("hebbian_causal", "unit_readout", "Hebbian causal, unit readout"),
+    "hebbian_causal_linear_probe": ("hebbian_causal", "linear_probe", "Hebbian causal, linear probe"),
     "bigru": ("bigru", "raw", "BiGRU (supervised)"),
 }
-HEBBIAN_MODELS = ("hebbian_unit_readout", "hebbian_linear_probe")
+HEBBIAN_MODELS = tuple(m for m in MODELS if m.startswith("hebbian"))
 PAPER = {"within_A_ratio": 96.0, "transfer_B": 61.8, "deep": 84.0}
 
 
@@ -63,16 +70,37 @@ def _stats(values: Sequence[float]) -> Optional[Dict[str, Any]]:
 
 
 def gather(
-    hebbian_dirs: Sequence[str], bigru_dirs: Sequence[str], walltimes: Mapping[str, float] = {}
+    hebbian_dirs: Sequence[str],
+    bigru_dirs: Sequence[str],
+    walltimes: Mapping[str, float] = {},
+    hebbian_causal_dirs: Sequence[str] = (),
+    previous: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:
   """Per model (MODELS) and split: mean / sd over runs of each metric, the runs' seeds, steps and wall
-  times; and the Hebbian / BiGRU ratios, paired by seed (same sentences), as mean / sd."""
+  times; and the Hebbian / BiGRU ratios, paired by seed (same sentences), as mean / sd. `previous` (one
+  data source's part of an earlier results.json) supplies the models and runs not given as workdirs."""
   runs = {
       kind: [(w, workdir_lib.latest_eval(w)) for w in dirs]
-      for kind, dirs in (("hebbian", hebbian_dirs), ("bigru", bigru_dirs))
+      for kind, dirs in (("hebbian", hebbian_dirs), ("hebbian_causal", hebbian_causal_dirs), ("bigru", bigru_dirs))
   }
+  for kind, want in (("hebbian", True), ("hebbian_causal", False)):
+    for w, ev in runs[kind]:
+      got = ev.get("config", {}).get("model", {}).get("backward")
+      if got is not None and got != want:
+        raise ValueError(
+            f"roles_report: {w} ran with model.backward={got}; --{kind} takes runs with model.backward={want}"
+        )
   out: Dict[str, Any] = {"models": {}, "ratios": {}, "runs": {}}
   per_seed: Dict[str, Dict[Any, Dict[str, Dict[str, float]]]] = {}
+  if previous:
+    for model, (kind, _, _) in MODELS.items():
+      if runs[kind] or model not in previous["models"]:
+        continue
+      out["models"][model] = previous["models"][model]
+      out["runs"][kind] = previous["runs"][kind]
+      if model in previous.get("ratios", {}):
+        out["ratios"][model] = previous["ratios"][model]
+      per_seed[model] = _per_seed_from_summary(previous["models"][model], previous["runs"][kind])
   for model, (kind, key, _) in MODELS.items():
     if not runs[kind]:
       continue
@@ -87,6 +115,8 @@ def gather(
           splits.setdefault(split, {}).setdefault(k, []).append(v)
     out["models"][model] = {s: {k: _stats(v) for k, v in vals.items()} for s, vals in splits.items()}
   for kind, items in runs.items():
+    if not items:
+      continue
     out["runs"][kind] = [
         {
             "workdir": w,
@@ -98,7 +128,7 @@ def gather(
     ]
   if "bigru" in per_seed:
     for model in HEBBIAN_MODELS:
-      if model not in per_seed:
+      if model not in per_seed or not runs[MODELS[model][0]]:
         continue
       ratios: Dict[str, Dict[str, list]] = {}
       for s, by_split in per_seed[model].items():
@@ -112,6 +142,18 @@ def gather(
               continue
             ratios.setdefault(split, {}).setdefault(k, []).append(v / r)
       out["ratios"][model] = {sp: {k: _stats(v) for k, v in vals.items()} for sp, vals in ratios.items()}
+  return out
+
+
+def _per_seed_from_summary(stats: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]):
+  """{seed: {split: {metric: value}}} back from a summary's per-run values (stored in run order)."""
+  out: Dict[Any, Dict[str, Dict[str, float]]] = {}
+  for split, metrics in stats.items():
+    for k, s in metrics.items():
+      if s is None or len(s["values"]) != len(runs):
+        continue
+      for r, v in zip(runs, s["values"]):
+        out.setdefault(r["seed"], {}).setdefault(split, {})[k] = v
   return out
 
 
@@ -152,7 +194,7 @@ def comparison_table(summary: Mapping[str, Any], splits: Sequence[str]) -> str:
   head = (
       ["split", "metric"]
       + [MODELS[m][2] for m in models]
-      + [f"ratio {MODELS[m][2].split(', ')[1]} / BiGRU" for m in ratio_models]
+      + [f"ratio {MODELS[m][2].replace('Hebbian, ', '').replace('Hebbian ', '')} / BiGRU" for m in ratio_models]
   )
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for split in splits:
@@ -212,6 +254,48 @@ def headline_table(summary: Mapping[str, Any]) -> str:
         f"{g('bigru', split, 'deep_argument_accuracy')} |"
     )
   return "\n".join(lines)
+
+
+def directions_table(summary: Mapping[str, Any]) -> str:
+  """Markdown: causal (forward-only) traces beside the bidirectional ones, per readout, with the BiGRU and
+  the paper's number where it gives one (grammar runs)."""
+  m, r = summary["models"], summary["ratios"]
+  pairs = [
+      ("hebbian_unit_readout", "hebbian_causal_unit_readout"),
+      ("hebbian_linear_probe", "hebbian_causal_linear_probe"),
+  ]
+  head = ["split", "metric", "paper"]
+  for both, causal in pairs:
+    readout = MODELS[both][2].split(", ")[1]
+    head += [f"both directions, {readout}", f"causal, {readout}"]
+  lines = ["| " + " | ".join(head + ["BiGRU"]) + " |", "|" + "---|" * (len(head) + 1)]
+  paper = {("heldout", "deep_argument_accuracy"): "84 (above BiGRU)", ("transfer", "accuracy"): "61.8"}
+  ratio = [("heldout", "accuracy", "Hebbian / BiGRU, accuracy (all tokens)", "96%")]
+  for split, key, label, ref in ratio:
+    cells = [_pct(r.get(model, {}).get(split, {}).get(key)) + "%" for pair in pairs for model in pair]
+    lines.append(f"| {SPLIT_TITLES[split]} | {label} | {ref} | " + " | ".join(cells) + " | 100% (reference) |")
+  for split in EVAL_SPLITS["grammar"]:
+    for key, label in (
+        ("accuracy", "accuracy (all tokens)"),
+        ("argument_accuracy", "argument accuracy"),
+        ("deep_argument_accuracy", "deep arguments (depth >= 2)"),
+    ):
+      cells = [_pct(m.get(model, {}).get(split, {}).get(key)) for pair in pairs for model in pair]
+      bigru = _pct(m.get("bigru", {}).get(split, {}).get(key), 2)
+      lines.append(
+          f"| {SPLIT_TITLES[split]} | {label} | {paper.get((split, key), '-')} | " + " | ".join(cells) + f" | {bigru} |"
+      )
+  return "\n".join(lines)
+
+
+DIRECTIONS_NOTE = (
+    "'both directions' = the default Hebbian model (configs/roles.py:hebbian, model.backward=True): each token "
+    "reads EMA traces of the words before it and of the words after it. 'causal' = model.backward=False: "
+    "traces of the words before it only, so the features and the role at position t do not change when "
+    "later words do (tests/test_hebbian.py), which is what a streaming reader has. The token codes of both "
+    "come from word co-occurrence counts over the training text, a property of each word, not of the "
+    "sentence being read. Same sentences (seeds) in every column; accuracies in %, mean ± sd over seeds."
+)
 
 
 def plot_depth(summaries: Mapping[str, Mapping[str, Any]], path: str, min_tokens: int = 50) -> str:
@@ -300,8 +384,14 @@ def main(argv=None):
       description="Gathers finished role runs into results.json, results.md and "
       "depth.png (see results/roles/README.md)."
   )
-  for name in ("hebbian", "bigru", "hebbian_ud", "bigru_ud"):
+  for name in ("hebbian", "bigru", "hebbian_causal", "hebbian_ud", "bigru_ud"):
     p.add_argument(f"--{name}", default="", help=f"comma-separated workdirs of {name} runs")
+  p.add_argument(
+      "--previous",
+      default=None,
+      help="an earlier results.json: its models stand in for those not given as workdirs; only results.json "
+      "and causal.md are then rewritten (results.md and depth.png need every workdir)",
+  )
   p.add_argument(
       "--ablation",
       action="append",
@@ -313,12 +403,30 @@ def main(argv=None):
   a = p.parse_args(argv)
   dirs = lambda s: [w for w in s.split(",") if w]
   wall = read_walltimes(a.walltimes)
-  summaries = {"grammar": gather(dirs(a.hebbian), dirs(a.bigru), wall)}
+  previous = {}
+  if a.previous:
+    with open(a.previous) as f:
+      previous = json.load(f)
+  summaries = {"grammar": gather(dirs(a.hebbian), dirs(a.bigru), wall, dirs(a.hebbian_causal), previous.get("grammar"))}
   if a.hebbian_ud or a.bigru_ud:
     summaries["ud"] = gather(dirs(a.hebbian_ud), dirs(a.bigru_ud), wall)
+  elif "ud" in previous:
+    summaries["ud"] = previous["ud"]
   os.makedirs(a.out_dir, exist_ok=True)
   with open(os.path.join(a.out_dir, "results.json"), "w") as f:
     json.dump(summaries, f, indent=1)
+  directions = None
+  if "hebbian_causal_unit_readout" in summaries["grammar"]["models"]:
+    directions = directions_table(summaries["grammar"])
+    with open(os.path.join(a.out_dir, "causal.md"), "w") as f:
+      f.write(
+          "# Role assignment: causal (forward-only) vs bidirectional Hebbian traces\n\n"
+          f"Written by `python -m experiments.roles_report` (commands in README.md). {DIRECTIONS_NOTE}\n\n"
+          f"{directions}\n"
+      )
+  if a.previous:
+    print(directions or "no causal runs given")
+    return
   md = [
       "# Role assignment: label-free Hebbian traces vs a supervised BiGRU",
       "",
@@ -337,6 +445,8 @@ def main(argv=None):
       "",
       comparison_table(summaries["grammar"], EVAL_SPLITS["grammar"]),
   ]
+  if directions:
+    md += ["", "## Causal (forward-only) vs bidirectional traces (grammar)", "", DIRECTIONS_NOTE, "", directions]
   if "ud" in summaries:
     md += ["", "## UD English EWT (one run each)", "", comparison_table(summaries["ud"], EVAL_SPLITS["ud"])]
   if a.ablation:

@@ -161,3 +161,37 @@ def test_fit_is_deterministic_and_label_free(tiny_run):
   feats = H.features(a, cfg, *small)
   assert feats.shape == (200, 24, 64)
   np.testing.assert_allclose(feats[small[1]].sum(-1), 1.0, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_forward_only_features_are_causal(backward):
+  """backward=False (what a streaming reader has): the features at t, and the role read out there, do
+  not depend on the tokens after t, whether those are replaced or cut off. backward=True does read them."""
+  data = g.make_splits(200, 20, 20, seed=1, max_len=24)
+  cfg = H.HebbianConfig(vocab_size=len(g.VOCAB), code_dim=8, num_units=16, epochs=1, batch_size=32, backward=backward)
+  train = data["train"]
+  params = H.fit(cfg, train.tokens, train.mask)
+  roles_u = H.fit_unit_roles(params, cfg, train.tokens, train.mask, train.roles, len(g.ROLE_NAMES))
+  tokens, mask = data["heldout"].tokens, data["heldout"].mask
+  # Each sentence keeps its first half (position t_b and before) and loses or changes the rest.
+  t_B1 = mask.sum(1, keepdims=True) // 2 - 1
+  pos_T = np.arange(tokens.shape[1])
+  keep = pos_T <= t_B1
+  later = mask & ~keep
+  assert keep.sum(1).min() >= 1 and later.sum(1).min() >= 1
+  rng = np.random.default_rng(0)
+  replaced = np.where(later, rng.integers(1, len(g.VOCAB), tokens.shape), tokens).astype(tokens.dtype)
+  cut = np.where(keep, tokens, 0).astype(tokens.dtype)
+  ref_x = np.asarray(H.input_features(params.codes_VC, tokens, mask, cfg))[keep]
+  ref_f = H.features(params, cfg, tokens, mask)[keep]
+  ref_r = H.assign(params, cfg, roles_u, tokens, mask)[keep]
+  for other_tokens, other_mask in ((replaced, mask), (cut, keep)):
+    x = np.asarray(H.input_features(params.codes_VC, other_tokens, other_mask, cfg))[keep]
+    f = H.features(params, cfg, other_tokens, other_mask)[keep]
+    r = H.assign(params, cfg, roles_u, other_tokens, other_mask)[keep]
+    if backward:
+      assert np.abs(x - ref_x).max() > 1e-2
+    else:
+      np.testing.assert_allclose(x, ref_x, atol=1e-6)
+      np.testing.assert_allclose(f, ref_f, atol=1e-5)
+      np.testing.assert_array_equal(r, ref_r)

@@ -260,3 +260,35 @@ def test_ud_tiny_end_to_end(tmp_path, preset, readout):
     # 300 UD sentences are far too few for 64 units to split roles off the OTHER majority (about
     # 70% of tokens); this checks the pipeline only, the real numbers are in results/roles/.
     assert res["dev/accuracy"] > res["dev/majority_accuracy"] - 0.05, res
+
+
+def test_report_adds_causal_runs_to_previous_results(tiny_runs, tmp_path, capsys):
+  hebbian_wd, bigru_wd = tiny_runs["hebbian_tiny"][0], tiny_runs["bigru_tiny"][0]
+  first = tmp_path / "first"
+  roles_report.main(["--hebbian", str(hebbian_wd), "--bigru", str(bigru_wd), "--out_dir", str(first)])
+  with pytest.raises(ValueError, match="model.backward=True; --hebbian_causal takes runs with model.backward=False"):
+    roles_report.main(
+        ["--previous", str(first / "results.json"), "--hebbian_causal", str(hebbian_wd), "--out_dir", str(tmp_path)]
+    )
+  cfg = roles_config("hebbian_tiny")
+  cfg.model.backward = False
+  causal_wd = tmp_path / "causal"
+  trainer.train(cfg, str(causal_wd))
+  out = tmp_path / "second"
+  roles_report.main(
+      ["--previous", str(first / "results.json"), "--hebbian_causal", str(causal_wd), "--out_dir", str(out)]
+  )
+  before = json.loads((first / "results.json").read_text())["grammar"]
+  after = json.loads((out / "results.json").read_text())["grammar"]
+  assert after["models"]["bigru"] == before["models"]["bigru"]
+  assert after["ratios"]["hebbian_unit_readout"] == before["ratios"]["hebbian_unit_readout"]
+  causal = latest_eval(causal_wd)["results"]["unit_readout"]["details"]["heldout"]
+  bigru = latest_eval(bigru_wd)["results"]["raw"]["details"]["heldout"]
+  assert after["models"]["hebbian_causal_unit_readout"]["heldout"]["accuracy"]["mean"] == pytest.approx(
+      causal["accuracy"]
+  )
+  ratio = after["ratios"]["hebbian_causal_unit_readout"]["heldout"]["accuracy"]["mean"]
+  assert ratio == pytest.approx(causal["accuracy"] / bigru["accuracy"])
+  md = (out / "causal.md").read_text()
+  assert "| held-out A | accuracy (all tokens) |" in md and "causal, unit readout" in md
+  assert not (out / "results.md").exists()

@@ -5,7 +5,9 @@ The model never sees a role label while it learns. Per token t it builds an inpu
   * forward context traces: EMA traces at write rates `alphas` of the codes of the tokens *before* t
     (c_{t-1}, c_{t-2}, ...), so the code block alone says which word is at t;
   * backward context traces (cfg.backward): the same over the tokens *after* t, i.e. the traces run on
-    the time-reversed sentence.
+    the time-reversed sentence. backward=False is the causal model, what a streaming reader has: the
+    input, unit activations and role at t then do not depend on any later token (the codes are fixed
+    per word from training-text statistics before any sentence is read).
 Each block is scaled to unit length, weighted, and the whole vector scaled to unit length: a trace
 block says *which* words came before or after at that timescale, not how many.
 
@@ -64,7 +66,7 @@ class HebbianConfig:
   code_dim: int = 32  # D: size of each code part ("context" codes are 3 * D long)
   codes: str = "context"
   alphas: tuple = (0.5, 0.1, 0.02)
-  backward: bool = True
+  backward: bool = True  # False: forward (causal) traces only
   identity_weight: float = 0.3  # weight of the random part inside "context" codes
   code_weight: float = 1.0  # weight of the token's own code block
   trace_weight: float = 1.0  # weight of each trace block
