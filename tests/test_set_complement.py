@@ -30,6 +30,7 @@ def load_config(arg=None):
 
 def tiny_config(**task):
   c = load_config()
+  c.model.kind = "query"  # these tests are about the query model; tests/test_set_decoder.py has the decoder
   c.steps, c.batch_size = 10, 8
   c.task.num_tokens, c.task.train_max_size, c.task.eval_examples = 6, 2, 8
   c.model.embed_dim = c.model.value_dim = 8

@@ -8,6 +8,10 @@ batches, reporting per size and as in-range (s <= L_train) / out-of-range (s > L
   precision     min / max probability over the valid (absent) tokens, 1 = exactly uniform
   logit_gap     mean valid logit - mean invalid logit
   top1_valid    the most likely token is absent from the input
+
+config.model.kind picks the model: 'decoder' (ema_jax/models/set_decoder.py, the paper's causal model,
+trained on every prefix of each set at once, evaluated at the last set position) or 'query'
+(ema_jax/models/set_transformer.py, an appended query token reads the set, trained on whole sets).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from ema_jax.data import set_complement as data
+from ema_jax.models import set_decoder
 from ema_jax.models.set_transformer import (
     DROPOUT_SITES,
     NORMS,
@@ -35,6 +40,7 @@ from ema_jax import length_report
 from ema_jax.errors import config_error, is_int
 from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task
 
+MODEL_KINDS = ("decoder", "query")  # set_decoder.py (the paper's model), set_transformer.py
 METRICS = ("kl", "tv", "invalid_mass", "precision", "logit_gap", "top1_valid")
 METRIC_LABELS = {
     "kl": "KL(target || p)",
@@ -140,8 +146,18 @@ class SetComplementIterator(StepBatchIterator):
 # ------------------------------------------------------------------------------------------------- task
 
 
-def model_config(config: ml_collections.ConfigDict) -> SetTransformerConfig:
+def model_config(config: ml_collections.ConfigDict):
+  """A SetDecoderConfig (model.kind 'decoder') or a SetTransformerConfig ('query')."""
   m = config.model
+  if m.get("kind", "query") == "decoder":
+    return set_decoder.SetDecoderConfig(
+        num_tokens=int(config.task.num_tokens),
+        embed_dim=int(m.embed_dim),
+        value_dim=int(m.value_dim),
+        num_heads=int(m.num_heads),
+        dropout=float(m.dropout),
+        dropout_on=parse_dropout_on(m.dropout_on),
+    )
   return SetTransformerConfig(
       num_tokens=int(config.task.num_tokens),
       embed_dim=int(m.embed_dim),
@@ -212,6 +228,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     config_error("model.dropout_on", m.dropout_on, f"a subset of {DROPOUT_SITES} (a tuple or a comma-separated string)")
   if not isinstance(m.get("traced_dropout", False), bool):
     config_error("model.traced_dropout", m.traced_dropout, "a bool (dropout rates held in the model's state)")
+  kind = m.get("kind", "query")
+  if kind not in MODEL_KINDS:
+    config_error("model.kind", kind, f"one of {MODEL_KINDS}")
+  if kind == "decoder":
+    # The paper's model has no norm and no positions (set_decoder.py); traced rates live in the query model.
+    for f, ok in (("norm", "none"), ("positions", "none"), ("traced_dropout", False)):
+      if m.get(f, ok) != ok:
+        config_error(f"model.{f}", m[f], f"{ok!r} with model.kind='decoder' (or use model.kind='query')")
   if m.norm not in NORMS:
     config_error("model.norm", m.norm, f"one of {NORMS}")
   if m.positions not in POSITIONS:
@@ -222,9 +246,29 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     config_error("steps", config.steps, "a positive integer")
 
 
+def set_logits(model, batch, **kwargs):
+  """Logits [B, N] for each row's whole set: the decoder's last set position, the query model's readout."""
+  if isinstance(model, set_decoder.SetDecoder):
+    return model.last_logits(batch["tokens"], batch["mask"], **kwargs)
+  return model(batch["tokens"], batch["mask"], **kwargs)
+
+
+def prefix_loss(model, batch, num_tokens: int, **kwargs):
+  """The decoder's all-prefix loss: mean over valid (row, position) pairs of the complement cross-entropy
+  of prefix t_1..t_i, whose target is uniform over the tokens absent from it; and the metrics' means."""
+  logits_BLN = model(batch["tokens"], batch["mask"], **kwargs)
+  b, length, n = logits_BLN.shape
+  present_BLN = set_decoder.prefix_present(batch["tokens"], batch["mask"], num_tokens)
+  # Every prefix has <= L <= N - 1 tokens, so each row has an absent token, padded positions included.
+  m = complement_metrics(logits_BLN.reshape(b * length, n), present_BLN.reshape(b * length, n))
+  w_BL = jnp.asarray(batch["mask"]).astype(jnp.float32).reshape(-1)
+  mean = lambda v: (w_BL * v).sum() / jnp.maximum(w_BL.sum(), 1.0)
+  return {k: mean(m[k]) for k in ("ce", "kl", "invalid_mass", "top1_valid")}
+
+
 def _eval_metrics(graphdef, state, batch, num_tokens):
   model = nnx.merge(graphdef, state)
-  logits_BN = model(batch["tokens"], batch["mask"], deterministic=True)
+  logits_BN = set_logits(model, batch, deterministic=True)
   per_example = complement_metrics(logits_BN, batch_present(batch, num_tokens))
   return {k: jnp.mean(v) for k, v in per_example.items()}
 
@@ -259,7 +303,13 @@ class SetComplementTask(Task):
   def validate(self) -> None:
     validate_config(self.config)
 
+  @property
+  def is_decoder(self) -> bool:
+    return self.config.model.get("kind", "query") == "decoder"
+
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    if self.is_decoder:
+      return set_decoder.SetDecoder(model_config(self.config), rngs=rngs)
     return SetTransformer(model_config(self.config), rngs=rngs)
 
   def train_iterator(self, process_index: int, process_count: int) -> StepBatchIterator:
@@ -277,6 +327,9 @@ class SetComplementTask(Task):
     )
 
   def loss(self, model, batch, *, rngs=None, train: bool):
+    if self.is_decoder:
+      m = prefix_loss(model, batch, self.num_tokens, deterministic=not train, rngs=rngs)
+      return m["ce"], {"loss": m["ce"], "kl": m["kl"], "invalid_mass": m["invalid_mass"], "top1_valid": m["top1_valid"]}
     logits_BN = model(batch["tokens"], batch["mask"], deterministic=not train, rngs=rngs)
     m = complement_metrics(logits_BN, batch_present(batch, self.num_tokens))
     loss = jnp.mean(m["ce"])
@@ -334,10 +387,11 @@ class SetComplementTask(Task):
     return self.max_len
 
   def tokens_per_example(self) -> int:
-    return self.max_len + 1
+    return self.max_len + (0 if self.is_decoder else 1)  # the query model appends its query token
 
   def flops_per_token(self) -> Optional[float]:
-    return flops_per_example(model_config(self.config), self.max_len) / (self.max_len + 1)
+    flops = set_decoder.flops_per_example if self.is_decoder else flops_per_example
+    return flops(model_config(self.config), self.max_len) / self.tokens_per_example()
 
 
 TASK = SetComplementTask

@@ -1,0 +1,148 @@
+"""The set-complement paper's model: a single-layer, attention-only, decoder-only transformer.
+
+"Learning What's Missing: Attention Dispersion and EMA Stabilization in Length Generalization"
+(Zsámboki et al., arXiv 2510.08341, Section 2) studies single-layer, attention-only, single-head,
+decoder-only transformers whose next-token logits for a sequence t = (t_1..t_s) are
+
+    f(t) = B[t_s] + sum_i a(t_s, t_i) D[t_i],     B = E U,   D = E W_V W_O U,
+
+with E the token embedding, U the unembedding and a(t_s, .) the softmax attention of the last token over
+the whole (causal) prefix, itself included. Choices and where they come from:
+  - no positional embedding: f depends on the tokens only (the formula above), so the logits of a
+    prefix are a function of its set and its last token;
+  - no bias terms and no LayerNorm: B and D are bare products of the weight matrices (the formula);
+  - one head by default (the paper's "single-head"); num_heads > 1 sums heads, an option of ours;
+  - the scores are E[t_s] W_Q (E[t_i] W_K)^T / sqrt(d_head): the paper writes the attention only through
+    its weights a; the 1/sqrt(d) scale is the standard transformer's and only reparametrises W_Q W_K.
+The residual stream carries E[t_s] to the unembedding, which is the direct path B[t_s].
+
+Every prefix of a set is a set, so one causal pass gives the logits of all s prefixes at once: __call__
+returns logits [B, L, N] at every position (position i reads t_1..t_i); `last_logits` reads position s.
+
+Token layout as in ema_jax/data/set_complement.py: set tokens 0..N-1, then PAD (id N). Padding follows
+the set, so causality alone keeps it out of every valid position; there is no query token.
+
+Dropout (rate `dropout` at the sites in `dropout_on`, the query model's sites): 'embedding' on the
+embedded tokens, 'attention' on the weights after the softmax, 'output' on the attention output. Rates
+are constants of the compiled program; traced rates (traced_dropout, the sweep's vmapped runs) are only
+implemented by the query model and are refused here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ema_jax.models.set_transformer import DROPOUT_SITES, _base_key, _dropout, parse_dropout_on
+
+
+@dataclasses.dataclass(frozen=True)
+class SetDecoderConfig:
+  num_tokens: int  # N set tokens; the vocabulary adds PAD
+  embed_dim: int = 64  # D: embeddings, queries/keys, residual
+  value_dim: int = 64  # total value width over all heads
+  num_heads: int = 1  # H; the paper's model has one head
+  dropout: float = 0.0
+  dropout_on: Tuple[str, ...] = ("attention",)
+
+  def __post_init__(self):
+    object.__setattr__(self, "dropout_on", parse_dropout_on(self.dropout_on))
+    checks = [
+        (isinstance(self.num_tokens, int) and self.num_tokens >= 2, "num_tokens", "an integer >= 2"),
+        (isinstance(self.embed_dim, int) and self.embed_dim >= 1, "embed_dim", "a positive integer"),
+        (isinstance(self.value_dim, int) and self.value_dim >= 1, "value_dim", "a positive integer"),
+        (
+            isinstance(self.num_heads, int)
+            and self.num_heads >= 1
+            and self.embed_dim % self.num_heads == 0
+            and self.value_dim % self.num_heads == 0,
+            "num_heads",
+            f"a positive common divisor of embed_dim={self.embed_dim} and value_dim={self.value_dim}",
+        ),
+        (0.0 <= self.dropout < 1.0, "dropout", "a rate in [0, 1)"),
+        (all(s in DROPOUT_SITES for s in self.dropout_on), "dropout_on", f"a subset of {DROPOUT_SITES}"),
+    ]
+    for ok, name, expected in checks:
+      if not ok:
+        raise ValueError(f"SetDecoderConfig: `{name}`={getattr(self, name)!r}; expected {expected}.")
+
+  @property
+  def pad_id(self) -> int:
+    return self.num_tokens
+
+
+class SetDecoder(nnx.Module):
+  """tokens [B, L] (set tokens then PAD), mask [B, L] -> float32 next-token logits [B, L, N] per prefix."""
+
+  def __init__(self, config: SetDecoderConfig, *, rngs: nnx.Rngs):
+    cfg = self.config = config
+    d, dv, n = cfg.embed_dim, cfg.value_dim, cfg.num_tokens
+    self.embed = nnx.Embed(n + 1, d, rngs=rngs)  # E (plus the PAD row, never read at a valid position)
+    self.query = nnx.Linear(d, d, use_bias=False, rngs=rngs)
+    self.key = nnx.Linear(d, d, use_bias=False, rngs=rngs)
+    self.value = nnx.Linear(d, dv, use_bias=False, rngs=rngs)
+    self.attn_out = nnx.Linear(dv, d, use_bias=False, rngs=rngs)
+    self.unembed = nnx.Linear(d, n, use_bias=False, rngs=rngs)  # U
+
+  def __call__(self, tokens_BL, mask_BL=None, *, deterministic: bool = True, rngs=None):
+    """Logits at every position; rows of position i >= the set size read padding and mean nothing."""
+    cfg = self.config
+    tokens_BL = jnp.asarray(tokens_BL)
+    if tokens_BL.ndim != 2 or not jnp.issubdtype(tokens_BL.dtype, jnp.integer):
+      raise ValueError(
+          f"SetDecoder: `tokens_BL` has shape {tokens_BL.shape} and dtype {tokens_BL.dtype}; "
+          "expected integer token ids [B, L]."
+      )
+    b, length = tokens_BL.shape
+    rates = {s: cfg.dropout for s in cfg.dropout_on} if cfg.dropout > 0 else {}
+    active = {s: (not deterministic) and s in rates for s in DROPOUT_SITES}
+    key = _base_key(rngs) if any(active.values()) else None
+    site_key = lambda s: jax.random.fold_in(key, DROPOUT_SITES.index(s)) if active[s] else None
+    drop = lambda s, x: _dropout(x, rates.get(s, 0.0), site_key(s), active[s])
+
+    x_BLD = drop("embedding", self.embed(tokens_BL))
+    h = cfg.num_heads
+    q_BLHK = self.query(x_BLD).reshape(b, length, h, -1)
+    k_BLHK = self.key(x_BLD).reshape(b, length, h, -1)
+    v_BLHV = self.value(x_BLD).reshape(b, length, h, -1)
+    scores_BHLL = jnp.einsum("bqhk,bshk->bhqs", q_BLHK, k_BLHK) / math.sqrt(q_BLHK.shape[-1])
+    # Causal, the diagonal included: position i attends to t_1..t_i. A finite fill keeps rows NaN-free.
+    causal_LL = jnp.tril(jnp.ones((length, length), bool))
+    scores_BHLL = jnp.where(causal_LL, scores_BHLL, jnp.finfo(scores_BHLL.dtype).min)
+    weights_BHLL = drop("attention", jax.nn.softmax(scores_BHLL, axis=-1))
+    o_BLHV = jnp.einsum("bhqs,bshv->bqhv", weights_BHLL, v_BLHV)
+    o_BLD = drop("output", self.attn_out(o_BLHV.reshape(b, length, -1)))
+    return self.unembed(x_BLD + o_BLD).astype(jnp.float32)
+
+  def last_logits(self, tokens_BL, mask_BL, **kwargs):
+    """Logits [B, N] at the last set token of each row (position size - 1): the prediction for the set."""
+    logits_BLN = self(tokens_BL, mask_BL, **kwargs)
+    last_B = jnp.maximum(jnp.asarray(mask_BL).astype(jnp.int32).sum(axis=1) - 1, 0)
+    return jnp.take_along_axis(logits_BLN, last_B[:, None, None], axis=1)[:, 0]
+
+
+def prefix_present(tokens_BL, mask_BL, num_tokens: int):
+  """Multi-hot [B, L, N] (float32) of the tokens in each prefix t_1..t_i (the set of position i)."""
+  onehot_BLN = (tokens_BL[..., None] == jnp.arange(num_tokens)) & (jnp.asarray(mask_BL)[..., None] > 0)
+  return (jnp.cumsum(onehot_BLN.astype(jnp.int32), axis=1) > 0).astype(jnp.float32)
+
+
+def param_count(config: SetDecoderConfig) -> int:
+  abstract = nnx.eval_shape(lambda: SetDecoder(config, rngs=nnx.Rngs(0)))
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))))
+
+
+def flops_per_example(config: SetDecoderConfig, length: int) -> float:
+  """Training FLOPs (forward + backward = 3 x forward) for one padded row of `length` tokens.
+
+  Forward multiply-adds per position: query, key, value projections (D (2 D + Dv)), output projection
+  (Dv D), unembedding (D N); and the full L x L scores and weighted sums (L^2 (D + Dv)).
+  """
+  d, dv, n, s = config.embed_dim, config.value_dim, config.num_tokens, length
+  macs = s * (d * (2 * d + dv) + dv * d + d * n) + s * s * (d + dv)
+  return 6.0 * macs
