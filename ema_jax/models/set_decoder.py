@@ -1,19 +1,23 @@
 """The set-complement paper's model: a single-layer, attention-only, decoder-only transformer.
 
 "Learning What's Missing: Attention Dispersion and EMA Stabilization in Length Generalization"
-(Zsámboki et al., arXiv 2510.08341, Section 2) studies single-layer, attention-only, single-head,
-decoder-only transformers whose next-token logits for a sequence t = (t_1..t_s) are
+(Zsámboki et al., arXiv 2510.08341; model definition in its problem setup) studies single-layer,
+attention-only, single-head, decoder-only transformers whose next-token logits for t = (t_1..t_s) are
 
     f(t) = B[t_s] + sum_i a(t_s, t_i) D[t_i],     B = E U,   D = E W_V W_O U,
 
-with E the token embedding, U the unembedding and a(t_s, .) the softmax attention of the last token over
-the whole (causal) prefix, itself included. Choices and where they come from:
-  - no positional embedding: f depends on the tokens only (the formula above), so the logits of a
-    prefix are a function of its set and its last token;
-  - no bias terms and no LayerNorm: B and D are bare products of the weight matrices (the formula);
-  - one head by default (the paper's "single-head"); num_heads > 1 sums heads, an option of ours;
-  - the scores are E[t_s] W_Q (E[t_i] W_K)^T / sqrt(d_head): the paper writes the attention only through
-    its weights a; the 1/sqrt(d) scale is the standard transformer's and only reparametrises W_Q W_K.
+with E the token embedding (v x d), U the unembedding and a(t_s, .) the attention of the last token
+over the sequence, itself included; the abstract names softmax as what compresses the logit
+displacements. Choices and where they come from:
+  - no positional embedding: f depends on the tokens only (the formula), so the logits of a prefix are
+    a function of its set and its last token;
+  - no bias terms and no LayerNorm: B and D are bare products of weight matrices (the formula);
+  - one head by default ("single-head"); num_heads > 1 sums heads, an option of ours;
+  - the scores E[t_s] W_Q (E[t_i] W_K)^T / sqrt(d_head): the formula gives the attention only through
+    a; the 1/sqrt(d) scale is the standard transformer's and only reparametrises W_Q W_K.
+  - ours, not the paper's (its experimental section could not be read here): training every prefix
+    at once with the mean complement cross-entropy, the vocabulary, widths and schedule of
+    configs/set_complement.py.
 The residual stream carries E[t_s] to the unembedding, which is the direct path B[t_s].
 
 Every prefix of a set is a set, so one causal pass gives the logits of all s prefixes at once: __call__
