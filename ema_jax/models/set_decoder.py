@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ema_jax.models.set_transformer import DROPOUT_SITES, _base_key, _dropout, parse_dropout_on
+from ema_jax.models.set_transformer import DROPOUT_SITES, base_key, common_checks, dropout, parse_dropout_on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,21 +56,7 @@ class SetDecoderConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "dropout_on", parse_dropout_on(self.dropout_on))
-    checks = [
-        (isinstance(self.num_tokens, int) and self.num_tokens >= 2, "num_tokens", "an integer >= 2"),
-        (isinstance(self.embed_dim, int) and self.embed_dim >= 1, "embed_dim", "a positive integer"),
-        (isinstance(self.value_dim, int) and self.value_dim >= 1, "value_dim", "a positive integer"),
-        (
-            isinstance(self.num_heads, int)
-            and self.num_heads >= 1
-            and self.embed_dim % self.num_heads == 0
-            and self.value_dim % self.num_heads == 0,
-            "num_heads",
-            f"a positive common divisor of embed_dim={self.embed_dim} and value_dim={self.value_dim}",
-        ),
-        (0.0 <= self.dropout < 1.0, "dropout", "a rate in [0, 1)"),
-        (all(s in DROPOUT_SITES for s in self.dropout_on), "dropout_on", f"a subset of {DROPOUT_SITES}"),
-    ]
+    checks = common_checks(self)
     for ok, name, expected in checks:
       if not ok:
         raise ValueError(f"SetDecoderConfig: `{name}`={getattr(self, name)!r}; expected {expected}.")
@@ -105,9 +91,9 @@ class SetDecoder(nnx.Module):
     b, length = tokens_BL.shape
     rates = {s: cfg.dropout for s in cfg.dropout_on} if cfg.dropout > 0 else {}
     active = {s: (not deterministic) and s in rates for s in DROPOUT_SITES}
-    key = _base_key(rngs) if any(active.values()) else None
+    key = base_key(rngs) if any(active.values()) else None
     site_key = lambda s: jax.random.fold_in(key, DROPOUT_SITES.index(s)) if active[s] else None
-    drop = lambda s, x: _dropout(x, rates.get(s, 0.0), site_key(s), active[s])
+    drop = lambda s, x: dropout(x, rates.get(s, 0.0), site_key(s), active[s])
 
     x_BLD = drop("embedding", self.embed(tokens_BL))
     h = cfg.num_heads

@@ -53,6 +53,25 @@ def parse_dropout_on(value) -> Tuple[str, ...]:
   return tuple(str(v).strip() for v in value)
 
 
+def common_checks(cfg) -> list:
+  """(ok, field, expected) checks shared by the set-complement model configs (this file, set_decoder.py)."""
+  return [
+      (isinstance(cfg.num_tokens, int) and cfg.num_tokens >= 2, "num_tokens", "an integer >= 2"),
+      (isinstance(cfg.embed_dim, int) and cfg.embed_dim >= 1, "embed_dim", "a positive integer"),
+      (isinstance(cfg.value_dim, int) and cfg.value_dim >= 1, "value_dim", "a positive integer"),
+      (
+          isinstance(cfg.num_heads, int)
+          and cfg.num_heads >= 1
+          and cfg.embed_dim % cfg.num_heads == 0
+          and cfg.value_dim % cfg.num_heads == 0,
+          "num_heads",
+          f"a positive common divisor of embed_dim={cfg.embed_dim} and value_dim={cfg.value_dim}",
+      ),
+      (0.0 <= cfg.dropout < 1.0, "dropout", "a rate in [0, 1)"),
+      (all(s in DROPOUT_SITES for s in cfg.dropout_on), "dropout_on", f"a subset of {DROPOUT_SITES}"),
+  ]
+
+
 @dataclasses.dataclass(frozen=True)
 class SetTransformerConfig:
   num_tokens: int  # N set tokens; the vocabulary adds PAD and QUERY
@@ -67,22 +86,9 @@ class SetTransformerConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "dropout_on", parse_dropout_on(self.dropout_on))
-    checks = [
-        (isinstance(self.num_tokens, int) and self.num_tokens >= 2, "num_tokens", "an integer >= 2"),
-        (isinstance(self.embed_dim, int) and self.embed_dim >= 1, "embed_dim", "a positive integer"),
-        (isinstance(self.value_dim, int) and self.value_dim >= 1, "value_dim", "a positive integer"),
-        (
-            isinstance(self.num_heads, int)
-            and self.num_heads >= 1
-            and self.embed_dim % self.num_heads == 0
-            and self.value_dim % self.num_heads == 0,
-            "num_heads",
-            f"a positive common divisor of embed_dim={self.embed_dim} and value_dim={self.value_dim}",
-        ),
+    checks = common_checks(self) + [
         (self.norm in NORMS, "norm", f"one of {NORMS}"),
         (self.positions in POSITIONS, "positions", f"one of {POSITIONS}"),
-        (0.0 <= self.dropout < 1.0, "dropout", "a rate in [0, 1)"),
-        (all(s in DROPOUT_SITES for s in self.dropout_on), "dropout_on", f"a subset of {DROPOUT_SITES}"),
         (isinstance(self.traced_dropout, bool), "traced_dropout", "a bool"),
     ]
     for ok, name, expected in checks:
@@ -102,7 +108,7 @@ class DropoutRates(nnx.Variable):
   """Dropout rate per site [len(DROPOUT_SITES)], model state that is not trained."""
 
 
-def _dropout(x, rate, key, active: bool):
+def dropout(x, rate, key, active: bool):
   """Inverted dropout whose rate may be a traced scalar (rate 0 is the identity)."""
   if not active:
     return x
@@ -111,7 +117,7 @@ def _dropout(x, rate, key, active: bool):
   return jnp.where(keep_mask, x / keep, 0.0).astype(x.dtype)
 
 
-def _base_key(rngs):
+def base_key(rngs):
   if rngs is None:
     raise ValueError(
         "SetTransformer: deterministic=False with dropout > 0 needs `rngs` (an nnx.Rngs with a "
@@ -176,9 +182,9 @@ class SetTransformer(nnx.Module):
     elif dropout_rates is None:
       dropout_rates = {s: cfg.dropout for s in cfg.dropout_on} if cfg.dropout > 0 else {}
     active = {s: (not deterministic) and s in dropout_rates for s in DROPOUT_SITES}
-    key = _base_key(rngs) if any(active.values()) else None
+    key = base_key(rngs) if any(active.values()) else None
     site_key = lambda s: jax.random.fold_in(key, DROPOUT_SITES.index(s)) if active[s] else None
-    drop = lambda s, x: _dropout(x, dropout_rates.get(s, 0.0), site_key(s), active[s])
+    drop = lambda s, x: dropout(x, dropout_rates.get(s, 0.0), site_key(s), active[s])
 
     # The query is appended after the padding; only the mask, not the order, tells attention what is there.
     mask_BS = jnp.concatenate([jnp.asarray(mask_BL).astype(bool), jnp.ones((b, 1), bool)], axis=1)
