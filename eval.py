@@ -15,7 +15,7 @@ from ema_jax import cli
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (required).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _WEIGHTS = flags.DEFINE_string(
-    "weights", "all", "Comma-separated: raw, ema (or bema, the run's weight " "EMA), or all."
+    "weights", "all", "Comma-separated subset of raw and the run's averages (ema, bema), or all."
 )
 _LENGTHS = flags.DEFINE_string(
     "lengths",

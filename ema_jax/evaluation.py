@@ -97,7 +97,9 @@ def weights_to_evaluate(weights: str, available: Sequence[str]) -> list:
   if weights == "all":
     return list(available)
   names = [w.strip() for w in weights.split(",") if w.strip()]
-  names = [available[1] if (w in ("ema", "bema") and len(available) > 1) else w for w in names]
+  # A run with one average answers to either name ('ema' for a BEMA run), as before.
+  if len(available) == 2:
+    names = [available[1] if w in ("ema", "bema") else w for w in names]
   bad = [w for w in names if w not in available]
   if bad or not names:
     raise ValueError(f"--weights={weights!r}: this checkpoint has {', '.join(available)} (or all).")

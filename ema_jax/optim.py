@@ -7,7 +7,7 @@ different decays needs no recompilation.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -130,11 +130,15 @@ class EMAState(NamedTuple):
 
 
 class BEMAState(NamedTuple):
-  """BEMA (Block and Zhang 2025): the EMA part, the weights at the start, and the update count."""
+  """BEMA (Block and Zhang 2025): the EMA part, theta_0 (the weights at the end of the burn-in), t (optimizer
+  steps since the burn-in at the last update), the number of updates folded in, and the weights at the last
+  update (only kept when the average updates every k > 1 steps; None otherwise)."""
 
   ema: Any
   theta0: Any
+  t: jax.Array
   count: jax.Array
+  last: Any = None
 
 
 class WeightEMA:
@@ -176,64 +180,152 @@ class WeightEMA:
 
 
 class BEMA:
-  """Bias-corrected EMA: beta_t = (rho + gamma t)^-kappa, alpha_t = (rho + gamma t)^-eta,
-  ema_t = (1 - beta_t) ema_{t-1} + beta_t theta_t (ema_0 = theta_0), bema_t = alpha_t (theta_t - theta_0) + ema_t.
+  """BEMA, "EMA Without the Lag: Bias-Corrected Iterate Averaging Schemes" (Block and Zhang, arXiv 2508.00180).
 
-  t counts the updates folded in (one every `every` optimizer steps).
+  With tau the burn-in (optimizer steps), phi = `every` the update period, and t = s - tau counted in
+  optimizer steps (not in updates) since the burn-in at optimizer step s:
+    s <= tau:                 theta_0 = ema = theta_s (the average restarts from the current weights; the
+                              value is the raw weights);
+    s > tau, t % phi == 0:    beta_t = (rho + gamma t)^-kappa,  alpha_t = (rho + gamma t)^-eta,
+                              ema = (1 - beta_t) ema + beta_t theta_s,
+                              bema = alpha_t (theta_s - theta_0) + ema.
+  Between updates (phi > 1) the value is the bema of the last update, from the weights of that step.
+  Defaults kappa = 0.5, eta = 0.2, gamma = 1, rho = 10 are the BEMA paper's; tau = 0 takes theta_0 at the
+  random initialisation (the earlier behaviour of this class).
+
+  The variant: the BEMA paper's estimator with its power-law schedules for both the EMA rate and the bias
+  correction (its Algorithm 1), not the fixed-decay EMA plus correction; min-beta clipping (some ports add
+  it) is not applied. All state is float32.
   """
 
   kind = "bema"
 
-  def __init__(self, kappa: float = 0.5, eta: float = 0.2, gamma: float = 1.0, rho: float = 10.0, every: int = 1):
-    self.kappa, self.eta, self.gamma, self.rho, self.every = kappa, eta, gamma, rho, every
+  def __init__(
+      self,
+      kappa: float = 0.5,
+      eta: float = 0.2,
+      gamma: float = 1.0,
+      rho: float = 10.0,
+      every: int = 1,
+      burn_in: int = 0,
+  ):
+    self.kappa, self.eta, self.gamma, self.rho, self.every, self.burn_in = kappa, eta, gamma, rho, every, burn_in
 
   def init(self, params, decay=None) -> BEMAState:
     f32 = lambda p: p.astype(jnp.float32)
-    return BEMAState(jax.tree.map(f32, params), jax.tree.map(f32, params), jnp.zeros((), jnp.int32))
+    zero = jnp.zeros((), jnp.int32)
+    last = jax.tree.map(f32, params) if self.every > 1 else None
+    return BEMAState(jax.tree.map(f32, params), jax.tree.map(f32, params), zero, zero, last)
 
-  def _rates(self, t):
-    base = self.rho + self.gamma * t.astype(jnp.float32)
-    return base ** (-self.kappa), base ** (-self.eta)
+  def _base(self, t):
+    return self.rho + self.gamma * t.astype(jnp.float32)
 
   def update(self, state: BEMAState, params, step) -> BEMAState:
-    do = (jnp.asarray(step) % self.every) == 0
-    t = state.count + 1
-    beta, _ = self._rates(t)
-    ema = jax.tree.map(
-        lambda e, p: jnp.where(do, (1.0 - beta) * e + beta * p.astype(jnp.float32), e), state.ema, params
-    )
-    return BEMAState(ema, state.theta0, state.count + do.astype(jnp.int32))
+    """Folds in theta after optimizer step `step` (1-based)."""
+    step = jnp.asarray(step, jnp.int32)
+    t = step - self.burn_in
+    burning = t <= 0
+    do = (~burning) & ((t % self.every) == 0)
+    beta = self._base(t) ** (-self.kappa)
+    f32 = lambda p: p.astype(jnp.float32)
+
+    def ema_leaf(e, p):
+      p = f32(p)
+      return jnp.where(burning, p, jnp.where(do, (1.0 - beta) * e + beta * p, e))
+
+    ema = jax.tree.map(ema_leaf, state.ema, params)
+    theta0 = jax.tree.map(lambda z, p: jnp.where(burning, f32(p), z), state.theta0, params)
+    new_t = jnp.where(do, t, jnp.where(burning, 0, state.t))
+    count = jnp.where(burning, 0, state.count + do.astype(jnp.int32))
+    last = state.last
+    if last is not None:
+      last = jax.tree.map(lambda l, p: jnp.where(do | burning, f32(p), l), last, params)
+    return BEMAState(ema, theta0, new_t, count, last)
 
   def value(self, state: BEMAState, params):
-    _, alpha = self._rates(state.count)
-    out = jax.tree.map(lambda e, p, p0: alpha * (p.astype(jnp.float32) - p0) + e, state.ema, params, state.theta0)
-    out = jax.tree.map(lambda o, p: jnp.where(state.count > 0, o, p.astype(jnp.float32)).astype(p.dtype), out, params)
-    return out
+    """The bias-corrected average at the last update (the raw weights during the burn-in)."""
+    alpha = self._base(state.t) ** (-self.eta)
+    at = params if state.last is None else state.last
+    out = jax.tree.map(lambda e, p, p0: alpha * (p.astype(jnp.float32) - p0) + e, state.ema, at, state.theta0)
+    return jax.tree.map(lambda o, p: jnp.where(state.count > 0, o, p.astype(jnp.float32)).astype(p.dtype), out, params)
+
+
+class Averages:
+  """Several weight averages kept side by side (config weight_ema.kind = 'ema,bema'), each updated from the
+  same raw weights, so raw, EMA and BEMA weights of one run are evaluated together. The state is a dict
+  {kind: state}; a single kind keeps its bare state (checkpoints of one-kind runs keep their layout)."""
+
+  def __init__(self, members: Dict[str, Any]):
+    self.members = dict(members)
+    self.names = list(self.members)
+    self.kind = ",".join(self.names)
+
+  def _single(self):
+    return len(self.members) == 1
+
+  def init(self, params, decay=None):
+    if self._single():
+      return self.members[self.names[0]].init(params, decay)
+    return {k: m.init(params, decay) for k, m in self.members.items()}
+
+  def update(self, state, params, step):
+    if self._single():
+      return self.members[self.names[0]].update(state, params, step)
+    return {k: m.update(state[k], params, step) for k, m in self.members.items()}
+
+  def member_state(self, state, name: str):
+    return state if self._single() else state[name]
+
+  def value(self, state, params, name: Optional[str] = None):
+    """The weights of average `name` (default: the first kind)."""
+    name = self.names[0] if name is None else name
+    if name not in self.members:
+      raise ValueError(f"weights {name!r}: this run keeps {', '.join(self.names)}.")
+    return self.members[name].value(self.member_state(state, name), params)
+
+
+def parse_kinds(kind) -> list:
+  """'ema,bema' -> ['ema', 'bema']; 'none' -> []."""
+  kinds = [k.strip() for k in str(kind).split(",") if k.strip()]
+  return [] if kinds == ["none"] else kinds
 
 
 def validate_weight_ema(cfg: ml_collections.ConfigDict) -> None:
-  if cfg.kind not in EMA_KINDS:
-    config_error("weight_ema.kind", cfg.kind, f"one of: {', '.join(EMA_KINDS)}")
+  kinds = parse_kinds(cfg.kind)
+  accepted = f"one of {', '.join(EMA_KINDS)}, or several averages comma-separated, e.g. 'ema,bema'"
+  if str(cfg.kind).strip() != "none" and (
+      not kinds or any(k not in EMA_KINDS or k == "none" for k in kinds) or len(set(kinds)) != len(kinds)
+  ):
+    config_error("weight_ema.kind", cfg.kind, accepted)
   if not (isinstance(cfg.every, int) and cfg.every >= 1):
     config_error("weight_ema.every", cfg.every, "an integer >= 1")
-  if cfg.kind == "ema" and not 0 < cfg.decay < 1:
+  if "ema" in kinds and not 0 < cfg.decay < 1:
     config_error("weight_ema.decay", cfg.decay, "a decay in (0, 1), e.g. 0.999")
-  if cfg.kind == "bema":
+  if "bema" in kinds:
     if not cfg.rho > 0 or not cfg.gamma > 0:
       config_error("weight_ema.rho/gamma", (cfg.rho, cfg.gamma), "positive values (defaults 10, 1)")
     if not cfg.kappa >= 0 or not cfg.eta >= 0:
       config_error("weight_ema.kappa/eta", (cfg.kappa, cfg.eta), "non-negative exponents (defaults 0.5, 0.2)")
+    burn_in = cfg.get("burn_in", 0)
+    if not (isinstance(burn_in, int) and not isinstance(burn_in, bool) and burn_in >= 0):
+      config_error("weight_ema.burn_in", burn_in, "an integer >= 0 (optimizer steps before BEMA's theta_0)")
 
 
 def make_weight_ema(cfg: ml_collections.ConfigDict):
-  """WeightEMA, BEMA, or None for kind='none'."""
+  """Averages over the kinds in cfg.kind ('ema', 'bema' or 'ema,bema'), or None for kind='none'."""
   validate_weight_ema(cfg)
-  if cfg.kind == "ema":
-    return WeightEMA(cfg.decay, cfg.every)
-  if cfg.kind == "bema":
-    return BEMA(cfg.kappa, cfg.eta, cfg.gamma, cfg.rho, cfg.every)
-  return None
+  members = {}
+  for k in parse_kinds(cfg.kind):
+    if k == "ema":
+      members[k] = WeightEMA(cfg.decay, cfg.every)
+    else:
+      members[k] = BEMA(cfg.kappa, cfg.eta, cfg.gamma, cfg.rho, cfg.every, int(cfg.get("burn_in", 0)))
+  return Averages(members) if members else None
 
 
 def default_weight_ema_config(kind: str = "ema") -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(kind=kind, decay=0.999, every=1, kappa=0.5, eta=0.2, gamma=1.0, rho=10.0))
+  """kind: none | ema | bema | several comma-separated ('ema,bema'). decay: the debiased EMA's. kappa, eta,
+  gamma, rho: BEMA's schedules (the BEMA paper's defaults); burn_in: BEMA's tau in optimizer steps."""
+  return ml_collections.ConfigDict(
+      dict(kind=kind, decay=0.999, every=1, kappa=0.5, eta=0.2, gamma=1.0, rho=10.0, burn_in=0)
+  )

@@ -145,19 +145,22 @@ def make_train_step(setup: Setup):
 
 
 def make_model(setup: Setup, state, weights: str = "raw"):
+  """The model with the raw weights or with one of the run's averages ('ema', 'bema')."""
   if weights == "raw":
     params = state["params"]
-  elif weights == "ema":
-    if setup.weight_ema is None:
-      raise ValueError("--weights=ema: this run kept no weight EMA (config.weight_ema.kind='none').")
-    params = jax.jit(setup.weight_ema.value)(state["ema"], state["params"])
   else:
-    raise ValueError(f"weights={weights!r}: accepted raw, ema.")
+    kept = [] if setup.weight_ema is None else setup.weight_ema.names
+    if weights not in kept:
+      raise ValueError(
+          f"--weights={weights}: this run kept {', '.join(['raw'] + kept)} "
+          f"(config.weight_ema.kind={setup.config.weight_ema.kind!r})."
+      )
+    params = jax.jit(lambda e, p: setup.weight_ema.value(e, p, weights))(state["ema"], state["params"])
   return nnx.merge(setup.graphdef, params, state["other"])
 
 
 def weights_names(setup: Setup):
-  return ["raw"] if setup.weight_ema is None else ["raw", setup.weight_ema.kind]
+  return ["raw"] + ([] if setup.weight_ema is None else list(setup.weight_ema.names))
 
 
 def evaluate_all(setup: Setup, state, workdir: Optional[str], step: int, weights=None) -> Dict[str, Any]:
@@ -171,7 +174,7 @@ def evaluate_all(setup: Setup, state, workdir: Optional[str], step: int, weights
   results = {}
   with jax.set_mesh(setup.mesh):
     for name in weights or weights_names(setup):
-      model = make_model(setup, state, "raw" if name == "raw" else "ema")
+      model = make_model(setup, state, name)
       results[name] = setup.task.evaluate(model, ctx)
   return results
 

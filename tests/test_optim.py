@@ -121,3 +121,72 @@ def test_weight_ema_validation(field, value):
   cfg[field] = value
   with pytest.raises(ValueError, match=f"config.weight_ema.{field}"):
     optim.make_weight_ema(cfg)
+
+
+def _bema_reference(thetas, tau, every, kappa=0.5, eta=0.2, gamma=1.0, rho=10.0):
+  """The BEMA paper's estimator in float64 Python, written from its definition: theta_s for s = 0..S
+  (s = 0 the initialisation); the returned list holds the value after each optimizer step s >= 1."""
+  out, theta0, ema, bema = [], None, None, None
+  for s, th in enumerate(thetas):
+    th = float(th)
+    if s <= tau:
+      theta0, ema, bema = th, th, None
+    elif (s - tau) % every == 0:
+      t = s - tau
+      beta, alpha = (rho + gamma * t) ** -kappa, (rho + gamma * t) ** -eta
+      ema = (1 - beta) * ema + beta * th
+      bema = alpha * (th - theta0) + ema
+    if s >= 1:
+      out.append(th if bema is None else bema)
+  return out
+
+
+@pytest.mark.parametrize("tau,every", [(0, 1), (3, 1), (4, 3), (0, 2)])
+def test_bema_burn_in_and_every_k_match_reference(tau, every):
+  rng = np.random.default_rng(tau * 10 + every)
+  thetas = np.cumsum(rng.normal(size=13))  # theta_0 (init) .. theta_12
+  ref = _bema_reference(thetas, tau, every)
+  bema = optim.BEMA(every=every, burn_in=tau)
+  s = bema.init({"w": jnp.asarray(thetas[0], jnp.float32)})
+  got = []
+  for step in range(1, len(thetas)):
+    p = {"w": jnp.asarray(thetas[step], jnp.float32)}
+    s = bema.update(s, p, step)
+    got.append(float(bema.value(s, p)["w"]))
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  if tau > 0:  # during the burn-in the value is the raw weights, theta_0 follows them
+    np.testing.assert_allclose(got[:tau], thetas[1 : tau + 1], rtol=1e-6)
+
+
+def test_averages_keep_ema_and_bema_side_by_side():
+  cfg = optim.default_weight_ema_config("ema,bema")
+  cfg.decay, cfg.burn_in = 0.9, 2
+  av = optim.make_weight_ema(cfg)
+  assert av.names == ["ema", "bema"]
+  ema, bema = optim.WeightEMA(0.9), optim.BEMA(burn_in=2)
+  p = {"w": jnp.asarray([1.0, -2.0])}
+  s, se, sb = av.init(p), ema.init(p), bema.init(p)
+  for step in range(1, 6):
+    p = {"w": p["w"] * 1.5 + 0.25}
+    s, se, sb = av.update(s, p, step), ema.update(se, p, step), bema.update(sb, p, step)
+  np.testing.assert_array_equal(av.value(s, p, "ema")["w"], ema.value(se, p)["w"])
+  np.testing.assert_array_equal(av.value(s, p, "bema")["w"], bema.value(sb, p)["w"])
+  with pytest.raises(ValueError, match="keeps ema, bema"):
+    av.value(s, p, "swa")
+  single = optim.make_weight_ema(optim.default_weight_ema_config("bema"))
+  assert isinstance(single.init(p), optim.BEMAState)  # one kind keeps its bare state (checkpoint layout)
+
+
+@pytest.mark.parametrize("kind", ["ema,ema", "ema,swa", "none,ema", ""])
+def test_weight_ema_kind_list_validation(kind):
+  cfg = optim.default_weight_ema_config("ema")
+  cfg.kind = kind
+  with pytest.raises(ValueError, match="weight_ema.kind"):
+    optim.validate_weight_ema(cfg)
+
+
+def test_bema_burn_in_validation():
+  cfg = optim.default_weight_ema_config("bema")
+  cfg.burn_in = -1
+  with pytest.raises(ValueError, match="weight_ema.burn_in"):
+    optim.validate_weight_ema(cfg)
