@@ -70,7 +70,7 @@ def get_config(arg=None):
           embed_dim=64,  # D
           value_dim=64,
           num_heads=1,
-          norm="none",  # none | pre (LayerNorm on the attention inputs)
+          norm="none",  # none | pre (LayerNorm on the attention inputs) | post (on the residual sum)
           positions="none",  # none | learned (ties the model to lengths: see set_transformer.py)
           dropout=0.0,
           dropout_on="attention",  # comma-separated subset of attention, embedding, output ('' = none)

@@ -210,7 +210,7 @@ BAD = [
     (lambda c: c.model.update(num_heads=3), "model.num_heads", "3"),
     (lambda c: c.model.update(value_dim=6, num_heads=4), "model.num_heads", "4"),
     (lambda c: c.model.update(embed_dim=0), "model.embed_dim", "0"),
-    (lambda c: c.model.update(norm="post"), "model.norm", "post"),
+    (lambda c: c.model.update(norm="sandwich"), "model.norm", "sandwich"),
     (lambda c: c.model.update(positions="sinusoidal"), "model.positions", "sinusoidal"),
 ]
 

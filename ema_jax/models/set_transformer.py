@@ -10,6 +10,8 @@ query row.
     h = e_query + W_o Attn(q = W_q n(e_query), k, v = W_k n(x), W_v n(x))     logits = W_u h + b_u
 
 n is LayerNorm with norm='pre', the identity with norm='none' (no MLP, no final norm: the paper's model).
+norm='post' (GPT-1 style) leaves the attention inputs as they are and normalises the residual sum
+instead: logits = W_u LN(h) + b_u.
 The residual carries the query embedding into the readout, as the residual stream of a standard block
 would; it gives the readout an input-independent "all tokens equally likely" baseline that attention
 only has to displace for the tokens present.
@@ -40,7 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 DROPOUT_SITES = ("attention", "embedding", "output")
-NORMS = ("none", "pre")
+NORMS = ("none", "pre", "post")  # no LayerNorm, on the attention inputs, on the residual sum
 POSITIONS = ("none", "learned")
 
 
@@ -140,7 +142,7 @@ class SetTransformer(nnx.Module):
     self.positions = (
         nnx.Embed(n, d, embedding_init=nnx.initializers.normal(0.02), rngs=rngs) if cfg.positions == "learned" else None
     )
-    self.norm = nnx.LayerNorm(d, rngs=rngs) if cfg.norm == "pre" else None
+    self.norm = nnx.LayerNorm(d, rngs=rngs) if cfg.norm in ("pre", "post") else None
     self.query = nnx.Linear(d, d, use_bias=False, rngs=rngs)
     self.key = nnx.Linear(d, d, use_bias=False, rngs=rngs)
     self.value = nnx.Linear(d, dv, use_bias=False, rngs=rngs)
@@ -196,7 +198,7 @@ class SetTransformer(nnx.Module):
       x_BSD = x_BSD + self.positions(jnp.minimum(slots_BS, cfg.num_tokens - 1))
     x_BSD = drop("embedding", x_BSD)
     xq_BD = x_BSD[:, -1]
-    n_BSD = self.norm(x_BSD) if self.norm is not None else x_BSD
+    n_BSD = self.norm(x_BSD) if cfg.norm == "pre" else x_BSD
 
     h = cfg.num_heads
     q_BHK = self.query(n_BSD[:, -1]).reshape(b, h, -1)
@@ -208,7 +210,10 @@ class SetTransformer(nnx.Module):
     weights_BHS = drop("attention", jax.nn.softmax(scores_BHS, axis=-1))
     o_BHV = jnp.einsum("bhs,bshv->bhv", weights_BHS, v_BSHV)
     o_BD = drop("output", self.attn_out(o_BHV.reshape(b, -1)))
-    return self.readout(xq_BD + o_BD).astype(jnp.float32)
+    h_BD = xq_BD + o_BD
+    if cfg.norm == "post":
+      h_BD = self.norm(h_BD)
+    return self.readout(h_BD).astype(jnp.float32)
 
 
 def param_count(config: SetTransformerConfig) -> int:

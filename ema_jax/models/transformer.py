@@ -1,9 +1,15 @@
 """GPT-2 style decoder-only transformer (Radford et al. 2019), the baseline of the EMA LM.
 
-Learned absolute positions over the window (0 .. T-1, not restarted per packed document), pre-norm
-blocks x <- x + Attn(LN(x)), x <- x + MLP(LN(x)), causal multi-head attention that also stays inside
-each packed document (segment ids), tanh-GELU MLP of 4 D, a final LayerNorm and the output head tied to
-the token embedding. Initialisation as GPT-2: N(0, 0.02) weights, N(0, 0.01) positions, zero biases,
+Learned absolute positions over the window (0 .. T-1, not restarted per packed document), causal
+multi-head attention that also stays inside each packed document (segment ids), tanh-GELU MLP of 4 D and
+the output head tied to the token embedding. Where the LayerNorms sit is `norm_position`:
+
+  'pre'   GPT-2 (the default): x <- x + Attn(LN(x)), x <- x + MLP(LN(x)), and a final LayerNorm
+          (norm_out) before the head, since the residual stream itself is never normalised.
+  'post'  GPT-1 (Radford et al. 2018; the OthelloGPT of "Learning What's Missing", arXiv 2510.08341):
+          x <- LN(x + Attn(x)), x <- LN(x + MLP(x)). No final LayerNorm: the last block's output is
+          already normalised, and GPT-1 has none; the model has no norm_out (one LayerNorm fewer).
+ Initialisation as GPT-2: N(0, 0.02) weights, N(0, 0.01) positions, zero biases,
 and the two projections into the residual stream of each block N(0, 0.02 / sqrt(2 L)).
 
 Dropout (config.dropout; GPT-2 used 0.1, the presets use 0.0 for single-epoch pre-training): on the
@@ -24,6 +30,7 @@ from ema_jax.nn.ffn import MLP
 from ema_jax.models import presets
 
 DTYPES = ("float32", "bfloat16")
+NORM_POSITIONS = ("pre", "post")  # LayerNorm on each sublayer's input (GPT-2) or on the residual sum (GPT-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +48,7 @@ class GPTConfig:
   tie_embeddings: bool = True
   norm_eps: float = 1e-5
   init_std: float = 0.02
+  norm_position: str = "pre"  # one of NORM_POSITIONS
 
   def __post_init__(self):
     checks = [
@@ -58,6 +66,7 @@ class GPTConfig:
         (self.dtype in DTYPES, "dtype", f"one of {DTYPES}"),
         (self.norm_eps > 0, "norm_eps", "a positive number"),
         (self.init_std > 0, "init_std", "a positive number"),
+        (self.norm_position in NORM_POSITIONS, "norm_position", "'pre' (GPT-2) or 'post' (GPT-1)"),
     ]
     for ok, name, expected in checks:
       if not ok:
@@ -81,7 +90,7 @@ def preset(name: str, **overrides) -> GPTConfig:
 
 
 class GPTBlock(nnx.Module):
-  """Pre-norm transformer block."""
+  """Transformer block, pre-norm (GPT-2) or post-norm (GPT-1) after config.norm_position."""
 
   def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
     d, dt = cfg.width, cfg.compute_dtype
@@ -96,8 +105,14 @@ class GPTBlock(nnx.Module):
         d, cfg.mlp_ratio * d, activation="gelu", dtype=dt, kernel_init=init, out_kernel_init=out_init, rngs=rngs
     )
     self.dropout = nnx.Dropout(cfg.dropout)
+    self.post_norm = cfg.norm_position == "post"
 
   def __call__(self, x_BTD, *, mask_B1TT, deterministic: bool = True, rngs=None):
+    if self.post_norm:
+      a_BTD = self.attention(x_BTD, mask=mask_B1TT, deterministic=deterministic, rngs=rngs)
+      x_BTD = self.norm_attn(x_BTD + self.dropout(a_BTD, deterministic=deterministic, rngs=rngs))
+      m_BTD = self.mlp(x_BTD)
+      return self.norm_mlp(x_BTD + self.dropout(m_BTD, deterministic=deterministic, rngs=rngs))
     a_BTD = self.attention(self.norm_attn(x_BTD), mask=mask_B1TT, deterministic=deterministic, rngs=rngs)
     x_BTD = x_BTD + self.dropout(a_BTD, deterministic=deterministic, rngs=rngs)
     x_BTD = x_BTD + self.dropout(self.mlp(self.norm_mlp(x_BTD)), deterministic=deterministic, rngs=rngs)
@@ -118,7 +133,10 @@ class GPT(nnx.Module):
         cfg.context_len, cfg.width, dtype=dt, embedding_init=nnx.initializers.normal(0.01), rngs=rngs
     )
     self.blocks = nnx.List([GPTBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-    self.norm_out = nnx.LayerNorm(cfg.width, epsilon=cfg.norm_eps, dtype=dt, rngs=rngs)
+    # Post-norm blocks end in a LayerNorm already (GPT-1 has no final one): no norm_out then.
+    self.norm_out = (
+        nnx.LayerNorm(cfg.width, epsilon=cfg.norm_eps, dtype=dt, rngs=rngs) if cfg.norm_position == "pre" else None
+    )
     if not cfg.tie_embeddings:
       self.head = nnx.Linear(
           cfg.width,
@@ -155,7 +173,8 @@ class GPT(nnx.Module):
     x_BTD = self.dropout(x_BTD, deterministic=deterministic, rngs=rngs)
     for block in self.blocks:
       x_BTD = block(x_BTD, mask_B1TT=mask_B1TT, deterministic=deterministic, rngs=rngs)
-    x_BTD = self.norm_out(x_BTD)
+    if self.norm_out is not None:
+      x_BTD = self.norm_out(x_BTD)
     if cfg.tie_embeddings:
       dt = cfg.compute_dtype
       return jnp.einsum(

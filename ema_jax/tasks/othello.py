@@ -39,7 +39,7 @@ from flax import nnx
 
 from ema_jax.data import othello as data
 from ema_jax.data import othello_dataset
-from ema_jax.models.transformer import DTYPES, GPT, GPTConfig, flops_per_token
+from ema_jax.models.transformer import DTYPES, GPT, NORM_POSITIONS, GPTConfig, flops_per_token
 from ema_jax import length_report
 from ema_jax.errors import config_error, is_int
 from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task
@@ -227,6 +227,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     config_error("model.dropout", m.dropout, "a rate in [0, 1)")
   if m.dtype not in DTYPES:
     config_error("model.dtype", m.dtype, f"one of {DTYPES}")
+  if m.get("norm_position", "pre") not in NORM_POSITIONS:
+    config_error("model.norm_position", m.norm_position, "'pre' (GPT-2) or 'post' (GPT-1, the paper's OthelloGPT)")
   if not (is_int(config.batch_size) and 1 <= config.batch_size <= t.num_games - n_val):
     config_error("batch_size", config.batch_size, f"an integer in [1, {t.num_games - n_val}] (the training games)")
 
@@ -242,6 +244,7 @@ def model_config(config: ml_collections.ConfigDict) -> GPTConfig:
       mlp_ratio=int(m.mlp_ratio),
       dropout=float(m.dropout),
       dtype=m.dtype,
+      norm_position=m.get("norm_position", "pre"),  # configs saved before the field existed were pre-norm
   )
 
 

@@ -237,7 +237,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       if m.get(f, ok) != ok:
         config_error(f"model.{f}", m[f], f"{ok!r} with model.kind='decoder' (or use model.kind='query')")
   if m.norm not in NORMS:
-    config_error("model.norm", m.norm, f"one of {NORMS}")
+    config_error("model.norm", m.norm, f"one of {NORMS} (no LayerNorm, on the attention inputs, on the residual sum)")
   if m.positions not in POSITIONS:
     config_error("model.positions", m.positions, f"one of {POSITIONS}")
   if not (is_int(config.batch_size) and config.batch_size >= 1):
