@@ -1,29 +1,38 @@
-"""Random hyperparameter search on the set-complement task: does dropout, does weight EMA, help out of range?
+"""Random hyperparameter search on the set-complement task: does dropout, does weight averaging, help out of range?
 
-  python -m experiments.set_complement_sweep --config configs/set_complement.py:sweep --workdir W [--runs 64]
-      [--config.steps=3000 --config.sweep.dims='["32x32"]' ...]
+  python -m experiments.set_complement_sweep --config configs/set_complement.py:sweep --workdir W [--runs 48]
+      [--config.steps=20000 --config.sweep.dims='["32x32"]' ...]
 
-Each run samples (config.sweep): a seed, dims, learning rate (log-uniform), dropout rate and placement,
-weight-EMA kind (none / ema / bema) and, for 'ema', its decay. Runs are grouped by what fixes the compiled
-program (dims, heads, EMA kind, whose states differ in structure). Inside a group the runs are train.py
-runs of one config (group_config) that differ only in data held in the train state, so one
+The model is config.model.kind (the sweep preset: 'decoder', the paper's single-layer attention-only causal
+model, trained on every prefix). Each run samples (config.sweep): a seed, dims, learning rate (log-uniform),
+dropout rate and placement, the debiased EMA's decay and BEMA's burn-in tau. Averaging does not change
+training, so every run keeps both averages (weight_ema.kind 'ema,bema') and is evaluated three ways: raw
+weights (averaging 'none'), EMA and BEMA. The averaging choice is therefore a paired comparison within
+each run, everything else held fixed.
+
+Convergence: the learning rate is constant after warmup (the preset's optim.schedule) and each group of
+runs trains in chunks of sweep.chunk_steps until every run's raw in-range KL (sizes 1..L_train, a held-out
+set) has stopped improving: no check in the last sweep.patience checks beat the best earlier value by more
+than sweep.rel_tol (relative), and at least sweep.min_steps were trained; or until config.steps, the cap.
+Each run records the step at which it reached that plateau (None if it never did within the cap).
+
+Runs are grouped by what fixes the compiled program (dims, heads, BEMA burn-in). Inside a group the runs are
+train.py runs of one config (group_config) that differ only in data held in the train state, so one
 jax.vmap of the trainer's own step (trainer.make_train_step) over states with a leading run axis trains
 all the group's runs together:
-  - learning rate: the group's peak lr is 1 and each run's lr is the lr_scale in its optimizer state
-    (optim.make_optimizer): lr_t = schedule_t * lr, the same warmup / decay shape for every run;
+  - learning rate: the group's peak lr is 1 and each run's lr is the lr_scale in its optimizer state;
   - dropout: the model keeps one rate per site (attention, embedding, output) in its state
-    (model.traced_dropout), 0 at the sites a run does not use, so the placement is data too and does not
-    split groups (a rate of 0 is exactly the identity);
+    (model.traced_dropout), 0 at the sites a run does not use (a rate of 0 is exactly the identity);
   - EMA decay: an array inside the WeightEMA state; seed: the key the trainer's init splits into a
     parameter key and a dropout key, as config.seed does in train.py.
 All runs see the same training batches (the stream of config.seed), common random numbers that take data
-noise out of the comparisons. Raw and averaged weights are evaluated with the task's metrics at every size
-1..N-1.
+noise out of the comparisons.
 
-Writes to W: runs.csv, runs.json (every run: sampled values, in-range and out-of-range metrics of raw and
-averaged weights, per-size curves in the JSON), summary.json and summary.md (paired averaged-vs-raw
-differences with 95% t and bootstrap intervals; OLS of log out-of-range KL on dropout, log lr and width
-with 95% intervals), and plots/*.png.
+Writes to W: runs.csv, runs.json (every run: sampled values, plateau step, in-range and out-of-range
+metrics of raw, EMA and BEMA weights, per-size curves and the in-range history in the JSON), summary.json
+and summary.md (a claims table: each of the paper's claims with its 95% interval and a verdict; paired
+averaged-vs-raw differences with t and bootstrap intervals; OLS of log out-of-range KL on dropout, log lr
+and width), and plots/*.png.
 """
 
 from __future__ import annotations
@@ -67,6 +76,10 @@ def _canonical_sites(value) -> str:
   return ",".join(s for s in DROPOUT_SITES if s in sites)
 
 
+AVERAGES = ("ema", "bema")
+WEIGHTS = ("raw",) + AVERAGES
+
+
 def validate_sweep(config: ml_collections.ConfigDict, runs: int) -> None:
   sc.validate_config(config)
   s = config.sweep
@@ -94,14 +107,19 @@ def validate_sweep(config: ml_collections.ConfigDict, runs: int) -> None:
       raise ValueError(
           f"config.sweep.dropout_on entry {p!r}: expected a comma-separated subset of " f"{DROPOUT_SITES}."
       )
-  for k in s.ema_kinds:
-    if k not in optim.EMA_KINDS:
-      raise ValueError(f"config.sweep.ema_kinds entry {k!r}: accepted {optim.EMA_KINDS}.")
   lo, hi = s.ema_decay
   if not 0 < lo <= hi < 1:
     raise ValueError(f"config.sweep.ema_decay={s.ema_decay!r}: expected 0 < low <= high < 1.")
-  if not (isinstance(s.chunk_steps, int) and s.chunk_steps >= 1):
-    raise ValueError(f"config.sweep.chunk_steps={s.chunk_steps!r}: expected a positive integer.")
+  for tau in s.bema_burn_in:
+    if not (isinstance(tau, int) and 0 <= tau < config.steps):
+      raise ValueError(
+          f"config.sweep.bema_burn_in entry {tau!r}: expected integers in [0, steps={config.steps}) (optimizer steps)."
+      )
+  for f, lo_ok in (("chunk_steps", 1), ("patience", 1), ("min_steps", 0)):
+    if not (isinstance(s[f], int) and s[f] >= lo_ok):
+      raise ValueError(f"config.sweep.{f}={s[f]!r}: expected an integer >= {lo_ok}.")
+  if not 0 <= s.rel_tol < 1:
+    raise ValueError(f"config.sweep.rel_tol={s.rel_tol!r}: expected a relative tolerance in [0, 1).")
 
 
 def sample_runs(sweep: ml_collections.ConfigDict, runs: int) -> List[Dict[str, Any]]:
@@ -114,9 +132,8 @@ def sample_runs(sweep: ml_collections.ConfigDict, runs: int) -> List[Dict[str, A
     zero = rng.random() < sweep.dropout_zero_prob
     rate = 0.0 if zero else float(rng.uniform(*sweep.dropout))
     sites = _canonical_sites(sweep.dropout_on[rng.integers(len(sweep.dropout_on))])
-    kind = str(sweep.ema_kinds[rng.integers(len(sweep.ema_kinds))])
     one_minus = math.exp(rng.uniform(math.log(1 - sweep.ema_decay[1]), math.log(1 - sweep.ema_decay[0])))
-    decay = float(1.0 - one_minus) if kind == "ema" else None
+    burn_in = int(sweep.bema_burn_in[rng.integers(len(sweep.bema_burn_in))])
     seed = int(rng.integers(2**31 - 1))
     run = dict(
         run=i,
@@ -126,18 +143,18 @@ def sample_runs(sweep: ml_collections.ConfigDict, runs: int) -> List[Dict[str, A
         num_heads=int(sweep.num_heads),
         lr=lr,
         dropout=rate,
-        dropout_on=sites,
-        ema_kind=kind,
-        ema_decay=decay,
+        dropout_on=sites if rate > 0 else "",
+        ema_decay=float(1.0 - one_minus),
+        bema_burn_in=burn_in,
     )
     for s in DROPOUT_SITES:
-      run[f"drop_{s}"] = rate if s in sites.split(",") else 0.0
+      run[f"drop_{s}"] = rate if s in run["dropout_on"].split(",") else 0.0
     out.append(run)
   return out
 
 
 def group_key(run) -> str:
-  return f"d{run['embed_dim']}v{run['value_dim']}h{run['num_heads']}_{run['ema_kind']}"
+  return f"d{run['embed_dim']}v{run['value_dim']}h{run['num_heads']}_tau{run['bema_burn_in']}"
 
 
 def group_runs(runs: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
@@ -153,7 +170,7 @@ def hyper_arrays(runs: Sequence[Dict[str, Any]]) -> Dict[str, jax.Array]:
       key=jnp.stack([jax.random.key(r["seed"]) for r in runs]),
       lr=jnp.asarray([r["lr"] for r in runs], jnp.float32),
       rates=jnp.asarray([[r[f"drop_{s}"] for s in DROPOUT_SITES] for r in runs], jnp.float32),
-      decay=jnp.asarray([r["ema_decay"] or 0.999 for r in runs], jnp.float32),
+      decay=jnp.asarray([r["ema_decay"] for r in runs], jnp.float32),
   )
 
 
@@ -161,25 +178,26 @@ def hyper_arrays(runs: Sequence[Dict[str, Any]]) -> Dict[str, jax.Array]:
 
 
 def group_config(
-    config: ml_collections.ConfigDict, embed_dim: int, value_dim: int, num_heads: int, ema_kind: str
+    config: ml_collections.ConfigDict, embed_dim: int, value_dim: int, num_heads: int, burn_in: int
 ) -> ml_collections.ConfigDict:
-  """The train.py config of a group's runs: their dims and EMA kind, dropout rates held in the model's
-  state, peak learning rate 1 (each run's lr is its optimizer state's lr_scale)."""
+  """The train.py config of a group's runs: their dims, both averages (BEMA with the group's burn-in),
+  dropout rates held in the model's state, peak learning rate 1 (each run's lr is its lr_scale)."""
   c = ml_collections.ConfigDict(config.to_dict())
   del c["sweep"]
   c.model.update(
       embed_dim=embed_dim, value_dim=value_dim, num_heads=num_heads, dropout=0.0, dropout_on="", traced_dropout=True
   )
   c.optim.lr = 1.0
-  c.weight_ema.kind = ema_kind
+  c.weight_ema.kind = ",".join(AVERAGES)
+  c.weight_ema.burn_in = int(burn_in)
   return c
 
 
 class GroupPrograms:
-  """The trainer's setup and step for all runs sharing dims, heads and EMA kind, vmapped over runs."""
+  """The trainer's setup and step for all runs sharing dims, heads and BEMA burn-in, vmapped over runs."""
 
-  def __init__(self, config: ml_collections.ConfigDict, embed_dim: int, value_dim: int, num_heads: int, ema_kind: str):
-    self.setup = trainer.build(group_config(config, embed_dim, value_dim, num_heads, ema_kind))
+  def __init__(self, config: ml_collections.ConfigDict, embed_dim: int, value_dim: int, num_heads: int, burn_in: int):
+    self.setup = trainer.build(group_config(config, embed_dim, value_dim, num_heads, burn_in))
     self.num_tokens = self.setup.task.num_tokens
     # Runs share the batch; everything else (the whole train state) has a leading run axis.
     step = jax.vmap(trainer.make_train_step(self.setup), in_axes=(0, None))
@@ -205,17 +223,16 @@ class GroupPrograms:
     model.dropout_rates.value = hp["rates"]
     _, _, other = nnx.split(model, nnx.Param, ...)
     state = dict(state, other=other, opt=optim.set_lr_scale(state["opt"], hp["lr"]))
-    if isinstance(state["ema"], optim.EMAState):
-      state["ema"] = state["ema"]._replace(decay=hp["decay"])
+    state["ema"] = dict(state["ema"], ema=state["ema"]["ema"]._replace(decay=hp["decay"]))
     return state
 
   def averaged_one(self, state):
-    if self.setup.weight_ema is None:
-      return state["params"]
-    return self.setup.weight_ema.value(state["ema"], state["params"])
+    """{'ema': params, 'bema': params} of one run."""
+    return {k: self.setup.weight_ema.value(state["ema"], state["params"], k) for k in AVERAGES}
 
   def eval_one(self, params, other, tokens_BL, mask_BL):
-    logits_BN = nnx.merge(self.setup.graphdef, params, other)(tokens_BL, mask_BL, deterministic=True)
+    model = nnx.merge(self.setup.graphdef, params, other)
+    logits_BN = sc.set_logits(model, dict(tokens=tokens_BL, mask=mask_BL), deterministic=True)
     present_BN = data.present_tokens(tokens_BL, mask_BL, self.num_tokens, xp=jnp)
     return {k: jnp.mean(v) for k, v in sc.complement_metrics(logits_BN, present_BN).items()}
 
@@ -226,31 +243,101 @@ def chunk_length(steps: int, chunk_steps: int) -> int:
   return k if 4 * k >= min(chunk_steps, steps) else min(chunk_steps, steps)
 
 
+class TrainingStream:
+  """The shared training stream (process 0 of 1) in chunks of K stacked batches, built as far as needed and
+  kept, so every group reads the same batches."""
+
+  def __init__(self, config: ml_collections.ConfigDict, chunk_steps: int):
+    self.steps = int(config.steps)
+    self.k = chunk_length(self.steps, chunk_steps)
+    self._it = sc.SetComplementTask(config).train_iterator(0, 1)
+    self._chunks: List[Dict[str, np.ndarray]] = []
+
+  def __len__(self):
+    return -(-self.steps // self.k)
+
+  def chunk(self, i: int) -> Dict[str, np.ndarray]:
+    while len(self._chunks) <= i:
+      start = len(self._chunks) * self.k
+      batches = [next(self._it) for _ in range(min(self.k, self.steps - start))]
+      self._chunks.append({k: np.stack([b[k] for b in batches]) for k in batches[0]})
+    return self._chunks[i]
+
+
 def training_chunks(config: ml_collections.ConfigDict, chunk_steps: int):
-  """[{name: [K, ...]}]: the shared training stream (process 0 of 1), K batches stacked per chunk."""
-  it = sc.SetComplementTask(config).train_iterator(0, 1)
-  chunks, steps = [], int(config.steps)
-  chunk_steps = chunk_length(steps, chunk_steps)
-  for start in range(0, steps, chunk_steps):
-    batches = [next(it) for _ in range(min(chunk_steps, steps - start))]
-    chunks.append({k: np.stack([b[k] for b in batches]) for k in batches[0]})
-  return chunks
+  """[{name: [K, ...]}]: every chunk of the shared training stream up to config.steps."""
+  stream = TrainingStream(config, chunk_steps)
+  return [stream.chunk(i) for i in range(len(stream))]
 
 
-def train_group(programs: GroupPrograms, runs, chunks):
-  """Trains the group's runs together; returns (final states, losses [steps, R], NaN where a step failed)."""
+def plateau_check(history: Sequence[float], patience: int, rel_tol: float) -> bool:
+  """True when none of the last `patience` values beat the best earlier value by more than rel_tol."""
+  h = np.asarray(history, np.float64)
+  if h.size <= patience or not np.all(np.isfinite(h)):
+    return False
+  return bool(h[-patience:].min() > (1.0 - rel_tol) * h[:-patience].min())
+
+
+def in_range_kl(programs: GroupPrograms, state, batches) -> np.ndarray:
+  """[R] mean KL of the raw weights over the in-range check batches (one per size)."""
+  kls = [
+      np.asarray(jax.device_get(programs.eval_metrics(state["params"], state["other"], b["tokens"], b["mask"]))["kl"])
+      for b in batches
+  ]
+  return np.mean(kls, axis=0)
+
+
+def train_group(programs: GroupPrograms, runs, chunks, check_batches=None, sweep=None, log=None):
+  """Trains the group's runs together.
+
+  chunks: a TrainingStream or a list of chunks. With check_batches and sweep, the raw in-range KL of every
+  run is measured after each chunk and training stops once every run has plateaued (plateau_check, after
+  sweep.min_steps) or the stream ends. Returns (final states, losses [steps, R] (NaN where a step failed),
+  info {steps, history [checks, R], check_steps, plateau_step [R] (None: not reached)}).
+  """
   state = programs.init(hyper_arrays(runs))
-  losses = []
-  for batches_K in chunks:
+  n = len(chunks)
+  get = chunks.chunk if isinstance(chunks, TrainingStream) else chunks.__getitem__
+  losses, history, check_steps = [], [], []
+  plateau_step: List[Optional[int]] = [None] * len(runs)
+  steps = 0
+  for i in range(n):
+    batches_K = get(i)
     state, loss_KR = programs.train_chunk(state, batches_K)
     losses.append(np.asarray(loss_KR))
-  return state, np.concatenate(losses, 0)
+    steps += loss_KR.shape[0]
+    if check_batches is None:
+      continue
+    history.append(in_range_kl(programs, state, check_batches))
+    check_steps.append(steps)
+    hist = np.stack(history)
+    for j in range(len(runs)):
+      if (
+          plateau_step[j] is None
+          and steps >= sweep.min_steps
+          and plateau_check(hist[:, j], sweep.patience, sweep.rel_tol)
+      ):
+        plateau_step[j] = steps
+    diverged = ~np.all(np.isfinite(np.concatenate(losses, 0)), axis=0)
+    if all(p is not None or d for p, d in zip(plateau_step, diverged)):
+      break
+  if log is not None and check_batches is not None:
+    log(f"    stopped at step {steps}: {sum(p is not None for p in plateau_step)}/{len(runs)} runs at their plateau")
+  info = dict(
+      steps=steps,
+      history=np.stack(history) if history else np.zeros((0, len(runs))),
+      check_steps=check_steps,
+      plateau_step=plateau_step,
+  )
+  return state, np.concatenate(losses, 0), info
 
 
 def evaluate_group(programs: GroupPrograms, state, eval_batches) -> Dict[str, Dict[str, np.ndarray]]:
-  """{'raw'|'avg': {metric: [R, S]}} over the evaluation sizes."""
+  """{'raw'|'ema'|'bema': {metric: [R, S]}} over the evaluation sizes."""
   out = {}
-  for name, params in (("raw", state["params"]), ("avg", programs.averaged(state))):
+  averaged = programs.averaged(state)
+  for name in WEIGHTS:
+    params = state["params"] if name == "raw" else averaged[name]
     per = {m: [] for m in METRICS}
     for b in eval_batches:
       res = jax.device_get(programs.eval_metrics(params, state["other"], b["tokens"], b["mask"]))
@@ -293,20 +380,20 @@ def mean_ci(d: np.ndarray, rng: np.random.Generator, bootstrap: int) -> Dict[str
 
 
 def paired_comparison(rows, kind: str, rng, bootstrap: int) -> Dict[str, Any]:
-  """Averaged minus raw weights of the same runs, out of range (and in range for KL)."""
-  sel = [r for r in rows if r["ema_kind"] == kind and not r["diverged"]]
+  """Averaged (kind) minus raw weights of the same runs, out of range (and in range for KL)."""
+  sel = [r for r in rows if not r["diverged"]]
   out = {"n_runs": len(sel)}
   if not sel:
     return out
   for part in ("out", "in"):
-    metrics = list(METRICS) + ["log_kl"] if part == "out" else ["kl", "log_kl"]
+    metrics = list(METRICS) + ["log_kl"] if part == "out" else ["kl", "log_kl", "precision"]
     for m in metrics:
       if m == "log_kl":
         raw = np.log([r[f"raw_{part}_kl"] for r in sel])
-        avg = np.log([r[f"avg_{part}_kl"] for r in sel])
+        avg = np.log([r[f"{kind}_{part}_kl"] for r in sel])
       else:
         raw = np.asarray([r[f"raw_{part}_{m}"] for r in sel])
-        avg = np.asarray([r[f"avg_{part}_{m}"] for r in sel])
+        avg = np.asarray([r[f"{kind}_{part}_{m}"] for r in sel])
       diff = avg - raw
       res = mean_ci(diff, rng, bootstrap)
       better = diff < 0 if LOWER_IS_BETTER[m] else diff > 0
@@ -365,14 +452,15 @@ def regressions(rows) -> Dict[str, Any]:
   out["raw_log_kl_out__dropout_by_site"] = dict(
       target="log out-of-range KL, raw weights", **ols(X, y_raw, [f"drop_{s}" for s in DROPOUT_SITES] + common_names)
   )
-  # The weights a run would ship (averaged when it keeps an average): between-run effect of the EMA kind.
-  y_final = np.log([r["avg_out_kl"] if r["ema_kind"] != "none" else r["raw_out_kl"] for r in ok])
-  X = np.asarray(
-      [[r["dropout"]] + common(r) + [r["ema_kind"] == "ema", r["ema_kind"] == "bema"] for r in ok], np.float64
+  # The averaging gains (log KL ratio, averaged / raw) against the averaging's own hyperparameter.
+  gain = lambda k: np.log([r[f"{k}_out_kl"] / r["raw_out_kl"] for r in ok])
+  X = np.asarray([[math.log10(1.0 - r["ema_decay"]), r["dropout"]] + common(r) for r in ok])
+  out["ema_gain_out__decay"] = dict(
+      target="log (EMA / raw) out-of-range KL", **ols(X, gain("ema"), ["log10_1_minus_decay", "dropout"] + common_names)
   )
-  out["final_log_kl_out__dropout_ema"] = dict(
-      target="log out-of-range KL of the run's final weights (averaged if kept, else raw)",
-      **ols(X, y_final, ["dropout"] + common_names + ["is_ema", "is_bema"]),
+  X = np.asarray([[r["bema_burn_in"] / 1000.0, r["dropout"]] + common(r) for r in ok])
+  out["bema_gain_out__burn_in"] = dict(
+      target="log (BEMA / raw) out-of-range KL", **ols(X, gain("bema"), ["burn_in_ksteps", "dropout"] + common_names)
   )
   return out
 
@@ -412,17 +500,80 @@ def _fmt_ci(res, key="t_ci", digits=3) -> str:
   return f"{res['mean']:.{digits}g}{ci_s}"
 
 
+def _verdict(lo: float, hi: float, better_if_negative: bool = True) -> str:
+  if (hi < 0) if better_if_negative else (lo > 0):
+    return "reproduced"
+  if (lo > 0) if better_if_negative else (hi < 0):
+    return "contradicted"
+  return "not resolved (interval includes 0)"
+
+
+def claims(summary: Dict[str, Any]) -> List[Dict[str, str]]:
+  """The paper's claims, each with this sweep's estimate, its 95% interval and a verdict."""
+  out = []
+  c = summary["regression"].get("raw_log_kl_out__dropout", {}).get("coef", {}).get("dropout")
+  if c:
+    lo, hi = c["ci"]
+    out.append(
+        dict(
+            claim="dropout improves length generalisation (lower out-of-range KL of the raw weights)",
+            estimate=f"KL factor {math.exp(0.1 * c['estimate']):.3g} per +0.1 dropout rate "
+            f"(95% CI [{math.exp(0.1 * lo):.3g}, {math.exp(0.1 * hi):.3g}]; OLS with lr and widths)",
+            verdict=_verdict(lo, hi),
+        )
+    )
+  for kind, label in (("ema", "weight EMA (debiased)"), ("bema", "BEMA with burn-in")):
+    r = summary["paired"].get(kind, {}).get("out_of_range/log_kl")
+    if r and "t_ci" in r:
+      lo, hi = r["t_ci"]
+      out.append(
+          dict(
+              claim=f"{label} improves length generalisation (out-of-range KL, averaged vs raw weights of a run)",
+              estimate=f"KL factor {math.exp(r['mean']):.3g} (95% CI [{math.exp(lo):.3g}, {math.exp(hi):.3g}]), "
+              f"{r['frac_improved']:.0%} of {r['n']} runs improved",
+              verdict=_verdict(lo, hi),
+          )
+      )
+  r = summary.get("separation_drop")
+  if r and "t_ci" in r:
+    lo, hi = r["t_ci"]
+    out.append(
+        dict(
+            claim="longer sets are solved with reduced precision: the valid-invalid logit separation shrinks",
+            estimate=f"out-of-range minus in-range logit gap (raw weights) {r['mean']:.3g} "
+            f"(95% CI [{lo:.3g}, {hi:.3g}]), {r['n']} runs",
+            verdict=_verdict(lo, hi),
+        )
+    )
+  return out
+
+
 def write_markdown(path: str, summary: Dict[str, Any]) -> None:
   s = summary
+  conv = s["convergence"]
   lines = [
       f"# Set-complement random search ({s['n_runs']} runs)",
       "",
       f"Command: `{s['command']}`  ",
-      f"Wall time: {s['wall_time_s']:.0f} s on {s['device']}; "
-      f"{s['n_groups']} compiled groups; diverged runs: {s['n_diverged']}.  ",
+      f"Wall time: {s['wall_time_s']:.0f} s on {s['device']} ({s['date']}, load average at the start "
+      f"{s['load_start']}, at the end {s['load_end']}); {s['n_groups']} compiled groups; diverged runs: "
+      f"{s['n_diverged']}.  ",
       f"Task: N = {s['task']['num_tokens']}, training sizes {s['task']['train_min_size']}.."
       f"{s['task']['train_max_size']}, evaluation at sizes {s['eval_sizes'][0]}..{s['eval_sizes'][-1]}, "
-      f"{s['task']['eval_examples']} examples per size; {s['steps']} steps of batch {s['batch_size']}.",
+      f"{s['task']['eval_examples']} examples per size; model '{s['model_kind']}'; batch {s['batch_size']}, "
+      f"lr schedule '{s['schedule']}'.  ",
+      f"Convergence: trained until the raw in-range KL stopped improving (no gain > {conv['rel_tol']:.0%} over "
+      f"the last {conv['patience']} checks of {conv['check_every']} steps, at least {conv['min_steps']} steps; "
+      f"cap {s['steps']} steps): {conv['n_plateau']} of {s['n_runs']} runs reached their plateau; steps "
+      f"trained per group {conv['steps_min']}..{conv['steps_max']}.",
+      "",
+      "## The paper's claims",
+      "",
+      "| claim | estimate (95% CI) | verdict |",
+      "|---|---|---|",
+  ]
+  lines += [f"| {c['claim']} | {c['estimate']} | {c['verdict']} |" for c in s["claims"]]
+  lines += [
       "",
       "## Weight averaging vs the raw weights of the same run (averaged - raw)",
       "",
@@ -470,40 +621,22 @@ def write_markdown(path: str, summary: Dict[str, Any]) -> None:
         "",
     ]
   lines += ["## Findings", ""] + [f"- {f}" for f in s["findings"]] + [""]
+  lines += ["Plots: " + ", ".join(f"`plots/{os.path.basename(p)}`" for p in s["plots"]), ""]
   with open(path, "w") as f:
     f.write("\n".join(lines))
 
 
 def findings(summary: Dict[str, Any]) -> List[str]:
   """One-line readings of the estimates (interval excludes 0 or not)."""
-  out = []
-  for kind, res in summary["paired"].items():
-    r = res.get("out_of_range/log_kl")
-    if r and "t_ci" in r:
-      lo, hi = r["t_ci"]
-      verdict = "lower than" if hi < 0 else "higher than" if lo > 0 else "not distinguishable from"
-      out.append(
-          f"{kind} weights: out-of-range KL {verdict} raw (geometric-mean factor {math.exp(r['mean']):.3g}, "
-          f"95% CI [{math.exp(lo):.3g}, {math.exp(hi):.3g}], {r['frac_improved']:.0%} of {r['n']} runs "
-          f"improved)."
-      )
-    r = res.get("in_range/log_kl")
+  out = [f"{c['claim']}: {c['verdict']}; {c['estimate']}." for c in summary["claims"]]
+  for kind in AVERAGES:
+    r = summary["paired"].get(kind, {}).get("in_range/log_kl")
     if r and "t_ci" in r:
       lo, hi = r["t_ci"]
       out.append(
           f"{kind} weights in range: KL factor {math.exp(r['mean']):.3g} "
           f"(95% CI [{math.exp(lo):.3g}, {math.exp(hi):.3g}])."
       )
-  reg = summary["regression"].get("raw_log_kl_out__dropout", {})
-  c = reg.get("coef", {}).get("dropout")
-  if c:
-    lo, hi = c["ci"]
-    verdict = "lowers" if hi < 0 else "raises" if lo > 0 else "has no clear effect on"
-    out.append(
-        f"dropout {verdict} out-of-range KL of the raw weights: log KL changes by {c['estimate']:.3g} per "
-        f"unit rate (95% CI [{lo:.3g}, {hi:.3g}]), i.e. a factor {math.exp(0.1 * c['estimate']):.3g} per "
-        f"+0.1 rate."
-    )
   c = summary["regression"].get("raw_log_kl_in__dropout", {}).get("coef", {}).get("dropout")
   if c:
     out.append(
@@ -515,10 +648,14 @@ def findings(summary: Dict[str, Any]) -> List[str]:
     c = reg.get("coef", {}).get(f"drop_{s}")
     if c:
       out.append(f"dropout on {s}: {c['estimate']:.3g} per unit rate (95% CI [{c['ci'][0]:.3g}, {c['ci'][1]:.3g}]).")
+  for name, coef in (("ema_gain_out__decay", "log10_1_minus_decay"), ("bema_gain_out__burn_in", "burn_in_ksteps")):
+    c = summary["regression"].get(name, {}).get("coef", {}).get(coef)
+    if c:
+      out.append(f"{name}: {coef} {c['estimate']:.3g} (95% CI [{c['ci'][0]:.3g}, {c['ci'][1]:.3g}]).")
   return out
 
 
-def make_plots(rows, sizes, train_max_size: int, out_dir: str) -> List[str]:
+def make_plots(rows, sizes, train_max_size: int, out_dir: str, histories=None) -> List[str]:
   import matplotlib
 
   matplotlib.use("Agg")
@@ -527,62 +664,61 @@ def make_plots(rows, sizes, train_max_size: int, out_dir: str) -> List[str]:
   os.makedirs(out_dir, exist_ok=True)
   ok = [r for r in rows if not r["diverged"]]
   paths = []
+  colors = {"raw": "C0", "ema": "C1", "bema": "C2"}
 
-  fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
-  placements = sorted({r["dropout_on"] for r in ok})
-  for i, p in enumerate(placements):
-    sel = [r for r in ok if r["dropout_on"] == p]
-    ax.scatter(
-        [r["dropout"] for r in sel], [r["raw_out_kl"] for r in sel], s=18, label=p or "none", color=plt.cm.tab10(i % 10)
-    )
-  ax.set_yscale("log")
-  ax.set_xlabel("dropout rate")
-  ax.set_ylabel("out-of-range KL (raw weights)")
-  ax.set_title("Dropout vs out-of-range KL")
-  ax.legend(fontsize=7, title="placement", title_fontsize=7)
+  fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), dpi=80, sharey=True)
+  for ax, w in zip(axes, WEIGHTS):
+    placements = sorted({r["dropout_on"] for r in ok})
+    for i, p in enumerate(placements):
+      sel = [r for r in ok if r["dropout_on"] == p]
+      ax.scatter(
+          [r["dropout"] for r in sel],
+          [r[f"{w}_out_kl"] for r in sel],
+          s=14,
+          label=p or "none",
+          color=plt.cm.tab10(i % 10),
+      )
+    ax.set_yscale("log")
+    ax.set_xlabel("dropout rate")
+    ax.set_title(f"{w} weights")
+  axes[0].set_ylabel("out-of-range KL")
+  axes[-1].legend(fontsize=6, title="placement", title_fontsize=6)
+  fig.suptitle("Out-of-range KL against dropout rate")
   fig.tight_layout()
   paths.append(os.path.join(out_dir, "kl_out_vs_dropout.png"))
   fig.savefig(paths[-1])
   plt.close(fig)
 
-  fig, ax = plt.subplots(figsize=(4.8, 4.4), dpi=90)
-  for kind, marker in (("ema", "o"), ("bema", "^")):
-    sel = [r for r in ok if r["ema_kind"] == kind]
-    if sel:
-      ax.scatter([r["raw_out_kl"] for r in sel], [r["avg_out_kl"] for r in sel], marker=marker, s=20, label=kind)
-  vals = [r[k] for r in ok if r["ema_kind"] != "none" for k in ("raw_out_kl", "avg_out_kl")]
-  if vals:
-    lo, hi = min(vals), max(vals)
-    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-  ax.set_xlabel("raw weights")
-  ax.set_ylabel("averaged weights")
-  ax.set_title("Out-of-range KL, same run")
-  ax.legend(fontsize=8)
+  fig, ax = plt.subplots(figsize=(5.2, 4.2), dpi=90)
+  for r in ok:
+    ax.plot(range(3), [r[f"{w}_out_kl"] for w in WEIGHTS], color="0.8", lw=0.6, zorder=1)
+  for i, w in enumerate(WEIGHTS):
+    v = [r[f"{w}_out_kl"] for r in ok]
+    ax.scatter(np.full(len(v), i), v, s=12, color=colors[w], zorder=2)
+    if v:
+      ax.plot([i - 0.25, i + 0.25], [np.exp(np.mean(np.log(v)))] * 2, color="k", lw=2, zorder=3)
+  ax.set_xticks(range(3), ["none (raw)", "EMA", "BEMA"])
+  ax.set_yscale("log")
+  ax.set_ylabel("out-of-range KL")
+  ax.set_title("Averaging choice, same runs (bar: geometric mean)")
   fig.tight_layout()
-  paths.append(os.path.join(out_dir, "kl_out_avg_vs_raw.png"))
+  paths.append(os.path.join(out_dir, "kl_out_vs_averaging.png"))
   fig.savefig(paths[-1])
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
   ax.axvspan(0.5, train_max_size + 0.5, color="0.9", label="training sizes")
-  curves = [
-      ("raw, dropout = 0", [r["raw_per_size"]["kl"] for r in ok if r["dropout"] == 0]),
-      ("raw, dropout > 0", [r["raw_per_size"]["kl"] for r in ok if r["dropout"] > 0]),
-  ]
-  for kind in ("ema", "bema"):
-    curves.append((f"raw, {kind} runs", [r["raw_per_size"]["kl"] for r in ok if r["ema_kind"] == kind]))
-    curves.append((f"{kind} weights", [r["avg_per_size"]["kl"] for r in ok if r["ema_kind"] == kind]))
-  for label, c in curves:
-    if c:
-      ax.plot(
-          sizes,
-          np.median(np.asarray(c), 0),
-          marker=".",
-          label=f"{label} (n={len(c)})",
-          ls="--" if label.startswith("raw, ") and "runs" in label else "-",
-      )
+  for w in WEIGHTS:
+    for drop, ls in ((False, "-"), (True, "--")):
+      c = [r[f"{w}_per_size"]["kl"] for r in ok if (r["dropout"] > 0) == drop]
+      if c:
+        ax.plot(
+            sizes,
+            np.median(np.asarray(c), 0),
+            ls=ls,
+            color=colors[w],
+            label=f"{w}, dropout {'> 0' if drop else '= 0'} (n={len(c)})",
+        )
   ax.set_yscale("log")
   ax.set_xlabel("set size s")
   ax.set_ylabel("median KL over runs")
@@ -592,6 +728,23 @@ def make_plots(rows, sizes, train_max_size: int, out_dir: str) -> List[str]:
   paths.append(os.path.join(out_dir, "kl_per_size.png"))
   fig.savefig(paths[-1])
   plt.close(fig)
+
+  if histories:
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
+    for r in ok:
+      h = histories.get(r["run"])
+      if h:
+        ax.plot(h["steps"], h["in_kl"], lw=0.6, color="C3" if r["plateau_step"] is None else "0.5")
+        if r["plateau_step"] is not None:
+          ax.scatter([r["plateau_step"]], [h["in_kl"][h["steps"].index(r["plateau_step"])]], s=8, color="k")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("raw in-range KL (check set)")
+    ax.set_title("Convergence (dot: plateau reached; red: never)")
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "convergence.png"))
+    fig.savefig(paths[-1])
+    plt.close(fig)
   return paths
 
 
@@ -606,8 +759,8 @@ def _csv_value(v):
 CSV_COLUMNS = (
     ["run", "group", "seed", "embed_dim", "value_dim", "num_heads", "lr", "dropout", "dropout_on"]
     + [f"drop_{s}" for s in DROPOUT_SITES]
-    + ["ema_kind", "ema_decay", "final_train_loss", "diverged"]
-    + [f"{w}_{p}_{m}" for w in ("raw", "avg") for p in ("in", "out") for m in METRICS]
+    + ["ema_decay", "bema_burn_in", "steps_trained", "plateau_step", "final_train_loss", "diverged"]
+    + [f"{w}_{p}_{m}" for w in WEIGHTS for p in ("in", "out") for m in METRICS]
 )
 
 
@@ -617,11 +770,13 @@ CSV_COLUMNS = (
 def run_sweep(
     config: ml_collections.ConfigDict, workdir: str, runs: Optional[int] = None, log=print, command: str = ""
 ) -> Dict[str, Any]:
-  """Samples, trains, evaluates and summarises the sweep; returns the summary written to summary.json."""
+  """Samples, trains to the plateau, evaluates and summarises the sweep; returns summary.json's content."""
   t_start = time.time()
+  load_start = os.getloadavg()[0]
   runs = int(config.sweep.runs if runs is None else runs)
   validate_sweep(config, runs)
   os.makedirs(workdir, exist_ok=True)
+  sw = config.sweep
   task = sc.SetComplementTask(config)
   n_tok, l_train = task.num_tokens, task.train_max_size
   sizes = task.eval_sizes()
@@ -629,16 +784,25 @@ def run_sweep(
   eval_batches = [
       data.eval_batch(int(t.eval_seed), s, int(t.eval_examples), num_tokens=n_tok, length=n_tok - 1) for s in sizes
   ]
-  chunks = training_chunks(config, int(config.sweep.chunk_steps))
-  sampled = sample_runs(config.sweep, runs)
+  # The plateau check's own in-range sets: another seed, so the reported in-range metrics are not the ones
+  # that decided when to stop.
+  check_batches = [
+      data.eval_batch(int(t.eval_seed) + 1, s, int(sw.check_examples), num_tokens=n_tok, length=l_train)
+      for s in range(int(t.train_min_size), l_train + 1)
+  ]
+  stream = TrainingStream(config, int(sw.chunk_steps))
+  sampled = sample_runs(sw, runs)
   groups = group_runs(sampled)
-  log(f"sweep: {runs} runs in {len(groups)} groups, {config.steps} steps each, N={n_tok}, L_train={l_train}")
-  rows = []
+  log(
+      f"sweep: {runs} runs in {len(groups)} groups, up to {config.steps} steps each (plateau stop), N={n_tok}, "
+      f"L_train={l_train}"
+  )
+  rows, histories = [], {}
   for gi, (key, g_runs) in enumerate(sorted(groups.items())):
     t0 = time.time()
     r0 = g_runs[0]
-    programs = GroupPrograms(config, r0["embed_dim"], r0["value_dim"], r0["num_heads"], r0["ema_kind"])
-    state, losses_SR = train_group(programs, g_runs, chunks)
+    programs = GroupPrograms(config, r0["embed_dim"], r0["value_dim"], r0["num_heads"], r0["bema_burn_in"])
+    state, losses_SR, info = train_group(programs, g_runs, stream, check_batches, sw, log)
     t_train = time.time() - t0
     res = evaluate_group(programs, state, eval_batches)
     tail = losses_SR[-min(100, losses_SR.shape[0]) :]
@@ -646,26 +810,29 @@ def run_sweep(
       row = dict(
           run,
           group=key,
+          steps_trained=int(info["steps"]),
+          plateau_step=info["plateau_step"][j],
           final_train_loss=float(np.nanmean(tail[:, j])),
           diverged=bool(not np.all(np.isfinite(losses_SR[:, j]))),
       )
-      for w in ("raw", "avg"):
-        has = w == "raw" or run["ema_kind"] != "none"
+      for w in WEIGHTS:
         per = {m: res[w][m][j].tolist() for m in METRICS}
         summ = sc.range_summary(sizes, per, l_train)
         for p, pname in (("in", "in_range"), ("out", "out_of_range")):
           for m in METRICS:
-            row[f"{w}_{p}_{m}"] = summ.get(f"{pname}/{m}") if has else None
-        row[f"{w}_per_size"] = per if has else None
+            row[f"{w}_{p}_{m}"] = summ.get(f"{pname}/{m}")
+        row[f"{w}_per_size"] = per
+      histories[run["run"]] = dict(steps=list(info["check_steps"]), in_kl=info["history"][:, j].tolist())
       rows.append(row)
-    kl_raw = np.median([r["raw_out_kl"] for r in rows[-len(g_runs) :]])
-    loss_med = np.median([r["final_train_loss"] for r in rows[-len(g_runs) :]])
+    done = rows[-len(g_runs) :]
     log(
-        f"  group {gi + 1}/{len(groups)} {key}: {len(g_runs)} runs, train {t_train:.1f} s, eval "
-        f"{time.time() - t0 - t_train:.1f} s, median final loss {loss_med:.4f}, "
-        f"median out-of-range KL (raw) {kl_raw:.4g}"
+        f"  group {gi + 1}/{len(groups)} {key}: {len(g_runs)} runs, {info['steps']} steps, train {t_train:.1f} s, "
+        f"eval {time.time() - t0 - t_train:.1f} s; median out-of-range KL raw / ema / bema "
+        + " / ".join(f"{np.median([r[f'{w}_out_kl'] for r in done]):.4g}" for w in WEIGHTS)
     )
   rows.sort(key=lambda r: r["run"])
+  for r in rows:
+    r["in_range_history"] = histories[r["run"]]
 
   with open(os.path.join(workdir, "runs.csv"), "w", newline="") as f:
     w = csv.writer(f)
@@ -676,27 +843,43 @@ def run_sweep(
     json.dump(dict(sizes=sizes, train_max_size=l_train, runs=rows), f, indent=1)
 
   rng = np.random.default_rng(12345)
-  boot = int(config.sweep.bootstrap)
+  boot = int(sw.bootstrap)
+  ok = [r for r in rows if not r["diverged"]]
+  steps_trained = [r["steps_trained"] for r in rows]
   summary = dict(
       command=command,
+      date=time.strftime("%Y-%m-%d"),
       n_runs=len(rows),
       n_groups=len(groups),
       n_diverged=sum(r["diverged"] for r in rows),
-      device=f"{jax.devices()[0].platform} x{jax.device_count()}",
+      device=f"{jax.devices()[0].platform} x{jax.device_count()} ({os.cpu_count()} CPU cores)",
+      load_start=round(load_start, 2),
       steps=int(config.steps),
       batch_size=int(config.batch_size),
+      schedule=str(config.optim.schedule),
+      model_kind=str(config.model.get("kind", "query")),
       task=config.task.to_dict(),
       eval_sizes=sizes,
-      sweep=config.sweep.to_dict(),
-      paired={
-          k: paired_comparison(rows, k, rng, boot) for k in ("ema", "bema") if any(r["ema_kind"] == k for r in rows)
-      },
+      sweep=sw.to_dict(),
+      convergence=dict(
+          check_every=stream.k,
+          patience=int(sw.patience),
+          rel_tol=float(sw.rel_tol),
+          min_steps=int(sw.min_steps),
+          n_plateau=sum(r["plateau_step"] is not None for r in rows),
+          steps_min=min(steps_trained),
+          steps_max=max(steps_trained),
+      ),
+      paired={k: paired_comparison(rows, k, rng, boot) for k in AVERAGES},
+      separation_drop=mean_ci(np.asarray([r["raw_out_logit_gap"] - r["raw_in_logit_gap"] for r in ok]), rng, boot),
       regression=regressions(rows),
       dropout_split=dropout_split(rows, rng, boot),
   )
+  summary["claims"] = claims(summary)
   summary["findings"] = findings(summary)
-  summary["plots"] = make_plots(rows, sizes, l_train, os.path.join(workdir, "plots"))
+  summary["plots"] = make_plots(rows, sizes, l_train, os.path.join(workdir, "plots"), histories)
   summary["wall_time_s"] = time.time() - t_start
+  summary["load_end"] = round(os.getloadavg()[0], 2)
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1, default=str)
   write_markdown(os.path.join(workdir, "summary.md"), summary)

@@ -118,7 +118,7 @@ def test_evaluation_reads_the_last_set_position():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("model.norm", "pre"), ("model.positions", "learned"), ("model.traced_dropout", True), ("model.kind", "x")],
+    [("model.norm", "pre"), ("model.positions", "learned"), ("model.kind", "x")],
 )
 def test_decoder_refuses_what_it_does_not_implement(field, value):
   c = decoder_config(**{field: value})
@@ -141,3 +141,21 @@ def test_short_training_run_lowers_in_range_kl(tmp_path):
   with open(tmp_path / "eval_300.json") as f:
     end = json.load(f)["results"]["raw"]
   assert end["in_range/kl"] < 0.25 * start["in_range/kl"], (start["in_range/kl"], end["in_range/kl"])
+
+
+def test_traced_dropout_rates_equal_constant_rates():
+  """Rates held in the state (the sweep's vmapped runs) drop exactly what the same constant rates drop."""
+  tokens = jnp.asarray([[0, 3, 5, 8, 8], [7, 1, 2, 4, 6]])
+  mask = tokens < 8
+  const = SetDecoder(SetDecoderConfig(8, 8, 8, dropout=0.3, dropout_on=("attention", "output")), rngs=nnx.Rngs(0))
+  traced = SetDecoder(
+      SetDecoderConfig(8, 8, 8, dropout=0.3, dropout_on=("attention", "output"), traced_dropout=True), rngs=nnx.Rngs(0)
+  )
+  np.testing.assert_allclose(traced.dropout_rates.value, [0.3, 0.0, 0.3])  # attention, embedding, output
+  a = const(tokens, mask, deterministic=False, rngs=nnx.Rngs(dropout=5))
+  b = traced(tokens, mask, deterministic=False, rngs=nnx.Rngs(dropout=5))
+  np.testing.assert_array_equal(a, b)
+  traced.dropout_rates.value = jnp.zeros(3)  # rate 0 everywhere is the deterministic model
+  np.testing.assert_array_equal(
+      traced(tokens, mask, deterministic=False, rngs=nnx.Rngs(dropout=5)), traced(tokens, mask)
+  )

@@ -38,7 +38,7 @@ def sweep_config():
 
 def reference_run(config, run, steps):
   """One run trained the plain way: the model's own dropout config (constant rates at the run's sites),
-  AdamW at the run's lr, WeightEMA; keys as the trainer splits config.seed (parameters, dropout)."""
+  AdamW at the run's lr, WeightEMA and BEMA; keys as the trainer splits config.seed (parameters, dropout)."""
   c = ml_collections.ConfigDict(config.to_dict())
   c.model.update(
       embed_dim=run["embed_dim"],
@@ -53,13 +53,13 @@ def reference_run(config, run, steps):
   graphdef, params = nnx.split(model)
   c.optim.lr = run["lr"]
   tx, _ = optim.make_optimizer(c.optim, c.steps)
-  wema = optim.WeightEMA(run["ema_decay"])
-  opt, ema = tx.init(params), wema.init(params)
+  wema, bema = optim.WeightEMA(run["ema_decay"]), optim.BEMA(burn_in=run["bema_burn_in"])
+  opt, ema, bema_state = tx.init(params), wema.init(params), bema.init(params)
   it = task.train_iterator(0, 1)
   losses = []
 
   @jax.jit
-  def step(params, opt, ema, batch, i):
+  def step(params, opt, ema, bema_state, batch, i):
     def lf(p):
       rngs = nnx.Rngs(dropout=jax.random.fold_in(dropout_key, i))
       return task.loss(nnx.merge(graphdef, p), batch, rngs=rngs, train=True)[0]
@@ -67,12 +67,12 @@ def reference_run(config, run, steps):
     loss, g = jax.value_and_grad(lf)(params)
     u, opt = tx.update(g, opt, params)
     params = optax.apply_updates(params, u)
-    return params, opt, wema.update(ema, params, i + 1), loss
+    return params, opt, wema.update(ema, params, i + 1), bema.update(bema_state, params, i + 1), loss
 
   for i in range(steps):
-    params, opt, ema, loss = step(params, opt, ema, next(it), i)
+    params, opt, ema, bema_state, loss = step(params, opt, ema, bema_state, next(it), i)
     losses.append(float(loss))
-  return np.asarray(losses), params, wema.value(ema, params)
+  return np.asarray(losses), params, wema.value(ema, params), bema.value(bema_state, params)
 
 
 def test_vmapped_training_equals_single_runs():
@@ -84,21 +84,21 @@ def test_vmapped_training_equals_single_runs():
         embed_dim=8,
         value_dim=8,
         num_heads=1,
-        ema_kind="ema",
         ema_decay=decay,
+        bema_burn_in=4,
         lr=lr,
         dropout=rate,
         dropout_on=p,
         **{f"drop_{s}": rate if s in p.split(",") else 0.0 for s in ("attention", "embedding", "output")},
     )
-  programs = sweep.GroupPrograms(c, 8, 8, 1, "ema")
-  state, losses = sweep.train_group(programs, runs, sweep.training_chunks(c, 6))
+  programs = sweep.GroupPrograms(c, 8, 8, 1, 4)
+  state, losses, _ = sweep.train_group(programs, runs, sweep.training_chunks(c, 6))
   averaged = programs.averaged(state)
   assert losses.shape == (12, 3)
   for j, run in enumerate(runs):
-    ref_losses, ref_params, ref_avg = reference_run(c, run, 12)
+    ref_losses, ref_params, ref_ema, ref_bema = reference_run(c, run, 12)
     np.testing.assert_allclose(losses[:, j], ref_losses, rtol=2e-5, atol=1e-6)
-    for got, want in ((state["params"], ref_params), (averaged, ref_avg)):
+    for got, want in ((state["params"], ref_params), (averaged["ema"], ref_ema), (averaged["bema"], ref_bema)):
       for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a)[j], np.asarray(b), rtol=1e-4, atol=1e-5)
 
@@ -109,16 +109,14 @@ def test_sampling_is_deterministic_and_in_range():
   assert a == b
   for r in a:
     assert c.lr[0] <= r["lr"] <= c.lr[1] and 0 <= r["dropout"] <= c.dropout[1]
-    assert r["ema_kind"] in c.ema_kinds
-    assert (r["ema_decay"] is None) == (r["ema_kind"] != "ema")
-    if r["ema_decay"] is not None:
-      assert c.ema_decay[0] <= r["ema_decay"] <= c.ema_decay[1]
+    assert r["bema_burn_in"] in c.bema_burn_in
+    assert c.ema_decay[0] <= r["ema_decay"] <= c.ema_decay[1]
     assert sum(r[f"drop_{s}"] > 0 for s in ("attention", "embedding", "output")) == (
         len(r["dropout_on"].split(",")) if r["dropout"] > 0 else 0
     )
   groups = sweep.group_runs(a)
   assert sum(len(g) for g in groups.values()) == 40
-  assert all(len({(r["embed_dim"], r["ema_kind"]) for r in g}) == 1 for g in groups.values())
+  assert all(len({(r["embed_dim"], r["bema_burn_in"]) for r in g}) == 1 for g in groups.values())
 
 
 def test_statistics_against_closed_forms():
@@ -139,7 +137,7 @@ def test_statistics_against_closed_forms():
 
 def test_tiny_sweep_end_to_end(tmp_path):
   c = sweep_config()
-  c.sweep.ema_kinds = ["ema", "bema"]
+  c.steps, c.sweep.min_steps, c.sweep.patience, c.sweep.bema_burn_in = 60, 12, 2, [0, 6]
   summary = sweep.run_sweep(c, str(tmp_path), runs=4, log=lambda *a: None)
   with open(tmp_path / "runs.csv") as f:
     rows = list(csv.DictReader(f))
@@ -148,23 +146,36 @@ def test_tiny_sweep_end_to_end(tmp_path):
       "lr",
       "dropout",
       "dropout_on",
-      "ema_kind",
+      "ema_decay",
+      "bema_burn_in",
+      "plateau_step",
+      "steps_trained",
       "raw_in_kl",
       "raw_out_kl",
-      "avg_in_kl",
-      "avg_out_kl",
+      "ema_in_kl",
+      "ema_out_kl",
+      "bema_out_kl",
       "raw_out_precision",
-      "avg_out_invalid_mass",
+      "bema_out_invalid_mass",
   ):
     assert col in rows[0]
-  assert all(math.isfinite(float(r["raw_out_kl"])) and math.isfinite(float(r["avg_out_kl"])) for r in rows)
+  assert all(math.isfinite(float(r[f"{w}_out_kl"])) for r in rows for w in ("raw", "ema", "bema"))
+  assert all(12 <= int(r["steps_trained"]) <= 60 for r in rows)
   runs = json.loads((tmp_path / "runs.json").read_text())
   assert runs["sizes"] == list(range(1, 8)) and len(runs["runs"]) == 4
   assert len(runs["runs"][0]["raw_per_size"]["kl"]) == 7
   on_disk = json.loads((tmp_path / "summary.json").read_text())
-  assert on_disk["n_runs"] == 4 and set(on_disk) >= {"paired", "regression", "dropout_split", "findings"}
-  assert summary["n_runs"] == 4
+  assert on_disk["n_runs"] == 4 and set(on_disk) >= {"paired", "regression", "dropout_split", "findings", "claims"}
+  assert set(on_disk["paired"]) == {"ema", "bema"} and summary["n_runs"] == 4
+  assert len(runs["runs"][0]["in_range_history"]["in_kl"]) == len(runs["runs"][0]["in_range_history"]["steps"])
   md = (tmp_path / "summary.md").read_text()
-  assert "averaged - raw" in md
+  assert "averaged - raw" in md and "## The paper's claims" in md
   plots = os.listdir(tmp_path / "plots")
-  assert len(plots) == 3 and all(os.path.getsize(tmp_path / "plots" / p) < 1_000_000 for p in plots)
+  assert len(plots) == 4 and all(os.path.getsize(tmp_path / "plots" / p) < 1_000_000 for p in plots)
+
+
+def test_plateau_check():
+  assert not sweep.plateau_check([1.0, 0.5], patience=2, rel_tol=0.05)  # too short to tell
+  assert sweep.plateau_check([1.0, 0.5, 0.49, 0.495], patience=2, rel_tol=0.05)  # < 5% better than 0.5
+  assert not sweep.plateau_check([1.0, 0.5, 0.49, 0.3], patience=2, rel_tol=0.05)
+  assert not sweep.plateau_check([1.0, float("nan"), 0.9, 0.9], patience=2, rel_tol=0.05)

@@ -28,8 +28,9 @@ the set, so causality alone keeps it out of every valid position; there is no qu
 
 Dropout (rate `dropout` at the sites in `dropout_on`, the query model's sites): 'embedding' on the
 embedded tokens, 'attention' on the weights after the softmax, 'output' on the attention output. Rates
-are constants of the compiled program; traced rates (traced_dropout, the sweep's vmapped runs) are only
-implemented by the query model and are refused here.
+are constants of the compiled program, or, with traced_dropout=True, held in the model's state (a
+DropoutRates variable, one rate per site, 0 = the identity) so that the sweep's vmapped runs differ in data
+only (experiments/set_complement_sweep.py).
 """
 
 from __future__ import annotations
@@ -42,7 +43,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ema_jax.models.set_transformer import DROPOUT_SITES, base_key, common_checks, dropout, parse_dropout_on
+from ema_jax.models.set_transformer import (
+    DROPOUT_SITES,
+    DropoutRates,
+    base_key,
+    common_checks,
+    dropout,
+    parse_dropout_on,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +61,11 @@ class SetDecoderConfig:
   num_heads: int = 1  # H; the paper's model has one head
   dropout: float = 0.0
   dropout_on: Tuple[str, ...] = ("attention",)
+  traced_dropout: bool = False  # rates in a DropoutRates variable instead of constants
 
   def __post_init__(self):
     object.__setattr__(self, "dropout_on", parse_dropout_on(self.dropout_on))
-    checks = common_checks(self)
+    checks = common_checks(self) + [(isinstance(self.traced_dropout, bool), "traced_dropout", "a bool")]
     for ok, name, expected in checks:
       if not ok:
         raise ValueError(f"SetDecoderConfig: `{name}`={getattr(self, name)!r}; expected {expected}.")
@@ -78,6 +87,11 @@ class SetDecoder(nnx.Module):
     self.value = nnx.Linear(d, dv, use_bias=False, rngs=rngs)
     self.attn_out = nnx.Linear(dv, d, use_bias=False, rngs=rngs)
     self.unembed = nnx.Linear(d, n, use_bias=False, rngs=rngs)  # U
+    self.dropout_rates = (
+        DropoutRates(jnp.asarray([cfg.dropout if s in cfg.dropout_on else 0.0 for s in DROPOUT_SITES], jnp.float32))
+        if cfg.traced_dropout
+        else None
+    )
 
   def __call__(self, tokens_BL, mask_BL=None, *, deterministic: bool = True, rngs=None):
     """Logits at every position; rows of position i >= the set size read padding and mean nothing."""
@@ -89,7 +103,10 @@ class SetDecoder(nnx.Module):
           "expected integer token ids [B, L]."
       )
     b, length = tokens_BL.shape
-    rates = {s: cfg.dropout for s in cfg.dropout_on} if cfg.dropout > 0 else {}
+    if self.dropout_rates is not None:
+      rates = {s: self.dropout_rates.value[i] for i, s in enumerate(DROPOUT_SITES)}
+    else:
+      rates = {s: cfg.dropout for s in cfg.dropout_on} if cfg.dropout > 0 else {}
     active = {s: (not deterministic) and s in rates for s in DROPOUT_SITES}
     key = base_key(rngs) if any(active.values()) else None
     site_key = lambda s: jax.random.fold_in(key, DROPOUT_SITES.index(s)) if active[s] else None

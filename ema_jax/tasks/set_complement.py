@@ -157,6 +157,7 @@ def model_config(config: ml_collections.ConfigDict):
         num_heads=int(m.num_heads),
         dropout=float(m.dropout),
         dropout_on=parse_dropout_on(m.dropout_on),
+        traced_dropout=bool(m.get("traced_dropout", False)),
     )
   return SetTransformerConfig(
       num_tokens=int(config.task.num_tokens),
@@ -232,8 +233,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if kind not in MODEL_KINDS:
     config_error("model.kind", kind, f"one of {MODEL_KINDS}")
   if kind == "decoder":
-    # The paper's model has no norm and no positions (set_decoder.py); traced rates live in the query model.
-    for f, ok in (("norm", "none"), ("positions", "none"), ("traced_dropout", False)):
+    # The paper's model has no norm and no positions (set_decoder.py).
+    for f, ok in (("norm", "none"), ("positions", "none")):
       if m.get(f, ok) != ok:
         config_error(f"model.{f}", m[f], f"{ok!r} with model.kind='decoder' (or use model.kind='query')")
   if m.norm not in NORMS:
