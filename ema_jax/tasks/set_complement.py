@@ -27,6 +27,7 @@ from flax import nnx
 
 from ema_jax.data import set_complement as data
 from ema_jax.models import set_decoder
+from ema_jax.tasks import set_complement_theory as theory
 from ema_jax.models.set_transformer import (
     DROPOUT_SITES,
     NORMS,
@@ -40,6 +41,7 @@ from ema_jax import length_report
 from ema_jax.errors import config_error, is_int
 from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task
 
+MAX_BALANCE_TOKENS = 256  # the balance report evaluates N (N - 1) length-2 inputs; skipped above this N
 MODEL_KINDS = ("decoder", "query")  # set_decoder.py (the paper's model), set_transformer.py
 METRICS = ("kl", "tv", "invalid_mass", "precision", "logit_gap", "top1_valid")
 METRIC_LABELS = {
@@ -368,6 +370,12 @@ class SetComplementTask(Task):
         per_size[m].append(float(out[m]))
     result = range_summary(sizes, per_size, self.train_max_size)
     result["per_size"] = {"size": sizes, **per_size}
+    if ctx.process_count == 1 and self.num_tokens <= MAX_BALANCE_TOKENS:
+      # The theory's balance conditions at lengths 1 and 2 (set_complement_theory.py); one process only,
+      # where the model's forward on host arrays needs no cross-process agreement.
+      balance = theory.displacement_stats(model, self.num_tokens, set_logits)
+      result["balance"] = balance
+      result.update({f"balance/{k}": v for k, v in balance.items() if isinstance(v, float)})
     result["info"] = {
         "train_max_size": self.train_max_size,
         "num_tokens": self.num_tokens,
@@ -380,6 +388,9 @@ class SetComplementTask(Task):
     if not kinds:
       return ""
     text = format_table(results, kinds, self.train_max_size, step)
+    balance = theory.format_balance({k: results[k] for k in kinds})
+    if balance:
+      text = text + "\n" + balance
     if workdir:
       plot_per_size(results, kinds, self.train_max_size, os.path.join(workdir, "plots"), step)
     return text
