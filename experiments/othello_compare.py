@@ -1,14 +1,14 @@
 """OthelloGPT: raw vs weight-EMA vs BEMA weights, in and beyond the trained positions, paired over seeds.
 
   python -m experiments.othello_compare --workdir W [--config configs/othello.py:default] [--seeds 0,1,2]
-      [--dropouts 0,0.1] [--kinds ema,bema] [--results results/othello] [--config.steps=1000 ...]
+      [--dropouts 0,0.1] [--results results/othello] [--config.steps=1000 ...]
 
-For every (seed, dropout, kind) it trains the config through ema_jax.trainer into W/runs/<name> (a run whose
-final eval JSON exists is not retrained, so an interrupted comparison resumes). The trainer keeps one
-averaging kind per run and evaluates raw and averaged weights of that run: EMA - raw and BEMA - raw are
-paired comparisons from one trajectory each. The raw trajectory does not depend on the averaging kind
-(same seed, data order and dropout keys), so the 'ema' and 'bema' runs of a (seed, dropout) share their
-raw weights; the summary reports the largest raw-metric difference between them as a check.
+For every (seed, dropout) it trains the config once through ema_jax.trainer into W/runs/s<seed>_d<dropout>
+(a run whose final eval JSON exists is not retrained, so an interrupted comparison resumes). The run keeps
+every average named by config.weight_ema.kind side by side ('ema,bema' in every preset of
+configs/othello.py; 'configs/othello.py:default,ema' keeps EMA alone) and its final evaluation scores the raw
+weights and each average, so EMA - raw and BEMA - raw are paired comparisons on one trajectory: same seed,
+data order and dropout keys. Paired differences get a 95% t-interval over seeds.
 
 Writes to --results (default W): summary.md, summary.json, runs.csv, and plots/othello_compare_*.png
 (per-position curves, mean over seeds, and paired differences per position).
@@ -19,11 +19,13 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import math
 import os
 import platform
+import shlex
 import sys
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 from absl import app, flags
@@ -45,19 +47,31 @@ _WORKDIR = flags.DEFINE_string(
 )
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated training seeds.")
 _DROPOUTS = flags.DEFINE_string("dropouts", "0,0.1", "Comma-separated model.dropout values.")
-_KINDS = flags.DEFINE_string("kinds", "ema,bema", "Comma-separated weight-EMA kinds, one run each.")
 _RESULTS = flags.DEFINE_string("results", None, "Where summary.md/json, runs.csv and plots go (default: workdir).")
 
 
-def run_name(seed: int, dropout: float, kind: str) -> str:
-  return f"s{seed}_d{dropout:g}_{kind}"
+def run_name(seed: int, dropout: float) -> str:
+  return f"s{seed}_d{dropout:g}"
+
+
+def averaging_kinds(config) -> List[str]:
+  """The averages every run keeps (config.weight_ema.kind, e.g. 'ema,bema' -> ['ema', 'bema'])."""
+  from ema_jax import optim
+
+  kinds = optim.parse_kinds(config.weight_ema.kind)
+  if not kinds:
+    raise ValueError(
+        f"config.weight_ema.kind={config.weight_ema.kind!r}: the comparison needs at least one average "
+        "(ema, bema or 'ema,bema')."
+    )
+  return kinds
 
 
 def train_runs(
-    config, workdir: str, seeds: Sequence[int], dropouts: Sequence[float], kinds: Sequence[str], log=print
+    config, workdir: str, seeds: Sequence[int], dropouts: Sequence[float], log=print
 ) -> List[Dict[str, Any]]:
-  """Trains every (kind, dropout, seed) not already done; returns one record per run."""
-  from ema_jax import optim, trainer
+  """Trains every (dropout, seed) not already done; returns one record per run."""
+  from ema_jax import trainer
 
   records_path = os.path.join(workdir, "runs.json")
   records = {}
@@ -65,61 +79,57 @@ def train_runs(
     with open(records_path) as f:
       records = {r["name"]: r for r in json.load(f)}
   out = []
-  for kind in kinds:  # all 'ema' runs first: they alone give the raw-vs-EMA comparison
-    for dropout in dropouts:
-      for seed in seeds:
-        name = run_name(seed, dropout, kind)
-        wd = os.path.join(workdir, "runs", name)
-        final = os.path.join(wd, f"eval_{config.steps}.json")
-        if not os.path.exists(final):
-          c = config.copy_and_resolve_references()
-          c.eval_every = 0  # the final evaluation is the one compared
-          c.seed = int(seed)
-          c.model.dropout = float(dropout)
-          decay = c.weight_ema.decay
-          c.weight_ema = optim.default_weight_ema_config(kind)
-          c.weight_ema.decay = decay
-          if c.task.data_dir is None:
-            c.task.data_dir = os.path.join(workdir, "data")
-          log(f"== {name}: training {c.steps} steps")
-          start = time.time()
-          trainer.train(c, wd)
-          records[name] = dict(
-              name=name, seed=int(seed), dropout=float(dropout), kind=kind, wall_s=round(time.time() - start, 1)
-          )
-          with open(records_path, "w") as f:
-            json.dump(list(records.values()), f, indent=1)
-        rec = dict(records.get(name, dict(name=name, seed=int(seed), dropout=float(dropout), kind=kind, wall_s=None)))
-        with open(final) as f:
-          rec["results"] = json.load(f)["results"]
-        out.append(rec)
+  for dropout in dropouts:
+    for seed in seeds:
+      name = run_name(seed, dropout)
+      wd = os.path.join(workdir, "runs", name)
+      final = os.path.join(wd, f"eval_{config.steps}.json")
+      if not os.path.exists(final):
+        c = config.copy_and_resolve_references()
+        c.eval_every = 0  # the final evaluation is the one compared
+        c.seed = int(seed)
+        c.model.dropout = float(dropout)
+        if c.task.data_dir is None:
+          c.task.data_dir = os.path.join(workdir, "data")
+        log(f"== {name}: training {c.steps} steps, averages {c.weight_ema.kind}")
+        start = time.time()
+        trainer.train(c, wd)
+        records[name] = dict(name=name, seed=int(seed), dropout=float(dropout), wall_s=round(time.time() - start, 1))
+        with open(records_path, "w") as f:
+          json.dump(list(records.values()), f, indent=1)
+      rec = dict(records.get(name, dict(name=name, seed=int(seed), dropout=float(dropout), wall_s=None)))
+      with open(final) as f:
+        rec["results"] = json.load(f)["results"]
+      out.append(rec)
   return out
 
 
 # ----------------------------------------------------------------------------------------------- analysis
 
 
-def collect(runs: Sequence[Dict[str, Any]]) -> Dict[float, Dict[int, Dict[str, Dict[str, Any]]]]:
-  """{dropout: {seed: {weights: eval results}}} with weights raw (from the first run), ema, bema."""
+def collect(runs: Sequence[Dict[str, Any]], kinds: Sequence[str]) -> Dict[float, Dict[int, Dict[str, Any]]]:
+  """{dropout: {seed: {weights: eval results}}} with weights raw and each of kinds, all from the one run."""
   table: Dict[float, Dict[int, Dict[str, Any]]] = {}
   for r in runs:
-    cell = table.setdefault(r["dropout"], {}).setdefault(r["seed"], {})
-    cell.setdefault("raw", r["results"]["raw"])
-    cell[r["kind"]] = r["results"][r["kind"]]
+    missing = [w for w in ("raw", *kinds) if w not in r["results"]]
+    if missing:
+      raise ValueError(
+          f"run {r['name']}: its final evaluation has weights {sorted(r['results'])}, not {missing}; it was "
+          "trained with other averages than config.weight_ema.kind: remove the run or use another --workdir."
+      )
+    table.setdefault(r["dropout"], {})[r["seed"]] = {w: r["results"][w] for w in ("raw", *kinds)}
   return table
 
 
-def raw_mismatch(runs: Sequence[Dict[str, Any]]):
-  """Largest |difference| of a raw region metric between runs of the same (seed, dropout); None if no pairs."""
-  first, worst = {}, None
-  for r in runs:
-    key = (r["seed"], r["dropout"])
-    raw = r["results"]["raw"]
-    if key in first:
-      worst = max(worst or 0.0, max(abs(raw[f"{g}/{m}"] - first[key][f"{g}/{m}"]) for g in REGIONS for m in METRICS))
-    else:
-      first[key] = raw
-  return worst
+def t_interval(values: Sequence[float], level: float = 0.95) -> Optional[List[float]]:
+  """Student-t confidence interval for the mean of values; None for fewer than two values."""
+  v = np.asarray(values, np.float64)
+  if v.size < 2:
+    return None
+  from scipy import stats
+
+  half = float(stats.t.ppf(0.5 + level / 2, v.size - 1)) * float(v.std(ddof=1)) / math.sqrt(v.size)
+  return [float(v.mean()) - half, float(v.mean()) + half]
 
 
 def describe(values: Sequence[float]) -> Dict[str, Any]:
@@ -152,7 +162,7 @@ def summarize_runs(table, kinds: Sequence[str]) -> Dict[str, Any]:
           if pairs:
             d = [a - b for a, b in pairs]
             better = sum((x > 0) if HIGHER_IS_BETTER[m] else (x < 0) for x in d)
-            entry["paired"][k] = dict(describe(d), better=int(better), seeds=len(d))
+            entry["paired"][k] = dict(describe(d), ci95=t_interval(d), better=int(better), seeds=len(d))
         block[key] = entry
     out[f"{dropout:g}"] = dict(seeds=seeds, metrics=block)
   # Dropout's own effect on the raw weights, paired by seed.
@@ -163,11 +173,15 @@ def summarize_runs(table, kinds: Sequence[str]) -> Dict[str, Any]:
     for d in drops[1:]:
       common = sorted(set(table[base]) & set(table[d]))
       out["dropout_effect"][f"{d:g}-{base:g}"] = {
-          f"{g}/{m}": describe([table[d][s]["raw"][f"{g}/{m}"] - table[base][s]["raw"][f"{g}/{m}"] for s in common])
+          f"{g}/{m}": _with_ci([table[d][s]["raw"][f"{g}/{m}"] - table[base][s]["raw"][f"{g}/{m}"] for s in common])
           for g in REGIONS
           for m in METRICS
       }
   return out
+
+
+def _with_ci(values: Sequence[float]) -> Dict[str, Any]:
+  return dict(describe(values), ci95=t_interval(values))
 
 
 def _pm(e, digits=4) -> str:
@@ -178,20 +192,20 @@ def write_markdown(path: str, summary: Dict[str, Any], meta: Dict[str, Any], kin
   lines = [
       f"# OthelloGPT: raw vs weight EMA vs BEMA ({meta['date']})",
       "",
-      f"Machine: {meta['machine']}. Command: `{meta['command']}`; {meta['config_summary']}.",
-      f"Seeds {meta['seeds']}, dropout {meta['dropouts']}, averaging kinds {list(kinds)}; "
-      f"{meta['runs']} runs, training wall time {meta['train_wall_s']:.0f} s in total "
-      f"({meta['run_wall_s']})."
-      + (
-          ""
-          if meta["raw_mismatch"] is None
-          else f" Raw metrics of the ema and bema runs of one (seed, dropout) differ by at most "
-          f"{meta['raw_mismatch']:.2g} (they share the raw trajectory)."
-      ),
+      f"Command: `{meta['command']}`",
+      "",
+      f"Machine: {meta['machine']}; load average (1/5/15 min) {meta['load_start']} at the start, "
+      f"{meta['load_end']} at the end. Wall time {meta['wall_s']:.0f} s in all, training "
+      f"{meta['train_wall_s']:.0f} s ({meta['run_wall_s']}).",
+      "",
+      f"Model and training: {meta['config_summary']}.",
+      f"Seeds {meta['seeds']}, dropout {meta['dropouts']}: {meta['runs']} runs, each keeping the averages "
+      f"{list(kinds)} of its own trajectory beside the raw weights.",
       "",
       f"Positions 1..{meta['train_len']} are trained (in), {meta['train_len'] + 1}..59 are not (out). "
       "Values: mean ± sd over seeds of the per-position averages; Δ = averaged - raw of the same run, "
-      "paired by seed; 'better' counts the seeds where the averaged weights did better.",
+      "paired by seed: mean, 95% t-interval over seeds, and 'better', the seeds where the averaged weights "
+      "did better.",
       "",
   ]
   for dropout in meta["dropouts"]:
@@ -204,7 +218,7 @@ def write_markdown(path: str, summary: Dict[str, Any], meta: Dict[str, Any], kin
         "| region | metric | raw | "
         + " | ".join(kinds)
         + " | "
-        + " | ".join(f"Δ {k} [min, max], better" for k in kinds)
+        + " | ".join(f"Δ {k} - raw [95% CI], better" for k in kinds)
         + " |",
         "|---|---|---|" + "---|" * len(kinds) * 2,
     ]
@@ -214,21 +228,24 @@ def write_markdown(path: str, summary: Dict[str, Any], meta: Dict[str, Any], kin
       cells += [_pm(entry["values"][k]) if k in entry["values"] else "-" for k in kinds]
       for k in kinds:
         p = entry["paired"].get(k)
-        cells.append(f"{p['mean']:+.4f} [{p['min']:+.4f}, {p['max']:+.4f}], {p['better']}/{p['seeds']}" if p else "-")
+        ci = f"[{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]" if p and p["ci95"] else "[n/a]"
+        cells.append(f"{p['mean']:+.4f} {ci}, {p['better']}/{p['seeds']}" if p else "-")
       lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
   if "dropout_effect" in summary:
     lines += [
         "## dropout effect on the raw weights (paired by seed)",
         "",
-        "| contrast | region | metric | Δ mean | sd | [min, max] |",
-        "|---|---|---|---|---|---|",
+        "| contrast | region | metric | Δ mean | 95% CI | sd | [min, max] |",
+        "|---|---|---|---|---|---|---|",
     ]
     for contrast, ent in summary["dropout_effect"].items():
       for key, e in ent.items():
         region, m = key.split("/")
         lines.append(
-            f"| {contrast} | {region} | {m} | {e['mean']:+.4f} | {e['sd']:.4f} | "
+            f"| {contrast} | {region} | {m} | {e['mean']:+.4f} | "
+            + (f"[{e['ci95'][0]:+.4f}, {e['ci95'][1]:+.4f}]" if e["ci95"] else "n/a")
+            + f" | {e['sd']:.4f} | "
             f"[{e['min']:+.4f}, {e['max']:+.4f}] |"
         )
     lines.append("")
@@ -241,20 +258,20 @@ def write_markdown(path: str, summary: Dict[str, Any], meta: Dict[str, Any], kin
     f.write("\n".join(lines))
 
 
-def write_csv(path: str, runs: Sequence[Dict[str, Any]]) -> None:
-  fields = ["name", "seed", "dropout", "kind", "wall_s", "weights"] + [f"{g}/{m}" for g in REGIONS for m in METRICS]
+def write_csv(path: str, runs: Sequence[Dict[str, Any]], kinds: Sequence[str]) -> None:
+  """One row per run and weights (raw and each average)."""
+  fields = ["name", "seed", "dropout", "wall_s", "weights"] + [f"{g}/{m}" for g in REGIONS for m in METRICS]
   with open(path, "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=fields)
     w.writeheader()
     for r in runs:
-      for weights in ("raw", r["kind"]):
+      for weights in ("raw", *kinds):
         res = r["results"][weights]
         w.writerow(
             dict(
                 name=r["name"],
                 seed=r["seed"],
                 dropout=r["dropout"],
-                kind=r["kind"],
                 wall_s=r["wall_s"],
                 weights=weights,
                 **{f"{g}/{m}": round(res[f"{g}/{m}"], 6) for g in REGIONS for m in METRICS},
@@ -316,53 +333,75 @@ def plot(table, kinds: Sequence[str], train_len: int, out_dir: str) -> List[str]
 
 
 def machine() -> str:
-  load = os.getloadavg() if hasattr(os, "getloadavg") else ()
-  return f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores" + (
-      f", load average {load[0]:.1f} at the end" if load else ""
+  return f"{platform.platform()} ({platform.machine()}), {os.cpu_count()} CPU cores"
+
+
+def load_average() -> str:
+  """The 1, 5 and 15 minute load averages, or 'n/a' where the platform has none."""
+  return "/".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def compare(
+    config,
+    workdir: str,
+    seeds: Sequence[int],
+    dropouts: Sequence[float],
+    results: Optional[str] = None,
+    command: str = "",
+    plots: bool = True,
+    log=print,
+) -> Dict[str, Any]:
+  """Trains (or reuses) one run per (seed, dropout), then writes summary.md/json, runs.csv and plots."""
+  start, load_start = time.time(), load_average()
+  results = results or workdir
+  kinds = averaging_kinds(config)
+  os.makedirs(results, exist_ok=True)
+  runs = train_runs(config, workdir, seeds, dropouts, log=log)
+  table = collect(runs, kinds)
+  summary = summarize_runs(table, kinds)
+  walls = [r["wall_s"] for r in runs if r["wall_s"] is not None]
+  c = config
+  bema = (
+      f", BEMA burn-in {c.weight_ema.burn_in} steps (its other schedules at their defaults)" if "bema" in kinds else ""
   )
+  meta = dict(
+      date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+      machine=machine(),
+      command=command,
+      norm_position=str(c.model.get("norm_position", "pre")),
+      kinds=list(kinds),
+      config_summary=(
+          f"GPT {c.model.num_layers} layers x width {c.model.width} ({c.model.num_heads} heads), "
+          f"{c.model.get('norm_position', 'pre')}-norm blocks, {c.task.num_games} games, train_len "
+          f"{c.task.train_len}, {c.steps} steps of batch {c.batch_size}, lr {c.optim.lr} {c.optim.schedule}, "
+          f"EMA decay {c.weight_ema.decay}{bema}, {c.task.eval_games} validation games"
+      ),
+      seeds=list(seeds),
+      dropouts=list(dropouts),
+      runs=len(runs),
+      train_wall_s=float(sum(walls)) if walls else 0.0,
+      run_wall_s=(f"{min(walls):.0f}-{max(walls):.0f} s per run trained now" if walls else "no run trained now"),
+      train_len=int(c.task.train_len),
+      load_start=load_start,
+  )
+  summary["meta"] = meta
+  write_csv(os.path.join(results, "runs.csv"), runs, kinds)
+  if plots:
+    plot(table, kinds, int(c.task.train_len), os.path.join(results, "plots"))
+  meta.update(wall_s=round(time.time() - start, 1), load_end=load_average())
+  with open(os.path.join(results, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  write_markdown(os.path.join(results, "summary.md"), summary, meta, kinds)
+  return summary
 
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  workdir = _WORKDIR.value
-  results = _RESULTS.value or workdir
   seeds = [int(s) for s in _SEEDS.value.split(",") if s]
   dropouts = [float(d) for d in _DROPOUTS.value.split(",") if d]
-  kinds = [k.strip() for k in _KINDS.value.split(",") if k.strip()]
-  bad = [k for k in kinds if k not in ("ema", "bema")]
-  if bad or not kinds:
-    raise ValueError(f"--kinds={_KINDS.value!r}: expected a comma-separated subset of ema, bema.")
-  os.makedirs(results, exist_ok=True)
-  runs = train_runs(config, workdir, seeds, dropouts, kinds)
-  table = collect(runs)
-  summary = summarize_runs(table, kinds)
-  walls = [r["wall_s"] for r in runs if r["wall_s"] is not None]
-  c = config
-  meta = dict(
-      date=datetime.date.today().isoformat(),
-      machine=machine(),
-      command="python -m experiments.othello_compare " + " ".join(sys.argv[1:]),
-      config_summary=(
-          f"GPT {c.model.num_layers} layers x width {c.model.width} ({c.model.num_heads} heads), "
-          f"{c.task.num_games} games, train_len {c.task.train_len}, {c.steps} steps of batch "
-          f"{c.batch_size}, lr {c.optim.lr} {c.optim.schedule}, EMA decay {c.weight_ema.decay}, "
-          f"BEMA defaults, {c.task.eval_games} validation games"
-      ),
-      seeds=seeds,
-      dropouts=dropouts,
-      runs=len(runs),
-      train_wall_s=float(sum(walls)) if walls else 0.0,
-      run_wall_s=(f"{min(walls):.0f}-{max(walls):.0f} s per run" if walls else "wall times not recorded"),
-      raw_mismatch=raw_mismatch(runs),
-      train_len=int(c.task.train_len),
-  )
-  summary["meta"] = meta
-  with open(os.path.join(results, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
-  write_csv(os.path.join(results, "runs.csv"), runs)
-  write_markdown(os.path.join(results, "summary.md"), summary, meta, kinds)
-  plot(table, kinds, int(c.task.train_len), os.path.join(results, "plots"))
+  results = _RESULTS.value or _WORKDIR.value
+  command = "python -m experiments.othello_compare " + shlex.join(sys.argv[1:])
+  compare(_CONFIG.value, _WORKDIR.value, seeds, dropouts, results=results, command=command)
   with open(os.path.join(results, "summary.md")) as f:
     print(f.read())
 

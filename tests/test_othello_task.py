@@ -160,7 +160,7 @@ def test_training_beats_chance_and_writes_tables_and_plots(trained):
   with open(os.path.join(wd, f"eval_{c.steps}.json")) as f:
     saved = json.load(f)
   results = saved["results"]
-  assert set(results) == {"raw", "ema"}
+  assert set(results) == {"raw", "ema", "bema"}  # every preset keeps both averages of the one trajectory
   raw = results["raw"]
   pp = raw["per_position"]
   assert pp["position"] == list(range(1, task_lib.MAX_POSITION + 1))
@@ -177,7 +177,7 @@ def test_restore_reproduces_in_loop_numbers(trained):
   with open(os.path.join(wd, f"eval_{c.steps}.json")) as f:
     in_loop = json.load(f)["results"]
   results = evaluation.run(wd, step=c.steps)
-  assert set(results) == {"raw", "ema"}
+  assert set(results) == {"raw", "ema", "bema"}
   for name in results:
     for key in ("in_range/legal_mass", "out_of_range/kl", "in_range/top1_legal"):
       assert results[name][key] == pytest.approx(in_loop[name][key], rel=1e-6, abs=1e-7)
@@ -222,10 +222,58 @@ def test_bad_config_fails_before_compilation(data_dir, field, value, match):
 
 def test_config_presets_and_options():
   c = get_config("default,dropout,bema")
-  assert c.model.dropout == 0.1 and c.weight_ema.kind == "bema"
+  assert c.model.dropout == 0.1 and c.weight_ema.kind == "bema" and c.weight_ema.burn_in == 200
   assert get_config("paper").model.width == 512 and get_config("paper").model.num_layers == 8
   assert get_config("bema").weight_ema.kind == "bema"
+  ema = get_config("tiny,ema").weight_ema
+  assert ema.kind == "ema" and ema.decay == 0.9 and ema.burn_in == 20
+  # Every preset keeps EMA and BEMA side by side, BEMA's burn-in inside the run.
+  for arg, burn_in in (("default", 200), ("cpu_hour", 400), ("paper", 2000), ("tiny", 20)):
+    c = get_config(arg)
+    assert c.weight_ema.kind == "ema,bema" and c.weight_ema.burn_in == burn_in < c.steps
+    assert c.model.norm_position == "post"
+    task_lib.validate_config(c)
   with pytest.raises(ValueError, match="preset"):
     get_config("huge")
-  for arg in ("default", "paper", "tiny"):
-    task_lib.validate_config(get_config(arg))
+
+
+# ------------------------------------------------------------------------------------- comparison driver
+
+
+def test_compare_pairs_raw_ema_and_bema_of_one_run_per_seed(tmp_path, data_dir):
+  from experiments import othello_compare
+
+  c = tiny_config(data_dir)
+  c.steps = 30
+  c.task.eval_games = 20
+  logged = []
+  summary = othello_compare.compare(
+      c,
+      str(tmp_path / "w"),
+      seeds=[0, 1],
+      dropouts=[0.0],
+      results=str(tmp_path / "r"),
+      command="cmd x",
+      log=logged.append,
+  )
+  assert logged == ["== s0_d0: training 30 steps, averages ema,bema", "== s1_d0: training 30 steps, averages ema,bema"]
+  entry = summary["0"]["metrics"]["out_of_range/kl"]
+  assert set(entry["values"]) == {"raw", "ema", "bema"} and set(entry["paired"]) == {"ema", "bema"}
+  for k in ("ema", "bema"):
+    p = entry["paired"][k]
+    assert p["seeds"] == 2 and p["ci95"][0] <= p["mean"] <= p["ci95"][1]
+  md = (tmp_path / "r" / "summary.md").read_text()
+  assert "Command: `cmd x`" in md and "post-norm" in md and "load average" in md and "CPU cores" in md
+  assert "Δ ema - raw [95% CI], better" in md and "Δ bema - raw [95% CI], better" in md
+  rows = [l for l in md.splitlines() if l.startswith("| out | kl |")]
+  assert len(rows) == 1 and rows[0].count("±") == 3  # raw, ema, bema
+  csv_text = (tmp_path / "r" / "runs.csv").read_text()
+  assert csv_text.count("\ns0_d0,") == 3 and ",bema," in csv_text
+  assert (tmp_path / "r" / "plots" / "othello_compare_deltas.png").exists()
+  # Rerunning reuses the finished runs; a config with other averages than the runs' is refused.
+  logged.clear()
+  othello_compare.compare(c, str(tmp_path / "w"), seeds=[0, 1], dropouts=[0.0], plots=False, log=logged.append)
+  assert logged == []
+  c.weight_ema.kind = "none"
+  with pytest.raises(ValueError, match="at least one average"):
+    othello_compare.compare(c, str(tmp_path / "w"), seeds=[0], dropouts=[0.0], plots=False)
