@@ -97,7 +97,7 @@ def get_config(arg=None):
     c.model.value_dim = 128
     c.model.num_heads = 1  # the paper's model is single-head
   elif arg == "sweep":
-    c.steps = 12000  # the cap; runs stop earlier once every run's in-range KL has plateaued
+    c.steps = 10000  # the cap; a group stops earlier once every run's in-range KL has plateaued
     c.batch_size = 64
     c.eval_every = 1000
     c.optim.schedule = "constant"  # after warmup: a run may stop at any step without a schedule cut short
@@ -125,11 +125,11 @@ def get_config(arg=None):
                 "attention,embedding,output",
             ],
             ema_decay=(0.99, 0.999),  # 1 - decay log-uniform between the two; every run keeps EMA and BEMA
-            bema_burn_in=[0, 1000, 3000],  # BEMA's tau (optimizer steps), sampled; splits compiled groups
+            bema_burn_in=[0, 2000],  # BEMA's tau (optimizer steps), sampled; splits compiled groups
             chunk_steps=250,  # training steps per compiled lax.scan call, and between plateau checks
             patience=8,  # plateau: no gain > rel_tol in the last `patience` checks (2000 steps) ...
             rel_tol=0.05,
-            min_steps=4000,  # ... and at least this many steps trained
+            min_steps=3000,  # ... and at least this many steps trained
             check_examples=64,  # per in-range size, for the plateau check (a seed apart from evaluation)
             bootstrap=4000,  # resamples for the bootstrap CIs
         )
