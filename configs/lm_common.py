@@ -76,7 +76,9 @@ def apply_c4_preset(c: ml_collections.ConfigDict, lr: float) -> ml_collections.C
   c.data.tfds_name = "c4/en:3.1.0"
   c.data.train_split = "train"
   c.data.eval_split = "validation"
-  c.data.eval_max_tokens = 2_000_000  # in-loop evaluation on the first 2M validation tokens
+  # In-loop evaluations read the first 2M validation tokens; the final one (and eval.py) every token of the
+  # split (data.eval_max_tokens_final = 0; set it to cap that too).
+  c.data.eval_max_tokens = 2_000_000
   c.task.seq_len = 1024
   c.task.eval_batch_size = 64
   c.batch_size = 256

@@ -142,7 +142,7 @@ def run(
     setup = trainer.build(cfg, workdir=workdir)
     names = weights_to_evaluate(weights, trainer.weights_names(setup))
     state, _, _ = checkpointer.restore(step, setup.abstract_state)
-    results = trainer.evaluate_all(setup, state, workdir, step, weights=names)
+    results = trainer.evaluate_all(setup, state, workdir, step, weights=names, final=True)
   finally:
     checkpointer.close()
   if jax.process_index() != 0:

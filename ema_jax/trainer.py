@@ -163,13 +163,17 @@ def weights_names(setup: Setup):
   return ["raw"] + ([] if setup.weight_ema is None else list(setup.weight_ema.names))
 
 
-def evaluate_all(setup: Setup, state, workdir: Optional[str], step: int, weights=None) -> Dict[str, Any]:
-  """Runs task.evaluate on raw and averaged weights; returns {name: results}."""
+def evaluate_all(
+    setup: Setup, state, workdir: Optional[str], step: int, weights=None, final: bool = False
+) -> Dict[str, Any]:
+  """Runs task.evaluate on raw and averaged weights; returns {name: results}. final: the run's last
+  evaluation or eval.py's (EvalContext.final)."""
   ctx = EvalContext(
       put_batch=lambda b: sharding.put_local_batch(b, setup.mesh),
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       workdir=workdir,
+      final=final,
   )
   results = {}
   with jax.set_mesh(setup.mesh):
@@ -320,7 +324,7 @@ def train(
     return bool(m["stop"])
 
   def run_eval(step):
-    results = evaluate_all(setup, state, workdir, step)
+    results = evaluate_all(setup, state, workdir, step, final=step == config.steps)
     table = task.summarize(results, step, workdir if is_main else None)
     scal = scalar_results(results)
     writer.write(step, scal)  # the row first: an eval JSON on disk means its row is in metrics.jsonl

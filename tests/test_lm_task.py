@@ -11,6 +11,7 @@ import pytest
 from ema_jax import evaluation, trainer
 from ema_jax.models import ema_lm
 from ema_jax.tasks import lm
+from ema_jax.data import text as text_lib
 from ml_collections import config_flags  # noqa: F401  (configs import like train.py does)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +36,7 @@ def short(cfg, steps=6):
   cfg.batch_size = 4
   cfg.task.eval_batch_size = 8
   cfg.data.eval_max_tokens = 3000
+  cfg.data.eval_max_tokens_final = 3000
   if cfg.model.kind == "gpt":
     cfg.model.context_len = 64
   return cfg
@@ -63,6 +65,27 @@ def test_train_and_eval_py_agree(tmp_path, config_name, predictor):
   rows = lens["raw"]["table"]
   assert [r["length"] for r in rows] == [32, 64] and all(r["tokens"] == 3000 for r in rows)
   assert rows[1]["perplexity"] == pytest.approx(in_loop["raw"]["table"][0]["perplexity"], rel=1e-5)
+
+
+def test_final_evaluation_reads_the_whole_split_unless_capped(tmp_path):
+  """In-loop evaluations read data.eval_max_tokens; the final one and eval.py every token of the split
+  (data.eval_max_tokens_final = 0, the default)."""
+  cfg = short(load_config("ema_lm", "tiny"), steps=4)
+  cfg.eval_every = 2
+  cfg.data.eval_max_tokens, cfg.data.eval_max_tokens_final = 1000, 0
+  task = lm.LMTask(cfg)
+  whole = text_lib.make_eval_batches(
+      cfg.data, task.tokenizer, cfg.task.seq_len, cfg.task.eval_batch_size, max_tokens=0
+  ).num_tokens
+  assert whole > 1000
+  wd = str(tmp_path)
+  trainer.train(cfg, wd)
+  tokens = lambda path: json.load(open(path))["results"]["raw"]["table"][0]["tokens"]
+  assert tokens(os.path.join(wd, "eval_2.json")) == 1000
+  assert tokens(os.path.join(wd, "eval_4.json")) == whole
+  assert evaluation.run(wd, weights="raw")["raw"]["table"][0]["tokens"] == whole
+  capped = evaluation.run(wd, weights="raw", overrides=["data.eval_max_tokens_final=500"])
+  assert capped["raw"]["table"][0]["tokens"] == 500
 
 
 @pytest.mark.slow

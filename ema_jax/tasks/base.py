@@ -85,6 +85,7 @@ class EvalContext:
   process_index: int
   process_count: int
   workdir: Optional[str]
+  final: bool = False  # the run's final evaluation or eval.py (a task may evaluate more there, e.g. whole splits)
 
 
 class Task(abc.ABC):

@@ -133,14 +133,18 @@ class LMTask(Task):
   # ------------------------------------------------------------------------------------------ eval
 
   def _batches(self, source: str, length: int, ctx: EvalContext):
-    key = (source, length)
+    """In-loop evaluations read data.eval_max_tokens target tokens (0 = all); the final evaluation and
+    eval.py read data.eval_max_tokens_final (default 0: every token of the split)."""
+    key = (source, length, ctx.final)
     if key not in self._eval_batches:
       t = self.config.task
+      data_cfg = self._source_config(source)
       self._eval_batches[key] = text_lib.make_eval_batches(
-          self._source_config(source),
+          data_cfg,
           self.tokenizer,
           length,
           t.eval_batch_size,
+          max_tokens=text_lib.parse_data_config(data_cfg).eval_max_tokens_final if ctx.final else None,
           process_index=ctx.process_index,
           process_count=ctx.process_count,
       )

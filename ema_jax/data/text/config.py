@@ -38,7 +38,10 @@ _DEFAULTS: dict[str, Any] = dict(
     read_threads=-1,
     seed=0,  # used when make_train_iterator gets seed=None
     eval_max_documents=0,  # 0 = no limit
-    eval_max_tokens=0,  # 0 = no limit
+    eval_max_tokens=0,  # in-loop evaluations: the first n target tokens of a split; 0 = no limit
+    # The final evaluation of a run and eval.py: 0 = every token of the split (the default: final numbers
+    # are exact); n > 0 caps it like eval_max_tokens.
+    eval_max_tokens_final=0,
 )
 
 
@@ -73,6 +76,7 @@ class DataSpec:
   seed: int
   eval_max_documents: int
   eval_max_tokens: int
+  eval_max_tokens_final: int
 
 
 def parse_data_config(data_cfg: Any) -> DataSpec:
@@ -110,7 +114,7 @@ def parse_data_config(data_cfg: Any) -> DataSpec:
     check(name, isinstance(values[name], str), "a string ('' for unset)")
   for name in ("field", "tfds_name", "train_split", "eval_split"):
     check(name, isinstance(values[name], str) and values[name], "a non-empty string")
-  for name in ("eval_max_documents", "eval_max_tokens"):
+  for name in ("eval_max_documents", "eval_max_tokens", "eval_max_tokens_final"):
     check(name, is_int(values[name]) and values[name] >= 0, "an integer >= 0")
   check(
       "read_threads",
