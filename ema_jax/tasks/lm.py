@@ -1,8 +1,8 @@
-"""Language modelling on the text pipeline: the EMA-only LM or the GPT-2 baseline.
+"""Language modelling on the text pipeline: the EMA-only LM, the trace aggregator or the GPT-2 baseline.
 
-config.model.kind selects the model ('ema_lm' or 'gpt'); the other config.model fields are the model's
-config (EMALMConfig / GPTConfig) and config.model.preset names a preset they override. The vocabulary
-comes from the tokenizer (config.data.tokenizer). config.model.dtype='bfloat16' computes in bfloat16
+config.model.kind selects the model ('ema_lm', 'aggregator' or 'gpt'); the other config.model fields are
+the model's config (EMALMConfig / AggregatorConfig / GPTConfig) and config.model.preset names a preset
+they override. The vocabulary comes from the tokenizer (config.data.tokenizer). config.model.dtype='bfloat16' computes in bfloat16
 with float32 parameters, float32 logits and a float32 loss.
 
 Evaluation (the same code in the training loop and in eval.py) is exact over each split: the sum of
@@ -27,7 +27,7 @@ from ema_jax.data import text as text_lib
 from ema_jax.data import tokenizer as tokenizer_lib
 from ema_jax.tasks.base import EvalContext, Task
 
-MODEL_KINDS = ("ema_lm", "gpt")
+MODEL_KINDS = ("ema_lm", "aggregator", "gpt")
 _NON_MODEL_FIELDS = ("kind", "preset")
 
 
@@ -36,6 +36,10 @@ def _model_module(kind):
     from ema_jax.models import ema_lm
 
     return ema_lm, ema_lm.EMALMConfig, ema_lm.EMALM
+  if kind == "aggregator":
+    from ema_jax.models import aggregator
+
+    return aggregator, aggregator.AggregatorConfig, aggregator.Aggregator
   from ema_jax.models import transformer
 
   return transformer, transformer.GPTConfig, transformer.GPT
