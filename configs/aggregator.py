@@ -8,9 +8,13 @@ Presets (python train.py --config configs/aggregator.py:PRESET --workdir W):
              learning rate of configs/ema_lm.py:wiki_tiny (lm_common.apply_tiny_preset), so the two compare
              at equal budget.
 
-The comparison run (results/aggregator/README.md has the result, the date and the machine):
+The comparison run (results/aggregator/README.md has the EMA LM beside it):
   python train.py --config configs/aggregator.py:wiki_tiny --workdir /work/runs/aggregator_wiki \\
     --config.steps=1000 --config.eval_every=0 --config.checkpoint_every=1000
+Result it got (2026-11-29, 2-core CPU shared with other jobs, 5.3 min of training): 362,496 parameters;
+per-byte perplexity / bits per byte on the Wikipedia validation file 6.414 / 2.681 (raw weights), 6.335 /
+2.664 (weight EMA); on the C4 sample 7.504 / 2.909 (raw). The EMA LM (linear predictor) at the same budget:
+5.474 / 2.453 (raw) on Wikipedia.
 """
 
 import dataclasses
