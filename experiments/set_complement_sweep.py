@@ -2,6 +2,7 @@
 
   python -m experiments.set_complement_sweep --config configs/set_complement.py:sweep --workdir W [--runs 48]
       [--config.steps=20000 --config.sweep.dims='["32x32"]' ...]
+  python -m experiments.set_complement_sweep --workdir W --reanalyse     (rebuild summary and plots from runs.json)
 
 The model is config.model.kind (the sweep preset: 'decoder', the paper's single-layer attention-only causal
 model, trained on every prefix). Each run samples (config.sweep): a seed, dims, learning rate (log-uniform),
@@ -30,7 +31,8 @@ noise out of the comparisons.
 
 Writes to W: runs.csv, runs.json (every run: sampled values, plateau step, in-range and out-of-range
 metrics of raw, EMA and BEMA weights, per-size curves and the in-range history in the JSON), summary.json
-and summary.md (a claims table: each of the paper's claims with its 95% interval and a verdict; paired
+and summary.md (a claims table: each of the paper's claims with its 95% interval and a verdict, on all runs
+and on the runs that reached their plateau; paired
 averaged-vs-raw differences with t and bootstrap intervals; OLS of log out-of-range KL on dropout, log lr
 and width), and plots/*.png.
 """
@@ -548,6 +550,44 @@ def claims(summary: Dict[str, Any]) -> List[Dict[str, str]]:
   return out
 
 
+def analyse(rows, rng, boot: int) -> Dict[str, Any]:
+  """Paired averaging comparisons, the separation drop, regressions, the dropout split and the claims."""
+  ok = [r for r in rows if not r["diverged"]]
+  out = dict(
+      n_runs=len(rows),
+      paired={k: paired_comparison(rows, k, rng, boot) for k in AVERAGES},
+      separation_drop=mean_ci(np.asarray([r["raw_out_logit_gap"] - r["raw_in_logit_gap"] for r in ok]), rng, boot),
+      regression=regressions(rows),
+      dropout_split=dropout_split(rows, rng, boot),
+  )
+  out["claims"] = claims(out)
+  return out
+
+
+def reanalyse(workdir: str, log=print) -> Dict[str, Any]:
+  """Rebuilds summary.json/md and the plots from runs.json, keeping the training's metadata (command, wall
+  time, machine, load): for a changed analysis without retraining."""
+  with open(os.path.join(workdir, "runs.json")) as f:
+    saved = json.load(f)
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  rows = saved["runs"]
+  rng = np.random.default_rng(12345)
+  boot = int(summary["sweep"]["bootstrap"])
+  summary.update(analyse(rows, rng, boot))
+  summary["plateaued"] = analyse([r for r in rows if r["plateau_step"] is not None], rng, boot)
+  summary["findings"] = findings(summary)
+  histories = {r["run"]: r["in_range_history"] for r in rows}
+  summary["plots"] = make_plots(
+      rows, saved["sizes"], saved["train_max_size"], os.path.join(workdir, "plots"), histories
+  )
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1, default=str)
+  write_markdown(os.path.join(workdir, "summary.md"), summary)
+  log(f"sweep: summary.json, summary.md and plots/ rebuilt from {workdir}/runs.json")
+  return summary
+
+
 def write_markdown(path: str, summary: Dict[str, Any]) -> None:
   s = summary
   conv = s["convergence"]
@@ -573,6 +613,16 @@ def write_markdown(path: str, summary: Dict[str, Any]) -> None:
       "|---|---|---|",
   ]
   lines += [f"| {c['claim']} | {c['estimate']} | {c['verdict']} |" for c in s["claims"]]
+  pl = s.get("plateaued")
+  if pl and pl["n_runs"] < s["n_runs"]:
+    lines += [
+        "",
+        f"The same claims on the {pl['n_runs']} runs that reached their plateau within the cap:",
+        "",
+        "| claim | estimate (95% CI) | verdict |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {c['claim']} | {c['estimate']} | {c['verdict']} |" for c in pl["claims"]]
   lines += [
       "",
       "## Weight averaging vs the raw weights of the same run (averaged - raw)",
@@ -870,12 +920,9 @@ def run_sweep(
           steps_min=min(steps_trained),
           steps_max=max(steps_trained),
       ),
-      paired={k: paired_comparison(rows, k, rng, boot) for k in AVERAGES},
-      separation_drop=mean_ci(np.asarray([r["raw_out_logit_gap"] - r["raw_in_logit_gap"] for r in ok]), rng, boot),
-      regression=regressions(rows),
-      dropout_split=dropout_split(rows, rng, boot),
   )
-  summary["claims"] = claims(summary)
+  summary.update(analyse(rows, rng, boot))
+  summary["plateaued"] = analyse([r for r in rows if r["plateau_step"] is not None], rng, boot)
   summary["findings"] = findings(summary)
   summary["plots"] = make_plots(rows, sizes, l_train, os.path.join(workdir, "plots"), histories)
   summary["wall_time_s"] = time.time() - t_start
@@ -898,10 +945,14 @@ def main(argv):
 
   del argv
   FLAGS = flags.FLAGS
+  if FLAGS.reanalyse:
+    reanalyse(FLAGS.workdir)
+    return
   config = FLAGS.config
-  if "sweep" not in config:
+  if config is None or "sweep" not in config:
     raise ValueError(
-        "experiments.set_complement_sweep: the config has no `sweep` field; use " "configs/set_complement.py:sweep."
+        "experiments.set_complement_sweep: --config with a `sweep` field is needed; use "
+        "configs/set_complement.py:sweep (or --reanalyse to rebuild a finished sweep's summary)."
     )
   run_sweep(
       config, FLAGS.workdir, FLAGS.runs, command="python -m experiments.set_complement_sweep " + " ".join(sys.argv[1:])
@@ -915,5 +966,6 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Sweep config, e.g. configs/set_complement.py:sweep.")
   flags.DEFINE_string("workdir", None, "Output directory.")
   flags.DEFINE_integer("runs", None, "Number of runs (default config.sweep.runs).")
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.DEFINE_bool("reanalyse", False, "Rebuild summary.json/md and plots of a finished sweep from its runs.json.")
+  flags.mark_flags_as_required(["workdir"])
   app.run(main)

@@ -170,6 +170,9 @@ def test_tiny_sweep_end_to_end(tmp_path):
   assert len(runs["runs"][0]["in_range_history"]["in_kl"]) == len(runs["runs"][0]["in_range_history"]["steps"])
   md = (tmp_path / "summary.md").read_text()
   assert "averaged - raw" in md and "## The paper's claims" in md
+  again = sweep.reanalyse(str(tmp_path), log=lambda *a: None)  # from runs.json alone: the same analysis
+  assert again["claims"] == summary["claims"] and again["command"] == summary["command"]
+  assert again["plateaued"]["n_runs"] == sum(r["plateau_step"] is not None for r in runs["runs"])
   plots = os.listdir(tmp_path / "plots")
   assert len(plots) == 4 and all(os.path.getsize(tmp_path / "plots" / p) < 1_000_000 for p in plots)
 
