@@ -3,6 +3,9 @@
   python -m experiments.set_complement_sweep --config configs/set_complement.py:sweep --workdir W [--runs 48]
       [--config.steps=20000 --config.sweep.dims='["32x32"]' ...]
   python -m experiments.set_complement_sweep --workdir W --reanalyse     (rebuild summary and plots from runs.json)
+  python -m experiments.set_complement_sweep --config configs/set_complement.py:sweep --workdir W2 --runs 48 \
+      --only_runs 6,7 --config.steps=24000 && python -m experiments.set_complement_sweep --workdir W \
+      --reanalyse --merge_from W2                  (runs that had not plateaued, again with a higher cap)
 
 The model is config.model.kind (the sweep preset: 'decoder', the paper's single-layer attention-only causal
 model, trained on every prefix). Each run samples (config.sweep): a seed, dims, learning rate (log-uniform),
@@ -564,14 +567,50 @@ def analyse(rows, rng, boot: int) -> Dict[str, Any]:
   return out
 
 
-def reanalyse(workdir: str, log=print) -> Dict[str, Any]:
+def reanalyse(workdir: str, log=print, merge_from: Optional[str] = None) -> Dict[str, Any]:
   """Rebuilds summary.json/md and the plots from runs.json, keeping the training's metadata (command, wall
-  time, machine, load): for a changed analysis without retraining."""
+  time, machine, load): for a changed analysis without retraining.
+
+  merge_from: a workdir of run_sweep(..., only_runs=...) on the same sweep: its rows replace those of the
+  same run ids (runs.json and runs.csv are rewritten) and its command and wall time are recorded."""
   with open(os.path.join(workdir, "runs.json")) as f:
     saved = json.load(f)
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
   rows = saved["runs"]
+  if merge_from:
+    with open(os.path.join(merge_from, "runs.json")) as f:
+      extra = {r["run"]: r for r in json.load(f)["runs"]}
+    with open(os.path.join(merge_from, "summary.json")) as f:
+      extra_summary = json.load(f)
+    unknown = sorted(set(extra) - {r["run"] for r in rows})
+    if unknown:
+      raise ValueError(f"--merge_from={merge_from}: runs {unknown} are not in {workdir}/runs.json.")
+    rows = [extra.get(r["run"], r) for r in rows]
+    saved["runs"] = rows
+    with open(os.path.join(workdir, "runs.json"), "w") as f:
+      json.dump(saved, f, indent=1)
+    with open(os.path.join(workdir, "runs.csv"), "w", newline="") as f:
+      w = csv.writer(f)
+      w.writerow(CSV_COLUMNS)
+      for r in rows:
+        w.writerow([_csv_value(r[c]) for c in CSV_COLUMNS])
+    summary.setdefault("continuations", []).append(
+        dict(
+            command=extra_summary["command"],
+            runs=sorted(extra),
+            steps_cap=extra_summary["steps"],
+            wall_time_s=extra_summary["wall_time_s"],
+            load_start=extra_summary["load_start"],
+            load_end=extra_summary["load_end"],
+        )
+    )
+    steps_trained = [r["steps_trained"] for r in rows]
+    summary["convergence"].update(
+        n_plateau=sum(r["plateau_step"] is not None for r in rows),
+        steps_min=min(steps_trained),
+        steps_max=max(steps_trained),
+    )
   rng = np.random.default_rng(12345)
   boot = int(summary["sweep"]["bootstrap"])
   summary.update(analyse(rows, rng, boot))
@@ -606,6 +645,14 @@ def write_markdown(path: str, summary: Dict[str, Any]) -> None:
       f"the last {conv['patience']} checks of {conv['check_every']} steps, at least {conv['min_steps']} steps; "
       f"cap {s['steps']} steps): {conv['n_plateau']} of {s['n_runs']} runs reached their plateau; steps "
       f"trained per group {conv['steps_min']}..{conv['steps_max']}.",
+  ]
+  for c in s.get("continuations", []):
+    lines.append(
+        f"Runs {', '.join(map(str, c['runs']))} retrained (same hyperparameters, data and seeds) with a cap of "
+        f"{c['steps_cap']} steps: `{c['command']}` ({c['wall_time_s']:.0f} s, load {c['load_start']} -> "
+        f"{c['load_end']}); their rows replace the first ones.  "
+    )
+  lines += [
       "",
       "## The paper's claims",
       "",
@@ -818,9 +865,18 @@ CSV_COLUMNS = (
 
 
 def run_sweep(
-    config: ml_collections.ConfigDict, workdir: str, runs: Optional[int] = None, log=print, command: str = ""
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    runs: Optional[int] = None,
+    log=print,
+    command: str = "",
+    only_runs: Optional[Sequence[int]] = None,
 ) -> Dict[str, Any]:
-  """Samples, trains to the plateau, evaluates and summarises the sweep; returns summary.json's content."""
+  """Samples, trains to the plateau, evaluates and summarises the sweep; returns summary.json's content.
+
+  only_runs: train only these run ids of the `runs` sampled (the same hyperparameters, data and seeds, as
+  sampling is deterministic), e.g. again with a higher step cap for runs that had not plateaued; merge
+  them into the full sweep with reanalyse(workdir, merge_from=...)."""
   t_start = time.time()
   load_start = os.getloadavg()[0]
   runs = int(config.sweep.runs if runs is None else runs)
@@ -842,9 +898,14 @@ def run_sweep(
   ]
   stream = TrainingStream(config, int(sw.chunk_steps))
   sampled = sample_runs(sw, runs)
+  if only_runs is not None:
+    missing = sorted(set(only_runs) - {r["run"] for r in sampled})
+    if missing:
+      raise ValueError(f"--only_runs: runs {missing} are not among the {runs} sampled (ids 0..{runs - 1}).")
+    sampled = [r for r in sampled if r["run"] in set(only_runs)]
   groups = group_runs(sampled)
   log(
-      f"sweep: {runs} runs in {len(groups)} groups, up to {config.steps} steps each (plateau stop), N={n_tok}, "
+      f"sweep: {len(sampled)} runs in {len(groups)} groups, up to {config.steps} steps each (plateau stop), N={n_tok}, "
       f"L_train={l_train}"
   )
   rows, histories = [], {}
@@ -946,7 +1007,7 @@ def main(argv):
   del argv
   FLAGS = flags.FLAGS
   if FLAGS.reanalyse:
-    reanalyse(FLAGS.workdir)
+    reanalyse(FLAGS.workdir, merge_from=FLAGS.merge_from)
     return
   config = FLAGS.config
   if config is None or "sweep" not in config:
@@ -954,8 +1015,13 @@ def main(argv):
         "experiments.set_complement_sweep: --config with a `sweep` field is needed; use "
         "configs/set_complement.py:sweep (or --reanalyse to rebuild a finished sweep's summary)."
     )
+  only = [int(x) for x in FLAGS.only_runs.split(",") if x.strip()] if FLAGS.only_runs else None
   run_sweep(
-      config, FLAGS.workdir, FLAGS.runs, command="python -m experiments.set_complement_sweep " + " ".join(sys.argv[1:])
+      config,
+      FLAGS.workdir,
+      FLAGS.runs,
+      command="python -m experiments.set_complement_sweep " + " ".join(sys.argv[1:]),
+      only_runs=only,
   )
 
 
@@ -967,5 +1033,9 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Output directory.")
   flags.DEFINE_integer("runs", None, "Number of runs (default config.sweep.runs).")
   flags.DEFINE_bool("reanalyse", False, "Rebuild summary.json/md and plots of a finished sweep from its runs.json.")
+  flags.DEFINE_string("only_runs", None, "Comma-separated run ids: train only these of the sampled runs.")
+  flags.DEFINE_string(
+      "merge_from", None, "With --reanalyse: a workdir of an --only_runs sweep whose rows replace these."
+  )
   flags.mark_flags_as_required(["workdir"])
   app.run(main)

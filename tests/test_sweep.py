@@ -173,6 +173,17 @@ def test_tiny_sweep_end_to_end(tmp_path):
   again = sweep.reanalyse(str(tmp_path), log=lambda *a: None)  # from runs.json alone: the same analysis
   assert again["claims"] == summary["claims"] and again["command"] == summary["command"]
   assert again["plateaued"]["n_runs"] == sum(r["plateau_step"] is not None for r in runs["runs"])
+  # Run 1 again alone with a higher cap, merged back: its row is replaced, the others stay.
+  c.steps = 96
+  more = sweep.run_sweep(c, str(tmp_path / "more"), runs=4, log=lambda *a: None, only_runs=[1])
+  assert more["n_runs"] == 1
+  merged = sweep.reanalyse(str(tmp_path), log=lambda *a: None, merge_from=str(tmp_path / "more"))
+  new_rows = json.loads((tmp_path / "runs.json").read_text())["runs"]
+  assert [r["run"] for r in new_rows] == [0, 1, 2, 3] and new_rows[0] == runs["runs"][0]
+  assert new_rows[1] == json.loads((tmp_path / "more" / "runs.json").read_text())["runs"][0]
+  assert merged["continuations"][0]["runs"] == [1] and "retrained" in (tmp_path / "summary.md").read_text()
+  with pytest.raises(ValueError, match="only_runs"):
+    sweep.run_sweep(c, str(tmp_path / "bad"), runs=4, log=lambda *a: None, only_runs=[7])
   plots = os.listdir(tmp_path / "plots")
   assert len(plots) == 4 and all(os.path.getsize(tmp_path / "plots" / p) < 1_000_000 for p in plots)
 
