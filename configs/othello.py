@@ -8,17 +8,14 @@ Run:
   python -m experiments.othello_compare --config configs/othello.py:cpu_hour --workdir /tmp/othello_hour \
       --seeds 0,1,2 --dropouts 0 --results results/othello   (the ~1 hour CPU comparison)
 
-Result it got (2026-11-22, 2-core x86_64 CPU shared with other jobs, load average 6-10; 112-167 s per
-run), measured with the earlier setup: pre-norm blocks (now 'default,prenorm') and one averaging kind per
-run (an 'ema' run and a 'bema' run per seed, sharing the raw trajectory); default preset, seeds 0,1,2,
-dropout 0, mean over seeds (results/othello/summary.md of that time):
-  raw   in-range legal mass 0.652, top-1 legal 0.893, KL 0.676; out of range 0.286, 0.454, 2.342
-  ema   in-range legal mass 0.648, top-1 legal 0.898, KL 0.671; out of range 0.284, 0.457, 2.319
-  bema  in-range legal mass 0.720, top-1 legal 0.895, KL 0.752; out of range 0.301, 0.426, 2.976
-The preset is undertrained (the optimum is mass 1, KL 0). Paired EMA - raw differences are at most 0.01
-on mass and top-1 and 0.034 on KL, small against the seed spread out of range (sd of raw KL 0.08). BEMA
-then started at step 0 (no burn-in); the post-norm, burn-in, two-averages-per-run setup below is not yet
-measured.
+Results it got (2026-11-29, 2-core x86_64 CPU shared with other runs; results/othello/summary.md,
+results/norm_position/summary.md):
+  cpu_hour (post-norm, 3 seeds, 4406 s): out-of-range KL raw 2.374, EMA - raw -0.039 [-0.052, -0.026] (95%
+    t-interval over seeds, 3/3 better), BEMA - raw +0.223 [0.108, 0.337]; out-of-range legal mass raw 0.330,
+    EMA -0.006, BEMA +0.029; in range legal mass 0.756, KL 0.487.
+  default (3 seeds): post-norm out-of-range KL 2.97 against 2.34 with 'prenorm' (the small model trains worse
+    post-norm in 1000 steps); the prenorm numbers equal those measured on 2026-11-22 with one average per run
+    (results/othello/prenorm_default_2026-11-22/).
 
 The argument after ':' is a preset optionally followed by options, comma-separated:
   default  the CPU preset: GPT with 2 layers, 4 heads, width 128 (~0.4M parameters), context 59,
