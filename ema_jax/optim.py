@@ -194,8 +194,10 @@ class BEMA:
   random initialisation (the earlier behaviour of this class).
 
   The variant: the BEMA paper's estimator with its power-law schedules for both the EMA rate and the bias
-  correction (its Algorithm 1), not the fixed-decay EMA plus correction; min-beta clipping (some ports add
-  it) is not applied. All state is float32.
+  correction, not a fixed-decay EMA plus correction; a floor on beta_t (some ports add one) is not applied.
+  The paper's full text was not available offline when this was checked (2026-11-29); the rule, defaults,
+  burn-in and update period follow its abstract and public descriptions of its algorithm (parameters named
+  ema power, bias power, multiplier, lag, burn-in, update frequency). All state is float32.
   """
 
   kind = "bema"
