@@ -397,3 +397,80 @@ def ema_step(state: TraceState, x_t, alphas=PAPER_ALPHAS, *, reset=None, bias_co
   if bias_correction:
     out = h / debias_factor(alpha_kd, count[:, None])[:, 0]
   return TraceState(h, count), out.astype(x_t.dtype)
+
+
+# ------------------------------------------------------------------------------------ selective traces
+
+SELECTIVE_METHODS = (
+    scan.ScanMethod.AUTO,
+    scan.ScanMethod.ASSOCIATIVE,
+    scan.ScanMethod.SEQUENTIAL,
+    scan.ScanMethod.CHUNKED,
+)
+
+
+def selective_traces(
+    x_BTD, rates_BTKD, h0=None, *, resets=None, method: str | scan.ScanMethod = "auto", chunk_size=None
+):
+  """Traces with a write rate per token, timescale and channel: h_t = (1 - r_t) h_{t-1} + r_t x_t.
+
+  The input-dependent counterpart of ema_traces (whose rates are fixed): r_t in (0, 1) is computed from the
+  input by the caller. It runs on scan.linear_scan with the per-token decay a_t = 1 - r_t and input
+  b_t = r_t x_t, so gradients reach x, the rates and h0 through linear_scan's custom VJP (the reverse
+  recurrence; the rate gradient is -dL/da_t + x_t dL/db_t by the chain rule). The state and the
+  accumulation are float32 whatever x's dtype.
+
+  Args:
+    x_BTD: [B, T, D] float32, bfloat16 or float16.
+    rates_BTKD: [B, T, K, D] write rates in (0, 1) (or [B, T, K, 1], shared over channels); values outside
+      are the caller's responsibility (a sigmoid keeps them inside).
+    h0: [B, K, D] state before the first token (zeros when None).
+    resets: [B, T] bool; True at t starts a new document there (the state is zeroed before t).
+    method: 'auto', 'associative', 'sequential' or 'chunked' (scan.linear_scan's methods).
+    chunk_size: chunk length of 'chunked' (default scan.DEFAULT_CHUNK).
+
+  Returns:
+    (h [B, T, K, D] in x's dtype, h_last [B, K, D] float32, the state to continue from).
+  """
+  x_BTD = jnp.asarray(x_BTD) if not isinstance(x_BTD, jax.Array) else x_BTD
+  _check_x(x_BTD, h0, resets)
+  bsz, t_len, d = x_BTD.shape
+  rates_BTKD = jnp.asarray(rates_BTKD)
+  if (
+      rates_BTKD.ndim != 4
+      or rates_BTKD.shape[:2] != (bsz, t_len)
+      or rates_BTKD.shape[3] not in (1, d)
+      or not jnp.issubdtype(rates_BTKD.dtype, jnp.floating)
+  ):
+    raise ValueError(
+        f"selective_traces: `rates_BTKD` has shape {rates_BTKD.shape} and dtype {rates_BTKD.dtype}; expected "
+        f"floating write rates [B, T, K, D] = [{bsz}, {t_len}, K, {d}] (or [B, T, K, 1])."
+    )
+  k = rates_BTKD.shape[2]
+  if h0 is not None:
+    h0 = jnp.asarray(h0)
+    if h0.shape != (bsz, k, d):
+      raise ValueError(f"selective_traces: `h0` has shape {h0.shape}; expected [B, K, D] = {(bsz, k, d)}.")
+  method = scan.parse_method(method, SELECTIVE_METHODS, "selective_traces")
+  if method is scan.ScanMethod.AUTO:
+    method = scan.auto_method(t_len)
+  chunk_size = scan.DEFAULT_CHUNK if chunk_size is None else chunk_size
+  if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
+    raise ValueError(f"selective_traces: `chunk_size`={chunk_size!r}; accepted: a positive integer.")
+  return _selective_traces(x_BTD, rates_BTKD, h0, resets, method, int(chunk_size))
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _selective_traces(x_BTD, rates_BTKD, h0, resets, method, chunk_size):
+  acc = jnp.float64 if x_BTD.dtype == jnp.float64 else jnp.float32
+  r = rates_BTKD.astype(acc)
+  b = r * x_BTD[:, :, None, :].astype(acc)
+  h, h_last = scan.linear_scan(1.0 - r, b, h0, resets=resets, method=method, chunk_size=chunk_size)
+  return h.astype(x_BTD.dtype), h_last
+
+
+def selective_step(h_BKD, x_BD, rates_BKD, *, reset=None):
+  """One token of selective_traces: returns (new state [B, K, D] float32, h_t in x's dtype)."""
+  r = jnp.asarray(rates_BKD, jnp.float32)
+  h = scan.step(jnp.asarray(h_BKD, jnp.float32), 1.0 - r, r * x_BD[:, None, :].astype(jnp.float32), reset=reset)
+  return h, h.astype(x_BD.dtype)
