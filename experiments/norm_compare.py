@@ -27,10 +27,15 @@ from typing import Any, Dict, List
 import numpy as np
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs go.", required=True)
-_SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
-_TASKS = flags.DEFINE_string("tasks", "othello,set_complement", "Comma-separated subset of othello, set_complement.")
-_RESULTS = flags.DEFINE_string("results", None, "Where summary.md/json go (default: workdir).")
+
+def define_flags():
+  """The command-line flags, defined only when the module runs as a script (tests import it)."""
+  global _WORKDIR, _SEEDS, _TASKS, _RESULTS
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs go.", required=True)
+  _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
+  _TASKS = flags.DEFINE_string("tasks", "othello,set_complement", "Comma-separated subset of othello, set_complement.")
+  _RESULTS = flags.DEFINE_string("results", None, "Where summary.md/json go (default: workdir).")
+
 
 # task -> (config module, preset, {norm name: config edits}, metrics (name, higher is better))
 TASKS = {
@@ -196,4 +201,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

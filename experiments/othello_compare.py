@@ -36,18 +36,22 @@ from ema_jax.tasks.othello import METRIC_LABELS, METRICS
 REGIONS = ("in_range", "out_of_range")
 HIGHER_IS_BETTER = {"legal_mass": True, "top1_legal": True, "kl": False}
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/othello.py:default", "The Othello config.", lock_config=False
-)
-_WORKDIR = flags.DEFINE_string(
-    "workdir",
-    None,
-    "Runs go to <workdir>/runs/<name>; data to <workdir>/data " "unless config.task.data_dir is set.",
-    required=True,
-)
-_SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated training seeds.")
-_DROPOUTS = flags.DEFINE_string("dropouts", "0,0.1", "Comma-separated model.dropout values.")
-_RESULTS = flags.DEFINE_string("results", None, "Where summary.md/json, runs.csv and plots go (default: workdir).")
+
+def define_flags():
+  """The command-line flags, defined only when the module runs as a script (tests import it)."""
+  global _CONFIG, _WORKDIR, _SEEDS, _DROPOUTS, _RESULTS
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", "configs/othello.py:default", "The Othello config.", lock_config=False
+  )
+  _WORKDIR = flags.DEFINE_string(
+      "workdir",
+      None,
+      "Runs go to <workdir>/runs/<name>; data to <workdir>/data " "unless config.task.data_dir is set.",
+      required=True,
+  )
+  _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated training seeds.")
+  _DROPOUTS = flags.DEFINE_string("dropouts", "0,0.1", "Comma-separated model.dropout values.")
+  _RESULTS = flags.DEFINE_string("results", None, "Where summary.md/json, runs.csv and plots go (default: workdir).")
 
 
 def run_name(seed: int, dropout: float) -> str:
@@ -407,4 +411,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

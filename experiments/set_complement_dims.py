@@ -33,17 +33,21 @@ from typing import Any, Dict, List
 import numpy as np
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory (nothing large is written).", required=True)
-_RESULTS = flags.DEFINE_string("results", None, "Where summary.md/json, dims.csv and plots go (default: workdir).")
-_N = flags.DEFINE_integer("num_tokens", 16, "N set tokens.")
-_S = flags.DEFINE_integer("train_max_size", 8, "Training sizes 1..S.")
-_EMBED = flags.DEFINE_string("embed_dims", "2,4,6,8,12,16", "Embedding dims d.")
-_VALUE = flags.DEFINE_string("value_dims", "1,2,4,8,16", "Value dims dv.")
-_SEEDS = flags.DEFINE_string("seeds", "0,1", "Seeds, trained together per cell.")
-_STEPS = flags.DEFINE_integer("steps", 8000, "Step cap per cell.")
-_LR = flags.DEFINE_float("lr", 3e-3, "Learning rate (constant after min(100, steps / 4) warmup steps).")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
-_KL = flags.DEFINE_float("kl_solved", 0.05, "In-range KL at or below which a seed counts as solved.")
+
+def define_flags():
+  """The command-line flags, defined only when the module runs as a script (tests import it)."""
+  global _WORKDIR, _RESULTS, _N, _S, _EMBED, _VALUE, _SEEDS, _STEPS, _LR, _BATCH, _KL
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory (nothing large is written).", required=True)
+  _RESULTS = flags.DEFINE_string("results", None, "Where summary.md/json, dims.csv and plots go (default: workdir).")
+  _N = flags.DEFINE_integer("num_tokens", 16, "N set tokens.")
+  _S = flags.DEFINE_integer("train_max_size", 8, "Training sizes 1..S.")
+  _EMBED = flags.DEFINE_string("embed_dims", "2,4,6,8,12,16", "Embedding dims d.")
+  _VALUE = flags.DEFINE_string("value_dims", "1,2,4,8,16", "Value dims dv.")
+  _SEEDS = flags.DEFINE_string("seeds", "0,1", "Seeds, trained together per cell.")
+  _STEPS = flags.DEFINE_integer("steps", 8000, "Step cap per cell.")
+  _LR = flags.DEFINE_float("lr", 3e-3, "Learning rate (constant after min(100, steps / 4) warmup steps).")
+  _BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
+  _KL = flags.DEFINE_float("kl_solved", 0.05, "In-range KL at or below which a seed counts as solved.")
 
 
 def ints(s: str) -> List[int]:
@@ -270,4 +274,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
