@@ -45,7 +45,10 @@ from flax import nnx
 
 from ema_jax.nn.attention import MultiHeadAttention, causal_segment_mask, dropout_rngs, resolve_documents
 from ema_jax.nn.ffn import ACTIVATIONS, TopKFFN
+from ema_jax.nn.selective_layer import SelectiveTraces
 from ema_jax.nn.trace_layer import LEARN_MODES, EMATraces
+
+TRACE_KINDS = ("fixed", "selective")
 from ema_jax.models import presets
 
 PREDICTORS = ("linear", "attention", "attention_history")
@@ -72,6 +75,7 @@ class EMALMConfig:
   norm: str = "layernorm"
   norm_eps: float = 1e-5
   trace_learn: str = "none"  # EMATraces' learn mode: fixed or learned write rates
+  trace_kind: str = "fixed"  # fixed (EMATraces) | selective (SelectiveTraces: rates computed from the input)
   trace_method: str = "auto"  # scan method of the traces
   init_std: float = 0.02  # token embedding (and the untied head)
 
@@ -105,6 +109,17 @@ class EMALMConfig:
         (self.norm in NORMS, "norm", f"one of {NORMS}"),
         (self.norm_eps > 0, "norm_eps", "a positive number"),
         (self.trace_learn in LEARN_MODES, "trace_learn", f"one of {LEARN_MODES}"),
+        (self.trace_kind in TRACE_KINDS, "trace_kind", f"one of {TRACE_KINDS}"),
+        (
+            self.trace_kind == "fixed" or self.trace_learn == "none",
+            "trace_learn",
+            "'none' with trace_kind='selective' (its rates are computed from the input)",
+        ),
+        (
+            self.trace_kind == "fixed" or all(a < 1.0 for a in self.alphas),
+            "alphas",
+            "write rates inside (0, 1) with trace_kind='selective' (they start its sigmoid rates)",
+        ),
         (self.init_std > 0, "init_std", "a positive number"),
     ]
     for ok, name, expected in checks:
@@ -192,7 +207,10 @@ class EMABlock(nnx.Module):
     # EMATraces validates its rates with NumPy; keep that concrete when the model is built under a
     # trace (nnx.eval_shape, a jitted init).
     with jax.ensure_compile_time_eval():
-      self.traces = EMATraces(d, cfg.alphas, learn=cfg.trace_learn, method=cfg.trace_method)
+      if cfg.trace_kind == "selective":
+        self.traces = SelectiveTraces(d, cfg.alphas, method=cfg.trace_method, rngs=rngs)
+      else:
+        self.traces = EMATraces(d, cfg.alphas, learn=cfg.trace_learn, method=cfg.trace_method)
     self.predictor = TracePredictor(cfg, rngs=rngs)
     self.mix = nnx.Linear((k + 1) * d, d, dtype=dt, kernel_init=_residual_init(cfg.num_blocks), rngs=rngs)
     self.norm_ffn = make_norm(cfg.norm, d, **norm)
@@ -301,6 +319,7 @@ def flops_per_token(config: EMALMConfig, seq_len: int, *, sparse_ffn: bool = Fal
                            attention_history: 3 K D^2 (query, keys, values) + D^2 (out)
                                       + 2 T D (scores and weighted sum over all T keys, as computed)
                 mix        (K + 1) D^2
+                rates      K D^2 with trace_kind='selective' (the write-rate projection)
                 FFN        2 D H_f as computed (dense, the zeros included); with sparse_ffn=True
                            D H_f + k D, what a kernel that skips the zeros would need
     head        D V        (the embedding lookup is free)
@@ -315,7 +334,7 @@ def flops_per_token(config: EMALMConfig, seq_len: int, *, sparse_ffn: bool = Fal
     predictor = 3 * k * d * d + d * d + 2 * k * d
   else:
     predictor = 3 * k * d * d + d * d + 2 * seq_len * d
-  mix = (k + 1) * d * d
+  mix = (k + 1) * d * d + (k * d * d if config.trace_kind == "selective" else 0)
   ffn = d * config.ffn_hidden + (config.ffn_k * d if sparse_ffn else config.ffn_hidden * d)
   macs = config.num_blocks * (predictor + mix + ffn) + d * config.vocab_size
   return 6.0 * macs

@@ -1,5 +1,6 @@
 """Flax NNX layers."""
 
+from ema_jax.nn.selective_layer import SelectiveTraces
 from ema_jax.nn.trace_layer import EMATraces
 
-__all__ = ["EMATraces"]
+__all__ = ["EMATraces", "SelectiveTraces"]

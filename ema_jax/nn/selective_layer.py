@@ -1,0 +1,80 @@
+"""Flax NNX layer for selective (input-dependent) multi-timescale traces."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ema_jax import scan, seq_parallel, traces
+
+
+class SelectiveTraces(nnx.Module):
+  """x [B, T, D] -> traces h [B, T, K, D] with write rates computed from the input:
+
+      r_t,k = sigmoid(W_k x_t + b_k)  (per timescale k and channel),  h_t,k = (1 - r_t,k) h_t-1,k + r_t,k x_t.
+
+  W starts at zero and b at logit(alpha_k), so at initialisation the rates are exactly the fixed ones
+  (0.5, 0.1, 0.02 by default) and the layer equals EMATraces with those rates; training moves W away from
+  zero (the gradient of the rates w.r.t. W is sigmoid' x_t, not zero). Paper A's closing claim is that only
+  such learned, input-dependent selection can keep what fixed traces lose; this layer is that option
+  (EMALMConfig.trace_kind = 'selective'). The scan is traces.selective_traces (float32 state).
+  Sequence sharding (a `seq` mesh axis) is not implemented for it yet and is refused with an error.
+  """
+
+  def __init__(
+      self,
+      features: int,
+      alphas: Sequence[float] = traces.PAPER_ALPHAS,
+      *,
+      method: str = "auto",
+      rngs: nnx.Rngs,
+  ):
+    if not isinstance(features, int) or features < 1:
+      raise ValueError(f"SelectiveTraces: `features`={features!r}; expected a positive integer.")
+    scan.parse_method(method, traces.SELECTIVE_METHODS, "SelectiveTraces")
+    init = np.asarray(traces.check_alphas(alphas), np.float64)
+    if (init >= 1).any():
+      raise ValueError(f"SelectiveTraces: write rates must start inside (0, 1); got alphas={init.tolist()}.")
+    self.features = features
+    self.num_timescales = int(init.shape[0])
+    self.method = method
+    k, d = self.num_timescales, features
+    bias = np.repeat(np.log(init / (1.0 - init))[:, None], d, axis=1).reshape(-1)  # logit(alpha), [K * D]
+    self.rate = nnx.Linear(
+        d,
+        k * d,
+        kernel_init=nnx.initializers.zeros_init(),
+        bias_init=lambda *_: jnp.asarray(bias, jnp.float32),
+        rngs=rngs,
+    )
+
+  def rates(self, x_BTD) -> jax.Array:
+    """Write rates [..., K, D] float32 for inputs [..., D]."""
+    logits = self.rate(x_BTD.astype(jnp.float32))
+    return jax.nn.sigmoid(logits.reshape(x_BTD.shape[:-1] + (self.num_timescales, self.features)))
+
+  def __call__(self, x_BTD, *, resets_BT=None, state: Optional[traces.TraceState] = None):
+    """Returns (h_BTKD, final TraceState) over a whole sequence (TraceState.count: tokens since a reset)."""
+    if seq_parallel._current_seq_size() > 1:
+      raise ValueError(
+          "SelectiveTraces: sequence sharding (a mesh with seq > 1) is not implemented for selective traces; "
+          "use mesh seq=1 or trace_kind='fixed'."
+      )
+    h0 = None if state is None else state.h
+    h_BTKD, h_last = traces.selective_traces(x_BTD, self.rates(x_BTD), h0, resets=resets_BT, method=self.method)
+    start = None if state is None else state.count
+    counts = traces.token_counts(resets_BT, x_BTD.shape[0], x_BTD.shape[1], start)[:, -1]
+    return h_BTKD, traces.TraceState(h_last, counts)
+
+  def init_state(self, batch: int) -> traces.TraceState:
+    return traces.init_state(batch, self.num_timescales, self.features)
+
+  def step(self, state: traces.TraceState, x_BD, *, reset_B=None):
+    """One token for decoding: returns (new state, h_BKD); agrees with __call__ token by token."""
+    h, out = traces.selective_step(state.h, x_BD, self.rates(x_BD), reset=reset_B)
+    count = state.count + 1 if reset_B is None else jnp.where(reset_B, 1, state.count + 1)
+    return traces.TraceState(h, count), out
