@@ -86,6 +86,54 @@ def seq_parallel_traces(
   return fn(x_BTD, resets_BT, alpha_kd)
 
 
+def seq_parallel_selective_traces(x_BTD, rates_BTKD, resets_BT=None, *, method: str = "auto", mesh=None):
+  """traces.selective_traces with time split over the mesh's `seq` axis (jax.shard_map).
+
+  As seq_parallel_traces, but the decays 1 - r_t are data: each shard scans its tokens from a zero state
+  and keeps the running product of its decays (zeroed from its first reset on); the shards all-gather
+  their final states and total decay products (K x D per shard and row), each rebuilds the state entering
+  it and adds product_t * state_in to its outputs. Returns (h [B, T, K, D], h_last [B, K, D] float32).
+  """
+  mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+  n_seq = _current_seq_size(mesh)
+  bsz, t_len, d = x_BTD.shape
+  if t_len % n_seq:
+    raise ValueError(f"sequence length {t_len} is not divisible by mesh seq = {n_seq}.")
+  if resets_BT is None:
+    resets_BT = jnp.zeros((bsz, t_len), bool)
+
+  def local(x, rates, r):
+    h_raw, last_raw = traces.selective_traces(x, rates, resets=r, method=method)
+    open_ = (jnp.cumsum(r.astype(jnp.int32), axis=1) == 0).astype(jnp.float32)  # [b, L]
+    fac = jnp.cumprod(1.0 - rates.astype(jnp.float32), axis=1) * open_[:, :, None, None]  # [b, L, K, 1|D]
+    lasts = jax.lax.all_gather(last_raw, "seq")  # [S, b, K, D]
+    prods = jax.lax.all_gather(fac[:, -1], "seq")  # [S, b, K, 1|D]
+    state = jnp.zeros_like(last_raw)
+    entering = []
+    for j in range(lasts.shape[0]):  # S is small and static: a short unrolled combine
+      entering.append(state)
+      state = prods[j] * state + lasts[j]
+    h0 = jnp.stack(entering)[jax.lax.axis_index("seq")]
+    h = h_raw.astype(jnp.float32) + fac * h0[:, None]
+    return h.astype(x.dtype), state
+
+  fn = jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(P(BATCH_AXES, "seq", None), P(BATCH_AXES, "seq", None, None), P(BATCH_AXES, "seq")),
+      out_specs=(P(BATCH_AXES, "seq", None, None), P(BATCH_AXES, None, None)),
+      check_vma=False,
+  )
+  return fn(x_BTD, rates_BTKD, resets_BT)
+
+
+def auto_selective_traces(x_BTD, rates_BTKD, resets_BT=None, *, method: str = "auto"):
+  """traces.selective_traces, or its sequence-parallel form when the current mesh has seq > 1."""
+  if _current_seq_size() > 1:
+    return seq_parallel_selective_traces(x_BTD, rates_BTKD, resets_BT, method=method)
+  return traces.selective_traces(x_BTD, rates_BTKD, resets=resets_BT, method=method)
+
+
 def auto_traces(x_BTD, alphas, resets_BT=None, *, bias_correction: bool = False, method: str = "auto"):
   """ema_traces, or its sequence-parallel form when the current mesh (jax.set_mesh) has seq > 1."""
   if _current_seq_size() > 1:

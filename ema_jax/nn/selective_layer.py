@@ -22,7 +22,7 @@ class SelectiveTraces(nnx.Module):
   zero (the gradient of the rates w.r.t. W is sigmoid' x_t, not zero). Paper A's closing claim is that only
   such learned, input-dependent selection can keep what fixed traces lose; this layer is that option
   (EMALMConfig.trace_kind = 'selective'). The scan is traces.selective_traces (float32 state).
-  Sequence sharding (a `seq` mesh axis) is not implemented for it yet and is refused with an error.
+  Under a mesh with a `seq` axis > 1 the scan runs sequence-parallel (seq_parallel.seq_parallel_selective_traces).
   """
 
   def __init__(
@@ -59,13 +59,11 @@ class SelectiveTraces(nnx.Module):
 
   def __call__(self, x_BTD, *, resets_BT=None, state: Optional[traces.TraceState] = None):
     """Returns (h_BTKD, final TraceState) over a whole sequence (TraceState.count: tokens since a reset)."""
-    if seq_parallel._current_seq_size() > 1:
-      raise ValueError(
-          "SelectiveTraces: sequence sharding (a mesh with seq > 1) is not implemented for selective traces; "
-          "use mesh seq=1 or trace_kind='fixed'."
-      )
-    h0 = None if state is None else state.h
-    h_BTKD, h_last = traces.selective_traces(x_BTD, self.rates(x_BTD), h0, resets=resets_BT, method=self.method)
+    if state is None:
+      # Under a mesh with seq > 1 (jax.set_mesh) this runs sequence-parallel.
+      h_BTKD, h_last = seq_parallel.auto_selective_traces(x_BTD, self.rates(x_BTD), resets_BT, method=self.method)
+    else:
+      h_BTKD, h_last = traces.selective_traces(x_BTD, self.rates(x_BTD), state.h, resets=resets_BT, method=self.method)
     start = None if state is None else state.count
     counts = traces.token_counts(resets_BT, x_BTD.shape[0], x_BTD.shape[1], start)[:, -1]
     return h_BTKD, traces.TraceState(h_last, counts)
