@@ -797,7 +797,7 @@ def make_plots(rows, sizes, train_max_size: int, out_dir: str, histories=None) -
   ax.set_xticks(range(3), ["none (raw)", "EMA", "BEMA"])
   ax.set_yscale("log")
   ax.set_ylabel("out-of-range KL")
-  ax.set_title("Averaging choice, same runs (bar: geometric mean)")
+  ax.set_title("Averaging choice, same runs\n(bar: geometric mean)", fontsize=10)
   fig.tight_layout()
   paths.append(os.path.join(out_dir, "kl_out_vs_averaging.png"))
   fig.savefig(paths[-1])
