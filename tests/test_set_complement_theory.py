@@ -18,7 +18,10 @@ def test_exactly_balanced_logits_are_balanced():
         jnp.arange(batch["tokens"].shape[0])[:, None], batch["tokens"]
     ].set(1.0)
 
-  b = theory.displacement_stats(None, n, logits)
+  class NoWeights(nnx.Module):  # the logits above ignore the model
+    pass
+
+  b = theory.displacement_stats(NoWeights(), n, logits)
   assert b["delta1_mean"] == pytest.approx(c) and b["delta2_first_mean"] == pytest.approx(c)
   assert b["delta2_last_mean"] == pytest.approx(c) and b["delta1_cv"] == pytest.approx(0, abs=1e-12)
   assert b["balanced"] == 1.0 and all(b["conditions"].values())

@@ -370,9 +370,8 @@ class SetComplementTask(Task):
         per_size[m].append(float(out[m]))
     result = range_summary(sizes, per_size, self.train_max_size)
     result["per_size"] = {"size": sizes, **per_size}
-    if ctx.process_count == 1 and self.num_tokens <= MAX_BALANCE_TOKENS:
-      # The theory's balance conditions at lengths 1 and 2 (set_complement_theory.py); one process only,
-      # where the model's forward on host arrays needs no cross-process agreement.
+    if self.num_tokens <= MAX_BALANCE_TOKENS:
+      # The theory's balance conditions at lengths 1 and 2 (set_complement_theory.py).
       balance = theory.displacement_stats(model, self.num_tokens, set_logits)
       result["balance"] = balance
       result.update({f"balance/{k}": v for k, v in balance.items() if isinstance(v, float)})

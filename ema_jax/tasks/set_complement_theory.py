@@ -18,7 +18,8 @@ model formula f(t) = B[t_s] + sum_i a(t_s, t_i) D[t_i] and says so wherever it r
 Exact balance makes every valid token equally likely and every held token equally suppressed; how far a
 trained model is from it is reported as numbers, and `balanced` applies tolerances of ours (BALANCE_TOL).
 Every length-1 set (N inputs) and every length-2 ordered pair (N (N - 1) inputs) is evaluated, in float32
-on the model's own forward pass (any set-complement model kind).
+on the model's own forward pass (any set-complement model kind), with the same result on every process of a
+multi-process run.
 """
 
 from __future__ import annotations
@@ -28,16 +29,25 @@ from typing import Any, Dict
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
 
 BALANCE_TOL = 0.1  # relative tolerance for each balance condition (ours)
 _CHUNK = 4096  # inputs per forward call
 
 
 def _logits(model, tokens_BL: np.ndarray, set_logits) -> np.ndarray:
+  """[B, N] float64 logits of every row, the same on every process: the host rows are identical on all
+  processes (replicated inputs of one jitted call), the model may be sharded across them, and the result is
+  gathered to every process."""
+  graphdef, state = nnx.split(model)
+  fn = jax.jit(lambda st, t: set_logits(nnx.merge(graphdef, st), dict(tokens=t, mask=jnp.ones_like(t, bool))))
   out = []
   for i in range(0, tokens_BL.shape[0], _CHUNK):
-    t = jnp.asarray(tokens_BL[i : i + _CHUNK])
-    out.append(np.asarray(jax.device_get(set_logits(model, dict(tokens=t, mask=jnp.ones_like(t, bool)))), np.float64))
+    logits = fn(state, np.asarray(tokens_BL[i : i + _CHUNK], np.int32))
+    if jax.process_count() > 1:
+      logits = multihost_utils.process_allgather(logits, tiled=True)
+    out.append(np.asarray(logits, np.float64))
   return np.concatenate(out, 0)
 
 
