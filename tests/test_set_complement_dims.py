@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from experiments import set_complement_dims as dims
 
 
+@pytest.mark.slow  # ~100 s; the selection rule below stays in the default run
 def test_tiny_grid_end_to_end(tmp_path):
   c = dims.base_config(n=6, s=2, steps=40, batch=16)
   c.sweep.min_steps, c.sweep.chunk_steps, c.task.eval_examples = 20, 20, 8
