@@ -48,8 +48,9 @@ from ema_jax.nn.ffn import ACTIVATIONS, TopKFFN
 from ema_jax.nn.selective_layer import SelectiveTraces
 from ema_jax.nn.trace_layer import LEARN_MODES, EMATraces
 
-TRACE_KINDS = ("fixed", "selective")
 from ema_jax.models import presets
+
+TRACE_KINDS = ("fixed", "selective")
 
 PREDICTORS = ("linear", "attention", "attention_history")
 NORMS = ("layernorm", "rmsnorm")
@@ -77,6 +78,7 @@ class EMALMConfig:
   trace_learn: str = "none"  # EMATraces' learn mode: fixed or learned write rates
   trace_kind: str = "fixed"  # fixed (EMATraces) | selective (SelectiveTraces: rates computed from the input)
   trace_method: str = "auto"  # scan method of the traces
+  window: int = 0  # W > 0: the two-memory hybrid (causal attention over the last W tokens in every block)
   init_std: float = 0.02  # token embedding (and the untied head)
 
   def __post_init__(self):
@@ -121,6 +123,11 @@ class EMALMConfig:
             "write rates inside (0, 1) with trace_kind='selective' (they start its sigmoid rates)",
         ),
         (self.init_std > 0, "init_std", "a positive number"),
+        (
+            isinstance(self.window, int) and not isinstance(self.window, bool) and self.window >= 0,
+            "window",
+            "0 (no local attention) or a positive window length W in tokens",
+        ),
     ]
     for ok, name, expected in checks:
       if not ok:
@@ -197,6 +204,53 @@ class TracePredictor(nnx.Module):
     return self.attention(h_BTF, mask=mask_B1TT, deterministic=deterministic, rngs=rngs)
 
 
+class LocalAttention(nnx.Module):
+  """The hybrid's exact, local memory: causal softmax attention over the last W tokens of the document.
+
+  Query t attends to keys s with t - W < s <= t in t's document, plus a learned bias per head and
+  offset t - s (relative positions: the EMA LM has no position embedding, and a relative bias keeps the
+  block free of any length limit). Keys and values are projections of the block input u. Decoding keeps
+  the last W inputs u (not their keys and values: half the bytes, for 2 W D^2 extra multiply-adds per
+  token), so the hybrid's state per sequence is W D + K D numbers per block whatever the context length.
+  """
+
+  def __init__(self, cfg: "EMALMConfig", *, rngs: nnx.Rngs):
+    d, dt = cfg.width, cfg.compute_dtype
+    self.window = cfg.window
+    self.attention = MultiHeadAttention(
+        cfg.heads, d, dropout=cfg.dropout, dtype=dt, out_kernel_init=_residual_init(cfg.num_blocks), rngs=rngs
+    )
+    self.offset_bias = nnx.Param(jnp.zeros((cfg.heads, cfg.window), jnp.float32))
+
+  def __call__(self, u_BTD, *, segment_ids_BT=None, deterministic: bool = True, rngs=None):
+    t = u_BTD.shape[1]
+    idx = jnp.arange(t)
+    offsets_TT = idx[:, None] - idx[None, :]
+    mask_B1TT = causal_segment_mask(t, segment_ids_BT) & (offsets_TT < self.window)[None, None]
+    bias_HTT = self.offset_bias[...][:, jnp.clip(offsets_TT, 0, self.window - 1)]
+    return self.attention(u_BTD, mask=mask_B1TT, bias=bias_HTT[None], deterministic=deterministic, rngs=rngs)
+
+  def init_cache(self, batch: int, dtype) -> dict:
+    w, d = self.window, self.attention.query.in_features
+    return dict(
+        inputs=jnp.zeros((batch, w, d), dtype),  # u of the last W tokens, slot s % W holds token s
+        pos=jnp.full((batch, w), -1, jnp.int32),  # position of the token in each slot (-1: empty)
+    )
+
+  def step(self, cache: dict, u_BD, t_B, start_B):
+    """One token at position t_B of a document that started at start_B: (new cache, output [B, D])."""
+    b = u_BD.shape[0]
+    slot_B = t_B % self.window
+    rows = jnp.arange(b)
+    inputs = cache["inputs"].at[rows, slot_B].set(u_BD.astype(cache["inputs"].dtype))
+    pos = cache["pos"].at[rows, slot_B].set(t_B)
+    offsets_BW = t_B[:, None] - pos
+    valid_BW = (pos >= 0) & (pos >= start_B[:, None]) & (offsets_BW >= 0) & (offsets_BW < self.window)
+    bias_BH1W = jnp.moveaxis(self.offset_bias[...][:, jnp.clip(offsets_BW, 0, self.window - 1)], 0, 1)[:, :, None]
+    y_B1D = self.attention(u_BD[:, None], inputs, mask=valid_BW[:, None, None, :], bias=bias_BH1W)
+    return dict(inputs=inputs, pos=pos), y_B1D[:, 0]
+
+
 class EMABlock(nnx.Module):
   """One EMA LM block: past traces, prediction, error, context mix, top-k FFN, residuals."""
 
@@ -212,6 +266,9 @@ class EMABlock(nnx.Module):
       else:
         self.traces = EMATraces(d, cfg.alphas, learn=cfg.trace_learn, method=cfg.trace_method)
     self.predictor = TracePredictor(cfg, rngs=rngs)
+    if cfg.window:
+      self.local = LocalAttention(cfg, rngs=rngs)
+    self.window = cfg.window
     self.mix = nnx.Linear((k + 1) * d, d, dtype=dt, kernel_init=_residual_init(cfg.num_blocks), rngs=rngs)
     self.norm_ffn = make_norm(cfg.norm, d, **norm)
     self.ffn = TopKFFN(
@@ -248,8 +305,41 @@ class EMABlock(nnx.Module):
     e_BTD = u_BTD - uhat_BTD.astype(u_BTD.dtype)
     mix_in_BTF = jnp.concatenate([e_BTD, h_BTKD.reshape(b, t, -1).astype(e_BTD.dtype)], axis=-1)
     x_BTD = x_BTD + self.dropout(self.mix(mix_in_BTF), deterministic=deterministic, rngs=rngs)
+    if self.window:
+      local_BTD = self.local(u_BTD, segment_ids_BT=segment_ids_BT, deterministic=deterministic, rngs=rngs)
+      x_BTD = x_BTD + self.dropout(local_BTD, deterministic=deterministic, rngs=rngs)
     x_BTD = x_BTD + self.dropout(self.ffn(self.norm_ffn(x_BTD)), deterministic=deterministic, rngs=rngs)
     return x_BTD
+
+  def init_cache(self, batch: int, dtype) -> dict:
+    cache = dict(traces=self.traces.init_state(batch))
+    if self.window:
+      cache["local"] = self.local.init_cache(batch, dtype)
+    return cache
+
+  def step(self, cache: dict, x_BD, *, reset_B, t_B, start_B):
+    """One token (decoding, deterministic): (new cache, x [B, D]); equals __call__ at that position.
+
+    The predictor sees the trace state before this token (the traces of u_{<t}), zeroed at a document
+    start; the state then takes u_t in.
+    """
+    if self.predictor.kind == "attention_history":
+      raise ValueError(
+          "EMALM decoding: predictor='attention_history' attends over every past trace stack, so it has no "
+          "constant-size state; decode with predictor='linear' or 'attention', or score with the full forward."
+      )
+    b, d = x_BD.shape
+    u_BD = self.norm_in(x_BD)
+    h_BKD = jnp.where(reset_B[:, None, None], 0.0, cache["traces"].h).astype(u_BD.dtype)
+    uhat_BD = self.predictor(h_BKD[:, None])[:, 0]
+    e_BD = u_BD - uhat_BD.astype(u_BD.dtype)
+    new = dict(traces=self.traces.step(cache["traces"], u_BD, reset_B=reset_B)[0])
+    x_BD = x_BD + self.mix(jnp.concatenate([e_BD, h_BKD.reshape(b, -1).astype(e_BD.dtype)], axis=-1))
+    if self.window:
+      new["local"], local_BD = self.local.step(cache["local"], u_BD, t_B, start_B)
+      x_BD = x_BD + local_BD
+    x_BD = x_BD + self.ffn(self.norm_ffn(x_BD[:, None]))[:, 0]
+    return new, x_BD
 
 
 class EMALM(nnx.Module):
@@ -288,19 +378,51 @@ class EMALM(nnx.Module):
           f"expected integer token ids [B, T]."
       )
     resets_BT, segment_ids_BT = resolve_documents(inputs_BT.shape, resets_BT, segment_ids_BT, where="EMALM")
-    if cfg.predictor != "attention_history":
+    if cfg.predictor != "attention_history" and not cfg.window:
       segment_ids_BT = None
     rngs = dropout_rngs(rngs, not deterministic and cfg.dropout > 0, where="EMALM")
     x_BTD = self.dropout(self.embed(inputs_BT), deterministic=deterministic, rngs=rngs)
     for block in self.blocks:
       x_BTD = block(x_BTD, resets_BT=resets_BT, segment_ids_BT=segment_ids_BT, deterministic=deterministic, rngs=rngs)
-    x_BTD = self.norm_out(x_BTD)
+    return self.logits(self.norm_out(x_BTD))
+
+  def logits(self, x_BTD):
+    cfg = self.config
     if cfg.tie_embeddings:
       dt = cfg.compute_dtype
       return jnp.einsum(
           "btd,vd->btv", x_BTD.astype(dt), self.embed.embedding[...].astype(dt), preferred_element_type=jnp.float32
       )
     return self.head(x_BTD).astype(jnp.float32)
+
+  def init_cache(self, batch: int) -> dict:
+    """Decoding state of `batch` sequences at position 0: per block the trace state (K D float32) and,
+    for the hybrid, the last W block inputs; its size does not depend on the context length."""
+    return dict(
+        blocks=[blk.init_cache(batch, self.config.compute_dtype) for blk in self.blocks],
+        t=jnp.zeros((batch,), jnp.int32),  # position of the next token
+        start=jnp.zeros((batch,), jnp.int32),  # position where the current document started
+    )
+
+  def decode_step(self, cache: dict, token_B, *, reset_B=None):
+    """One token per sequence: (new cache, float32 logits [B, V] for the next token), deterministic.
+
+    Feeding tokens 0..T-1 one by one gives the logits of __call__ on [B, T] at every position (resets_B
+    True where a token starts a document, as resets_BT). Works with fixed and selective traces, the
+    'linear' and 'attention' predictors and the hybrid's window; constant memory and time per token.
+    """
+    token_B = jnp.asarray(token_B)
+    b = token_B.shape[0]
+    reset_B = jnp.zeros((b,), bool) if reset_B is None else jnp.asarray(reset_B, bool)
+    t_B = cache["t"]
+    start_B = jnp.where(reset_B, t_B, cache["start"])
+    x_BD = self.embed(token_B)
+    blocks = []
+    for blk, c in zip(self.blocks, cache["blocks"]):
+      c, x_BD = blk.step(c, x_BD, reset_B=reset_B, t_B=t_B, start_B=start_B)
+      blocks.append(c)
+    logits_BV = self.logits(self.norm_out(x_BD)[:, None])[:, 0]
+    return dict(blocks=blocks, t=t_B + 1, start=start_B), logits_BV
 
 
 def param_count(config: EMALMConfig) -> int:
@@ -320,6 +442,8 @@ def flops_per_token(config: EMALMConfig, seq_len: int, *, sparse_ffn: bool = Fal
                                       + 2 T D (scores and weighted sum over all T keys, as computed)
                 mix        (K + 1) D^2
                 rates      K D^2 with trace_kind='selective' (the write-rate projection)
+                window     4 D^2 (query, key, value, out) + 2 min(W, T) D (scores and weighted sum over
+                           the window) with window=W > 0; the masked dense form computes 2 T D instead
                 FFN        2 D H_f as computed (dense, the zeros included); with sparse_ffn=True
                            D H_f + k D, what a kernel that skips the zeros would need
     head        D V        (the embedding lookup is free)
@@ -335,6 +459,8 @@ def flops_per_token(config: EMALMConfig, seq_len: int, *, sparse_ffn: bool = Fal
   else:
     predictor = 3 * k * d * d + d * d + 2 * seq_len * d
   mix = (k + 1) * d * d + (k * d * d if config.trace_kind == "selective" else 0)
+  if config.window:
+    mix += 4 * d * d + 2 * min(config.window, seq_len) * d
   ffn = d * config.ffn_hidden + (config.ffn_k * d if sparse_ffn else config.ffn_hidden * d)
   macs = config.num_blocks * (predictor + mix + ffn) + d * config.vocab_size
   return 6.0 * macs

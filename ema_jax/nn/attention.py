@@ -149,11 +149,13 @@ class MultiHeadAttention(nnx.Module):
     self.out = nnx.Linear(v_features, out_features, kernel_init=out_kernel_init, **linear)
     self.dropout = nnx.Dropout(dropout)
 
-  def __call__(self, x_q, x_kv=None, *, mask=None, deterministic: bool = True, rngs=None):
+  def __call__(self, x_q, x_kv=None, *, mask=None, bias=None, deterministic: bool = True, rngs=None):
     """x_q [..., S, Dq], x_kv [..., T, Dkv] (default x_q) -> [..., S, out_features].
 
     mask: bool, broadcastable to [..., H, S, T]; True where query s may attend to key t. A query with
     no allowed key gets zero weights (its output is the output bias), never NaN.
+    bias: float, broadcastable to [..., H, S, T]; added to the scores before the softmax (e.g. a learned
+    relative-position bias).
     rngs: nnx.Rngs / RngStream / key for the attention dropout (needed only when it is active).
     """
     x_kv = x_q if x_kv is None else x_kv
@@ -163,6 +165,8 @@ class MultiHeadAttention(nnx.Module):
     v_THd = self.value(x_kv).reshape(*x_kv.shape[:-2], x_kv.shape[-2], self.num_heads, self.head_v)
     q_SHd = q_SHd * jnp.asarray(self.head_qk**-0.5, q_SHd.dtype)
     scores_HST = jnp.einsum("...shd,...thd->...hst", q_SHd, k_THd, preferred_element_type=jnp.float32)
+    if bias is not None:
+      scores_HST = scores_HST + bias.astype(jnp.float32)
     if mask is not None:
       scores_HST = jnp.where(mask, scores_HST, jnp.finfo(jnp.float32).min)
     weights_HST = jax.nn.softmax(scores_HST, axis=-1)
