@@ -2,6 +2,7 @@
 
   python benchmarks/scan_bench.py [--shapes 8x2048x256x3,1x65536x256x3] [--repeats 7] [--out results/scan_bench.json]
                                   [--chunks 16,32,64] [--fused-chunks 8,16,32,64] [--per-channel] [--reuse-heap]
+  python benchmarks/scan_bench.py --selective [--selective-chunks 8,16] [--reuse-heap] [--out results/scan_bench_selective.json]
 
 For each shape (B, T, D, K) it times, after warm-up, the median of --repeats runs of
   forward            x [B, T, D] -> traces h [B, T, K, D]
@@ -14,6 +15,13 @@ memory-bandwidth bound: its forward+backward is the copy too, the goals compare 
 --per-channel uses [K, D] rates instead (no fused path there): the numbers behind scan.auto_method.
 The candidates are timed in turn within each repeat (interleaved), so a change of machine load during
 the run hits all of them alike; the JSON meta records the load average before and after.
+
+--selective times selective traces (traces.selective_traces: a write rate per token, timescale and channel,
+given as an input [B, T, K, D]) instead: each of its methods, 'auto', the fixed-rate path (ema_traces 'auto'
+with the paper's rates shared over D) and the copy, forward and a training-like forward+backward (the
+gradient of mean(h^2), a loss that uses the output, w.r.t. x and, for the selective path, the rates), in
+random order within each repeat; it reports the ratios to the copy's forward and to the fixed-rate path.
+The chunked method builds a [c, c] decay matrix per chunk, timescale and channel, so its chunks stay small.
 
 --reuse-heap re-runs the script with glibc told to keep freed memory (MALLOC_ARENA_MAX etc.).
 By default glibc maps every buffer over 32 MB afresh, so each call pays a page fault per 4 KiB page it
@@ -111,6 +119,104 @@ _HEAP_ENV = dict(
 )
 
 
+def selective_candidates(k, chunk_sizes):
+  fixed = rates(k, 1, False)
+  train = lambda f: (lambda *args: jnp.mean(jnp.square(f(*args))))
+  out = {}
+  for m in ["sequential", "associative"] + [f"chunked/{c}" for c in chunk_sizes] + ["auto"]:
+    method, _, c = m.partition("/")
+    f = lambda x, r, method=method, c=c: traces.selective_traces(x, r, method=method, chunk_size=int(c) if c else None)[
+        0
+    ]
+    out[f"selective/{m}"] = (f, jax.grad(train(f), argnums=(0, 1)))
+  f = lambda x, r: traces.ema_traces(x, fixed, method="auto")[0]
+  out["fixed/auto"] = (f, jax.grad(train(f)))
+  f = lambda x, r: copy_op(x, k)
+  out["copy"] = (f, jax.grad(train(f)))
+  return out
+
+
+def time_interleaved_random(fns, repeats, seed=0):
+  """Like time_interleaved, but the candidates run in a fresh random order in every repeat; returns
+  {name: (median, min, max) seconds}."""
+  rng = np.random.default_rng(seed)
+  for fn, args in fns.values():
+    for _ in range(2):
+      jax.block_until_ready(fn(*args))
+  times = {name: [] for name in fns}
+  names = list(fns)
+  for _ in range(repeats):
+    for i in rng.permutation(len(names)):
+      fn, args = fns[names[i]]
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[names[i]].append(time.perf_counter() - t0)
+  return {name: (statistics.median(t), min(t), max(t)) for name, t in times.items()}
+
+
+def selective_main(args):
+  chunk_sizes = [int(c) for c in args.selective_chunks.split(",") if c]
+  load_before, uptime_before = os.getloadavg(), uptime()
+  rows = []
+  for shape in args.shapes.split(","):
+    bsz, t_len, d, k = (int(v) for v in shape.split("x"))
+    x = jax.random.normal(jax.random.key(0), (bsz, t_len, d), jnp.float32)
+    # Rates near the paper's (logit(alpha) plus noise), as SelectiveTraces makes them.
+    base = np.log(np.asarray(rates(k, 1, False)) / (1 - np.asarray(rates(k, 1, False))))
+    r = jax.nn.sigmoid(base[:, None] + 0.5 * jax.random.normal(jax.random.key(1), (bsz, t_len, k, d)))
+    fns = {}
+    for name, (f, g) in selective_candidates(k, chunk_sizes).items():
+      fns[(name, "fwd")] = (jax.jit(f), (x, r))
+      fns[(name, "train")] = (jax.jit(g), (x, r))
+    res = time_interleaved_random(fns, args.repeats)
+    copy_f = res[("copy", "fwd")][0]
+    fixed_f, fixed_t = res[("fixed/auto", "fwd")][0], res[("fixed/auto", "train")][0]
+    for name in dict.fromkeys(n for n, _ in fns):
+      (tf, tf_lo, tf_hi), (tt, tt_lo, tt_hi) = res[(name, "fwd")], res[(name, "train")]
+      rows.append(
+          dict(
+              shape=shape,
+              method=name,
+              fwd_ms=tf * 1e3,
+              fwd_ms_range=[tf_lo * 1e3, tf_hi * 1e3],
+              train_ms=tt * 1e3,
+              train_ms_range=[tt_lo * 1e3, tt_hi * 1e3],
+              fwd_vs_copy=tf / copy_f,
+              train_vs_copy=tt / copy_f,
+              fwd_vs_fixed=tf / fixed_f,
+              train_vs_fixed=tt / fixed_t,
+          )
+      )
+      print(
+          f"{shape:<18}{name:<24}fwd {tf * 1e3:9.2f} ms ({tf / copy_f:5.2f}x copy, {tf / fixed_f:5.2f}x fixed)"
+          f"   train {tt * 1e3:9.2f} ms ({tt / copy_f:5.2f}x copy fwd, {tt / fixed_t:5.2f}x fixed)",
+          flush=True,
+      )
+  load_after, uptime_after = os.getloadavg(), uptime()
+  meta = dict(
+      date=time.strftime("%Y-%m-%d %H:%M:%S"),
+      backend=jax.default_backend(),
+      cpu_count=os.cpu_count(),
+      platform=platform.platform(),
+      jax=jax.__version__,
+      repeats=args.repeats,
+      command=" ".join(sys.argv),
+      selective_auto=str(scan.auto_method(1 << 20)),
+      loadavg_before=list(load_before),
+      loadavg_after=list(load_after),
+      uptime_before=uptime_before,
+      uptime_after=uptime_after,
+      malloc_env={k: os.environ[k] for k in _HEAP_ENV if k in os.environ},
+      timing="median [min, max] of --repeats, candidates in a random order within each repeat",
+      train="jax.grad of mean(h^2) w.r.t. x (and the rates for selective)",
+  )
+  if args.out:
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"wrote {args.out}")
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--shapes", default="8x2048x256x3,1x65536x256x3", help="BxTxDxK,...")
@@ -124,10 +230,16 @@ def main():
       help="[K, D] write rates (one per timescale and channel): the linear_scan methods only",
   )
   p.add_argument("--reuse-heap", action="store_true", help="keep freed memory in glibc's heap (see above)")
-  p.add_argument("--out", default="results/scan_bench.json")
+  p.add_argument("--selective", action="store_true", help="time selective traces instead (see above)")
+  p.add_argument("--selective-chunks", default="8,16", help="chunk sizes of selective 'chunked'")
+  p.add_argument("--out", default=None, help="default results/scan_bench.json (--selective: _selective)")
   args = p.parse_args()
   if args.reuse_heap and any(os.environ.get(k) != v for k, v in _HEAP_ENV.items()):
     os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **_HEAP_ENV})  # glibc reads these at start
+  if args.out is None:
+    args.out = "results/scan_bench_selective.json" if args.selective else "results/scan_bench.json"
+  if args.selective:
+    return selective_main(args)
   chunk_sizes = [int(c) for c in args.chunks.split(",") if c]
   fused_chunk_sizes = [int(c) for c in args.fused_chunks.split(",") if c]
   skip = set(s for s in args.skip.split(",") if s)

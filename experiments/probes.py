@@ -10,8 +10,8 @@ optimiser, batch, steps and data order per seed, so every model sees the same tr
   selective  the EMA LM with selective traces (K = 3; rates sigmoid(W x + b) starting at 0.5, 0.1, 0.02)
   gpt        the GPT baseline (learned absolute positions, causal attention over everything)
   hybrid     the EMA LM with fixed K = 3 traces plus causal attention over the last --window tokens per block
-The width of each is chosen so its parameter count is the closest to the ema3 model's at width 128 (the
-LM task's tiny preset; FFN hidden = 4 x width for the EMA models, as that preset). Runs whose final
+The width of each is chosen so its parameter count is the closest to the ema3 model's at --width (default
+64; FFN hidden = 4 x width for the EMA models, as in the LM task's tiny preset, 2 blocks, 4 heads). Runs whose final
 evaluation exists are not retrained, so an interrupted grid continues where it stopped.
 
 Writes --results (default W/results): summary.json (every run's accuracies per size, raw and EMA weights),
@@ -40,13 +40,14 @@ EMA8_ALPHAS = [2.0 ** -(i + 1) for i in range(8)]
 
 def define_flags():
   """The command-line flags, defined only when the module runs as a script (tests import it)."""
-  global _WORKDIR, _SEEDS, _PROBES, _MODELS, _STEPS, _WINDOW, _RESULTS
+  global _WORKDIR, _SEEDS, _PROBES, _MODELS, _STEPS, _WINDOW, _WIDTH, _RESULTS
   _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs go.", required=True)
   _SEEDS = flags.DEFINE_string("seeds", "0,1", "Comma-separated seeds.")
   _PROBES = flags.DEFINE_string("probes", ",".join(PROBES), "Comma-separated subset of the probes.")
   _MODELS = flags.DEFINE_string("models", ",".join(MODELS), "Comma-separated subset of the models.")
   _STEPS = flags.DEFINE_integer("steps", None, "Training steps per run (default: configs/probes.py's).")
   _WINDOW = flags.DEFINE_integer("window", 16, "The hybrid's attention window W in tokens.")
+  _WIDTH = flags.DEFINE_integer("width", 64, "Width of the ema3 model; the others match its parameter count.")
   _RESULTS = flags.DEFINE_string("results", None, "Where the results go (default: <workdir>/results).")
 
 
@@ -132,11 +133,11 @@ def state_bytes(c, contexts=CONTEXTS) -> List[int]:
   return [int(n)] * len(contexts)
 
 
-def train_grid(probes, models, seeds, workdir, *, window, steps=None, tiny=False, log=print):
+def train_grid(probes, models, seeds, workdir, *, window, width=64, steps=None, tiny=False, log=print):
   """Trains what is missing; returns (runs [rows], models {name: {width, params}})."""
   from ema_jax import trainer
 
-  target = param_count(make_config(probes[0], "ema3", 16 if tiny else 128, seed=0, window=window, tiny=tiny))
+  target = param_count(make_config(probes[0], "ema3", 16 if tiny else width, seed=0, window=window, tiny=tiny))
   info: Dict[str, Dict[str, Any]] = {}
   rows: List[Dict[str, Any]] = []
   for probe in probes:
@@ -298,7 +299,9 @@ def plot(rows, summary, probes, models, out_dir):
   plt.close(fig)
 
 
-def run(probes, models, seeds, workdir, results, *, window, steps=None, tiny=False, command="") -> Dict[str, Any]:
+def run(
+    probes, models, seeds, workdir, results, *, window, width=64, steps=None, tiny=False, command=""
+) -> Dict[str, Any]:
   bad = [p for p in probes if p not in PROBES] + [m for m in models if m not in MODELS]
   if bad or not seeds:
     raise ValueError(
@@ -309,7 +312,7 @@ def run(probes, models, seeds, workdir, results, *, window, steps=None, tiny=Fal
     raise ValueError(f"experiments.probes: --window={window!r}; expected a positive number of tokens.")
   t0, load0 = time.time(), round(os.getloadavg()[0], 2)
   os.makedirs(workdir, exist_ok=True)
-  rows, info = train_grid(probes, models, seeds, workdir, window=window, steps=steps, tiny=tiny)
+  rows, info = train_grid(probes, models, seeds, workdir, window=window, width=width, steps=steps, tiny=tiny)
   summary = dict(
       command=command,
       date=time.strftime("%Y-%m-%d"),
@@ -319,6 +322,7 @@ def run(probes, models, seeds, workdir, results, *, window, steps=None, tiny=Fal
       wall_s=time.time() - t0,
       seeds=list(seeds),
       window=window,
+      width=width,
       models=info,
       table=summarize(rows, info, probes, models),
       table_ema=summarize(rows, info, probes, models, weights="ema"),
@@ -342,6 +346,7 @@ def main(argv):
       _WORKDIR.value,
       _RESULTS.value or os.path.join(_WORKDIR.value, "results"),
       window=_WINDOW.value,
+      width=_WIDTH.value,
       steps=_STEPS.value,
       command="python -m experiments.probes " + " ".join(sys.argv[1:]),
   )

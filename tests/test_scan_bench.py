@@ -1,0 +1,22 @@
+"""benchmarks/scan_bench.py --selective runs end to end at a tiny shape and writes its rows."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def test_selective_rows(tmp_path):
+  out = tmp_path / "sel.json"
+  cmd = [sys.executable, "benchmarks/scan_bench.py", "--selective", "--shapes", "2x32x8x3", "--repeats", "1"]
+  subprocess.run(cmd + ["--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=600)
+  data = json.load(open(out))
+  methods = {r["method"] for r in data["rows"]}
+  assert {"selective/sequential", "selective/auto", "fixed/auto", "copy"} <= methods
+  fixed = next(r for r in data["rows"] if r["method"] == "fixed/auto")
+  assert fixed["fwd_vs_fixed"] == 1.0 and fixed["train_vs_fixed"] == 1.0
+  for r in data["rows"]:
+    assert r["fwd_ms"] > 0 and r["train_ms"] > 0 and r["fwd_ms_range"][0] <= r["fwd_ms"] <= r["fwd_ms_range"][1]
+  assert data["meta"]["loadavg_before"] and "random order" in data["meta"]["timing"]
