@@ -26,6 +26,25 @@ def latest_eval(workdir):
     return None
 
 
+def parameters(workdir):
+  """Trainable parameters of the run's model (tied embeddings once), from its config.json; None if absent."""
+  import math
+
+  import jax
+  import ml_collections
+  from flax import nnx
+
+  from ema_jax.tasks.base import get_task
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    task = get_task(ml_collections.ConfigDict(json.load(f)), workdir)
+  model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--root", required=True)
@@ -38,6 +57,7 @@ def main():
     if ev is None:
       continue
     tokens_per_s = None
+    params = parameters(wd)
     mpath = os.path.join(wd, "metrics.jsonl")
     if os.path.exists(mpath):
       with open(mpath) as f:
@@ -58,6 +78,7 @@ def main():
                 perplexity=r["perplexity"],
                 bits_per_byte=r["bits_per_byte"],
                 train_tokens_per_s=tokens_per_s,
+                parameters=params,
             )
         )
   gpt = {(r["weights"], r["source"]): r["perplexity"] for r in rows if r["run"] == "gpt"}
@@ -75,14 +96,15 @@ def main():
   lines = [
       f"Measured {meta['date']} on {meta['machine']}; command: `{meta['command']}`",
       "",
-      "| run | weights | source | tokens | loss | perplexity | bits/byte | ppl / GPT | train tok/s |",
-      "|---|---|---|---:|---:|---:|---:|---:|---:|",
+      "| run | parameters | weights | source | tokens | loss | perplexity | bits/byte | ppl / GPT | train tok/s |",
+      "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
   ]
   for r in rows:
     ratio = f"{r['ppl_ratio_to_gpt']:.3f}" if r["ppl_ratio_to_gpt"] else "-"
     tps = f"{r['train_tokens_per_s']:.0f}" if r["train_tokens_per_s"] else "-"
+    params = f"{r['parameters']:,}" if r.get("parameters") else "-"
     lines.append(
-        f"| {r['run']} | {r['weights']} | {r['source']} | {r['tokens']} | {r['loss']:.4f} | "
+        f"| {r['run']} | {params} | {r['weights']} | {r['source']} | {r['tokens']} | {r['loss']:.4f} | "
         f"{r['perplexity']:.3f} | {r['bits_per_byte']:.4f} | {ratio} | {tps} |"
     )
   with open(args.out + ".md", "w") as f:
