@@ -4,17 +4,20 @@
                                   [--chunks 16,32,64] [--fused-chunks 8,16,32,64] [--per-channel] [--reuse-heap]
   python benchmarks/scan_bench.py --selective [--selective-chunks 8,16] [--reuse-heap] [--out results/scan_bench_selective.json]
 
-For each shape (B, T, D, K) it times, after warm-up, the median of --repeats runs of
+For each shape (B, T, D, K) it times, after warm-up, the median (and range) of --repeats runs of
   forward            x [B, T, D] -> traces h [B, T, K, D]
-  forward+backward   the VJP of the above for a given output cotangent
+  forward+backward   training-like: the gradient w.r.t. x of mean(h^2), a scalar that uses the output, so
+                     neither pass can be removed by XLA (a bare VJP for a given cotangent lets XLA delete
+                     the forward of a linear map; the numbers before 2026-11-29 had that flaw)
 for: the fused path (traces.ema_traces method='fused', one batched matmul per output, custom VJP) at
 each --fused-chunks size; each linear_scan method through ema_traces (custom VJP); 'auto'; the textbook
 form (jax.lax.associative_scan on a decay broadcast to the full [B, T, K, D] shape, b = alpha * x
 materialised, autodiff through the scan); and a plain copy that writes an output of the same size (the
-memory-bandwidth bound: its forward+backward is the copy too, the goals compare against it).
+memory-bandwidth bound; its forward+backward is the same loss through the copy; the goals compare against
+the copy's forward).
 --per-channel uses [K, D] rates instead (no fused path there): the numbers behind scan.auto_method.
-The candidates are timed in turn within each repeat (interleaved), so a change of machine load during
-the run hits all of them alike; the JSON meta records the load average before and after.
+The candidates run in a fresh random order within each repeat (interleaved), so neither a change of machine
+load nor what ran just before favours one of them; the JSON meta records the load average before and after.
 
 --selective times selective traces (traces.selective_traces: a write rate per token, timescale and channel,
 given as an input [B, T, K, D]) instead: each of its methods, 'auto', the fixed-rate path (ema_traces 'auto'
@@ -95,20 +98,6 @@ def uptime():
     return "load average: " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def time_interleaved(fns, repeats):
-  """{name: (fn, args)} -> {name: median seconds}; every repeat runs each candidate once, in turn."""
-  for fn, args in fns.values():
-    for _ in range(2):  # compile, then one warm run
-      jax.block_until_ready(fn(*args))
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, (fn, args) in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(t) for name, t in times.items()}
-
-
 # One arena (XLA's worker threads would otherwise map big buffers from their own arenas), no mmap for big
 # buffers, no trimming: freed memory is reused without page faults. Values found by counting minor faults.
 _HEAP_ENV = dict(
@@ -137,8 +126,8 @@ def selective_candidates(k, chunk_sizes):
 
 
 def time_interleaved_random(fns, repeats, seed=0):
-  """Like time_interleaved, but the candidates run in a fresh random order in every repeat; returns
-  {name: (median, min, max) seconds}."""
+  """{name: (fn, args)} -> {name: (median, min, max) seconds}: after a compile and a warm run of each, every
+  repeat runs each candidate once, in a fresh random order."""
   rng = np.random.default_rng(seed)
   for fn, args in fns.values():
     for _ in range(2):
@@ -248,35 +237,37 @@ def main():
   for shape in args.shapes.split(","):
     bsz, t_len, d, k = (int(v) for v in shape.split("x"))
     x = jax.random.normal(jax.random.key(0), (bsz, t_len, d), jnp.float32)
-    g = jax.random.normal(jax.random.key(1), (bsz, t_len, k, d), jnp.float32)
-    nbytes = 4 * (x.size + g.size)  # read x, write h
+    nbytes = 4 * (x.size + x.size * k)  # read x, write h
+    al = rates(k, d, args.per_channel)
     fns = {}
-    for name, f in candidates(rates(k, d, args.per_channel), k, chunk_sizes, fused_chunk_sizes).items():
+    for name, f in candidates(al, k, chunk_sizes, fused_chunk_sizes).items():
       if name in skip:
         continue
       fns[(name, "fwd")] = (jax.jit(f), (x,))
-      if name != "copy":
-        fns[(name, "bwd")] = (jax.jit(lambda x, g, f=f: jax.vjp(f, x)[1](g)[0]), (x, g))
-    medians = time_interleaved(fns, args.repeats)
-    results = {}
-    for (name, kind), t in medians.items():
-      if kind == "fwd":
-        results[name] = (t, medians.get((name, "bwd"), t))
-        print(f"  measured {shape} {name}: fwd {t * 1e3:.2f} ms, fwd+bwd {results[name][1] * 1e3:.2f} ms", flush=True)
-    copy_f = results["copy"][0]
-    text_f, text_b = results.get("textbook", (float("nan"), float("nan")))
-    best = min((n for n in results if n not in ("copy", "textbook", "auto")), key=lambda n: results[n][0])
-    best_b = min((n for n in results if n not in ("copy", "textbook", "auto")), key=lambda n: results[n][1])
-    for name, (t_f, t_b) in results.items():
+      fns[(name, "train")] = (jax.jit(jax.grad(lambda x, f=f: jnp.mean(jnp.square(f(x))))), (x,))
+    res = time_interleaved_random(fns, args.repeats)
+    results = {name: (res[(name, "fwd")], res[(name, "train")]) for name in dict.fromkeys(n for n, _ in fns)}
+    for name, ((t_f, _, _), (t_b, _, _)) in results.items():
+      print(f"  measured {shape} {name}: fwd {t_f * 1e3:.2f} ms, training fwd+bwd {t_b * 1e3:.2f} ms", flush=True)
+    copy_f, copy_b = results["copy"][0][0], results["copy"][1][0]
+    nan3 = (float("nan"),) * 3
+    text_f, text_b = results.get("textbook", (nan3, nan3))[0][0], results.get("textbook", (nan3, nan3))[1][0]
+    contenders = [n for n in results if n not in ("copy", "textbook", "auto")]
+    best = min(contenders, key=lambda n: results[n][0][0])
+    best_b = min(contenders, key=lambda n: results[n][1][0])
+    for name, ((t_f, f_lo, f_hi), (t_b, b_lo, b_hi)) in results.items():
       rows.append(
           dict(
               shape=shape,
               method=name,
               fwd_ms=t_f * 1e3,
+              fwd_ms_range=[f_lo * 1e3, f_hi * 1e3],
               fwd_bwd_ms=t_b * 1e3,
+              fwd_bwd_ms_range=[b_lo * 1e3, b_hi * 1e3],
               fwd_gbps=nbytes / t_f / 1e9,
               fwd_vs_copy=t_f / copy_f,
               fwd_bwd_vs_copy=t_b / copy_f,
+              fwd_bwd_vs_copy_fwd_bwd=t_b / copy_b,
               fwd_speedup_vs_textbook=text_f / t_f,
               fwd_bwd_speedup_vs_textbook=text_b / t_b,
               best_fwd=name == best,
@@ -323,7 +314,8 @@ def main():
       uptime_before=uptime_before,
       uptime_after=uptime_after,
       malloc_env={k: os.environ[k] for k in _HEAP_ENV if k in os.environ},
-      timing="median of --repeats, candidates interleaved within each repeat",
+      timing="median [min, max] of --repeats, candidates in a random order within each repeat",
+      fwd_bwd="jax.grad of mean(h^2) w.r.t. x: a training-like loss that uses the output, so XLA cannot drop the forward",
   )
   if args.out:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
