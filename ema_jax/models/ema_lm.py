@@ -47,6 +47,7 @@ from ema_jax.nn.attention import MultiHeadAttention, causal_segment_mask, dropou
 from ema_jax.nn.ffn import ACTIVATIONS, TopKFFN
 from ema_jax.nn.selective_layer import SelectiveTraces
 from ema_jax.nn.trace_layer import LEARN_MODES, EMATraces
+from ema_jax import traces as traces_lib
 
 from ema_jax.models import presets
 
@@ -341,6 +342,37 @@ class EMABlock(nnx.Module):
     x_BD = x_BD + self.ffn(self.norm_ffn(x_BD[:, None]))[:, 0]
     return new, x_BD
 
+  def prefill(self, x_BTD, *, resets_BT, segment_ids_BT, last_B):
+    """__call__ (deterministic) that also returns the decoding cache after the token at last_B [B].
+
+    The traces run on u in float32, so the state kept is the float32 state decode_step would carry (the
+    block's own h is that cast to the compute dtype, as in __call__). For the hybrid, slot j of the window
+    holds the latest position p <= last_B with p % W == j, as decode_step would have left it.
+    """
+    b, t, d = x_BTD.shape
+    u_BTD = self.norm_in(x_BTD)
+    h32_BTKD, _ = self.traces(u_BTD.astype(jnp.float32), resets_BT=resets_BT)
+    rows = jnp.arange(b)
+    counts_BT = traces_lib.token_counts(resets_BT, b, t)
+    cache = dict(traces=traces_lib.TraceState(h32_BTKD[rows, last_B], counts_BT[rows, last_B]))
+    h_BTKD = h32_BTKD.astype(u_BTD.dtype)
+    h_BTKD = jnp.concatenate([jnp.zeros_like(h_BTKD[:, :1]), h_BTKD[:, :-1]], axis=1)
+    if resets_BT is not None:
+      h_BTKD = jnp.where(resets_BT[:, :, None, None], jnp.zeros((), h_BTKD.dtype), h_BTKD)
+    uhat_BTD = self.predictor(h_BTKD, segment_ids_BT=segment_ids_BT)
+    e_BTD = u_BTD - uhat_BTD.astype(u_BTD.dtype)
+    x_BTD = x_BTD + self.mix(jnp.concatenate([e_BTD, h_BTKD.reshape(b, t, -1).astype(e_BTD.dtype)], axis=-1))
+    if self.window:
+      x_BTD = x_BTD + self.local(u_BTD, segment_ids_BT=segment_ids_BT)
+      w = self.window
+      slot_W = jnp.arange(w)
+      pos_BW = last_B[:, None] - (last_B[:, None] - slot_W[None]) % w
+      inputs_BWD = jnp.take_along_axis(u_BTD, jnp.clip(pos_BW, 0, t - 1)[:, :, None], axis=1)
+      inputs_BWD = jnp.where((pos_BW >= 0)[:, :, None], inputs_BWD, jnp.zeros((), inputs_BWD.dtype))
+      cache["local"] = dict(inputs=inputs_BWD, pos=jnp.where(pos_BW >= 0, pos_BW, -1).astype(jnp.int32))
+    x_BTD = x_BTD + self.ffn(self.norm_ffn(x_BTD))
+    return cache, x_BTD
+
 
 class EMALM(nnx.Module):
   """Token ids [B, T] -> float32 logits [B, T, V]; see the module docstring for the block."""
@@ -423,6 +455,46 @@ class EMALM(nnx.Module):
       blocks.append(c)
     logits_BV = self.logits(self.norm_out(x_BD)[:, None])[:, 0]
     return dict(blocks=blocks, t=t_B + 1, start=start_B), logits_BV
+
+  def prefill(self, inputs_BT, *, resets_BT=None, lengths_B=None, max_len=None):
+    """A prompt in one parallel pass: (cache, float32 logits [B, T, V]), deterministic.
+
+    The logits are __call__'s; the cache is the one decode_step would hold after feeding the tokens one
+    by one (trace states from the scan, the hybrid's last W block inputs). lengths_B int [B] (default T):
+    row b's prompt is inputs_BT[b, :lengths_B[b]], right-padded, and its cache is taken after its own last
+    token, so padding never reaches it. max_len is accepted for the GPT's interface and unused: the EMA
+    LM has no positional limit.
+    """
+    del max_len
+    cfg = self.config
+    inputs_BT = jnp.asarray(inputs_BT)
+    if inputs_BT.ndim != 2 or not jnp.issubdtype(inputs_BT.dtype, jnp.integer):
+      raise ValueError(
+          f"EMALM.prefill: `inputs_BT` has shape {inputs_BT.shape} and dtype {inputs_BT.dtype}; "
+          f"expected integer token ids [B, T]."
+      )
+    for blk in self.blocks:
+      if blk.predictor.kind == "attention_history":
+        raise ValueError(
+            "EMALM.prefill: predictor='attention_history' has no constant-size decoding state; decode with "
+            "predictor='linear' or 'attention', or score with the full forward."
+        )
+    b, t = inputs_BT.shape
+    resets_BT, segment_ids_BT = resolve_documents(inputs_BT.shape, resets_BT, None, where="EMALM.prefill")
+    if not cfg.window:
+      segment_ids_BT = None
+    lengths_B = jnp.full((b,), t, jnp.int32) if lengths_B is None else jnp.asarray(lengths_B, jnp.int32)
+    last_B = jnp.clip(lengths_B - 1, 0, t - 1)
+    x_BTD = self.embed(inputs_BT)
+    blocks = []
+    for blk in self.blocks:
+      c, x_BTD = blk.prefill(x_BTD, resets_BT=resets_BT, segment_ids_BT=segment_ids_BT, last_B=last_B)
+      blocks.append(c)
+    start_B = jnp.zeros((b,), jnp.int32)
+    if resets_BT is not None:
+      start_BT = jax.lax.cummax(jnp.where(resets_BT, jnp.arange(t, dtype=jnp.int32)[None], 0), axis=1)
+      start_B = jnp.take_along_axis(start_BT, last_B[:, None], axis=1)[:, 0]
+    return dict(blocks=blocks, t=lengths_B, start=start_B), self.logits(self.norm_out(x_BTD))
 
 
 def param_count(config: EMALMConfig) -> int:

@@ -173,6 +173,114 @@ class GPT(nnx.Module):
     x_BTD = self.dropout(x_BTD, deterministic=deterministic, rngs=rngs)
     for block in self.blocks:
       x_BTD = block(x_BTD, mask_B1TT=mask_B1TT, deterministic=deterministic, rngs=rngs)
+    return self._head(x_BTD)
+
+  # ------------------------------------------------------------------------------------------ decoding
+
+  def init_cache(self, batch: int, max_len: int = None) -> dict:
+    """KV cache of `batch` sequences at position 0, room for max_len (default context_len) positions.
+
+    Per block the keys and values of every past position [B, max_len, H, d] in the compute dtype, slot s
+    holding position s: the GPT's state grows with the context, 2 L max_len D numbers per sequence.
+    """
+    cfg = self.config
+    max_len = cfg.context_len if max_len is None else max_len
+    if not isinstance(max_len, int) or isinstance(max_len, bool) or not 1 <= max_len <= cfg.context_len:
+      raise ValueError(
+          f"GPT.init_cache: `max_len`={max_len!r}; expected an integer in [1, context_len={cfg.context_len}]: "
+          f"the GPT has learned positions 0..{cfg.context_len - 1} only."
+      )
+    if not isinstance(batch, int) or batch < 1:
+      raise ValueError(f"GPT.init_cache: `batch`={batch!r}; expected a positive integer.")
+    att = self.blocks[0].attention
+    zeros = lambda d: jnp.zeros((batch, max_len, att.num_heads, d), cfg.compute_dtype)
+    return dict(
+        blocks=[dict(k=zeros(att.head_qk), v=zeros(att.head_v)) for _ in self.blocks],
+        t=jnp.zeros((batch,), jnp.int32),  # position of the next token (absolute, as in __call__)
+        start=jnp.zeros((batch,), jnp.int32),  # position where the current document started
+    )
+
+  def decode_step(self, cache: dict, token_B, *, reset_B=None):
+    """One token per sequence: (new cache, float32 logits [B, V] for the next token), deterministic.
+
+    Feeding tokens 0..T-1 one by one gives the logits of __call__ on [B, T] at every position: positions
+    continue across a reset (reset_B True where a token starts a document, as resets_BT), attention sees
+    only the current document. Past the cache's max_len there is no position to give a token: with a
+    concrete cache that is a ValueError; under jit (no host check per token) such rows get NaN logits.
+    """
+    token_B = jnp.asarray(token_B)
+    b = token_B.shape[0]
+    max_len = cache["blocks"][0]["k"].shape[1]
+    t_B = cache["t"]
+    if not isinstance(t_B, jax.core.Tracer) and int(jnp.max(t_B)) >= max_len:
+      raise ValueError(
+          f"GPT.decode_step: position {int(jnp.max(t_B))} is past the cache's max_len={max_len} "
+          f"(context_len={self.config.context_len}): the GPT has no position beyond its context. Decode at "
+          f"most {max_len} tokens per sequence, or start again from a shorter window of the text."
+      )
+    reset_B = jnp.zeros((b,), bool) if reset_B is None else jnp.asarray(reset_B, bool)
+    start_B = jnp.where(reset_B, t_B, cache["start"])
+    pos_B = jnp.minimum(t_B, max_len - 1)
+    x_B1D = self.embed(token_B[:, None]) + self.positions(pos_B[:, None])
+    s_S = jnp.arange(max_len)
+    mask_B11S = ((s_S[None] <= t_B[:, None]) & (s_S[None] >= start_B[:, None]))[:, None, None, :]
+    rows = jnp.arange(b)
+    blocks = []
+    for block, c in zip(self.blocks, cache["blocks"]):
+      att = block.attention
+      attn_in_B1D = x_B1D if block.post_norm else block.norm_attn(x_B1D)
+      k_B1Hd = att.key(attn_in_B1D).reshape(b, 1, att.num_heads, att.head_qk)
+      v_B1Hd = att.value(attn_in_B1D).reshape(b, 1, att.num_heads, att.head_v)
+      c = dict(k=c["k"].at[rows, pos_B].set(k_B1Hd[:, 0]), v=c["v"].at[rows, pos_B].set(v_B1Hd[:, 0]))
+      blocks.append(c)
+      a_B1D = _attend(att, attn_in_B1D, c["k"], c["v"], mask_B11S)
+      if block.post_norm:
+        x_B1D = block.norm_attn(x_B1D + a_B1D)
+        x_B1D = block.norm_mlp(x_B1D + block.mlp(x_B1D))
+      else:
+        x_B1D = x_B1D + a_B1D
+        x_B1D = x_B1D + block.mlp(block.norm_mlp(x_B1D))
+    logits_BV = self._head(x_B1D)[:, 0]
+    logits_BV = jnp.where((t_B >= max_len)[:, None], jnp.nan, logits_BV)
+    return dict(blocks=blocks, t=t_B + 1, start=start_B), logits_BV
+
+  def prefill(self, inputs_BT, *, resets_BT=None, lengths_B=None, max_len: int = None):
+    """A prompt in one parallel pass: (cache, float32 logits [B, T, V]), deterministic.
+
+    The logits are __call__'s; the cache (room for max_len positions, default context_len) is the one
+    decode_step would hold after the tokens one by one. lengths_B int [B] (default T): row b's prompt is
+    inputs_BT[b, :lengths_B[b]], right-padded; decoding continues at its own position lengths_B[b]
+    (causal attention keeps the padding away from a row's real tokens, and in decoding its keys are
+    masked until overwritten).
+    """
+    cfg = self.config
+    inputs_BT = jnp.asarray(inputs_BT)
+    b, t = inputs_BT.shape
+    cache = self.init_cache(b, max_len)
+    max_len = cache["blocks"][0]["k"].shape[1]
+    if t > max_len:
+      raise ValueError(
+          f"GPT.prefill: a prompt of {t} tokens does not fit the cache's max_len={max_len} "
+          f"(context_len={cfg.context_len}); shorten the prompt to at most {max_len} tokens."
+      )
+    resets_BT, segment_ids_BT = resolve_documents(inputs_BT.shape, resets_BT, None, where="GPT.prefill")
+    lengths_B = jnp.full((b,), t, jnp.int32) if lengths_B is None else jnp.asarray(lengths_B, jnp.int32)
+    mask_B1TT = causal_segment_mask(t, segment_ids_BT)
+    x_BTD = self.embed(inputs_BT) + self.positions(jnp.arange(t))[None]
+    blocks = []
+    for block, c in zip(self.blocks, cache["blocks"]):
+      att = block.attention
+      attn_in_BTD = x_BTD if block.post_norm else block.norm_attn(x_BTD)
+      k_BTHd = att.key(attn_in_BTD).reshape(b, t, att.num_heads, att.head_qk)
+      v_BTHd = att.value(attn_in_BTD).reshape(b, t, att.num_heads, att.head_v)
+      blocks.append(dict(k=c["k"].at[:, :t].set(k_BTHd), v=c["v"].at[:, :t].set(v_BTHd)))
+      x_BTD = block(x_BTD, mask_B1TT=mask_B1TT)
+    logits_BTV = self._head(x_BTD)
+    return dict(blocks=blocks, t=lengths_B, start=document_start(resets_BT, lengths_B, t)), logits_BTV
+
+  def _head(self, x_BTD):
+    """Final norm (pre-norm models) and the output head: float32 logits [B, T, V]."""
+    cfg = self.config
     if self.norm_out is not None:
       x_BTD = self.norm_out(x_BTD)
     if cfg.tie_embeddings:
@@ -181,6 +289,27 @@ class GPT(nnx.Module):
           "btd,vd->btv", x_BTD.astype(dt), self.embed.embedding[...].astype(dt), preferred_element_type=jnp.float32
       )
     return self.head(x_BTD).astype(jnp.float32)
+
+
+def document_start(resets_BT, lengths_B, t: int):
+  """Position where the document of each row's last prompt token (lengths_B - 1) started: int32 [B]."""
+  if resets_BT is None:
+    return jnp.zeros(lengths_B.shape, jnp.int32)
+  idx_T = jnp.arange(t, dtype=jnp.int32)
+  start_BT = jax.lax.cummax(jnp.where(resets_BT, idx_T[None], 0), axis=1)
+  return jnp.take_along_axis(start_BT, jnp.clip(lengths_B - 1, 0, t - 1)[:, None], axis=1)[:, 0]
+
+
+def _attend(att: MultiHeadAttention, x_BSD, k_BTHd, v_BTHd, mask_B1ST):
+  """MultiHeadAttention.__call__ with the keys and values read from a cache (the same numerics)."""
+  b, s = x_BSD.shape[:2]
+  q_BSHd = att.query(x_BSD).reshape(b, s, att.num_heads, att.head_qk)
+  q_BSHd = q_BSHd * jnp.asarray(att.head_qk**-0.5, q_BSHd.dtype)
+  scores_BHST = jnp.einsum("bshd,bthd->bhst", q_BSHd, k_BTHd, preferred_element_type=jnp.float32)
+  scores_BHST = jnp.where(mask_B1ST, scores_BHST, jnp.finfo(jnp.float32).min)
+  weights_BHST = jnp.where(mask_B1ST, jax.nn.softmax(scores_BHST, axis=-1), 0.0).astype(v_BTHd.dtype)
+  y_BSHd = jnp.einsum("bhst,bthd->bshd", weights_BHST, v_BTHd)
+  return att.out(y_BSHd.reshape(b, s, att.num_heads * att.head_v))
 
 
 def param_count(config: GPTConfig) -> int:
