@@ -20,3 +20,16 @@ def test_selective_rows(tmp_path):
   for r in data["rows"]:
     assert r["fwd_ms"] > 0 and r["train_ms"] > 0 and r["fwd_ms_range"][0] <= r["fwd_ms"] <= r["fwd_ms_range"][1]
   assert data["meta"]["loadavg_before"] and "random order" in data["meta"]["timing"]
+
+
+def test_default_rows_time_a_training_loss(tmp_path):
+  out = tmp_path / "fixed.json"
+  cmd = [sys.executable, "benchmarks/scan_bench.py", "--shapes", "2x32x8x3", "--repeats", "1", "--chunks", "16"]
+  subprocess.run(
+      cmd + ["--fused-chunks", "8", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=600
+  )
+  data = json.load(open(out))
+  methods = {r["method"] for r in data["rows"]}
+  assert {"fused/8", "sequential", "associative", "chunked/16", "auto", "textbook", "copy"} <= methods
+  assert "mean(h^2)" in data["meta"]["fwd_bwd"]
+  assert sum(r["best_fwd"] for r in data["rows"]) == 1 and sum(r["best_fwd_bwd"] for r in data["rows"]) == 1
