@@ -21,6 +21,7 @@ setup(
         "absl-py>=2.1",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        "safetensors>=0.4",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pyink>=24.10"],

@@ -168,3 +168,12 @@ def continuation_text(tokenizer, new_tokens: Sequence[int]) -> str:
   if tokenizer.eod_id in ids:
     ids = ids[: ids.index(tokenizer.eod_id)]
   return tokenizer.decode(ids)
+
+
+def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, **settings) -> list:
+  """Continuations (text) of text prompts, each read as a document: [end-of-document id] + its tokens,
+  as the training stream has them (ema_jax/data/text/packing.py). settings: generate's keywords."""
+  ids = [[tokenizer.eod_id] + list(tokenizer.encode(p)) for p in prompts]
+  tokens_BT, lengths_B = pad_prompts(ids, pad_id=tokenizer.eod_id)
+  new_BN = generate(model, tokens_BT, lengths_B, max_new_tokens=max_new_tokens, eod_id=tokenizer.eod_id, **settings)
+  return [continuation_text(tokenizer, row) for row in new_BN]
