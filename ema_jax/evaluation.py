@@ -71,8 +71,26 @@ def load_config(
     except ValueError:
       raise ValueError(f"--lengths={lengths!r}: expected comma-separated integers.") from None
     field = getattr(task_class(cfg), "EVAL_LENGTHS_FIELD", "eval_lengths")
+    check_position_limit(cfg, lengths, values)
     cfg.task[field] = values
   return cfg
+
+
+def check_position_limit(cfg: ml_collections.ConfigDict, lengths: str, values: Sequence[int]) -> None:
+  """A GPT cannot read past its learned positions: --lengths beyond context_len fails here, by name."""
+  model = cfg.get("model")
+  if not isinstance(model, ml_collections.ConfigDict) or model.get("kind") != "gpt":
+    return
+  task = task_class(cfg)(cfg)
+  context_len = task.model_config().context_len
+  too_long = [n for n in values if n > context_len]
+  if too_long:
+    fit = ",".join(str(n) for n in values if n <= context_len) or str(context_len)
+    raise ValueError(
+        f"--lengths={lengths}: length {', '.join(map(str, too_long))} exceeds this GPT's context_len="
+        f"{context_len} (learned absolute positions 0..{context_len - 1}; it has none for longer windows). "
+        f"Evaluate it at lengths up to {context_len} (e.g. --lengths {fit}); the EMA LM has no such limit."
+    )
 
 
 def resolve_step(checkpointer: ckpt_lib.Checkpointer, step: Optional[int], workdir: str) -> int:
