@@ -5,6 +5,13 @@
 
 Every step sees the same number of tokens (--tokens = B x T), so a cost per token that is flat in T shows
 up as flat tokens/s. One jitted AdamW step (forward, backward, update), median of repeats after warm-up.
+
+MFU: achieved FLOP/s of the step over the float32 matmul peak measured in the same process just before
+(the best of square matmuls of 512, 1024 and 2048 and of the models' own [B T, D] x [D, 4 D] shape). FLOPs
+per token are the models' analytic counts (ema_lm.flops_per_token, transformer.flops_per_token): for the EMA
+LM both as computed (the top-k FFN's dense matmuls, zeros included: `mfu`) and as a kernel that skips the
+zeros would need (only the kept units: `mfu_sparse`, the honest count of useful work); the GPT's includes
+its dense T x T attention.
 """
 
 import argparse
@@ -51,6 +58,23 @@ def step_time(model, batch, repeats):
   return statistics.median(ts)
 
 
+def matmul_peak(shapes, repeats=5):
+  """Best float32 FLOP/s over matmuls of the given (M, K, N) shapes, each the median of `repeats`."""
+  best = 0.0
+  for m, k, n in shapes:
+    a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(f(a, b))
+    ts = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(a, b))
+      ts.append(time.perf_counter() - t0)
+    best = max(best, 2.0 * m * k * n / statistics.median(ts))
+  return best
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--lengths", default="256,1024,4096")
@@ -62,6 +86,10 @@ def main():
   p.add_argument("--out", default="results/lm_bench.json")
   args = p.parse_args()
   rows = []
+  peak = matmul_peak(
+      [(512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048), (args.tokens, args.width, 4 * args.width)]
+  )
+  print(f"  float32 matmul peak measured here: {peak / 1e9:.1f} GFLOP/s", flush=True)
   for t in [int(v) for v in args.lengths.split(",")]:
     b = max(1, args.tokens // t)
     rng = np.random.default_rng(0)
@@ -85,15 +113,28 @@ def main():
     )
     t_ema = step_time(ema, batch, args.repeats)
     t_gpt = step_time(gpt, batch, args.repeats)
+    ema_tps, gpt_tps = b * t / t_ema, b * t / t_gpt
     rows.append(
-        dict(T=t, batch=b, ema_tokens_per_s=b * t / t_ema, gpt_tokens_per_s=b * t / t_gpt, ema_over_gpt=t_gpt / t_ema)
+        dict(
+            T=t,
+            batch=b,
+            ema_tokens_per_s=ema_tps,
+            gpt_tokens_per_s=gpt_tps,
+            ema_over_gpt=t_gpt / t_ema,
+            ema_mfu=ema_tps * ema_lm.flops_per_token(ema.config, t) / peak,
+            ema_mfu_sparse=ema_tps * ema_lm.flops_per_token(ema.config, t, sparse_ffn=True) / peak,
+            gpt_mfu=gpt_tps * transformer.flops_per_token(gpt.config, t) / peak,
+        )
     )
-    print(f"  T={t}: EMA {b * t / t_ema:,.0f} tok/s, GPT {b * t / t_gpt:,.0f} tok/s", flush=True)
-  print(f"\n{'T':>6}{'batch':>7}{'EMA LM tok/s':>14}{'GPT tok/s':>12}{'EMA / GPT':>11}")
+    print(f"  T={t}: EMA {ema_tps:,.0f} tok/s, GPT {gpt_tps:,.0f} tok/s", flush=True)
+  print(
+      f"\n{'T':>6}{'batch':>7}{'EMA LM tok/s':>14}{'GPT tok/s':>12}{'EMA / GPT':>11}"
+      f"{'EMA MFU':>9}{'(sparse)':>9}{'GPT MFU':>9}"
+  )
   for r in rows:
     print(
         f"{r['T']:>6}{r['batch']:>7}{r['ema_tokens_per_s']:>14,.0f}{r['gpt_tokens_per_s']:>12,.0f}"
-        f"{r['ema_over_gpt']:>11.2f}"
+        f"{r['ema_over_gpt']:>11.2f}{r['ema_mfu']:>9.2f}{r['ema_mfu_sparse']:>9.2f}{r['gpt_mfu']:>9.2f}"
     )
   meta = dict(
       date=time.strftime("%Y-%m-%d"),
@@ -106,6 +147,8 @@ def main():
       tokens_per_step=args.tokens,
       command=" ".join(sys.argv),
       load_avg=os.getloadavg(),
+      matmul_peak_flops=peak,
+      mfu="achieved FLOP/s (analytic count per token x tokens/s) / the float32 matmul peak measured in this process",
   )
   if args.out:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

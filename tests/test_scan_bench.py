@@ -1,4 +1,4 @@
-"""benchmarks/scan_bench.py --selective runs end to end at a tiny shape and writes its rows."""
+"""The benchmarks run end to end at tiny shapes (scan_bench: selective and default modes; lm_bench: MFU)."""
 
 import json
 import os
@@ -33,3 +33,13 @@ def test_default_rows_time_a_training_loss(tmp_path):
   assert {"fused/8", "sequential", "associative", "chunked/16", "auto", "textbook", "copy"} <= methods
   assert "mean(h^2)" in data["meta"]["fwd_bwd"]
   assert sum(r["best_fwd"] for r in data["rows"]) == 1 and sum(r["best_fwd_bwd"] for r in data["rows"]) == 1
+
+
+def test_lm_bench_reports_mfu(tmp_path):
+  out = tmp_path / "lm.json"
+  cmd = [sys.executable, "benchmarks/lm_bench.py", "--lengths", "32", "--tokens", "64", "--width", "16"]
+  subprocess.run(cmd + ["--repeats", "1", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=600)
+  data = json.load(open(out))
+  row = data["rows"][0]
+  assert data["meta"]["matmul_peak_flops"] > 0
+  assert 0 < row["ema_mfu_sparse"] < row["ema_mfu"] and row["gpt_mfu"] > 0
