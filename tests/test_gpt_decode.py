@@ -134,3 +134,24 @@ def test_gpt_cache_size_grows_with_context_ema_does_not():
   assert nbytes(model.init_cache(1, 16)) - nbytes(model.init_cache(1, 8)) == 2 * 2 * 8 * 16 * 4
   lm = ema()
   assert nbytes(lm.prefill(jnp.zeros((1, 5), jnp.int32))[0]) == nbytes(lm.prefill(jnp.zeros((1, 9), jnp.int32))[0])
+
+
+def test_decode_bench_quick(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = str(tmp_path / "decode_bench.json")
+  done = subprocess.run(
+      [sys.executable, "benchmarks/decode_bench.py", "--quick", "--out", out], cwd=repo, capture_output=True, text=True
+  )
+  assert done.returncode == 0, done.stderr
+  result = json.load(open(out))
+  assert len(result["machine"]["loadavg_before"]) == 3 and result["date"]
+  rows = {(r["model"], r["batch"], r["context"]): r for r in result["rows"]}
+  assert len(rows) == 8 and all(r["tokens_per_s"] > 0 for r in rows.values())
+  # The GPT's state grows with the context (2 L T D float32 plus two counters), the EMA LM's does not.
+  assert rows[("gpt", 1, 256)]["state_bytes_per_sequence"] == 2 * 2 * 256 * 32 * 4 + 8
+  assert rows[("ema_lm", 1, 64)]["state_bytes_per_sequence"] == rows[("ema_lm", 1, 256)]["state_bytes_per_sequence"]
