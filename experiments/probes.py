@@ -113,24 +113,30 @@ def match_width(probe: str, model: str, target: int, *, window: int, step: int =
 
 
 def state_bytes(c, contexts=CONTEXTS) -> List[int]:
-  """Bytes a model keeps per sequence while decoding, after each context length.
+  """Bytes a model keeps per sequence while decoding, after each context length: the arrays of its decoding
+  cache for one sequence. EMA models (fixed, selective, hybrid): EMALM.init_cache(1), which does not grow.
+  GPT: its key/value cache GPT.init_cache(1, T), built abstractly (shapes only) with context_len = T, since
+  the cache of a T-token context holds T positions whatever the probe's own length."""
+  import dataclasses
 
-  EMA models (fixed, selective, hybrid): the size of EMALM.init_cache(1), which does not grow. GPT: its
-  key/value cache, 2 x layers x T x width float32 numbers (the cache a decoder keeps; this repository's
-  GPT has no incremental decoder yet, so this is the count, not a measured buffer).
-  """
   import jax
   from flax import nnx
 
+  from ema_jax.models import transformer
   from ema_jax.tasks.probes import ProbesTask
 
   task = ProbesTask(c)
   mcfg = task.model_config()
+  nbytes = lambda tree: int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
   if c.model.kind == "gpt":
-    return [2 * mcfg.num_layers * t * mcfg.width * 4 for t in contexts]
-  model = task.build_model(nnx.Rngs(0))
-  n = sum(x.nbytes for x in jax.tree.leaves(model.init_cache(1)))
-  return [int(n)] * len(contexts)
+    out = []
+    for t in contexts:
+      cfg = dataclasses.replace(mcfg, context_len=t)
+      model = nnx.eval_shape(lambda cfg=cfg: transformer.GPT(cfg, rngs=nnx.Rngs(0)))
+      out.append(nbytes(jax.eval_shape(lambda m=model, t=t: m.init_cache(1, t))))
+    return out
+  model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
+  return [nbytes(jax.eval_shape(lambda: model.init_cache(1)))] * len(contexts)
 
 
 def train_grid(probes, models, seeds, workdir, *, window, width=64, steps=None, tiny=False, log=print):
