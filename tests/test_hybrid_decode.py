@@ -30,7 +30,7 @@ def perturbed_model(seed=0, **overrides):
 
 
 def reference_local_attention(local, u_BTD, segment_ids_BT):
-  """The window attention of LocalAttention, one query at a time in float64 NumPy."""
+  """The window attention of WindowAttention, one query at a time in float64 NumPy."""
   att = local.attention
   w = local.window
   h = att.num_heads

@@ -47,6 +47,7 @@ from ema_jax.nn.attention import MultiHeadAttention, causal_segment_mask, dropou
 from ema_jax.nn.ffn import ACTIVATIONS, TopKFFN
 from ema_jax.nn.selective_layer import SelectiveTraces
 from ema_jax.nn.trace_layer import LEARN_MODES, EMATraces
+from ema_jax.nn.window_attention import WindowAttention
 from ema_jax import traces as traces_lib
 
 from ema_jax.models import presets
@@ -205,53 +206,6 @@ class TracePredictor(nnx.Module):
     return self.attention(h_BTF, mask=mask_B1TT, deterministic=deterministic, rngs=rngs)
 
 
-class LocalAttention(nnx.Module):
-  """The hybrid's exact, local memory: causal softmax attention over the last W tokens of the document.
-
-  Query t attends to keys s with t - W < s <= t in t's document, plus a learned bias per head and
-  offset t - s (relative positions: the EMA LM has no position embedding, and a relative bias keeps the
-  block free of any length limit). Keys and values are projections of the block input u. Decoding keeps
-  the last W inputs u (not their keys and values: half the bytes, for 2 W D^2 extra multiply-adds per
-  token), so the hybrid's state per sequence is W D + K D numbers per block whatever the context length.
-  """
-
-  def __init__(self, cfg: "EMALMConfig", *, rngs: nnx.Rngs):
-    d, dt = cfg.width, cfg.compute_dtype
-    self.window = cfg.window
-    self.attention = MultiHeadAttention(
-        cfg.heads, d, dropout=cfg.dropout, dtype=dt, out_kernel_init=_residual_init(cfg.num_blocks), rngs=rngs
-    )
-    self.offset_bias = nnx.Param(jnp.zeros((cfg.heads, cfg.window), jnp.float32))
-
-  def __call__(self, u_BTD, *, segment_ids_BT=None, deterministic: bool = True, rngs=None):
-    t = u_BTD.shape[1]
-    idx = jnp.arange(t)
-    offsets_TT = idx[:, None] - idx[None, :]
-    mask_B1TT = causal_segment_mask(t, segment_ids_BT) & (offsets_TT < self.window)[None, None]
-    bias_HTT = self.offset_bias[...][:, jnp.clip(offsets_TT, 0, self.window - 1)]
-    return self.attention(u_BTD, mask=mask_B1TT, bias=bias_HTT[None], deterministic=deterministic, rngs=rngs)
-
-  def init_cache(self, batch: int, dtype) -> dict:
-    w, d = self.window, self.attention.query.in_features
-    return dict(
-        inputs=jnp.zeros((batch, w, d), dtype),  # u of the last W tokens, slot s % W holds token s
-        pos=jnp.full((batch, w), -1, jnp.int32),  # position of the token in each slot (-1: empty)
-    )
-
-  def step(self, cache: dict, u_BD, t_B, start_B):
-    """One token at position t_B of a document that started at start_B: (new cache, output [B, D])."""
-    b = u_BD.shape[0]
-    slot_B = t_B % self.window
-    rows = jnp.arange(b)
-    inputs = cache["inputs"].at[rows, slot_B].set(u_BD.astype(cache["inputs"].dtype))
-    pos = cache["pos"].at[rows, slot_B].set(t_B)
-    offsets_BW = t_B[:, None] - pos
-    valid_BW = (pos >= 0) & (pos >= start_B[:, None]) & (offsets_BW >= 0) & (offsets_BW < self.window)
-    bias_BH1W = jnp.moveaxis(self.offset_bias[...][:, jnp.clip(offsets_BW, 0, self.window - 1)], 0, 1)[:, :, None]
-    y_B1D = self.attention(u_BD[:, None], inputs, mask=valid_BW[:, None, None, :], bias=bias_BH1W)
-    return dict(inputs=inputs, pos=pos), y_B1D[:, 0]
-
-
 class EMABlock(nnx.Module):
   """One EMA LM block: past traces, prediction, error, context mix, top-k FFN, residuals."""
 
@@ -268,7 +222,15 @@ class EMABlock(nnx.Module):
         self.traces = EMATraces(d, cfg.alphas, learn=cfg.trace_learn, method=cfg.trace_method)
     self.predictor = TracePredictor(cfg, rngs=rngs)
     if cfg.window:
-      self.local = LocalAttention(cfg, rngs=rngs)
+      self.local = WindowAttention(
+          d,
+          cfg.heads,
+          cfg.window,
+          dropout=cfg.dropout,
+          dtype=dt,
+          out_kernel_init=_residual_init(cfg.num_blocks),
+          rngs=rngs,
+      )
     self.window = cfg.window
     self.mix = nnx.Linear((k + 1) * d, d, dtype=dt, kernel_init=_residual_init(cfg.num_blocks), rngs=rngs)
     self.norm_ffn = make_norm(cfg.norm, d, **norm)
