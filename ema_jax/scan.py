@@ -128,8 +128,23 @@ def _reduce_to(x, shape):
 # dispatch and custom VJP
 
 
+# backend -> (the method 'auto' picks there, where and when that choice was measured). A backend not named
+# here gets DEFAULT_AUTO. benchmarks/accelerator_suite.py prints, per shape, what auto picks and whether it
+# was the fastest measured, with the device and date: the numbers that fill in an 'unmeasured' entry.
+AUTO_METHODS = {
+    "cpu": (
+        ScanMethod.SEQUENTIAL,
+        "measured: 2-core x86_64 CPU shared with other jobs, 2026-11-22 (results/scan_bench_per_channel*.json, "
+        "benchmarks/scan_bench.py --per-channel [--reuse-heap]); details in auto_method's docstring",
+    ),
+    "gpu": (ScanMethod.CHUNKED, "unmeasured, as designed: matmuls inside chunks, a log-depth scan across them"),
+    "tpu": (ScanMethod.CHUNKED, "unmeasured, as designed: matmuls inside chunks, a log-depth scan across them"),
+}
+DEFAULT_AUTO = (ScanMethod.CHUNKED, "unmeasured, as designed (a backend not in AUTO_METHODS)")
+
+
 def auto_method(t_len, backend=None) -> ScanMethod:
-  """Fastest method per backend, from benchmarks/scan_bench.py (see README).
+  """Fastest method per backend: AUTO_METHODS, numbers from benchmarks/scan_bench.py (see README).
 
   cpu: 'sequential'. Measured on a 2-core CPU (shared, medians; `scan_bench.py --per-channel`) through
     ema_traces with [K, D] rates at (B, T, D, K) = (8, 2048, 256, 3), (1, 16384, 256, 3), (1, 65536, 256, 3):
@@ -140,10 +155,7 @@ def auto_method(t_len, backend=None) -> ScanMethod:
   """
   if t_len <= 2:
     return ScanMethod.SEQUENTIAL
-  backend = backend or jax.default_backend()
-  if backend == "cpu":
-    return ScanMethod.SEQUENTIAL
-  return ScanMethod.CHUNKED
+  return AUTO_METHODS.get(backend or jax.default_backend(), DEFAULT_AUTO)[0]
 
 
 def _run(a, b, h0, breaks, reverse, method, chunk_size):

@@ -345,13 +345,29 @@ def ema_traces(
   return _ema_traces(x, alpha_kd, h0, resets, start_count, bias_correction, method, int(chunk_size), rate_grad)
 
 
-def _auto_method(t_len: int, rates_shared_over_d: bool) -> scan.ScanMethod:
-  """'fused' on CPU when it applies (rates shared over D): benchmarks/scan_bench.py measured it the fastest
-  there, forward and forward+backward (results/scan_bench.json). Otherwise the linear_scan method that
-  scan.auto_method picks; GPU/TPU keep linear_scan's choice because the fused path is unmeasured there."""
-  if rates_shared_over_d and t_len >= 1 and jax.default_backend() == "cpu":
-    return scan.ScanMethod.FUSED
-  return scan.auto_method(t_len)
+# backend -> (the method 'auto' picks for rates shared over D, or None for scan.auto_method's choice; where
+# and when that was measured). Per-channel rates always take scan.auto_method (scan.AUTO_METHODS).
+# benchmarks/accelerator_suite.py reports whether this pick was the fastest measured on a device.
+AUTO_SHARED_RATES = {
+    "cpu": (
+        scan.ScanMethod.FUSED,
+        "measured: 2-core x86_64 CPU shared with other jobs, 2026-11-22 (results/scan_bench.json and "
+        "results/scan_bench_reuse_heap.json): fastest forward and forward+backward",
+    ),
+    "gpu": (None, "unmeasured: the fused path has not been timed there; scan.auto_method's choice"),
+    "tpu": (None, "unmeasured: the fused path has not been timed there; scan.auto_method's choice"),
+}
+
+
+def _auto_method(t_len: int, rates_shared_over_d: bool, backend=None) -> scan.ScanMethod:
+  """AUTO_SHARED_RATES[backend] when rates are shared over D and it names a method; otherwise the
+  linear_scan method that scan.auto_method picks (per-channel rates, or a backend where the fused path is
+  unmeasured)."""
+  backend = backend or jax.default_backend()
+  fused = AUTO_SHARED_RATES.get(backend, (None, ""))[0]
+  if rates_shared_over_d and t_len >= 1 and fused is not None:
+    return fused
+  return scan.auto_method(t_len, backend)
 
 
 @functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))

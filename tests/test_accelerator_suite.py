@@ -1,0 +1,150 @@
+"""benchmarks/accelerator_suite.py: --smoke runs every part end to end on CPU (in a subprocess, so the suite
+never rots), the JSON holds every part with numbers measured in that run; the peak table's matching and
+the per-backend 'auto' tables."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ema_jax import scan, traces
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def load_suite():
+  spec = importlib.util.spec_from_file_location("accelerator_suite", ROOT / "benchmarks" / "accelerator_suite.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  out = tmp_path_factory.mktemp("acc")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "accelerator_suite.py"), "--smoke", "--out", str(out)],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+  return out, json.loads((out / "suite.json").read_text()), proc.stdout
+
+
+def test_smoke_writes_every_part(smoke):
+  out, report, stdout = smoke
+  meta = report["meta"]
+  assert meta["backend"] == "cpu" and meta["smoke"] is True
+  assert meta["date"] and len(meta["loadavg_start"]) == 3 and len(meta["loadavg_end"]) == 3
+  assert set(meta["part_seconds"]) == {"devices", "traces", "lm_step", "train", "sweep"}
+  assert (out / "suite.md").exists() and "Accelerator suite" in (out / "suite.md").read_text()
+  # The auto tables are recorded, each entry with its note.
+  assert meta["auto_table"]["scan"]["cpu"][0] == "sequential"
+  assert meta["auto_table"]["traces_shared_rates"]["cpu"][0] == "fused"
+  assert "auto picks" in stdout
+
+
+def test_smoke_devices_and_traces(smoke):
+  _, report, _ = smoke
+  dev = report["devices"]
+  assert dev["device_kind"] and dev["devices"] and dev["peaks"] is None  # a CPU has no published peak here
+  assert dev["measured_copy_bytes_per_s"] > 0 and dev["measured_bf16_matmul_flops"] > 0
+  tr = report["traces"]
+  assert {b["rates"] for b in tr["best"]} == {"shared", "per_channel"}
+  methods = {r["method"] for r in tr["rows"]}
+  assert {"sequential", "associative", "auto", "textbook", "copy"} <= methods
+  assert any(m.startswith("fused/") for m in methods) and any(m.startswith("chunked/") for m in methods)
+  for r in tr["rows"]:
+    assert r["fwd_ms"] > 0 and r["train_ms"] > 0 and r["fwd_fraction_of_peak_bw"] is None
+  for b in tr["best"]:
+    names = {r["method"] for r in tr["rows"] if r["shape"] == b["shape"] and r["rates"] == b["rates"]}
+    assert b["fastest_fwd"] in names and b["fastest_train"] in names and b["auto_picks"] in names
+    assert isinstance(b["auto_fastest_train"], bool)
+  # What CPU's auto picks, through the tables: fused for shared rates, sequential per channel.
+  picks = {b["rates"]: b["auto_picks"] for b in tr["best"]}
+  assert picks["shared"].startswith("fused/") and picks["per_channel"] == "sequential"
+
+
+def test_smoke_lm_step(smoke):
+  _, report, _ = smoke
+  lm = report["lm_step"]
+  assert {(r["model"], r["T"]) for r in lm["rows"]} == {(m, t) for m in ("ema_lm", "gpt") for t in (32, 64)}
+  for r in lm["rows"]:
+    assert r["tokens_per_s"] > 0 and 0 < r["mfu"] and r["flops_per_token"] > 0
+    assert (r["mfu_sparse"] is not None) == (r["model"] == "ema_lm")
+    assert r["compiled_step_bytes"] is None or r["compiled_step_bytes"] > 0
+  assert "measured" in lm["peak_note"]
+
+
+def test_smoke_train(smoke):
+  _, report, _ = smoke
+  tr = report["train"]
+  if not (DATA / "wikipedia" / "validation.jsonl").exists():
+    assert "skipped" in tr
+    pytest.skip(f"no shared data at {DATA}: the train part reports itself skipped")
+  assert [r["model"] for r in tr["rows"]] == ["ema_lm", "gpt"]
+  for r in tr["rows"]:
+    assert r["status"] == "done" and r["steps"] >= 4
+    for source in ("validation", "c4_sample"):
+      ppl = r["eval"][f"eval/raw/{source}/perplexity"]
+      assert math.isfinite(ppl) and 1 < ppl < 257  # byte tokenizer: below the uniform guess
+
+
+def test_smoke_sweep(smoke):
+  _, report, _ = smoke
+  s = report["sweep"]
+  assert s["runs"] == 3 and s["steps"] == 12
+  assert s["vmapped_s"] > 0 and s["one_by_one_s"] > 0 and s["speedup"] > 0
+  assert s["max_abs_loss_diff"] < 1e-4  # vmapped runs train exactly as the same runs one by one
+
+
+@pytest.mark.parametrize(
+    "kind, name",
+    [
+        ("NVIDIA H200", "NVIDIA H200 SXM"),
+        ("NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM"),
+        ("NVIDIA H100 PCIe", "NVIDIA H100 PCIe"),
+        ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB SXM"),
+        ("NVIDIA A100-SXM4-40GB", "NVIDIA A100 40GB"),
+        ("NVIDIA L4", "NVIDIA L4"),
+        ("NVIDIA L40S", "NVIDIA L40S"),
+        ("TPU v4", "TPU v4"),
+        ("TPU v5 lite", "TPU v5e"),
+        ("TPU v5", "TPU v5p"),
+        ("TPU v6 lite", "TPU v6e (Trillium)"),
+    ],
+)
+def test_peak_table_matches_device_kinds(kind, name):
+  p = load_suite().lookup_peaks(kind)
+  assert p["name"] == name and p["hbm_bytes_per_s"] > 1e11 and p["bf16_dense_flops"] > 1e13 and p["source"]
+
+
+def test_unknown_device_has_no_peak_and_bad_parts_fail():
+  suite = load_suite()
+  assert suite.lookup_peaks("cpu") is None and suite.lookup_peaks("Some New Chip") is None
+  with pytest.raises(ValueError, match="--parts"):
+    suite.main(["--parts", "devices,nope"])
+
+
+def test_auto_tables_keep_cpu_choice_and_name_every_backend():
+  assert scan.auto_method(2048, "cpu") is scan.ScanMethod.SEQUENTIAL
+  assert scan.auto_method(2048, "gpu") is scan.ScanMethod.CHUNKED
+  assert scan.auto_method(2048, "metal") is scan.DEFAULT_AUTO[0]
+  assert scan.auto_method(2, "gpu") is scan.ScanMethod.SEQUENTIAL
+  assert traces._auto_method(2048, True, "cpu") is scan.ScanMethod.FUSED
+  assert traces._auto_method(2048, False, "cpu") is scan.ScanMethod.SEQUENTIAL
+  assert traces._auto_method(2048, True, "tpu") is scan.ScanMethod.CHUNKED
+  for table in (scan.AUTO_METHODS, traces.AUTO_SHARED_RATES):
+    assert {"cpu", "gpu", "tpu"} <= set(table)
+    for _, note in table.values():
+      assert note.startswith(("measured", "unmeasured"))
