@@ -1,7 +1,7 @@
 """One command that says how the codebase does on whatever backend JAX finds (issue 15, items 4 and 5).
 
   python benchmarks/accelerator_suite.py [--parts devices,traces,lm_step,train,sweep] [--out DIR]
-      [--data-root ../shared/data] [--train-seconds 90] [--sweep-runs 8] [--sweep-steps 100]
+      [--data-root ../shared/data] [--train-seconds 60] [--sweep-runs 8] [--sweep-steps 100]
   python benchmarks/accelerator_suite.py --smoke --out /tmp/acc     (every part, tiny, on CPU, < 2 minutes)
 
 Parts (each one's numbers are measured in this run; nothing is copied from elsewhere):
@@ -26,13 +26,19 @@ records date, device, load average (before and after each part) and the command.
 
 On the device machine (no network, Python 3.12; scripts/device_wheels.sh fills .whl/ with what it lacks):
   bash scripts/device_wheels.sh; mkdir -p .acc_data/wikipedia .acc_data/c4_sample
-  cp ../shared/data/wikipedia/{train-00,validation}.jsonl .acc_data/wikipedia/
+  cp ../shared/data/wikipedia/{train-00,train-01,train-02,validation}.jsonl .acc_data/wikipedia/
   cp ../shared/data/c4_sample/c4_demo.jsonl .acc_data/c4_sample/; echo /.acc_data/ >> .git/info/exclude
-  run(carry=[".whl", ".acc_data"], command="python3 -m pip install -q --no-index --no-deps --no-compile
-      --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
-      PYTHONUNBUFFERED=1 python3 benchmarks/accelerator_suite.py --data-root .acc_data --out $OUT/acc")
-(train-00 alone is 2.2M GPT-2 tokens, well past what 90 s of training reads; the whole set would not fit
-the 64 MiB that travels beside the wheels.)
+  run(carry=[".whl", ".acc_data"], timeout_s=600, command="python3 -m pip install -q --no-index --no-deps
+      --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
+      PYTHONUNBUFFERED=1 python3 benchmarks/accelerator_suite.py --data-root .acc_data --out /tmp/acc
+      --train-workdirs /tmp/acc_train; cp /tmp/acc/suite.json /tmp/acc/suite.md $OUT/")
+(--out outside $OUT: $OUT is emptied before each call and brings back 8 files at most, the trainer writes
+more; /tmp/acc stays while the machine is warm, so a second call can add parts to the same suite.json.)
+Three of the five training files (6.6M GPT-2 tokens, 31 MB) travel: all five, the wheels (5.5 MB) and the
+repository would pass the 64 MiB a call carries. A fast device may read them more than once in
+--train-seconds; each train row records the tokens it trained on. If one call's 10 minutes are too few, run
+--parts devices,traces,lm_step,sweep and then --parts train into the same --out: a part not run is kept from
+the earlier suite.json of the same device kind, with its own date (keep_earlier_parts).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import platform
 import re
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -390,7 +397,11 @@ def part_train(args, ctx):
     c.log_every = max(1, steps // 10)
     c.eval_every = steps  # no in-loop evaluation: only the trainer's final one
     c.checkpoint_every = 0
-    workdir = os.path.join(args.out, "train", kind)
+    workdir = os.path.join(args.train_workdirs, kind)
+    if os.path.exists(os.path.join(workdir, "config.json")):
+      raise ValueError(
+          f"{workdir} holds an earlier run (the trainer would resume it); remove it or pass another --train-workdirs."
+      )
     print(f"  {kind}: {steps} steps of batch {b} x T {t} (step {step_s * 1e3:.1f} ms from the {source})", flush=True)
     t0 = time.perf_counter()
     last = trainer.train(c, workdir)
@@ -491,7 +502,9 @@ def markdown(report) -> str:
       f"# Accelerator suite: {m['device_kind']} ({m['backend']})",
       "",
       f"{m['date']}, {m['command']}; load average {m['loadavg_start']} at the start. Every number was measured "
-      "in this run (peaks: the vendor's datasheet, named).",
+      "in this run (peaks: the vendor's datasheet, named)"
+      + "".join(f"; part {k} kept from the run of {d}" for k, d in m.get("parts_kept_from_earlier_runs", {}).items())
+      + ".",
       "",
   ]
   p = report.get("devices")
@@ -558,6 +571,23 @@ def markdown(report) -> str:
   return "\n".join(lines)
 
 
+def keep_earlier_parts(report, json_path):
+  """Parts this run skipped (--parts) but an earlier run on the same device kind wrote to the same suite.json
+  are kept, each with its own run record (date, command, load), so a device whose command limit is shorter
+  than the whole suite can run it in pieces into one report."""
+  if not os.path.exists(json_path):
+    return
+  with open(json_path) as f:
+    earlier = json.load(f)
+  same = all(earlier.get("meta", {}).get(k) == report["meta"][k] for k in ("device_kind", "smoke"))
+  kept = {}
+  for name in PARTS:
+    if same and name not in report and name in earlier and "run" in earlier[name]:
+      report[name] = earlier[name]
+      kept[name] = earlier[name]["run"]["date"]
+  report["meta"]["parts_kept_from_earlier_runs"] = kept
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--smoke", action="store_true", help="every part at tiny sizes (CPU, < 2 minutes)")
@@ -566,9 +596,14 @@ def main(argv=None):
   p.add_argument("--data-root", default=os.path.join(REPO, "..", "shared", "data"))
   p.add_argument("--repeats", type=int, default=None, help="timing repeats (default 5; --smoke 2)")
   p.add_argument("--lm-tokens", type=int, default=None, help="tokens per LM step, B x T (default 16384)")
-  p.add_argument("--train-seconds", type=float, default=None, help="training time per model (default 90)")
+  p.add_argument("--train-seconds", type=float, default=None, help="training time per model (default 60)")
   p.add_argument("--min-train-steps", type=int, default=None)
   p.add_argument("--max-train-steps", type=int, default=20000)
+  p.add_argument(
+      "--train-workdirs",
+      default=None,
+      help="folder of the train part's workdirs (default: a new one under the system's temporary folder)",
+  )
   p.add_argument("--sweep-runs", type=int, default=8)
   p.add_argument("--sweep-steps", type=int, default=100)
   p.add_argument("--sweep-repeats", type=int, default=3)
@@ -579,8 +614,10 @@ def main(argv=None):
     raise ValueError(f"--parts: unknown {bad}; accepted: {', '.join(PARTS)}")
   args.repeats = args.repeats or (2 if args.smoke else 5)
   args.lm_tokens = args.lm_tokens or (128 if args.smoke else 16384)
-  args.train_seconds = args.train_seconds if args.train_seconds is not None else (1.0 if args.smoke else 90.0)
+  args.train_seconds = args.train_seconds if args.train_seconds is not None else (1.0 if args.smoke else 60.0)
   args.min_train_steps = args.min_train_steps or (4 if args.smoke else 50)
+  if args.train_workdirs is None:
+    args.train_workdirs = tempfile.mkdtemp(prefix="accelerator_suite_train_")
   if args.out is None:
     args.out = os.path.join(REPO, "results", "accelerator", slug(jax.devices()[0].device_kind))
   os.makedirs(args.out, exist_ok=True)
@@ -608,7 +645,7 @@ def main(argv=None):
           ),
       )
   )
-  ctx = {}
+  ctx = dict(peaks=lookup_peaks(jax.devices()[0].device_kind))  # the devices part adds measured rates
   fns = dict(devices=part_devices, traces=part_traces, lm_step=part_lm_step, train=part_train, sweep=part_sweep)
   for name in PARTS:
     if name not in parts:
@@ -616,10 +653,18 @@ def main(argv=None):
     print(f"== {name}", flush=True)
     load0, t0 = list(os.getloadavg()), time.perf_counter()
     report[name] = fns[name](args, ctx)
-    report["meta"]["part_seconds"][name] = time.perf_counter() - t0
+    report[name]["run"] = dict(
+        date=report["meta"]["date"],
+        command=report["meta"]["command"],
+        seconds=time.perf_counter() - t0,
+        loadavg_before=load0,
+        loadavg_after=list(os.getloadavg()),
+    )
+    report["meta"]["part_seconds"][name] = report[name]["run"]["seconds"]
     report["meta"]["part_loadavg"][name] = dict(before=load0, after=list(os.getloadavg()))
   report["meta"]["loadavg_end"] = list(os.getloadavg())
   json_path, md_path = os.path.join(args.out, "suite.json"), os.path.join(args.out, "suite.md")
+  keep_earlier_parts(report, json_path)
   with open(json_path + ".tmp", "w") as f:
     json.dump(report, f, indent=1, default=str)
   os.replace(json_path + ".tmp", json_path)

@@ -148,3 +148,45 @@ def test_auto_tables_keep_cpu_choice_and_name_every_backend():
     assert {"cpu", "gpu", "tpu"} <= set(table)
     for _, note in table.values():
       assert note.startswith(("measured", "unmeasured"))
+
+
+def test_full_size_configs_build_without_compiling():
+  """What the device run trains, checked here without a step: the 130m / 124m Wikipedia configs (GPT-2
+  tokenizer, T = 1024) validate and build their abstract state; FLOPs are counted at both lengths."""
+  if not (DATA / "wikipedia" / "validation.jsonl").exists():
+    pytest.skip(f"no shared data at {DATA}")
+  from ema_jax import trainer
+
+  suite = load_suite()
+  args = suite.argparse.Namespace(smoke=False, lm_tokens=16384)
+  for kind, params in (("ema_lm", 130_000_000), ("gpt", 124_000_000)):
+    c = suite.wiki_config(kind, args, str(DATA))
+    assert c.data.tokenizer == "gpt2" and c.task.seq_len == 1024 and c.batch_size == 16
+    setup = trainer.build(c)
+    n = sum(math.prod(x.shape) for x in suite.jax.tree.leaves(setup.abstract_state["params"]))
+    assert params < n < params * 1.02
+  for t in (1024, 4096):
+    (_, _, ema_cfg, f_ema, f_sparse), (_, _, gpt_cfg, f_gpt, _) = suite._models(False, t, 50257)
+    assert gpt_cfg.context_len == t and str(ema_cfg.dtype) == "bfloat16"
+    assert 0 < f_sparse < f_ema and f_gpt > 6 * 124e6
+
+
+def test_parts_run_in_pieces_keep_earlier_parts(tmp_path):
+  """--parts into an --out that holds an earlier suite.json of the same device kind keeps its other parts,
+  each with its own run record; a different device kind's parts are never mixed in."""
+  suite = load_suite()
+  kind = suite.jax.devices()[0].device_kind
+  earlier = dict(
+      meta=dict(device_kind=kind, smoke=True),
+      sweep=dict(
+          runs=2, steps=4, dims="8x8", vmapped_s=1.0, one_by_one_s=1.5, speedup=1.5, run=dict(date="2026-01-01")
+      ),
+  )
+  (tmp_path / "suite.json").write_text(json.dumps(earlier))
+  report = suite.main(["--smoke", "--parts", "devices", "--out", str(tmp_path)])
+  assert report["sweep"]["speedup"] == 1.5 and report["devices"]["run"]["date"] == report["meta"]["date"]
+  assert report["meta"]["parts_kept_from_earlier_runs"] == {"sweep": "2026-01-01"}
+  earlier["meta"]["device_kind"] = "another chip"
+  (tmp_path / "suite.json").write_text(json.dumps(earlier))
+  report = suite.main(["--smoke", "--parts", "devices", "--out", str(tmp_path)])
+  assert "sweep" not in report and report["meta"]["parts_kept_from_earlier_runs"] == {}
