@@ -148,6 +148,9 @@ def part_devices(args, ctx):
 def part_traces(args, ctx):
   shapes = ["2x256x32x3"] if args.smoke else ["8x2048x256x3", "1x65536x256x3"]
   chunks, fused_chunks = ([16], [16]) if args.smoke else ([32, 64], [16, 32, 64])
+  # The chunk sizes 'auto' uses are always candidates, so "auto picks the fastest" can be read off by name.
+  chunks = sorted({*chunks, scan.DEFAULT_CHUNK})
+  fused_chunks = sorted({*fused_chunks, traces.DEFAULT_FUSED_CHUNK})
   peak_bw = (ctx.get("peaks") or {}).get("hbm_bytes_per_s")
   rows, best = [], []
   for per_channel in (False, True):
