@@ -87,8 +87,7 @@ def _generate_fn(graphdef, max_new_tokens: int, max_len: Optional[int], eod_id: 
     model = nnx.merge(graphdef, state)
     b, t = tokens_BT.shape
     resets_BT = None if eod_id is None else tokens_BT == eod_id
-    kwargs = {} if max_len is None else dict(max_len=max_len)
-    cache, logits_BTV = model.prefill(tokens_BT, resets_BT=resets_BT, lengths_B=lengths_B, **kwargs)
+    cache, logits_BTV = model.prefill(tokens_BT, resets_BT=resets_BT, lengths_B=lengths_B, max_len=max_len)
     logits_BV = jnp.take_along_axis(logits_BTV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
 
     def body(carry, i):
@@ -139,7 +138,7 @@ def generate(
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"generate: `max_new_tokens`={max_new_tokens!r}; expected a positive integer.")
   limit = position_limit(model)
-  max_len = None
+  max_len = t + max_new_tokens  # the GPT's KV cache and the EMA LM's 'attention_history' cache size
   if limit is not None:
     if t + max_new_tokens > limit:
       raise ValueError(
@@ -147,7 +146,6 @@ def generate(
           f"tokens, past the GPT's context_len={limit} (it has no positions beyond); ask for at most "
           f"{max(limit - t, 0)} new tokens or shorten the prompt. The EMA LM has no such limit."
       )
-    max_len = t + max_new_tokens
   graphdef, state = nnx.split(model)
   fn = _generate_fn(graphdef, max_new_tokens, max_len, eod_id, bool(stop_at_eod))
   out_BN = fn(

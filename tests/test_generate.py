@@ -68,7 +68,7 @@ def test_one_compilation_for_any_settings_and_seed():
   settings = [dict(temperature=0.0), dict(temperature=0.7, top_k=5, seed=3), dict(temperature=1.3, top_p=0.9, seed=4)]
   outs = [decoding.generate(model, tokens_BT, lengths_B, max_new_tokens=6, **s) for s in settings]
   graphdef, _ = nnx.split(model)
-  fn = decoding._generate_fn(graphdef, 6, None, None, True)
+  fn = decoding._generate_fn(graphdef, 6, tokens_BT.shape[1] + 6, None, True)  # max_len = prompt + new tokens
   assert fn._cache_size() == 1
   assert not np.array_equal(outs[1], outs[2])
   again = decoding.generate(model, tokens_BT, lengths_B, max_new_tokens=6, **settings[1])

@@ -89,6 +89,8 @@ CASES = [
     dict(window=4),
     dict(window=5, trace_kind="selective"),
     dict(window=32, predictor="attention", tie_embeddings=False),
+    dict(predictor="attention_history"),
+    dict(predictor="attention_history", trace_kind="selective", window=3),
 ]
 
 
@@ -102,7 +104,7 @@ def test_decoding_matches_full_forward(overrides):
   resets[0, 6] = resets[2, 3] = resets[2, 11] = True
   full = np.asarray(model(jnp.asarray(tokens), resets_BT=jnp.asarray(resets)))
   step = nnx.jit(lambda m, c, tok, r: m.decode_step(c, tok, reset_B=r))
-  cache = model.init_cache(b)
+  cache = model.init_cache(b, max_len=t_len)  # max_len: only 'attention_history' keeps a growing cache
   for t in range(t_len):
     cache, logits = step(model, cache, jnp.asarray(tokens[:, t]), jnp.asarray(resets[:, t]))
     np.testing.assert_allclose(np.asarray(logits), full[:, t], rtol=1e-5, atol=1e-5, err_msg=f"position {t}")
@@ -122,10 +124,16 @@ def test_decoding_state_is_constant_in_context_length():
   assert nbytes == 2 * SMALL["num_blocks"] * per_block
 
 
-def test_attention_history_decoding_is_refused():
+def test_attention_history_cache_needs_max_len_and_marks_overflow():
   model = perturbed_model(predictor="attention_history")
-  with pytest.raises(ValueError, match="attention_history.*constant-size state"):
-    model.decode_step(model.init_cache(1), jnp.zeros((1,), jnp.int32))
+  with pytest.raises(ValueError, match="max_len.*attention_history"):
+    model.init_cache(1)
+  with pytest.raises(ValueError, match="max_len"):
+    model.prefill(jnp.zeros((1, 5), jnp.int32), max_len=4)
+  cache = model.init_cache(1, max_len=2)
+  for t in range(3):
+    cache, logits = model.decode_step(cache, jnp.array([t], jnp.int32))
+  assert np.isnan(np.asarray(logits)).all()  # position 2 has no slot: NaN, never a silently wrong answer
 
 
 def test_hybrid_trains_and_window_validates():

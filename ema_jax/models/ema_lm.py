@@ -274,29 +274,43 @@ class EMABlock(nnx.Module):
     x_BTD = x_BTD + self.dropout(self.ffn(self.norm_ffn(x_BTD)), deterministic=deterministic, rngs=rngs)
     return x_BTD
 
-  def init_cache(self, batch: int, dtype) -> dict:
+  def init_cache(self, batch: int, dtype, max_len=None) -> dict:
     cache = dict(traces=self.traces.init_state(batch))
     if self.window:
       cache["local"] = self.local.init_cache(batch, dtype)
+    if self.predictor.kind == "attention_history":
+      # Every past trace stack, slot s holding position s: this predictor's state grows with the context.
+      k_d = self.predictor.attention.key.in_features
+      cache["history"] = jnp.zeros((batch, max_len, k_d), dtype)
     return cache
+
+  def _history_predict(self, history_BSF, h_BKD, t_B, start_B):
+    """'attention_history' at one position: (history with h_t written at slot t, prediction [B, D]).
+    Positions past the history's length get NaN predictions (a jitted step cannot raise)."""
+    b, s = history_BSF.shape[:2]
+    rows = jnp.arange(b)
+    history_BSF = history_BSF.at[rows, jnp.minimum(t_B, s - 1)].set(h_BKD.reshape(b, -1).astype(history_BSF.dtype))
+    pos_S = jnp.arange(s)
+    mask_B11S = ((pos_S[None] <= t_B[:, None]) & (pos_S[None] >= start_B[:, None]))[:, None, None]
+    uhat_BD = self.predictor.attention(h_BKD.reshape(b, 1, -1), history_BSF, mask=mask_B11S)[:, 0]
+    return history_BSF, jnp.where((t_B < s)[:, None], uhat_BD, jnp.nan)
 
   def step(self, cache: dict, x_BD, *, reset_B, t_B, start_B):
     """One token (decoding, deterministic): (new cache, x [B, D]); equals __call__ at that position.
 
     The predictor sees the trace state before this token (the traces of u_{<t}), zeroed at a document
-    start; the state then takes u_t in.
+    start; the state then takes u_t in. 'attention_history' also keeps every past trace stack (its cache
+    grows with the context, up to the max_len it was made with).
     """
-    if self.predictor.kind == "attention_history":
-      raise ValueError(
-          "EMALM decoding: predictor='attention_history' attends over every past trace stack, so it has no "
-          "constant-size state; decode with predictor='linear' or 'attention', or score with the full forward."
-      )
     b, d = x_BD.shape
     u_BD = self.norm_in(x_BD)
     h_BKD = jnp.where(reset_B[:, None, None], 0.0, cache["traces"].h).astype(u_BD.dtype)
-    uhat_BD = self.predictor(h_BKD[:, None])[:, 0]
-    e_BD = u_BD - uhat_BD.astype(u_BD.dtype)
     new = dict(traces=self.traces.step(cache["traces"], u_BD, reset_B=reset_B)[0])
+    if self.predictor.kind == "attention_history":
+      new["history"], uhat_BD = self._history_predict(cache["history"], h_BKD, t_B, start_B)
+    else:
+      uhat_BD = self.predictor(h_BKD[:, None])[:, 0]
+    e_BD = u_BD - uhat_BD.astype(u_BD.dtype)
     x_BD = x_BD + self.mix(jnp.concatenate([e_BD, h_BKD.reshape(b, -1).astype(e_BD.dtype)], axis=-1))
     if self.window:
       new["local"], local_BD = self.local.step(cache["local"], u_BD, t_B, start_B)
@@ -304,7 +318,7 @@ class EMABlock(nnx.Module):
     x_BD = x_BD + self.ffn(self.norm_ffn(x_BD[:, None]))[:, 0]
     return new, x_BD
 
-  def prefill(self, x_BTD, *, resets_BT, segment_ids_BT, last_B):
+  def prefill(self, x_BTD, *, resets_BT, segment_ids_BT, last_B, max_len=None):
     """__call__ (deterministic) that also returns the decoding cache after the token at last_B [B].
 
     The traces run on u in float32, so the state kept is the float32 state decode_step would carry (the
@@ -322,6 +336,9 @@ class EMABlock(nnx.Module):
     if resets_BT is not None:
       h_BTKD = jnp.where(resets_BT[:, :, None, None], jnp.zeros((), h_BTKD.dtype), h_BTKD)
     uhat_BTD = self.predictor(h_BTKD, segment_ids_BT=segment_ids_BT)
+    if self.predictor.kind == "attention_history":
+      # Slots past a row's prompt hold padding; decode_step overwrites slot t before it attends to it.
+      cache["history"] = jnp.pad(h_BTKD.reshape(b, t, -1), ((0, 0), (0, max_len - t), (0, 0)))
     e_BTD = u_BTD - uhat_BTD.astype(u_BTD.dtype)
     x_BTD = x_BTD + self.mix(jnp.concatenate([e_BTD, h_BTKD.reshape(b, t, -1).astype(e_BTD.dtype)], axis=-1))
     if self.window:
@@ -389,21 +406,33 @@ class EMALM(nnx.Module):
       )
     return self.head(x_BTD).astype(jnp.float32)
 
-  def init_cache(self, batch: int) -> dict:
+  def init_cache(self, batch: int, max_len=None) -> dict:
     """Decoding state of `batch` sequences at position 0: per block the trace state (K D float32) and,
-    for the hybrid, the last W block inputs; its size does not depend on the context length."""
+    for the hybrid, the last W block inputs; its size does not depend on the context length. Only
+    predictor='attention_history' needs max_len (room for that many positions of past trace stacks)."""
+    self._check_max_len(max_len, "init_cache")
     return dict(
-        blocks=[blk.init_cache(batch, self.config.compute_dtype) for blk in self.blocks],
+        blocks=[blk.init_cache(batch, self.config.compute_dtype, max_len) for blk in self.blocks],
         t=jnp.zeros((batch,), jnp.int32),  # position of the next token
         start=jnp.zeros((batch,), jnp.int32),  # position where the current document started
     )
+
+  def _check_max_len(self, max_len, where, at_least=1):
+    if self.config.predictor != "attention_history":
+      return
+    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < at_least:
+      raise ValueError(
+          f"EMALM.{where}: `max_len`={max_len!r}; predictor='attention_history' keeps every past trace stack, "
+          f"so give the longest context to decode (an integer >= {at_least}: prompt plus new tokens)."
+      )
 
   def decode_step(self, cache: dict, token_B, *, reset_B=None):
     """One token per sequence: (new cache, float32 logits [B, V] for the next token), deterministic.
 
     Feeding tokens 0..T-1 one by one gives the logits of __call__ on [B, T] at every position (resets_B
-    True where a token starts a document, as resets_BT). Works with fixed and selective traces, the
-    'linear' and 'attention' predictors and the hybrid's window; constant memory and time per token.
+    True where a token starts a document, as resets_BT). Works with fixed and selective traces, every
+    predictor and the hybrid's window; constant memory and time per token except 'attention_history',
+    whose cache holds every past trace stack.
     """
     token_B = jnp.asarray(token_B)
     b = token_B.shape[0]
@@ -424,10 +453,9 @@ class EMALM(nnx.Module):
     The logits are __call__'s; the cache is the one decode_step would hold after feeding the tokens one
     by one (trace states from the scan, the hybrid's last W block inputs). lengths_B int [B] (default T):
     row b's prompt is inputs_BT[b, :lengths_B[b]], right-padded, and its cache is taken after its own last
-    token, so padding never reaches it. max_len is accepted for the GPT's interface and unused: the EMA
-    LM has no positional limit.
+    token, so padding never reaches it. max_len (prompt plus new tokens) sizes the trace-stack history of
+    predictor='attention_history' and is unused otherwise: the EMA LM has no positional limit.
     """
-    del max_len
     cfg = self.config
     inputs_BT = jnp.asarray(inputs_BT)
     if inputs_BT.ndim != 2 or not jnp.issubdtype(inputs_BT.dtype, jnp.integer):
@@ -435,22 +463,17 @@ class EMALM(nnx.Module):
           f"EMALM.prefill: `inputs_BT` has shape {inputs_BT.shape} and dtype {inputs_BT.dtype}; "
           f"expected integer token ids [B, T]."
       )
-    for blk in self.blocks:
-      if blk.predictor.kind == "attention_history":
-        raise ValueError(
-            "EMALM.prefill: predictor='attention_history' has no constant-size decoding state; decode with "
-            "predictor='linear' or 'attention', or score with the full forward."
-        )
     b, t = inputs_BT.shape
+    self._check_max_len(max_len, "prefill", at_least=t)
     resets_BT, segment_ids_BT = resolve_documents(inputs_BT.shape, resets_BT, None, where="EMALM.prefill")
-    if not cfg.window:
+    if not cfg.window and cfg.predictor != "attention_history":
       segment_ids_BT = None
     lengths_B = jnp.full((b,), t, jnp.int32) if lengths_B is None else jnp.asarray(lengths_B, jnp.int32)
     last_B = jnp.clip(lengths_B - 1, 0, t - 1)
     x_BTD = self.embed(inputs_BT)
     blocks = []
     for blk in self.blocks:
-      c, x_BTD = blk.prefill(x_BTD, resets_BT=resets_BT, segment_ids_BT=segment_ids_BT, last_B=last_B)
+      c, x_BTD = blk.prefill(x_BTD, resets_BT=resets_BT, segment_ids_BT=segment_ids_BT, last_B=last_B, max_len=max_len)
       blocks.append(c)
     start_B = jnp.zeros((b,), jnp.int32)
     if resets_BT is not None:
