@@ -1,7 +1,8 @@
 """The copy / recall / selective-copy / filtering probes for five architectures at equal parameters and tokens.
 
   python -m experiments.probes --workdir W [--seeds 0,1] [--probes copy,recall,selective_copy,filtering]
-      [--models ema3,ema8,selective,gpt,hybrid] [--steps 2000] [--results results/probes]
+      [--models ema3,ema8,selective,gpt,hybrid] [--steps 2000] [--width 64] [--window 16] [--results results/probes]
+  python -m experiments.probes --workdir W --results results/probes --reanalyse   (tables and plots again)
 
 The models (all over the probe vocabulary, 2 blocks / layers, trained by ema_jax.trainer with the same
 optimiser, batch, steps and data order per seed, so every model sees the same training tokens):
@@ -36,11 +37,17 @@ PROBES = ("copy", "recall", "selective_copy", "filtering")
 MODELS = ("ema3", "ema8", "selective", "gpt", "hybrid")
 CONTEXTS = (256, 1024, 4096, 16384)  # for the state-size table
 EMA8_ALPHAS = [2.0 ** -(i + 1) for i in range(8)]
+# Sizes relative to the one size a run trains at (every model fails at sizes it never saw, shorter ones too).
+REGIONS = {
+    "shorter": lambda r: r["size"] < r["train_size"],
+    "trained": lambda r: r["size"] == r["train_size"],
+    "beyond": lambda r: r["size"] > r["train_size"],
+}
 
 
 def define_flags():
   """The command-line flags, defined only when the module runs as a script (tests import it)."""
-  global _WORKDIR, _SEEDS, _PROBES, _MODELS, _STEPS, _WINDOW, _WIDTH, _RESULTS
+  global _WORKDIR, _SEEDS, _PROBES, _MODELS, _STEPS, _WINDOW, _WIDTH, _RESULTS, _REANALYSE
   _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs go.", required=True)
   _SEEDS = flags.DEFINE_string("seeds", "0,1", "Comma-separated seeds.")
   _PROBES = flags.DEFINE_string("probes", ",".join(PROBES), "Comma-separated subset of the probes.")
@@ -49,6 +56,7 @@ def define_flags():
   _WINDOW = flags.DEFINE_integer("window", 16, "The hybrid's attention window W in tokens.")
   _WIDTH = flags.DEFINE_integer("width", 64, "Width of the ema3 model; the others match its parameter count.")
   _RESULTS = flags.DEFINE_string("results", None, "Where the results go (default: <workdir>/results).")
+  _REANALYSE = flags.DEFINE_bool("reanalyse", False, "Only rewrite table.md and the plots from summary.json.")
 
 
 def model_edits(model: str, width: int, window: int) -> Dict[str, Any]:
@@ -198,10 +206,7 @@ def summarize(rows, info, probes, models, weights="raw") -> Dict[str, Any]:
   table = {}
   for probe in probes:
     for model in models:
-      for region, pick in (
-          ("in_range", lambda r: r["size"] <= r["train_size"]),
-          ("beyond", lambda r: r["size"] > r["train_size"]),
-      ):
+      for region, pick in REGIONS.items():
         for metric in ("token_accuracy", "sequence_accuracy"):
           v = _agg(rows, probe, model, weights, pick, metric)
           if v:
@@ -219,8 +224,9 @@ def write_markdown(path, summary, probes, models):
       f"Measured {summary['date']} on {summary['machine']}; load average {summary['load_start']} at the start, "
       f"{summary['load_end']} at the end; {summary['wall_s'] / 60:.0f} min wall.",
       "",
-      "Answer accuracy of the raw weights: mean over seeds [min, max]; 'in range' averages the evaluation sizes "
-      "up to the training size, 'beyond' the larger ones (sizes per probe in the curves).",
+      "Answer accuracy of the raw weights: mean over seeds [min, max]; 'trained' is the one size each run "
+      "trains at, 'shorter' and 'beyond' average the evaluation sizes below and above it (per size: the curves "
+      "and summary.json).",
       "",
       "## Models",
       "",
@@ -238,7 +244,7 @@ def write_markdown(path, summary, probes, models):
     lines += ["", f"## {metric.replace('_', ' ')}", "", "| probe | region | " + " | ".join(models) + " |"]
     lines.append("|---|---|" + "---:|" * len(models))
     for probe in probes:
-      for region in ("in_range", "beyond"):
+      for region in REGIONS:
         cells = [fmt(table.get(f"{probe}/{m}/{region}/{metric}")) for m in models]
         lines.append(f"| {probe} | {region.replace('_', ' ')} | " + " | ".join(cells) + " |")
   with open(path, "w") as f:
@@ -286,23 +292,40 @@ def plot(rows, summary, probes, models, out_dir):
   plt.close(fig)
 
   table = summary["table"]
-  fig, ax = plt.subplots(figsize=(5, 4.2))
+  fig, ax = plt.subplots(figsize=(5.2, 4.4))
   for model in models:
-    recall = [table.get(f"{p}/{model}/in_range/token_accuracy") for p in ("copy", "recall")]
-    filt = table.get(f"filtering/{model}/in_range/token_accuracy")
+    recall = [table.get(f"{p}/{model}/trained/token_accuracy") for p in ("copy", "recall")]
+    filt = table.get(f"filtering/{model}/beyond/sequence_accuracy")
     recall = [r["mean"] for r in recall if r]
     if not recall or not filt:
       continue
     y = float(np.mean(recall))
     ax.scatter([filt["mean"]], [y], s=40)
     ax.annotate(model, (filt["mean"], y), textcoords="offset points", xytext=(4, 4), fontsize=9)
-  ax.set_xlabel("filtering accuracy (in range)")
-  ax.set_ylabel("copy / recall accuracy (in range, mean)")
+  ax.set_xlabel("filtering: whole-stream accuracy, streams 2-4x the trained length")
+  ax.set_ylabel("copy / recall: answer accuracy at the trained size")
   ax.set_title("The copy-filter dial")
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, "dial.png"), dpi=90)
   plt.close(fig)
+
+
+def reanalyse(results: str, command: str = "") -> Dict[str, Any]:
+  """Rewrites table.md and the plots from results/summary.json (its runs and meta kept as measured)."""
+  with open(os.path.join(results, "summary.json")) as f:
+    summary = json.load(f)
+  rows = summary["runs"]
+  probes = [p for p in PROBES if any(r["probe"] == p for r in rows)]
+  models = [m for m in MODELS if any(r["model"] == m for r in rows)]
+  summary["table"] = summarize(rows, summary["models"], probes, models)
+  summary["table_ema"] = summarize(rows, summary["models"], probes, models, weights="ema")
+  summary["reanalysed"] = dict(command=command, date=time.strftime("%Y-%m-%d"))
+  with open(os.path.join(results, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  write_markdown(os.path.join(results, "table.md"), summary, probes, models)
+  plot(rows, summary, probes, models, results)
+  return summary
 
 
 def run(
@@ -345,6 +368,11 @@ def run(
 def main(argv):
   del argv
   split = lambda s: [p.strip() for p in s.split(",") if p.strip()]
+  if _REANALYSE.value:
+    out = _RESULTS.value or os.path.join(_WORKDIR.value, "results")
+    reanalyse(out, command="python -m experiments.probes " + " ".join(sys.argv[1:]))
+    print(open(os.path.join(out, "table.md")).read())
+    return
   run(
       split(_PROBES.value),
       split(_MODELS.value),

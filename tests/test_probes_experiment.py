@@ -29,5 +29,10 @@ def test_tiny_grid_writes_table_plots_and_state_sizes(tmp_path):
   assert {(r["model"], r["weights"]) for r in rows} == {(m, w) for m in ("ema3", "gpt") for w in ("raw", "ema")}
   assert all(0.0 <= r["token_accuracy"] <= 1.0 for r in rows)
   table = open(os.path.join(out, "table.md")).read()
-  assert "| recall | in range |" in table and "| recall | beyond |" in table
-  assert "recall/gpt/in_range/token_accuracy" in summary["table"]
+  assert "| recall | trained |" in table and "| recall | beyond |" in table
+  assert "recall/gpt/trained/token_accuracy" in summary["table"]
+  # --reanalyse rewrites the tables and plots from summary.json alone, keeping what was measured.
+  os.remove(os.path.join(out, "table.md"))
+  again = probes.reanalyse(out, command="test")
+  assert again["table"] == summary["table"] and again["wall_s"] == summary["wall_s"]
+  assert os.path.getsize(os.path.join(out, "table.md")) > 0
