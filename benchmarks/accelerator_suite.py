@@ -228,22 +228,9 @@ def _lm_batch(b, t, vocab):
 def train_step_stats(model, batch, repeats):
   """benchmarks/lm_bench.py's jitted AdamW step, compiled once ahead so its memory analysis is at hand:
   (median seconds per step, compiled memory in bytes)."""
-  import optax
-  from flax import nnx
-  from ema_jax.tasks.lm import token_nll
+  import lm_bench  # benchmarks/ is on sys.path (as for scan_bench)
 
-  graphdef, params = nnx.split(model, nnx.Param)
-  tx = optax.adamw(1e-3)
-  opt = tx.init(params)
-
-  def step(params, opt, batch):
-    def loss(p):
-      s, n = token_nll(nnx.merge(graphdef, p), batch, rngs=None, train=True)
-      return s / n
-
-    l, g = jax.value_and_grad(loss)(params)
-    u, opt = tx.update(g, opt, params)
-    return optax.apply_updates(params, u), opt, l
+  step, params, opt = lm_bench.adamw_step(model)
 
   batch = jax.device_put(batch)
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt, batch).compile()

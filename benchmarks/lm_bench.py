@@ -32,7 +32,9 @@ from ema_jax.models import ema_lm, transformer  # noqa: E402
 from ema_jax.tasks.lm import token_nll  # noqa: E402
 
 
-def step_time(model, batch, repeats):
+def adamw_step(model):
+  """(step, params, opt state) of one AdamW step on the LM loss: step(params, opt, batch) -> (params, opt,
+  loss), ready to jit with donated params and optimizer state (shared with accelerator_suite.py)."""
   graphdef, params = nnx.split(model, nnx.Param)
   tx = optax.adamw(1e-3)
   opt = tx.init(params)
@@ -46,6 +48,11 @@ def step_time(model, batch, repeats):
     u, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, u), opt, l
 
+  return step, params, opt
+
+
+def step_time(model, batch, repeats):
+  step, params, opt = adamw_step(model)
   fn = jax.jit(step, donate_argnums=(0, 1))
   params, opt, _ = fn(params, opt, batch)
   jax.block_until_ready(params)

@@ -182,28 +182,41 @@ def selective_main(args):
           flush=True,
       )
   load_after, uptime_after = os.getloadavg(), uptime()
-  meta = dict(
+  meta = run_meta(args, load_before, load_after, uptime_before, uptime_after)
+  meta.update(
+      selective_auto=str(scan.auto_method(1 << 20)),
+      train="jax.grad of mean(h^2) w.r.t. x (and the rates for selective)",
+  )
+  write_json(args.out, meta, rows)
+
+
+def run_meta(args, load_before, load_after, uptime_before, uptime_after):
+  """What every results file records about the machine, its load and the command."""
+  return dict(
       date=time.strftime("%Y-%m-%d %H:%M:%S"),
       backend=jax.default_backend(),
+      devices=str(jax.devices()),
       cpu_count=os.cpu_count(),
       platform=platform.platform(),
+      processor=platform.processor(),
       jax=jax.__version__,
       repeats=args.repeats,
       command=" ".join(sys.argv),
-      selective_auto=str(scan.auto_method(1 << 20)),
       loadavg_before=list(load_before),
       loadavg_after=list(load_after),
       uptime_before=uptime_before,
       uptime_after=uptime_after,
       malloc_env={k: os.environ[k] for k in _HEAP_ENV if k in os.environ},
       timing="median [min, max] of --repeats, candidates in a random order within each repeat",
-      train="jax.grad of mean(h^2) w.r.t. x (and the rates for selective)",
   )
-  if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
+
+
+def write_json(path, meta, rows):
+  if path:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
       json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    print(f"wrote {args.out}")
+    print(f"wrote {path}")
 
 
 def main():
@@ -295,33 +308,15 @@ def main():
       f"{'/' + str(traces.DEFAULT_FUSED_CHUNK) if auto == 'fused' else ''} on {jax.default_backend()}; "
       f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after)"
   )
-  meta = dict(
-      date=time.strftime("%Y-%m-%d %H:%M:%S"),
-      backend=jax.default_backend(),
-      devices=str(jax.devices()),
-      cpu_count=os.cpu_count(),
-      platform=platform.platform(),
-      processor=platform.processor(),
-      jax=jax.__version__,
-      repeats=args.repeats,
-      command=" ".join(sys.argv),
+  meta = run_meta(args, load_before, load_after, uptime_before, uptime_after)
+  meta.update(
       rates="per_channel [K, D]" if args.per_channel else "shared [K]",
       auto=auto,
       fused_default_chunk=traces.DEFAULT_FUSED_CHUNK,
       linear_scan_auto=scan.auto_method(1 << 20),
-      loadavg_before=list(load_before),
-      loadavg_after=list(load_after),
-      uptime_before=uptime_before,
-      uptime_after=uptime_after,
-      malloc_env={k: os.environ[k] for k in _HEAP_ENV if k in os.environ},
-      timing="median [min, max] of --repeats, candidates in a random order within each repeat",
       fwd_bwd="jax.grad of mean(h^2) w.r.t. x: a training-like loss that uses the output, so XLA cannot drop the forward",
   )
-  if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    print(f"wrote {args.out}")
+  write_json(args.out, meta, rows)
 
 
 if __name__ == "__main__":
