@@ -66,7 +66,7 @@ from scan_bench import candidates, copy_op, rates, textbook, time_interleaved_ra
 
 from ema_jax import scan, traces  # noqa: E402
 
-PARTS = ("devices", "traces", "lm_step", "train", "sweep")
+PARTS = ("devices", "traces", "lm_step", "decode", "train", "sweep")
 
 # device_kind pattern (re.search, first match wins, so the specific ones come first) -> published peaks of
 # one chip: HBM bandwidth (bytes/s) and dense bf16 FLOP/s (NVIDIA's "with sparsity" figures halved).
@@ -483,6 +483,20 @@ def part_sweep(args, ctx):
   return out
 
 
+def part_decode(args, ctx):
+  """benchmarks/decode_bench.py on this device: tokens/s of one decoded token and the state per sequence,
+  EMA LM against GPT, as the context grows (the GPT's KV cache filled to it; the EMA LM's state constant).
+  Full: width 768, 12 blocks (the 130m / 124m shapes, byte vocabulary), contexts 1k-16k, batch 1 and 8."""
+  import decode_bench  # benchmarks/ is on sys.path (as for scan_bench)
+
+  if args.smoke:
+    argv = ["--quick"]
+  else:
+    argv = ["--contexts", "1024,4096,16384", "--batches", "1,8", "--width", "768", "--depth", "12", "--repeats", "10"]
+  out = decode_bench.main(argv)
+  return dict(settings=out["settings"], rows=out["rows"])
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 
@@ -536,6 +550,17 @@ def markdown(report) -> str:
           f"| {r['model']} {r['preset']} | {r['T']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {fmt(r['mfu'])} | "
           f"{fmt(r['mfu_sparse'])} | {gib} |"
       )
+    lines.append("")
+  dec = report.get("decode")
+  if dec:
+    lines += [
+        "| decode: model | batch | context | tokens/s | state bytes / sequence |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['model']} | {r['batch']} | {r['context']} | {r['tokens_per_s']:,.1f} | {r['state_bytes_per_sequence']:,} |"
+        for r in dec["rows"]
+    ]
     lines.append("")
   t = report.get("train")
   if t and "rows" in t:
@@ -636,7 +661,14 @@ def main(argv=None):
       )
   )
   ctx = dict(peaks=lookup_peaks(jax.devices()[0].device_kind))  # the devices part adds measured rates
-  fns = dict(devices=part_devices, traces=part_traces, lm_step=part_lm_step, train=part_train, sweep=part_sweep)
+  fns = dict(
+      devices=part_devices,
+      traces=part_traces,
+      lm_step=part_lm_step,
+      decode=part_decode,
+      train=part_train,
+      sweep=part_sweep,
+  )
   for name in PARTS:
     if name not in parts:
       continue

@@ -46,12 +46,21 @@ def test_smoke_writes_every_part(smoke):
   meta = report["meta"]
   assert meta["backend"] == "cpu" and meta["smoke"] is True
   assert meta["date"] and len(meta["loadavg_start"]) == 3 and len(meta["loadavg_end"]) == 3
-  assert set(meta["part_seconds"]) == {"devices", "traces", "lm_step", "train", "sweep"}
+  assert set(meta["part_seconds"]) == {"devices", "traces", "lm_step", "decode", "train", "sweep"}
   assert (out / "suite.md").exists() and "Accelerator suite" in (out / "suite.md").read_text()
   # The auto tables are recorded, each entry with its note.
   assert meta["auto_table"]["scan"]["cpu"][0] == "sequential"
   assert meta["auto_table"]["traces_shared_rates"]["cpu"][0] == "fused"
   assert "auto picks" in stdout
+
+
+def test_smoke_decode(smoke):
+  _, report, _ = smoke
+  rows = report["decode"]["rows"]
+  assert {r["model"] for r in rows} == {"ema_lm", "gpt"} and all(r["tokens_per_s"] > 0 for r in rows)
+  ema = {r["state_bytes_per_sequence"] for r in rows if r["model"] == "ema_lm"}
+  gpt = sorted((r["context"], r["state_bytes_per_sequence"]) for r in rows if r["model"] == "gpt")
+  assert len(ema) == 1 and gpt[0][1] < gpt[-1][1]  # constant state against a growing cache
 
 
 def test_smoke_devices_and_traces(smoke):
