@@ -351,8 +351,9 @@ def ema_traces(
 AUTO_SHARED_RATES = {
     "cpu": (
         scan.ScanMethod.FUSED,
-        "measured: 2-core x86_64 CPU shared with other jobs, 2026-11-22 (results/scan_bench.json and "
-        "results/scan_bench_reuse_heap.json): fastest forward and forward+backward",
+        "measured: 2-core x86_64 CPU shared with other jobs, 2026-11-22 and again 2026-11-29 with the "
+        "training-like backward (results/scan_bench.json, results/scan_bench_reuse_heap.json): a fused chunk "
+        "size was the fastest forward and forward+backward at every shape",
     ),
     "gpu": (None, "unmeasured: the fused path has not been timed there; scan.auto_method's choice"),
     "tpu": (None, "unmeasured: the fused path has not been timed there; scan.auto_method's choice"),
