@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Wheels the device machine (Python 3.12, x86-64, no network) lacks for the accelerator suite, downloaded
-# here from PyPI into .whl/ (ignored through .git/info/exclude, never committed) to be carried there.
+# here from PyPI into .whl/ (ignored through .gitignore, never committed) to be carried there.
 #
 #   bash scripts/device_wheels.sh            # here, once: fills .whl/ (about 5.5 MB)
 #
