@@ -7,10 +7,12 @@ Run:
 
 The argument after ':' is a probe (copy, recall, selective_copy, filtering; default copy) optionally
 followed by a model (ema_lm: the EMA LM with the paper's fixed traces, the default; selective: the EMA LM with
-selective traces; gpt; aggregator), comma-separated, plus 'tiny' for tests. The models are the LM task's
+selective traces; hybrid: fixed traces plus attention over the last 16 tokens; gpt; aggregator),
+comma-separated, plus 'tiny' for tests. The models are the LM task's
 tiny presets (width 128, 2 blocks) over the probe vocabulary (16 symbols + 6 specials). Training sizes and
 evaluation sizes per probe are below; evaluation at 2x and 4x the training size measures length
-generalisation. These are CPU-scale defaults of ours (2000 steps of batch 32); no result is claimed here yet.
+generalisation. These are CPU-scale defaults of ours (2000 steps of batch 32). The five-model comparison at
+equal parameters (experiments/probes.py) is in results/probes/.
 """
 
 import ml_collections
@@ -18,7 +20,7 @@ import ml_collections
 from ema_jax import trainer_config
 
 PROBES = ("copy", "recall", "selective_copy", "filtering")
-MODELS = ("ema_lm", "selective", "gpt", "aggregator")
+MODELS = ("ema_lm", "selective", "hybrid", "gpt", "aggregator")
 SIZES = {  # probe: (train_size, eval_sizes)
     "copy": (16, [8, 16, 32, 64]),
     "recall": (4, [2, 4, 8, 16]),
@@ -70,12 +72,14 @@ def get_config(arg=None):
     c.model = ml_collections.ConfigDict(dict(kind="ema_lm", preset="tiny"))
     if model == "selective":
       c.model.trace_kind = "selective"
+    elif model == "hybrid":
+      c.model.window = 16  # experiments/probes.py's hybrid: attention over the last 16 tokens + fixed traces
   if "tiny" in parts:
     c.steps, c.batch_size, c.log_every, c.eval_every, c.checkpoint_every = 30, 8, 10, 0, 30
     c.optim.warmup_steps = 5
     c.task.symbols, c.task.eval_batch_size, c.task.eval_batches = 8, 8, 1
     c.task.train_size, c.task.eval_sizes = (train // 4 or 1), [train // 4 or 1, train // 2 or 2]
-    if model in ("ema_lm", "selective"):
+    if model in ("ema_lm", "selective", "hybrid"):
       c.model.update(width=16, ffn_hidden=32, heads=2)
     elif model == "gpt":
       c.model.update(width=16, num_heads=2)
