@@ -10,7 +10,7 @@ Parts (each one's numbers are measured in this run; nothing is copied from elsew
   traces   benchmarks/scan_bench.py's candidates (every method, the textbook form, a copy), forward and the
            training-like gradient of mean(h^2), at (B, T, D, K) = (8, 2048, 256, 3) and (1, 65536, 256, 3),
            rates shared over D and per channel; the fastest per shape, GB/s against the peak bandwidth, and
-           what 'auto' picks there (scan.AUTO_METHODS, traces.AUTO_SHARED_RATES) and whether it was the fastest.
+           what 'auto' picks there (scan.AUTO_METHODS, traces.AUTO_CONSTANT_RATES) and whether it was the fastest.
   lm_step  one jitted AdamW step of the 130m EMA LM and the 124m GPT (bfloat16) at T = 1024 and 4096:
            tokens/s, MFU against the peak bf16 FLOP/s (ema_lm.flops_per_token as computed and counting only
            the kept top-k FFN units; transformer.flops_per_token), the compiled step's memory and the
@@ -64,7 +64,7 @@ sys.path.insert(0, HERE)  # scan_bench's functions
 sys.path.insert(0, REPO)
 from scan_bench import candidates, copy_op, rates, textbook, time_interleaved_random  # noqa: E402,F401
 
-from ema_jax import scan, traces  # noqa: E402
+from ema_jax import scan, traces, traces_blocked  # noqa: E402
 
 PARTS = ("devices", "traces", "lm_step", "decode", "train", "sweep")
 
@@ -147,10 +147,11 @@ def part_devices(args, ctx):
 
 def part_traces(args, ctx):
   shapes = ["2x256x32x3"] if args.smoke else ["8x2048x256x3", "1x65536x256x3"]
-  chunks, fused_chunks = ([16], [16]) if args.smoke else ([32, 64], [16, 32, 64])
+  chunks, fused_chunks, blocks = ([16], [16], [8]) if args.smoke else ([32, 64], [16, 32, 64], [4, 8, 16])
   # The chunk sizes 'auto' uses are always candidates, so "auto picks the fastest" can be read off by name.
   chunks = sorted({*chunks, scan.DEFAULT_CHUNK})
   fused_chunks = sorted({*fused_chunks, traces.DEFAULT_FUSED_CHUNK})
+  blocks = sorted({*blocks, traces_blocked.DEFAULT_BLOCK})
   peak_bw = (ctx.get("peaks") or {}).get("hbm_bytes_per_s")
   rows, best = [], []
   for per_channel in (False, True):
@@ -159,7 +160,7 @@ def part_traces(args, ctx):
       x = jax.random.normal(jax.random.key(0), (bsz, t_len, d), jnp.float32)
       nbytes = 4 * (x.size + x.size * k)  # read x, write h (as scan_bench)
       fns = {}
-      for name, f in candidates(rates(k, d, per_channel), k, chunks, fused_chunks).items():
+      for name, f in candidates(rates(k, d, per_channel), k, chunks, fused_chunks, blocks).items():
         fns[(name, "fwd")] = (jax.jit(f), (x,))
         fns[(name, "train")] = (jax.jit(jax.grad(lambda x, f=f: jnp.mean(jnp.square(f(x))))), (x,))
       res = time_interleaved_random(fns, args.repeats)
@@ -167,9 +168,11 @@ def part_traces(args, ctx):
       contenders = [n for n in names if n not in ("copy", "textbook", "auto")]
       fastest = {kind: min(contenders, key=lambda n: res[(n, kind)][0]) for kind in ("fwd", "train")}
       auto = traces._auto_method(t_len, not per_channel)
-      auto_name = f"{auto.value}/{traces.DEFAULT_FUSED_CHUNK}" if auto.value == "fused" else auto.value
-      if auto.value == "chunked":
-        auto_name = f"chunked/{scan.DEFAULT_CHUNK}"
+      auto_name = {
+          "fused": f"fused/{traces.DEFAULT_FUSED_CHUNK}",
+          "blocked": f"blocked/{traces_blocked.DEFAULT_BLOCK}",
+          "chunked": f"chunked/{scan.DEFAULT_CHUNK}",
+      }.get(auto.value, auto.value)
       for name in names:
         (tf, lo, hi), (tt, tlo, thi) = res[(name, "fwd")], res[(name, "train")]
         rows.append(
@@ -193,8 +196,8 @@ def part_traces(args, ctx):
           fastest_train=fastest["train"],
           auto_picks=auto_name,
           auto_note=(
-              traces.AUTO_SHARED_RATES.get(jax.default_backend(), (None, ""))[1]
-              if auto.value == "fused"
+              traces.AUTO_CONSTANT_RATES.get(jax.default_backend(), (None, ""))[1]
+              if auto.value in ("fused", "blocked")
               else scan.AUTO_METHODS.get(jax.default_backend(), scan.DEFAULT_AUTO)[1]
           ),
           auto_fastest_fwd=auto_name == fastest["fwd"],
@@ -654,8 +657,8 @@ def main(argv=None):
           part_loadavg={},
           auto_table=dict(
               scan={k: [m.value, note] for k, (m, note) in scan.AUTO_METHODS.items()},
-              traces_shared_rates={
-                  k: [None if m is None else m.value, note] for k, (m, note) in traces.AUTO_SHARED_RATES.items()
+              traces_constant_rates={
+                  k: [None if m is None else m.value, note] for k, (m, note) in traces.AUTO_CONSTANT_RATES.items()
               },
           ),
       )

@@ -1,7 +1,8 @@
 """EMA trace throughput: every trace method against the textbook form and a plain copy, in one process.
 
   python benchmarks/scan_bench.py [--shapes 8x2048x256x3,1x65536x256x3] [--repeats 7] [--out results/scan_bench.json]
-                                  [--chunks 16,32,64] [--fused-chunks 8,16,32,64] [--per-channel] [--reuse-heap]
+                                  [--chunks 16,32,64] [--fused-chunks 8,16,32,64] [--blocks 4,8,16]
+                                  [--per-channel] [--reuse-heap]
   python benchmarks/scan_bench.py --selective [--selective-chunks 8,16] [--reuse-heap] [--out results/scan_bench_selective.json]
 
 For each shape (B, T, D, K) it times, after warm-up, the median (and range) of --repeats runs of
@@ -9,13 +10,14 @@ For each shape (B, T, D, K) it times, after warm-up, the median (and range) of -
   forward+backward   training-like: the gradient w.r.t. x of mean(h^2), a scalar that uses the output, so
                      neither pass can be removed by XLA (a bare VJP for a given cotangent lets XLA delete
                      the forward of a linear map; the numbers before 2026-11-29 had that flaw)
-for: the fused path (traces.ema_traces method='fused', one batched matmul per output, custom VJP) at
-each --fused-chunks size; each linear_scan method through ema_traces (custom VJP); 'auto'; the textbook
+for: the blocked path (traces.ema_traces method='blocked', the closed form inside chunks as one elementwise
+pass, custom VJP; rates shared or per channel) at each --blocks size; the fused path (method='fused', one
+batched matmul per output, custom VJP) at each --fused-chunks size; each linear_scan method through ema_traces (custom VJP); 'auto'; the textbook
 form (jax.lax.associative_scan on a decay broadcast to the full [B, T, K, D] shape, b = alpha * x
 materialised, autodiff through the scan); and a plain copy that writes an output of the same size (the
 memory-bandwidth bound; its forward+backward is the same loss through the copy; the goals compare against
 the copy's forward).
---per-channel uses [K, D] rates instead (no fused path there): the numbers behind scan.auto_method.
+--per-channel uses [K, D] rates instead (no fused path there).
 The candidates run in a fresh random order within each repeat (interleaved), so neither a change of machine
 load nor what ran just before favours one of them; the JSON meta records the load average before and after.
 
@@ -75,8 +77,10 @@ def copy_op(x, k):
   return jnp.broadcast_to(x[:, :, None, :], x.shape[:2] + (k,) + x.shape[2:]) + 0.0
 
 
-def candidates(alphas, k, chunk_sizes, fused_chunk_sizes):
+def candidates(alphas, k, chunk_sizes, fused_chunk_sizes, block_sizes=()):
   out = {}
+  for c in block_sizes:
+    out[f"blocked/{c}"] = lambda x, c=c: traces.ema_traces(x, alphas, method="blocked", chunk_size=c)[0]
   if not isinstance(alphas, np.ndarray):  # the fused path needs rates shared over D
     for c in fused_chunk_sizes:
       out[f"fused/{c}"] = lambda x, c=c: traces.ema_traces(x, alphas, method="fused", chunk_size=c)[0]
@@ -112,7 +116,7 @@ def selective_candidates(k, chunk_sizes):
   fixed = rates(k, 1, False)
   train = lambda f: (lambda *args: jnp.mean(jnp.square(f(*args))))
   out = {}
-  for m in ["sequential", "associative"] + [f"chunked/{c}" for c in chunk_sizes] + ["auto"]:
+  for m in ["sequential", "associative", "blocked"] + [f"chunked/{c}" for c in chunk_sizes] + ["auto"]:
     method, _, c = m.partition("/")
     f = lambda x, r, method=method, c=c: traces.selective_traces(x, r, method=method, chunk_size=int(c) if c else None)[
         0
@@ -225,6 +229,7 @@ def main():
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--chunks", default="16,32,64", help="chunk sizes of the 'chunked' linear_scan method")
   p.add_argument("--fused-chunks", default="8,16,32,64", help="chunk sizes of the 'fused' path")
+  p.add_argument("--blocks", default="4,8,16", help="chunk sizes of the 'blocked' path")
   p.add_argument("--skip", default="", help="comma-separated names to skip (e.g. sequential)")
   p.add_argument(
       "--per-channel",
@@ -244,6 +249,7 @@ def main():
     return selective_main(args)
   chunk_sizes = [int(c) for c in args.chunks.split(",") if c]
   fused_chunk_sizes = [int(c) for c in args.fused_chunks.split(",") if c]
+  block_sizes = [int(c) for c in args.blocks.split(",") if c]
   skip = set(s for s in args.skip.split(",") if s)
   load_before, uptime_before = os.getloadavg(), uptime()
   rows = []
@@ -253,7 +259,7 @@ def main():
     nbytes = 4 * (x.size + x.size * k)  # read x, write h
     al = rates(k, d, args.per_channel)
     fns = {}
-    for name, f in candidates(al, k, chunk_sizes, fused_chunk_sizes).items():
+    for name, f in candidates(al, k, chunk_sizes, fused_chunk_sizes, block_sizes).items():
       if name in skip:
         continue
       fns[(name, "fwd")] = (jax.jit(f), (x,))

@@ -6,6 +6,8 @@ One public function, `linear_scan`, with several methods that agree to float32 r
   sequential   jax.lax.scan (one step per token: the reference and the decode path)
   chunked      inside chunks of C tokens the recurrence is a C x C decay matrix (a matmul); chunk
                summaries are combined by an associative scan; any T (padded internally)
+  blocked      the recurrence written out over the C steps of a chunk, so each pass (chunk summaries,
+               outputs) is one XLA loop fusion; the chunk level is solved the same way, recursively
   auto         picked per backend (see `auto_method`, numbers in benchmarks/scan_bench.py)
 
 Methods are `ScanMethod` members; their strings ('auto', ...) are accepted wherever a method is.
@@ -36,6 +38,7 @@ from ema_jax.scan_kernels import (
     ScanMethod,
     _acc_dtype,
     _associative,
+    _blocked,
     _breaks_mask,
     _chunked,  # noqa: F401
     _sequential,
@@ -46,7 +49,8 @@ from ema_jax.scan_kernels import (
 )
 
 METHODS = tuple(m.value for m in ScanMethod if m is not ScanMethod.FUSED)  # linear_scan's
-DEFAULT_CHUNK = 32
+DEFAULT_CHUNK = 32  # 'chunked'
+DEFAULT_BLOCK = 8  # 'blocked': benchmarks/scan_bench.py --selective, 2-core CPU, 2026-11-29
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 
 
@@ -169,6 +173,8 @@ def _run(a, b, h0, breaks, reverse, method, chunk_size):
     return _sequential(a, jnp.broadcast_to(b, out_shape), h0, breaks, reverse)
   if method is ScanMethod.ASSOCIATIVE:
     return _associative(a, b, h0, breaks, reverse)
+  if method is ScanMethod.BLOCKED:
+    return _blocked(a, b, h0, breaks, reverse, chunk_size)
   return _chunked(a, b, h0, breaks, reverse, chunk_size)
 
 
@@ -228,7 +234,7 @@ def linear_scan(
     reverse: bool = False,
     resets=None,
     method: str | ScanMethod = "auto",
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     custom_vjp: bool = True,
 ) -> Tuple[jax.Array, jax.Array]:
   """Solves h_t = a_t * h_{t-1} + b_t along axis 1.
@@ -241,8 +247,8 @@ def linear_scan(
     resets: [B, T] bool; True at t starts a new document at t: the state carried into t is dropped
       (for reverse=True, the state of t does not flow back into t - 1, so each document is scanned
       on its own in both directions).
-    method: a ScanMethod or its string: 'auto', 'associative', 'sequential' or 'chunked'.
-    chunk_size: chunk length of the 'chunked' method.
+    method: a ScanMethod or its string: 'auto', 'associative', 'sequential', 'chunked' or 'blocked'.
+    chunk_size: chunk length of 'chunked' (default DEFAULT_CHUNK) and 'blocked' (DEFAULT_BLOCK).
     custom_vjp: use the reverse-recurrence VJP (reverse mode only, as for any jax.custom_vjp). Set
       False for forward-mode autodiff (jax.jvp, jax.jacfwd), which then differentiates the method.
 
@@ -250,6 +256,8 @@ def linear_scan(
     (h, h_last): h with the broadcast shape of a and b, in b's dtype; h_last [B, ...] float32, the
     state after the last step in scan order.
   """
+  if chunk_size is None:
+    chunk_size = DEFAULT_BLOCK if str(method) == ScanMethod.BLOCKED.value else DEFAULT_CHUNK
   a, b, h0, resets, method = _prepare(a, b, h0, resets, method, chunk_size)
   return _linear_scan(a, b, h0, resets, reverse, method, int(chunk_size), custom_vjp)
 

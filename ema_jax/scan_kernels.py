@@ -1,5 +1,5 @@
 """The kernels behind scan.linear_scan: the method enum, the associative combine, and the associative,
-sequential and chunked evaluations of h_t = a_t * h_{t-1} + b_t along axis 1 (forward in scan order,
+sequential, chunked and blocked evaluations of h_t = a_t * h_{t-1} + b_t along axis 1 (forward in scan order,
 accumulating in float32; float64 under x64). Validation, dispatch and the custom VJP are in scan.py.
 
 This module imports nothing from the project.
@@ -21,6 +21,7 @@ class ScanMethod(str, enum.Enum):
   ASSOCIATIVE = "associative"
   SEQUENTIAL = "sequential"
   CHUNKED = "chunked"
+  BLOCKED = "blocked"
   FUSED = "fused"  # ema_traces only (one batched matmul per chunk, see traces.py); linear_scan refuses it
 
   def __str__(self):
@@ -269,3 +270,88 @@ def _chunked(a, b, h0, breaks, reverse, chunk_size):
   h = h_local + pfac * carry[:, :, None]
   h = h.reshape((bsz, n * c) + tuple(ch_shape))[:, :t_len]
   return h, h[:, -1]
+
+
+# ----------------------------------------------------------------------------------------------
+# blocked: the recurrence written out over the C steps of a chunk, so XLA fuses each pass into one loop
+#
+# Time is cut into N chunks of C steps. Three passes, each one XLA fusion with no intermediate array:
+#   1. chunk summaries: the state after each chunk from zero, E_n (C steps of a_t * e + b_t written out,
+#      all N chunks at once), and the chunk's decay A_n = prod a_t (a^C for a constant decay);
+#   2. the state entering each chunk: the same recurrence at the chunk level, s_{n+1} = A_n s_n + E_n, solved
+#      by this function again (so T = 65536 needs about log_C(T) levels, never a long jax.lax.scan);
+#   3. the outputs: from the entering state, h_t = a_t h_{t-1} + b_t over the chunk's C steps, stacked in
+#      place. XLA emits the stack as one loop that recomputes the short chain for each output element (on
+#      average (C + 1) / 2 multiply-adds), so the output is written once, in its final layout.
+# Each pass streams its input once; the chunk level is 1/C of the size. Any a and b that broadcast (a
+# constant decay [1, 1, ...], a per-token decay [B, T, ...], an input shared over channels) stay as small
+# as they are given. benchmarks/scan_bench.py times it against the other methods.
+
+BLOCKED_DIRECT = 16  # at most this many steps: written out in one pass, no chunk level
+
+
+def _chunks_in_scan_order(x, n, c, fill, reverse):
+  """[B, T, ...] -> [B, N, C, ...], padded with `fill` where it comes last in scan order (the end for a
+  forward scan, the start for a reverse one), so padding can only change the final state. A time axis of
+  length 1 (a constant decay) becomes [B, 1, 1, ...]."""
+  t_len = x.shape[1]
+  if t_len == 1:
+    return x[:, :, None]
+  if n * c != t_len:
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (n * c - t_len, 0) if reverse else (0, n * c - t_len)
+    x = jnp.pad(x, widths, constant_values=fill)
+  return x.reshape(x.shape[:1] + (n, c) + x.shape[2:])
+
+
+def _blocked(a, b, h0, breaks, reverse, chunk_size):
+  """h_t = a_t h_{t-1} + b_t by the blocked passes above; a and b broadcast, any T, either direction."""
+  out_shape = jnp.broadcast_shapes(a.shape, b.shape)
+  if breaks is not None:
+    a = a * _breaks_mask(breaks, a.ndim, a.dtype)
+  if h0 is None:
+    h0 = jnp.zeros((out_shape[0],) + tuple(out_shape[2:]), b.dtype)
+  h = _blocked_states(a, b, h0, reverse, max(2, int(chunk_size)))
+  return h, h[:, 0 if reverse else -1]
+
+
+def _blocked_states(a, b, h0, reverse, c):
+  out_shape = jnp.broadcast_shapes(a.shape, b.shape)
+  bsz, t_len = out_shape[0], out_shape[1]
+  full = lambda x: jnp.broadcast_to(x, (bsz,) + tuple(out_shape[2:]))
+  const_a = a.shape[1] == 1
+  if t_len <= max(c, BLOCKED_DIRECT):
+    order = range(t_len - 1, -1, -1) if reverse else range(t_len)
+    outs, h = [None] * t_len, h0
+    for t in order:
+      h = (a[:, 0] if const_a else a[:, t]) * h + b[:, t]
+      outs[t] = full(h)
+    return jnp.stack(outs, axis=1)
+  n = -(-t_len // c)
+  a_c = _chunks_in_scan_order(a, n, c, 1.0, reverse)
+  b_c = _chunks_in_scan_order(b, n, c, 0.0, reverse)
+  a_at = (lambda t: a_c[:, :, 0]) if const_a else (lambda t: a_c[:, :, t])
+  order = list(range(c - 1, -1, -1) if reverse else range(c))
+  # 1. chunk summaries
+  end = b_c[:, :, order[0]]
+  for t in order[1:]:
+    end = a_at(t) * end + b_c[:, :, t]
+  if const_a:
+    decay = a_c[:, :, 0] ** c
+  else:
+    decay = a_at(order[0])
+    for t in order[1:]:
+      decay = decay * a_at(t)
+  # 2. the state after each chunk (recursively), shifted by one chunk in scan order: the entering state
+  after = _blocked_states(decay, end, h0, reverse, c)
+  if reverse:
+    entering = jnp.concatenate([after[:, 1:], h0[:, None]], axis=1)
+  else:
+    entering = jnp.concatenate([h0[:, None], after[:, :-1]], axis=1)
+  # 3. outputs
+  outs, h = [None] * c, entering
+  for t in order:
+    h = a_at(t) * h + b_c[:, :, t]
+    outs[t] = jnp.broadcast_to(h, (bsz, n) + tuple(out_shape[2:]))
+  hs = jnp.stack(outs, axis=2).reshape((bsz, n * c) + tuple(out_shape[2:]))
+  return hs[:, n * c - t_len :] if reverse else hs[:, :t_len]

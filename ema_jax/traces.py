@@ -1,6 +1,8 @@
 """Multi-timescale EMA traces h_t = (1 - alpha) h_{t-1} + alpha x_t.
 
 The K write rates share one input x. Two implementations:
+  blocked      constant rates, shared ([K]) or per channel ([K, D]), fixed or learned: the closed form inside
+               chunks of C tokens as one elementwise pass, written once (traces_blocked.py, custom VJP)
   fused        rates shared over D ([K], fixed or learned): per chunk of C tokens the whole output is one
                batched matmul (decay matrix x [tokens; carried states]) written once, with a custom VJP
                that is the transposed matmul (see the "fused chunked path" section below)
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ema_jax import scan
+from ema_jax import scan, traces_blocked
 
 PAPER_ALPHAS = (0.5, 0.1, 0.02)
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
@@ -305,11 +307,13 @@ def ema_traces(
     resets: [B, T] bool; True at t starts a new document there (the state is zeroed before t).
     bias_correction: divide by 1 - (1 - alpha)^n, n the tokens since the start or the last reset,
       so each trace is an unbiased average from its first token.
-    method: a scan.ScanMethod or its string: 'fused' (one batched matmul per output, see the section
+    method: a scan.ScanMethod or its string: 'blocked' (traces_blocked.py: one elementwise pass per
+      output; any constant rates, [K] or [K, D]), 'fused' (one batched matmul per output, see the section
       above; needs rates shared over D: [K] or [K, 1], fixed or learned), a scan.linear_scan method
       ('associative', 'sequential', 'chunked'), or 'auto' (see `_auto_method`).
     start_count: [B] or scalar tokens already summarised in h0 (bias correction only).
-    chunk_size: chunk length of 'fused' (default DEFAULT_FUSED_CHUNK) and 'chunked' (scan.DEFAULT_CHUNK).
+    chunk_size: chunk length of 'blocked' (default traces_blocked.DEFAULT_BLOCK), 'fused'
+      (DEFAULT_FUSED_CHUNK) and 'chunked' (scan.DEFAULT_CHUNK).
 
   Returns:
     (h [B, T, K, D] in x's dtype, h_last [B, K, D] float32, the raw (uncorrected) state to continue from).
@@ -326,8 +330,8 @@ def ema_traces(
       raise ValueError(f"ema_traces: `h0` has shape {h0.shape}; expected [B, K, D] = {(bsz, k, d)}.")
   method = scan.parse_method(method, METHODS, "ema_traces")
   shared = alpha_kd.shape[1] == 1
-  if method is scan.ScanMethod.FUSED and t_len < 1:
-    raise ValueError(f"ema_traces: method='fused' needs at least one token; `x` has shape {x.shape}.")
+  if method in (scan.ScanMethod.FUSED, scan.ScanMethod.BLOCKED) and t_len < 1:
+    raise ValueError(f"ema_traces: method='{method}' needs at least one token; `x` has shape {x.shape}.")
   if method is scan.ScanMethod.FUSED and not shared:
     raise ValueError(
         f"ema_traces: method='fused' needs write rates shared over D ([K] or [K, 1]); got "
@@ -337,7 +341,10 @@ def ema_traces(
   if method is scan.ScanMethod.AUTO:
     method = _auto_method(t_len, shared)
   if chunk_size is None:
-    chunk_size = DEFAULT_FUSED_CHUNK if method is scan.ScanMethod.FUSED else scan.DEFAULT_CHUNK
+    chunk_size = {
+        scan.ScanMethod.FUSED: DEFAULT_FUSED_CHUNK,
+        scan.ScanMethod.BLOCKED: traces_blocked.DEFAULT_BLOCK,
+    }.get(method, scan.DEFAULT_CHUNK)
   if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
     raise ValueError(f"ema_traces: `chunk_size`={chunk_size!r}; accepted: a positive integer.")
   # Concrete rates cannot be differentiated (no transformation traces them): skip their cotangent.
@@ -345,29 +352,29 @@ def ema_traces(
   return _ema_traces(x, alpha_kd, h0, resets, start_count, bias_correction, method, int(chunk_size), rate_grad)
 
 
-# backend -> (the method 'auto' picks for rates shared over D, or None for scan.auto_method's choice; where
-# and when that was measured). Per-channel rates always take scan.auto_method (scan.AUTO_METHODS).
-# benchmarks/accelerator_suite.py reports whether this pick was the fastest measured on a device.
-AUTO_SHARED_RATES = {
+# backend -> (the method 'auto' picks for constant rates, shared over D or per channel, or None for
+# scan.auto_method's choice; where and when that was measured). 'fused' applies to shared rates only (per
+# channel falls back to scan.auto_method). benchmarks/accelerator_suite.py reports whether this pick was the
+# fastest measured on a device.
+AUTO_CONSTANT_RATES = {
     "cpu": (
-        scan.ScanMethod.FUSED,
-        "measured: 2-core x86_64 CPU shared with other jobs, 2026-11-22 and again 2026-11-29 with the "
-        "training-like backward (results/scan_bench.json, results/scan_bench_reuse_heap.json): a fused chunk "
-        "size was the fastest forward and forward+backward at every shape",
+        scan.ScanMethod.BLOCKED,
+        "measured: 2-core x86_64 CPU, 2026-11-29 (results/scan_bench*.json, benchmarks/scan_bench.py "
+        "[--per-channel] [--reuse-heap]): 'blocked' was the fastest forward and training step at both shapes, "
+        "for shared and per-channel rates (before it, 'fused' for shared rates and 'sequential' per channel)",
     ),
-    "gpu": (None, "unmeasured: the fused path has not been timed there; scan.auto_method's choice"),
-    "tpu": (None, "unmeasured: the fused path has not been timed there; scan.auto_method's choice"),
+    "gpu": (None, "unmeasured: the fused and blocked paths have not been timed there; scan.auto_method's choice"),
+    "tpu": (None, "unmeasured: the fused and blocked paths have not been timed there; scan.auto_method's choice"),
 }
 
 
 def _auto_method(t_len: int, rates_shared_over_d: bool, backend=None) -> scan.ScanMethod:
-  """AUTO_SHARED_RATES[backend] when rates are shared over D and it names a method; otherwise the
-  linear_scan method that scan.auto_method picks (per-channel rates, or a backend where the fused path is
-  unmeasured)."""
+  """AUTO_CONSTANT_RATES[backend] when it names a method that takes these rates ('fused' needs them shared
+  over D); otherwise the linear_scan method that scan.auto_method picks."""
   backend = backend or jax.default_backend()
-  fused = AUTO_SHARED_RATES.get(backend, (None, ""))[0]
-  if rates_shared_over_d and t_len >= 1 and fused is not None:
-    return fused
+  pick = AUTO_CONSTANT_RATES.get(backend, (None, ""))[0]
+  if pick is not None and t_len >= 1 and (rates_shared_over_d or pick is not scan.ScanMethod.FUSED):
+    return pick
   return scan.auto_method(t_len, backend)
 
 
@@ -380,6 +387,15 @@ def _ema_traces(x, alpha_kd, h0, resets, start_count, bias_correction, method, c
     h0_BKD = jnp.zeros((bsz, alpha_K.shape[0], d), acc) if h0 is None else h0
     counts = token_counts(resets, bsz, t_len, start_count) if bias_correction else None
     return _fused_traces(x, alpha_K, h0_BKD, resets, counts, min(chunk_size, t_len), bias_correction, rate_grad)
+  if method is scan.ScanMethod.BLOCKED:
+    acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    alpha_KE = jnp.asarray(alpha_kd, acc)
+    h0_BKD = jnp.zeros((bsz, alpha_KE.shape[0], d), acc) if h0 is None else h0.astype(acc)
+    raw = traces_blocked.blocked_traces(x, alpha_KE, h0_BKD, resets, min(chunk_size, t_len), rate_grad)
+    h = raw
+    if bias_correction:
+      h = raw / debias_factor(alpha_KE, token_counts(resets, bsz, t_len, start_count))
+    return h.astype(x.dtype), raw[:, -1]
   # g_t = (1 - alpha) g_{t-1} + x_t, h = alpha * g. The scan sees x as [B, T, 1, D].
   g0 = None if h0 is None else h0.astype(jnp.float32) / alpha_kd[None]
   g, g_last = scan.linear_scan(
@@ -423,6 +439,7 @@ SELECTIVE_METHODS = (
     scan.ScanMethod.ASSOCIATIVE,
     scan.ScanMethod.SEQUENTIAL,
     scan.ScanMethod.CHUNKED,
+    scan.ScanMethod.BLOCKED,
 )
 
 
@@ -443,8 +460,8 @@ def selective_traces(
       are the caller's responsibility (a sigmoid keeps them inside).
     h0: [B, K, D] state before the first token (zeros when None).
     resets: [B, T] bool; True at t starts a new document there (the state is zeroed before t).
-    method: 'auto', 'associative', 'sequential' or 'chunked' (scan.linear_scan's methods).
-    chunk_size: chunk length of 'chunked' (default scan.DEFAULT_CHUNK).
+    method: 'auto', 'associative', 'sequential', 'chunked' or 'blocked' (scan.linear_scan's methods).
+    chunk_size: chunk length of 'chunked' (default scan.DEFAULT_CHUNK) and 'blocked' (scan.DEFAULT_BLOCK).
 
   Returns:
     (h [B, T, K, D] in x's dtype, h_last [B, K, D] float32, the state to continue from).
@@ -471,7 +488,8 @@ def selective_traces(
   method = scan.parse_method(method, SELECTIVE_METHODS, "selective_traces")
   if method is scan.ScanMethod.AUTO:
     method = scan.auto_method(t_len)
-  chunk_size = scan.DEFAULT_CHUNK if chunk_size is None else chunk_size
+  if chunk_size is None:
+    chunk_size = scan.DEFAULT_BLOCK if method is scan.ScanMethod.BLOCKED else scan.DEFAULT_CHUNK
   if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
     raise ValueError(f"selective_traces: `chunk_size`={chunk_size!r}; accepted: a positive integer.")
   return _selective_traces(x_BTD, rates_BTKD, h0, resets, method, int(chunk_size))

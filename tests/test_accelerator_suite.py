@@ -50,7 +50,7 @@ def test_smoke_writes_every_part(smoke):
   assert (out / "suite.md").exists() and "Accelerator suite" in (out / "suite.md").read_text()
   # The auto tables are recorded, each entry with its note.
   assert meta["auto_table"]["scan"]["cpu"][0] == "sequential"
-  assert meta["auto_table"]["traces_shared_rates"]["cpu"][0] == "fused"
+  assert meta["auto_table"]["traces_constant_rates"]["cpu"][0] == "blocked"
   assert "auto picks" in stdout
 
 
@@ -73,15 +73,16 @@ def test_smoke_devices_and_traces(smoke):
   methods = {r["method"] for r in tr["rows"]}
   assert {"sequential", "associative", "auto", "textbook", "copy"} <= methods
   assert any(m.startswith("fused/") for m in methods) and any(m.startswith("chunked/") for m in methods)
+  assert any(m.startswith("blocked/") for m in methods)
   for r in tr["rows"]:
     assert r["fwd_ms"] > 0 and r["train_ms"] > 0 and r["fwd_fraction_of_peak_bw"] is None
   for b in tr["best"]:
     names = {r["method"] for r in tr["rows"] if r["shape"] == b["shape"] and r["rates"] == b["rates"]}
     assert b["fastest_fwd"] in names and b["fastest_train"] in names and b["auto_picks"] in names
     assert isinstance(b["auto_fastest_train"], bool)
-  # What CPU's auto picks, through the tables: fused for shared rates, sequential per channel.
+  # What CPU's auto picks, through the tables: blocked for shared and per-channel rates.
   picks = {b["rates"]: b["auto_picks"] for b in tr["best"]}
-  assert picks["shared"].startswith("fused/") and picks["per_channel"] == "sequential"
+  assert picks["shared"].startswith("blocked/") and picks["per_channel"].startswith("blocked/")
 
 
 def test_smoke_lm_step(smoke):
@@ -150,10 +151,10 @@ def test_auto_tables_keep_cpu_choice_and_name_every_backend():
   assert scan.auto_method(2048, "gpu") is scan.ScanMethod.CHUNKED
   assert scan.auto_method(2048, "metal") is scan.DEFAULT_AUTO[0]
   assert scan.auto_method(2, "gpu") is scan.ScanMethod.SEQUENTIAL
-  assert traces._auto_method(2048, True, "cpu") is scan.ScanMethod.FUSED
-  assert traces._auto_method(2048, False, "cpu") is scan.ScanMethod.SEQUENTIAL
+  assert traces._auto_method(2048, True, "cpu") is scan.ScanMethod.BLOCKED
+  assert traces._auto_method(2048, False, "cpu") is scan.ScanMethod.BLOCKED
   assert traces._auto_method(2048, True, "tpu") is scan.ScanMethod.CHUNKED
-  for table in (scan.AUTO_METHODS, traces.AUTO_SHARED_RATES):
+  for table in (scan.AUTO_METHODS, traces.AUTO_CONSTANT_RATES):
     assert {"cpu", "gpu", "tpu"} <= set(table)
     for _, note in table.values():
       assert note.startswith(("measured", "unmeasured"))

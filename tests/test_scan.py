@@ -9,7 +9,7 @@ from jax.test_util import check_grads
 from ema_jax import scan
 from ema_jax.scan import linear_scan
 
-METHODS = ["associative", "sequential", "chunked", "auto"]
+METHODS = ["associative", "sequential", "chunked", "blocked", "auto"]
 
 
 def reference_scan(a, b, h0=None, reverse=False, resets=None):
@@ -83,13 +83,30 @@ def test_matches_float64_loop(method, case):
   assert rel_err(h_last, last_ref) < 1e-5
 
 
+@pytest.mark.parametrize("method", ["chunked", "blocked"])
 @pytest.mark.parametrize("chunk", [1, 3, 8, 32, 200])
-def test_chunk_sizes_any_length(chunk):
+def test_chunk_sizes_any_length(chunk, method):
   rng = np.random.default_rng(chunk)
-  a, b = make_case(rng, 2, 77, (3, 4), "const")
-  resets = rng.uniform(size=(2, 77)) < 0.1
-  h, _ = linear_scan(a, b, resets=resets, method="chunked", chunk_size=chunk)
-  assert rel_err(h, reference_scan(a, b, resets=resets)[0]) < 1e-5
+  for kind in ("const", "varying"):
+    a, b = make_case(rng, 2, 77, (3, 4), kind)
+    resets = rng.uniform(size=(2, 77)) < 0.1
+    h0 = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    for reverse in (False, True):
+      h, h_last = linear_scan(a, b, h0, resets=resets, reverse=reverse, method=method, chunk_size=chunk)
+      ref, ref_last = reference_scan(a, b, h0, reverse=reverse, resets=resets)
+      assert rel_err(h, ref) < 1e-5 and rel_err(h_last, ref_last) < 1e-5
+
+
+def test_blocked_recursion_long_sequence():
+  """T = 3000 with chunks of 4: four levels of chunk summaries, a partial chunk at every level."""
+  rng = np.random.default_rng(11)
+  for kind in ("const", "varying"):
+    a, b = make_case(rng, 1, 3000, (2,), kind)
+    resets = rng.uniform(size=(1, 3000)) < 0.002
+    for reverse in (False, True):
+      h, h_last = linear_scan(a, b, resets=resets, reverse=reverse, method="blocked", chunk_size=4)
+      ref, ref_last = reference_scan(a, b, reverse=reverse, resets=resets)
+      assert rel_err(h, ref) < 1e-5 and rel_err(h_last, ref_last) < 1e-5
 
 
 def test_broadcast_input_over_channels():
@@ -148,7 +165,7 @@ def test_state_carries_across_calls():
 # ---------------------------------------------------------------------------------------------- gradients
 
 
-@pytest.mark.parametrize("method", ["associative", "sequential", "chunked"])
+@pytest.mark.parametrize("method", ["associative", "sequential", "chunked", "blocked"])
 def test_check_grads(method):
   with jax.enable_x64(True):
     rng = np.random.default_rng(6)
@@ -170,7 +187,7 @@ def _loss_weights(rng, shape, state_shape):
   return rng.normal(size=shape).astype(np.float32), rng.normal(size=state_shape).astype(np.float32)
 
 
-@pytest.mark.parametrize("method", ["associative", "sequential", "chunked"])
+@pytest.mark.parametrize("method", ["associative", "sequential", "chunked", "blocked"])
 @pytest.mark.parametrize("kind,reverse", [("const", False), ("const", True), ("varying", False), ("varying", True)])
 def test_custom_vjp_matches_autodiff(method, kind, reverse):
   """Custom VJP == autodiff through the textbook associative scan == autodiff through a float64 loop."""
@@ -294,7 +311,7 @@ def test_bad_shapes_and_dtypes():
 
 def test_bad_method_lists_accepted_values():
   b = np.zeros((2, 5, 3), np.float32)
-  with pytest.raises(ValueError, match="`method`='fast'; accepted: auto, associative, sequential, chunked."):
+  with pytest.raises(ValueError, match="`method`='fast'; accepted: auto, associative, sequential, chunked, blocked."):
     linear_scan(np.float32(0.5), b, method="fast")
-  with pytest.raises(ValueError, match="accepted: auto, associative, sequential, chunked"):
+  with pytest.raises(ValueError, match="accepted: auto, associative, sequential, chunked, blocked"):
     linear_scan(np.float32(0.5), b, method=scan.ScanMethod.FUSED)  # ema_traces' method only

@@ -1,0 +1,203 @@
+"""The blocked trace path (traces_blocked.py) against a float64 NumPy loop; gradients against the
+sequential scan and finite differences. Rates shared over D and per channel."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from ema_jax import traces, traces_blocked
+from ema_jax.traces import ema_traces
+
+ALPHAS = (0.5, 0.1, 0.02)
+
+
+def loop_traces(x, alphas, h0=None, resets=None, bias_correction=False, start_count=None):
+  """h_t = (1 - alpha) h_{t-1} + alpha x_t in float64, one token at a time, rates [K] or [K, D]; bias
+  correction counts tokens since the start (plus start_count) or the last reset."""
+  x = np.asarray(x, np.float64)
+  alpha = np.asarray(alphas, np.float64)
+  alpha = alpha[:, None] if alpha.ndim == 1 else alpha
+  bsz, t_len, d = x.shape
+  k = alpha.shape[0]
+  out = np.zeros((bsz, t_len, k, d))
+  last = np.zeros((bsz, k, d))
+  starts = np.broadcast_to(np.zeros(bsz, int) if start_count is None else np.asarray(start_count), (bsz,))
+  for b in range(bsz):
+    h = np.zeros((k, d)) if h0 is None else np.array(h0[b], np.float64)
+    n = int(starts[b])
+    for t in range(t_len):
+      if resets is not None and resets[b, t]:
+        h, n = np.zeros_like(h), 0
+      n += 1
+      h = (1 - alpha) * h + alpha * x[b, t]
+      out[b, t] = h / (1 - (1 - alpha) ** n) if bias_correction else h
+    last[b] = h
+  return out, last
+
+
+def rel_err(x, ref):
+  return np.max(np.abs(np.asarray(x, np.float64) - ref)) / max(np.max(np.abs(ref)), 1e-30)
+
+
+def make_resets(rng, bsz, t_len, chunk):
+  r = rng.uniform(size=(bsz, t_len)) < 0.1
+  r[0, 0] = True  # at t = 0
+  r[-1, chunk::chunk] = True  # at chunk starts
+  r[0, chunk - 1 :: 2 * chunk] = True  # at chunk ends
+  return r
+
+
+def per_channel(rng, k, d, with_one=False):
+  a = rng.uniform(0.01, 0.9, size=(k, d)).astype(np.float32)
+  if with_one:
+    a[0, 0] = 1.0
+  return a
+
+
+@pytest.mark.parametrize(
+    "shape,rates,chunk,resets,bias,with_h0,start",
+    [
+        ((2, 1, 4), "paper", 8, False, False, False, None),  # T = 1
+        ((2, 1, 4), "paper", 8, True, True, True, 3),
+        ((3, 37, 5), "paper", 8, True, False, True, None),  # odd T, not a multiple of the chunk
+        ((2, 33, 3), (0.3,), 4, False, True, False, None),  # K = 1
+        ((2, 64, 6), (1.0, 0.1), 16, True, True, True, None),  # alpha = 1, T a multiple of the chunk
+        ((2, 29, 4), "paper", 5, True, True, True, np.array([0, 7])),  # start_count per row
+        ((1, 257, 8), "paper", 32, False, True, True, 2),  # scalar start_count
+        ((2, 40, 3), "paper", 1, True, True, True, None),  # chunk of one token
+        ((2, 20, 3), "paper", 64, True, False, False, None),  # chunk longer than T
+        ((2, 45, 6), "channel", 8, True, True, True, None),  # a rate per timescale and channel
+        ((3, 19, 5), "channel1", 4, False, False, True, None),  # per channel, one of them alpha = 1
+        ((2, 300, 4), "channel", 8, True, True, False, 5),
+    ],
+)
+def test_matches_float64_loop(shape, rates, chunk, resets, bias, with_h0, start):
+  rng = np.random.default_rng(sum(shape) + chunk)
+  bsz, t_len, d = shape
+  x = rng.normal(size=shape).astype(np.float32)
+  alphas = {"paper": ALPHAS, "channel": None, "channel1": None}.get(rates, rates)
+  if alphas is None:
+    alphas = per_channel(rng, 3, d, with_one=rates == "channel1")
+  k = len(alphas)
+  r = make_resets(rng, bsz, t_len, min(chunk, t_len)) if resets else None
+  h0 = rng.normal(size=(bsz, k, d)).astype(np.float32) if with_h0 else None
+  h, h_last = ema_traces(
+      x, alphas, h0, resets=r, bias_correction=bias, start_count=start, method="blocked", chunk_size=chunk
+  )
+  ref, ref_last = loop_traces(x, alphas, h0, r, bias, start)
+  assert h.shape == (bsz, t_len, k, d) and h.dtype == jnp.float32 and h_last.dtype == jnp.float32
+  assert rel_err(h, ref) < 1e-5
+  assert rel_err(h_last, ref_last) < 1e-5
+
+
+def test_continuing_from_h_last_equals_one_pass():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(2, 50, 4)).astype(np.float32)
+  alphas = per_channel(rng, 3, 4)
+  h, _ = ema_traces(x, alphas, method="blocked")
+  h1, last1 = ema_traces(x[:, :23], alphas, method="blocked")
+  h2, _ = ema_traces(x[:, 23:], alphas, last1, method="blocked")
+  np.testing.assert_allclose(np.concatenate([h1, h2], 1), h, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 2e-2), (jnp.float16, 2e-3)])
+def test_low_precision(dtype, tol):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 200, 8)), dtype)
+  r = make_resets(rng, 2, 200, 8)
+  h, h_last = ema_traces(x, ALPHAS, resets=r, bias_correction=True, method="blocked")
+  assert h.dtype == dtype and h_last.dtype == jnp.float32
+  # Reference on the rounded inputs: float32 accumulation leaves only the output rounding.
+  ref, ref_last = loop_traces(np.asarray(x.astype(jnp.float32)), ALPHAS, resets=r, bias_correction=True)
+  assert rel_err(h.astype(jnp.float32), ref) < tol
+  assert rel_err(h_last, ref_last) < 1e-5
+
+
+def test_jit_and_vmap():
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(3, 2, 21, 4)), jnp.float32)  # [V, B, T, D]
+  r = jnp.asarray(rng.uniform(size=(3, 2, 21)) < 0.2)
+  h0 = jnp.asarray(rng.normal(size=(3, 2, 3, 4)), jnp.float32)
+  f = lambda x, r, h0: ema_traces(x, ALPHAS, h0, resets=r, bias_correction=True, method="blocked", chunk_size=8)
+  h_v, last_v = jax.jit(jax.vmap(f))(x, r, h0)
+  for i in range(3):
+    ref, ref_last = loop_traces(x[i], ALPHAS, h0[i], np.asarray(r[i]), True)
+    assert rel_err(h_v[i], ref) < 1e-5 and rel_err(last_v[i], ref_last) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "t_len,chunk,bias,rates",
+    [(17, 4, True, "shared"), (32, 8, False, "channel"), (1, 8, True, "channel"), (45, 8, True, "channel")],
+)
+def test_gradients_match_sequential(t_len, chunk, bias, rates):
+  rng = np.random.default_rng(5 + t_len)
+  d = 3
+  x = jnp.asarray(rng.normal(size=(2, t_len, d)), jnp.float32)
+  h0 = jnp.asarray(rng.normal(size=(2, 3, d)), jnp.float32)
+  # alpha = 1 only without bias correction, whose factor 1 / (1 - 0^n) has no derivative there (any method).
+  alphas = jnp.asarray(ALPHAS if rates == "shared" else per_channel(rng, 3, d, with_one=not bias), jnp.float32)
+  r = jnp.asarray(make_resets(rng, 2, t_len, min(chunk, t_len)))
+  w = jnp.asarray(rng.normal(size=(2, t_len, 3, d)), jnp.float32)
+  wl = jnp.asarray(rng.normal(size=(2, 3, d)), jnp.float32)
+
+  def loss(x, h0, alphas, method):
+    h, h_last = ema_traces(
+        x, alphas, h0, resets=r, bias_correction=bias, start_count=2, method=method, chunk_size=chunk
+    )
+    # A loss that uses the output (a training step's), so no part of either pass can be dropped.
+    return jnp.sum(jnp.square(h) * w) + jnp.sum(h_last * wl)
+
+  g_blocked = jax.jit(jax.grad(loss, (0, 1, 2)), static_argnums=3)(x, h0, alphas, "blocked")
+  g_seq = jax.grad(loss, (0, 1, 2))(x, h0, alphas, "sequential")
+  for name, a, b in zip(("x", "h0", "alphas"), g_blocked, g_seq):
+    assert a.shape == b.shape, name
+    assert rel_err(a, np.asarray(b, np.float64)) < 2e-5, name
+
+
+@pytest.mark.parametrize("rates", ["shared", "channel"])
+def test_check_grads(rates):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, 13, 3))
+    h0 = rng.normal(size=(2, 3, 3))
+    r = make_resets(rng, 2, 13, 4)
+    alphas = np.array(ALPHAS)[:, None] if rates == "shared" else rng.uniform(0.05, 0.9, size=(3, 3))
+    f = lambda x, h0: ema_traces(x, alphas, h0, resets=r, bias_correction=True, method="blocked", chunk_size=4)
+    check_grads(f, (x, h0), order=1, modes=("rev",))
+    # The write rates too, on the core function (ema_traces validates rates in float32).
+    g = lambda x, alpha, h0: traces_blocked.blocked_traces(x, alpha, h0, jnp.asarray(r), 4, True)
+    check_grads(g, (x, alphas, h0), order=1, modes=("rev",), eps=1e-6)
+
+
+def test_constant_rates_skip_their_gradient():
+  """Concrete rates take rate_grad=False: the same dx and dh0, and no rate cotangent is computed."""
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.normal(size=(2, 30, 4)), jnp.float32)
+  h0 = jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32)
+  r = jnp.asarray(make_resets(rng, 2, 30, 8))
+  alpha = jnp.asarray(np.array(ALPHAS, np.float32)[:, None])
+  outs = []
+  for rate_grad in (True, False):
+    loss = lambda x, h0: jnp.sum(jnp.square(traces_blocked.blocked_traces(x, alpha, h0, r, 8, rate_grad)))
+    outs.append(jax.grad(loss, (0, 1))(x, h0))
+  for a, b in zip(*outs):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_auto_picks_blocked_on_cpu():
+  if jax.default_backend() != "cpu":
+    pytest.skip("the CPU entry of the auto tables")
+  assert traces._auto_method(45, True) == "blocked"
+  assert traces._auto_method(45, False) == "blocked"
+
+
+def test_bad_arguments():
+  x = np.zeros((1, 4, 3), np.float32)
+  with pytest.raises(ValueError, match="chunk_size"):
+    ema_traces(x, method="blocked", chunk_size=0)
+  with pytest.raises(ValueError, match="at least one token"):
+    ema_traces(np.zeros((1, 0, 3), np.float32), method="blocked")
+  with pytest.raises(ValueError, match="channel axis"):
+    ema_traces(x, np.full((2, 5), 0.5, np.float32), method="blocked")
