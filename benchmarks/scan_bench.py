@@ -4,6 +4,7 @@
                                   [--chunks 16,32,64] [--fused-chunks 8,16,32,64] [--blocks 4,8,16]
                                   [--per-channel] [--reuse-heap]
   python benchmarks/scan_bench.py --selective [--selective-chunks 8,16] [--reuse-heap] [--out results/scan_bench_selective.json]
+  python benchmarks/scan_bench.py --learned [--blocks 8] [--reuse-heap] [--out results/scan_bench_learned.json]
 
 For each shape (B, T, D, K) it times, after warm-up, the median (and range) of --repeats runs of
   forward            x [B, T, D] -> traces h [B, T, K, D]
@@ -27,6 +28,11 @@ with the paper's rates shared over D) and the copy, forward and a training-like 
 gradient of mean(h^2), a loss that uses the output, w.r.t. x and, for the selective path, the rates), in
 random order within each repeat; it reports the ratios to the copy's forward and to the fixed-rate path.
 The chunked method builds a [c, c] decay matrix per chunk, timescale and channel, so its chunks stay small.
+
+--learned times learned write rates: the rates are an argument of the jitted function, so the training-like
+step also computes their gradient (w.r.t. x and the rates): shared [K] and per-channel [K, D] through the
+blocked path, shared through 'fused', per channel through 'sequential' and 'auto', and constant per-channel
+rates ('fixed per-channel/auto'), each against the constant shared-rate path ('fixed/auto') and the copy.
 
 --reuse-heap re-runs the script with glibc told to keep freed memory (MALLOC_ARENA_MAX etc.).
 By default glibc maps every buffer over 32 MB afresh, so each call pays a page fault per 4 KiB page it
@@ -194,6 +200,76 @@ def selective_main(args):
   write_json(args.out, meta, rows)
 
 
+def learned_candidates(k, d, block_sizes):
+  """name -> (rates argument, f(x, rates)): learned rates are arguments (traced), so their gradient is
+  computed; 'fixed' is the constant-rate path (auto) every ratio is taken against."""
+  shared = jnp.asarray(rates(k, d, False))
+  channel = jnp.asarray(rates(k, d, True))
+  out = {}
+  for c in block_sizes:
+    out[f"learned shared/blocked/{c}"] = (
+        shared,
+        lambda x, r, c=c: traces.ema_traces(x, r, method="blocked", chunk_size=c)[0],
+    )
+    out[f"learned per-channel/blocked/{c}"] = (
+        channel,
+        lambda x, r, c=c: traces.ema_traces(x, r, method="blocked", chunk_size=c)[0],
+    )
+  out["learned shared/fused/16"] = (shared, lambda x, r: traces.ema_traces(x, r, method="fused", chunk_size=16)[0])
+  out["learned per-channel/sequential"] = (channel, lambda x, r: traces.ema_traces(x, r, method="sequential")[0])
+  out["learned per-channel/auto"] = (channel, lambda x, r: traces.ema_traces(x, r, method="auto")[0])
+  fixed, fixed_channel = rates(k, d, False), rates(k, d, True)
+  out["fixed/auto"] = (shared, lambda x, r: traces.ema_traces(x, fixed, method="auto")[0])
+  out["fixed per-channel/auto"] = (shared, lambda x, r: traces.ema_traces(x, fixed_channel, method="auto")[0])
+  out["copy"] = (shared, lambda x, r: copy_op(x, k))
+  return out
+
+
+def learned_main(args):
+  block_sizes = [int(c) for c in args.blocks.split(",") if c]
+  load_before, uptime_before = os.getloadavg(), uptime()
+  rows = []
+  for shape in args.shapes.split(","):
+    bsz, t_len, d, k = (int(v) for v in shape.split("x"))
+    x = jax.random.normal(jax.random.key(0), (bsz, t_len, d), jnp.float32)
+    fns = {}
+    for name, (r, f) in learned_candidates(k, d, block_sizes).items():
+      fns[(name, "fwd")] = (jax.jit(f), (x, r))
+      loss = lambda x, r, f=f: jnp.mean(jnp.square(f(x, r)))
+      fns[(name, "train")] = (jax.jit(jax.grad(loss, argnums=(0, 1))), (x, r))
+    res = time_interleaved_random(fns, args.repeats)
+    copy_f = res[("copy", "fwd")][0]
+    fixed_f, fixed_t = res[("fixed/auto", "fwd")][0], res[("fixed/auto", "train")][0]
+    for name in dict.fromkeys(n for n, _ in fns):
+      (tf, tf_lo, tf_hi), (tt, tt_lo, tt_hi) = res[(name, "fwd")], res[(name, "train")]
+      rows.append(
+          dict(
+              shape=shape,
+              method=name,
+              fwd_ms=tf * 1e3,
+              fwd_ms_range=[tf_lo * 1e3, tf_hi * 1e3],
+              train_ms=tt * 1e3,
+              train_ms_range=[tt_lo * 1e3, tt_hi * 1e3],
+              fwd_vs_copy=tf / copy_f,
+              train_vs_copy=tt / copy_f,
+              fwd_vs_fixed=tf / fixed_f,
+              train_vs_fixed=tt / fixed_t,
+          )
+      )
+      print(
+          f"{shape:<18}{name:<34}fwd {tf * 1e3:9.2f} ms ({tf / fixed_f:5.2f}x fixed)"
+          f"   train {tt * 1e3:9.2f} ms ({tt / copy_f:5.2f}x copy fwd, {tt / fixed_t:5.2f}x fixed)",
+          flush=True,
+      )
+  load_after, uptime_after = os.getloadavg(), uptime()
+  meta = run_meta(args, load_before, load_after, uptime_before, uptime_after)
+  meta.update(
+      train="jax.grad of mean(h^2) w.r.t. x and the rates (none for fixed/auto and copy)",
+      auto_per_channel=str(traces._auto_method(1 << 20, False)),
+  )
+  write_json(args.out, meta, rows)
+
+
 def run_meta(args, load_before, load_after, uptime_before, uptime_after):
   """What every results file records about the machine, its load and the command."""
   return dict(
@@ -238,15 +314,20 @@ def main():
   )
   p.add_argument("--reuse-heap", action="store_true", help="keep freed memory in glibc's heap (see above)")
   p.add_argument("--selective", action="store_true", help="time selective traces instead (see above)")
+  p.add_argument("--learned", action="store_true", help="time learned rates instead (see above)")
   p.add_argument("--selective-chunks", default="8,16", help="chunk sizes of selective 'chunked'")
   p.add_argument("--out", default=None, help="default results/scan_bench.json (--selective: _selective)")
   args = p.parse_args()
   if args.reuse_heap and any(os.environ.get(k) != v for k, v in _HEAP_ENV.items()):
     os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **_HEAP_ENV})  # glibc reads these at start
   if args.out is None:
-    args.out = "results/scan_bench_selective.json" if args.selective else "results/scan_bench.json"
+    args.out = {True: "results/scan_bench_selective.json"}.get(args.selective) or (
+        "results/scan_bench_learned.json" if args.learned else "results/scan_bench.json"
+    )
   if args.selective:
     return selective_main(args)
+  if args.learned:
+    return learned_main(args)
   chunk_sizes = [int(c) for c in args.chunks.split(",") if c]
   fused_chunk_sizes = [int(c) for c in args.fused_chunks.split(",") if c]
   block_sizes = [int(c) for c in args.blocks.split(",") if c]

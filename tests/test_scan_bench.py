@@ -14,7 +14,7 @@ def test_selective_rows(tmp_path):
   subprocess.run(cmd + ["--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=600)
   data = json.load(open(out))
   methods = {r["method"] for r in data["rows"]}
-  assert {"selective/sequential", "selective/auto", "fixed/auto", "copy"} <= methods
+  assert {"selective/sequential", "selective/blocked", "selective/auto", "fixed/auto", "copy"} <= methods
   fixed = next(r for r in data["rows"] if r["method"] == "fixed/auto")
   assert fixed["fwd_vs_fixed"] == 1.0 and fixed["train_vs_fixed"] == 1.0
   for r in data["rows"]:
@@ -30,7 +30,7 @@ def test_default_rows_time_a_training_loss(tmp_path):
   )
   data = json.load(open(out))
   methods = {r["method"] for r in data["rows"]}
-  assert {"fused/8", "sequential", "associative", "chunked/16", "auto", "textbook", "copy"} <= methods
+  assert {"blocked/4", "blocked/8", "fused/8", "sequential", "associative", "chunked/16", "auto", "textbook"} <= methods
   assert "mean(h^2)" in data["meta"]["fwd_bwd"]
   assert sum(r["best_fwd"] for r in data["rows"]) == 1 and sum(r["best_fwd_bwd"] for r in data["rows"]) == 1
 
@@ -43,3 +43,27 @@ def test_lm_bench_reports_mfu(tmp_path):
   row = data["rows"][0]
   assert data["meta"]["matmul_peak_flops"] > 0
   assert 0 < row["ema_mfu_sparse"] < row["ema_mfu"] and row["gpt_mfu"] > 0
+
+
+def test_trace_profile_names_kernels_and_their_source(tmp_path):
+  out = tmp_path / "prof.json"
+  cmd = [sys.executable, "benchmarks/trace_profile.py", "--shape", "2x64x8x3", "--methods", "blocked/8,copy"]
+  subprocess.run(cmd + ["--repeats", "1", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=600)
+  data = json.load(open(out))
+  kinds = {(r["method"], r["kind"]) for r in data["rows"]}
+  assert kinds == {(m, k) for m in ("blocked/8", "copy") for k in ("fwd", "train")}
+  blocked = [r for r in data["rows"] if r["method"] == "blocked/8"]
+  assert all(r["ms"] >= 0 and r["wall_ms"] > 0 for r in blocked)
+  # At least one kernel is traced back to the blocked path's own source lines.
+  assert any("traces_blocked.py" in line for r in blocked for line in r["lines"])
+
+
+def test_learned_rows_compare_with_the_fixed_path(tmp_path):
+  out = tmp_path / "learned.json"
+  cmd = [sys.executable, "benchmarks/scan_bench.py", "--learned", "--shapes", "2x32x8x3", "--repeats", "1"]
+  subprocess.run(cmd + ["--blocks", "8", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=600)
+  data = json.load(open(out))
+  methods = {r["method"] for r in data["rows"]}
+  assert {"learned shared/blocked/8", "learned per-channel/blocked/8", "fixed/auto", "copy"} <= methods
+  fixed = next(r for r in data["rows"] if r["method"] == "fixed/auto")
+  assert fixed["train_vs_fixed"] == 1.0 and "rates" in data["meta"]["train"]
