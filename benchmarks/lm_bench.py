@@ -1,7 +1,7 @@
 """Training tokens/s of the EMA LM and the GPT at equal width and depth, for several context lengths.
 
   python benchmarks/lm_bench.py [--lengths 256,1024,4096] [--tokens 8192] [--width 128] [--depth 2]
-                                [--out results/lm_bench.json]
+                                [--out results/lm_bench.json] [--profile T]
 
 Every step sees the same number of tokens (--tokens = B x T), so a cost per token that is flat in T shows
 up as flat tokens/s. One jitted AdamW step (forward, backward, update), median of repeats after warm-up.
@@ -12,6 +12,9 @@ per token are the models' analytic counts (ema_lm.flops_per_token, transformer.f
 LM both as computed (the top-k FFN's dense matmuls, zeros included: `mfu`) and as a kernel that skips the
 zeros would need (only the kept units: `mfu_sparse`, the honest count of useful work); the GPT's includes
 its dense T x T attention.
+
+--profile T also runs the EMA LM's step at T under jax.profiler and lists its biggest kernels (XLA's own
+times, summed over threads) with the source lines they come from: where an MFU below peak goes.
 """
 
 import argparse
@@ -27,6 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ema_jax.models import ema_lm, transformer  # noqa: E402
 from ema_jax.tasks.lm import token_nll  # noqa: E402
@@ -82,6 +86,39 @@ def matmul_peak(shapes, repeats=5):
   return best
 
 
+def profile_ema_step(args, top=16):
+  """The EMA LM's AdamW step at T = args.profile under jax.profiler: kernels (ms per step, summed over the
+  threads that ran them) with their output shape and project source lines, the biggest first."""
+  import tempfile
+
+  from trace_profile import profile, source_map
+
+  t = args.profile
+  b = max(1, args.tokens // t)
+  rng = np.random.default_rng(0)
+  inputs = rng.integers(0, args.vocab - 1, size=(b, t)).astype(np.int32)
+  batch = dict(
+      inputs=inputs,
+      targets=np.roll(inputs, -1, 1),
+      resets=np.zeros((b, t), bool),
+      segment_ids=np.zeros((b, t), np.int32),
+      mask=np.ones((b, t), np.float32),
+  )
+  cfg = ema_lm.preset("tiny", vocab_size=args.vocab, width=args.width, num_blocks=args.depth, ffn_hidden=4 * args.width)
+  step, params, opt = adamw_step(ema_lm.EMALM(cfg, rngs=nnx.Rngs(0)))
+  fn = jax.jit(step)
+  smap = source_map(fn.lower(params, opt, batch).compile().as_text())
+  with tempfile.TemporaryDirectory() as tmp:
+    totals, wall = profile(fn, (params, opt, batch), args.repeats, tmp)
+  print(f"\nEMA LM step at T={t} (batch {b}): {wall * 1e3:.1f} ms per step with the profiler on; kernels:")
+  out = []
+  for kernel, ms in totals.most_common(top):
+    shape, op, lines = smap.get(kernel, ("?", "?", []))
+    print(f"  {ms:8.2f}  {kernel:34s} {shape:24s} {'; '.join(lines)[:120]}")
+    out.append(dict(kernel=kernel, ms=ms, shape=shape, op=op, lines=lines, wall_ms=wall * 1e3))
+  return out
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--lengths", default="256,1024,4096")
@@ -91,6 +128,12 @@ def main():
   p.add_argument("--vocab", type=int, default=257)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--out", default="results/lm_bench.json")
+  p.add_argument(
+      "--profile",
+      type=int,
+      default=0,
+      help="also profile the EMA LM's step at this T: XLA's kernel times by source line (trace_profile.py)",
+  )
   args = p.parse_args()
   rows = []
   peak = matmul_peak(
@@ -143,6 +186,7 @@ def main():
         f"{r['T']:>6}{r['batch']:>7}{r['ema_tokens_per_s']:>14,.0f}{r['gpt_tokens_per_s']:>12,.0f}"
         f"{r['ema_over_gpt']:>11.2f}{r['ema_mfu']:>9.2f}{r['ema_mfu_sparse']:>9.2f}{r['gpt_mfu']:>9.2f}"
     )
+  profile_rows = profile_ema_step(args) if args.profile else None
   meta = dict(
       date=time.strftime("%Y-%m-%d"),
       backend=jax.default_backend(),
@@ -160,7 +204,7 @@ def main():
   if args.out:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-      json.dump(dict(meta=meta, rows=rows), f, indent=1)
+      json.dump(dict(meta=meta, rows=rows, ema_step_profile=profile_rows), f, indent=1)
     print(f"wrote {args.out}")
 
 

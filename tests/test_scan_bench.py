@@ -38,11 +38,15 @@ def test_default_rows_time_a_training_loss(tmp_path):
 def test_lm_bench_reports_mfu(tmp_path):
   out = tmp_path / "lm.json"
   cmd = [sys.executable, "benchmarks/lm_bench.py", "--lengths", "32", "--tokens", "64", "--width", "16"]
+  cmd += ["--profile", "32"]
   subprocess.run(cmd + ["--repeats", "1", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=600)
   data = json.load(open(out))
   row = data["rows"][0]
   assert data["meta"]["matmul_peak_flops"] > 0
   assert 0 < row["ema_mfu_sparse"] < row["ema_mfu"] and row["gpt_mfu"] > 0
+  prof = data["ema_step_profile"]
+  assert prof and all(r["ms"] >= 0 for r in prof)
+  assert any("ema_lm.py" in line for r in prof for line in r["lines"])
 
 
 def test_trace_profile_names_kernels_and_their_source(tmp_path):
