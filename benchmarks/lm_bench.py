@@ -114,7 +114,7 @@ def profile_ema_step(args, top=16):
   out = []
   for kernel, ms in totals.most_common(top):
     shape, op, lines = smap.get(kernel, ("?", "?", []))
-    print(f"  {ms:8.2f}  {kernel:34s} {shape:24s} {'; '.join(lines)[:120]}")
+    print(f"  {ms:8.2f}  {kernel:34s} {shape:24s} {op if op != 'fusion' else ''} {'; '.join(lines)[:120]}")
     out.append(dict(kernel=kernel, ms=ms, shape=shape, op=op, lines=lines, wall_ms=wall * 1e3))
   return out
 

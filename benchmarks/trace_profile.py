@@ -72,7 +72,7 @@ def source_map(hlo_text):
       if w and current:
         comp_lines[current].add(w)
   out = {}
-  for m in re.finditer(r"^\s*(?:ROOT )?%(\S+) = (\S+) (\w[\w-]*)\((.*)$", hlo_text, re.M):
+  for m in re.finditer(r"^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) (\w[\w-]*)\((.*)$", hlo_text, re.M):
     name, shape, op, rest = m.groups()
     calls = re.findall(r"calls=%(\S+?)[,\s]", rest + " ") + re.findall(r"body=%(\S+?)[,\s]", rest + " ")
     lines = set()
@@ -82,7 +82,8 @@ def source_map(hlo_text):
       w = where(fr)
       if w:
         lines.add(w)
-    out[name] = (shape.split("{")[0], op, sorted(lines))
+    target = re.search(r'custom_call_target="([^"]+)"', rest)
+    out[name] = (re.sub(r"\{[^}]*\}", "", shape), target.group(1) if target else op, sorted(lines))
   return out
 
 
@@ -155,7 +156,7 @@ def main():
       )
       for kernel, ms in totals.most_common(args.top):
         shape, op, lines = smap.get(kernel, ("?", "?", []))
-        print(f"  {ms:8.2f}  {kernel:32s} {shape:26s} {'; '.join(lines)[:150]}")
+        print(f"  {ms:8.2f}  {kernel:32s} {shape:26s} {op if op != 'fusion' else ''} {'; '.join(lines)[:150]}")
         report["rows"].append(
             dict(method=name, kind=kind, wall_ms=wall * 1e3, kernel=kernel, ms=ms, shape=shape, op=op, lines=lines)
         )
