@@ -6,7 +6,8 @@ Time is cut into N chunks of C tokens (C = 8 by default). Within a chunk the tra
 so the whole output is one elementwise pass: C broadcast multiply-adds per output element, which XLA emits
 as a single loop that reads x and the carries and writes the [B, T, K, D] output once, in place. Unlike
 the 'fused' path (the same weights as one batched matmul), there is no [M, C + K, D] input to build and
-no small-matrix kernel, and a rate per channel costs the same as a shared one (W gets a D axis).
+no small-matrix kernel, and rates per channel take the same code (W gets a D axis; the output pass then
+loads a weight per multiply-add, 1.4-1.5x the time of shared rates in benchmarks/scan_bench.py --learned).
 The carries (the raw state entering each chunk) come from the chunk-end states
   E[n, k] = sum_s alpha_k (1 - alpha_k)^(C - 1 - s) x[n, s]
 and the chunk-level recurrence carry[n + 1] = (1 - alpha_k)^C carry[n] + E[n], carry[0] = h0, a
@@ -15,8 +16,9 @@ recomputing either inside the output pass).
 
 A reset at t zeroes what flows into t: with seg the number of resets so far in the chunk, W[t, s] keeps
 only seg[t] == seg[s], P[t] only seg[t] == 0, E only the tokens of the chunk's last segment, and the chunk
-decay only chunks without a reset. The last chunk is padded with zeros (only its padded outputs, which
-are dropped, and the carry after it, which is never used, see the padding).
+decay only chunks without a reset. The last chunk is padded with zeros at the end: that changes only its
+padded outputs, which are dropped, and the state after it, which is never used (h_last is the last real
+output row).
 
 The custom VJP is the transposed pass: the carries' cotangents sum P against the output cotangent, run the
 chunk recurrence from the right, and dx sums W^T against the output cotangent plus the chunk-end weights
@@ -39,8 +41,9 @@ import numpy as np
 
 from ema_jax import scan
 
-DEFAULT_BLOCK = 8  # benchmarks/scan_bench.py on the 2-core CPU, 2026-11-29: 8 beat 4, 16 and 32
-_HIGHEST = jax.lax.Precision.HIGHEST
+# benchmarks/scan_bench.py --reuse-heap on the 2-core CPU, 2026-11-29 (two runs): 8 was the fastest training
+# step of 4, 8 and 16 at (8, 2048, 256, 3) and (1, 65536, 256, 3); 16 matched it forward at the first shape.
+DEFAULT_BLOCK = 8
 # Stand-in for log(1 - alpha) at alpha = 1: exp(n * _LOG_ZERO) is exactly 0 for n >= 1 and 1 for n = 0,
 # without the nan of 0 * -inf (and with a zero, not nan, write-rate gradient).
 _LOG_ZERO = -1e4
