@@ -9,7 +9,10 @@
   the other reads of the same asyncio.gather are still in flight; as each of them completes, tensorstore
   calls loop.call_soon_threadsafe on the closed loop from its own thread and reports the RuntimeError
   ("Event loop is closed", dozens of tracebacks) through sys.unraisablehook. Only that message is
-  dropped: it says nothing the failed restore (a CorruptCheckpointError) does not.
+  dropped: it says nothing the failed restore (a CorruptCheckpointError) does not. For the same reason,
+  the other reads' own failures on the same damaged files are dropped: asyncio's "Task exception was
+  never retrieved" log record and the "Exception ignored in <coroutine ...>" unraisable of an abandoned
+  orbax read coroutine (whether they appear at all depends on thread timing).
 
 This module imports no JAX, so `--help` and flag errors stay fast.
 """
@@ -56,6 +59,7 @@ FLAGS = flags.FLAGS
 def run(main: Callable[[Sequence[str]], Any], required: Sequence[str] = ()) -> None:
   """app.run(main) with this module's flag parsing, logging and error handling."""
   sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
+  logging.getLogger("asyncio").addFilter(_drop_orphaned_read_errors)
   FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS["verbose"])  # listed by --helpshort
   app.run(_guarded(main), flags_parser=lambda argv: _parse(argv, required))
 
@@ -109,10 +113,23 @@ def quiet_logs(verbose: bool) -> None:
     logging.getLogger(name).setLevel(logging.WARNING)
 
 
+# orbax's coroutines that read one array of a checkpoint: when one read fails, the others are abandoned and
+# their own (same) failure is reported as unraisable or as an unretrieved task exception.
+_ORBAX_READS = ("async_deserialize", "_read_array_index_and_device_put", "_read_and_create_array")
+
+
+def _drop_orphaned_read_errors(record: logging.LogRecord) -> bool:
+  """asyncio logging filter: False (drop) for an unretrieved exception of an orbax array read."""
+  text = record.getMessage()
+  return not (text.startswith("Task exception was never retrieved") and any(n in text for n in _ORBAX_READS))
+
+
 def _drop_closed_loop_noise(previous):
   def hook(unraisable):
     exc = unraisable.exc_value
     if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    if getattr(getattr(unraisable, "object", None), "__name__", None) in _ORBAX_READS:  # an abandoned read
       return
     previous(unraisable)
 

@@ -5,6 +5,7 @@ Each test starts the real scripts in subprocesses, with a tiny set-complement ru
 """
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -222,6 +223,26 @@ def test_only_closed_event_loop_noise_is_dropped():
   other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
   hook(other)
   assert seen == [other]
+
+
+def test_only_orphaned_checkpoint_read_errors_are_dropped():
+  def record(msg):
+    return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)
+
+  orphan = "Task exception was never retrieved\nfuture: <Task finished coro=<async_deserialize() done>>"
+  assert cli._drop_orphaned_read_errors(record(orphan)) is False
+  assert cli._drop_orphaned_read_errors(record("Task exception was never retrieved\nfuture: <Task coro=<f()>>"))
+  assert cli._drop_orphaned_read_errors(record("something else in async_deserialize"))
+  seen = []
+  hook = cli._drop_closed_loop_noise(seen.append)
+
+  async def _read_array_index_and_device_put():
+    pass
+
+  coro = _read_array_index_and_device_put()
+  hook(types.SimpleNamespace(exc_value=Exception("reading array index"), object=coro))
+  coro.close()
+  assert seen == []
 
 
 def test_missing_field_names_the_closest():
