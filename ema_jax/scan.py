@@ -138,9 +138,11 @@ def _reduce_to(x, shape):
 AUTO_METHODS = {
     "cpu": (
         ScanMethod.SEQUENTIAL,
-        "measured: 2-core x86_64 CPU, 2026-11-22 (per-channel rates, results/scan_bench_per_channel*.json of that "
-        "date) and 2026-11-29 (selective traces, results/scan_bench_selective_reuse_heap.json: 'sequential' was "
-        "the fastest forward and training step at both shapes, 'blocked' second); details in auto_method's docstring",
+        "measured: 2-core x86_64 CPU, 2026-11-29 (benchmarks/scan_bench.py --reuse-heap: selective traces, "
+        "results/scan_bench_selective_reuse_heap.json, 'sequential' the fastest forward and training step at both "
+        "shapes, 'blocked' second; per-channel rates, results/scan_bench_per_channel_reuse_heap.json, 'sequential' "
+        "the fastest linear_scan method at (1, 65536) and within 11% of 'associative' at (8, 2048)); details in "
+        "auto_method's docstring",
     ),
     "gpu": (ScanMethod.CHUNKED, "unmeasured, as designed: matmuls inside chunks, a log-depth scan across them"),
     "tpu": (ScanMethod.CHUNKED, "unmeasured, as designed: matmuls inside chunks, a log-depth scan across them"),
@@ -151,9 +153,10 @@ DEFAULT_AUTO = (ScanMethod.CHUNKED, "unmeasured, as designed (a backend not in A
 def auto_method(t_len, backend=None) -> ScanMethod:
   """Fastest method per backend: AUTO_METHODS, numbers from benchmarks/scan_bench.py (see README).
 
-  cpu: 'sequential'. Measured on a 2-core CPU (medians; `scan_bench.py --per-channel`, 2026-11-22) through
-    ema_traces with [K, D] rates at (B, T, D, K) = (8, 2048, 256, 3), (1, 16384, 256, 3), (1, 65536, 256, 3):
-    fastest forward everywhere, 3-5x ahead of 'chunked' once page faults are out of the timing; and for
+  cpu: 'sequential'. Measured on a 2-core CPU (medians; `scan_bench.py --per-channel --reuse-heap`,
+    2026-11-22 and 2026-11-29) through ema_traces with [K, D] rates at (B, T, D, K) = (8, 2048, 256, 3) and
+    (1, 65536, 256, 3): the fastest linear_scan method at the long shape, within 11% of 'associative' at
+    the short one, well ahead of 'chunked'; and for
     selective traces (per-token decays; `scan_bench.py --selective --reuse-heap`, 2026-11-29) ahead of
     'blocked' (1.2-1.4x forward, 1.1-1.8x training) and of 'associative' and 'chunked'. (Constant rates,
     shared or per channel, take traces' 'blocked' path instead: traces.AUTO_CONSTANT_RATES.)
