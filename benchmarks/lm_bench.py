@@ -86,6 +86,18 @@ def matmul_peak(shapes, repeats=5):
   return best
 
 
+def make_batch(b, t, vocab):
+  """A [b, t] LM batch of random tokens (seed 0), one document per row."""
+  inputs = np.random.default_rng(0).integers(0, vocab - 1, size=(b, t)).astype(np.int32)
+  return dict(
+      inputs=inputs,
+      targets=np.roll(inputs, -1, 1),
+      resets=np.zeros((b, t), bool),
+      segment_ids=np.zeros((b, t), np.int32),
+      mask=np.ones((b, t), np.float32),
+  )
+
+
 def profile_ema_step(args, top=16):
   """The EMA LM's AdamW step at T = args.profile under jax.profiler: kernels (ms per step, summed over the
   threads that ran them) with their output shape and project source lines, the biggest first."""
@@ -95,15 +107,7 @@ def profile_ema_step(args, top=16):
 
   t = args.profile
   b = max(1, args.tokens // t)
-  rng = np.random.default_rng(0)
-  inputs = rng.integers(0, args.vocab - 1, size=(b, t)).astype(np.int32)
-  batch = dict(
-      inputs=inputs,
-      targets=np.roll(inputs, -1, 1),
-      resets=np.zeros((b, t), bool),
-      segment_ids=np.zeros((b, t), np.int32),
-      mask=np.ones((b, t), np.float32),
-  )
+  batch = make_batch(b, t, args.vocab)
   cfg = ema_lm.preset("tiny", vocab_size=args.vocab, width=args.width, num_blocks=args.depth, ffn_hidden=4 * args.width)
   step, params, opt = adamw_step(ema_lm.EMALM(cfg, rngs=nnx.Rngs(0)))
   fn = jax.jit(step)
@@ -142,15 +146,7 @@ def main():
   print(f"  float32 matmul peak measured here: {peak / 1e9:.1f} GFLOP/s", flush=True)
   for t in [int(v) for v in args.lengths.split(",")]:
     b = max(1, args.tokens // t)
-    rng = np.random.default_rng(0)
-    inputs = rng.integers(0, args.vocab - 1, size=(b, t)).astype(np.int32)
-    batch = dict(
-        inputs=inputs,
-        targets=np.roll(inputs, -1, 1),
-        resets=np.zeros((b, t), bool),
-        segment_ids=np.zeros((b, t), np.int32),
-        mask=np.ones((b, t), np.float32),
-    )
+    batch = make_batch(b, t, args.vocab)
     ema = ema_lm.EMALM(
         ema_lm.preset(
             "tiny", vocab_size=args.vocab, width=args.width, num_blocks=args.depth, ffn_hidden=4 * args.width
