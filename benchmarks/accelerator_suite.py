@@ -218,14 +218,9 @@ def part_traces(args, ctx):
 
 
 def _lm_batch(b, t, vocab):
-  inputs = np.random.default_rng(0).integers(0, vocab - 1, size=(b, t)).astype(np.int32)
-  return dict(
-      inputs=inputs,
-      targets=np.roll(inputs, -1, 1),
-      resets=np.zeros((b, t), bool),
-      segment_ids=np.zeros((b, t), np.int32),
-      mask=np.ones((b, t), np.float32),
-  )
+  import lm_bench  # benchmarks/ is on sys.path (as for scan_bench)
+
+  return lm_bench.make_batch(b, t, vocab)
 
 
 def train_step_stats(model, batch, repeats):
