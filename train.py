@@ -36,6 +36,9 @@ _PID = flags.DEFINE_integer("process_id", None, "This process's index in a multi
 
 def main(argv):
   del argv
+  from ema_jax import workdir_lock  # no JAX: every process of a run stops here at once
+
+  workdir_lock.check_writable(_WORKDIR.value)
   from ema_jax import distributed, trainer  # after flag parsing, so --help and flag errors are fast
 
   distributed.initialize(_COORD.value, _NPROC.value, _PID.value)

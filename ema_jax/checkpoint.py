@@ -1,14 +1,27 @@
 """Orbax checkpoints: the train state, the data position, the loop's host state and the config.
 
-Layout: <workdir>/checkpoints/<step>/{state, data, loop, config}. `state` is the sharded train state
-(orbax StandardSave, written asynchronously); `data` is the data iterator's *global* position (merged
-over processes, so any process layout can restore it); `loop` is the trainer's host state (the running
-averages of the current log window); `config` the run's config as JSON.
+Layout: <workdir>/checkpoints/<step>/{state, data, loop, config, checksums}. `state` is the sharded
+train state (orbax StandardSave, written asynchronously); `data` is the data iterator's *global*
+position (merged over processes, so any process layout can restore it); `loop` is the trainer's host
+state (the running averages of the current log window); `config` the run's config as JSON; `checksums`
+maps each array's path to a 64-bit checksum of its bits (state_checksums).
+
+Why our own checksums: orbax 0.12.8 writes arrays as zarr3 with codecs hard-coded in
+tensorstore_utils._build_zarr3_metadata (crc32c on each shard's *index* only, none on the chunk data)
+and offers no option to add one, and only OCDBT's B-tree nodes (which hold arrays under 1 KiB inline)
+carry a crc32c. Bytes flipped inside a larger array's data therefore restore silently as other numbers.
 
 Guarantees (tested in tests/test_checkpoint_faults.py and tests/test_multihost.py):
-- A checkpoint that is present but unreadable (truncated or missing files, a half-written step) is
-  renamed `<step>.unreadable-<time>` with a one-line warning and the next older one is tried; nothing
-  is deleted, and the renamed step can be saved again when the run reaches it.
+- Every array's bits are verified on restore (restore_state, so training resume and eval.py alike):
+  the checksum recorded at save is recomputed on the restored arrays, on device, and a mismatch is an
+  unreadable step (below), named with the first differing arrays. The checksum is a wrapped uint32 sum
+  over the array's 32-bit words of murmur3-mixed (word, flat index), with two seeds: exact on any mesh
+  or process count (integer addition is order-free), sure to change when any one word changes (the
+  mix is a bijection of the word), and two changed words cancel with odds ~2**-64. Checkpoints from
+  before checksums (no `checksums` item) restore unverified.
+- A checkpoint that is present but unreadable (truncated or missing files, a half-written step, a
+  checksum mismatch) is renamed `<step>.unreadable-<time>` with a one-line warning and the next older
+  one is tried; nothing is deleted, and the renamed step can be saved again when the run reaches it.
 - A checkpoint saved with a different config is refused before anything in the workdir is written,
   listing the differing fields (config_differences); fields that are safe to change on resume
   (SAFE_TO_CHANGE) are ignored. With allow_config_change, other differences are accepted as long as the
@@ -32,18 +45,31 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from ema_jax import errors
+from ema_jax import checksums, errors, write_errors
 
 log = logging.getLogger(__name__)
 
-ITEMS = ("state", "data", "loop", "config")
+ITEMS = ("state", "data", "loop", "config", "checksums")
 # Config fields that may change between a run and its resume: cadence, length, mesh and evaluation.
 # Everything else (model, data, batch, seed, optimizer, task) changes the state or the data stream.
-SAFE_TO_CHANGE = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "mesh")
+SAFE_TO_CHANGE = (
+    "steps",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "checkpoint_every_seconds",
+    "keep_checkpoints",
+    "mesh",
+)
 
 
 class CorruptCheckpointError(errors.UserError):
   """A checkpoint step that cannot be read."""
+
+
+CheckpointWriteError = write_errors.CheckpointWriteError
+is_disk_full = errors.is_disk_full
+write_error_message = write_errors.message
 
 
 def _is_safe(path: str) -> bool:
@@ -90,16 +116,7 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _path_name(path) -> str:
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
+_path_name = checksums.path_name
 
 
 def _state_differences(meta_tree: Any, abstract_state: Any) -> List[str]:
@@ -142,6 +159,7 @@ class Checkpointer:
     )
     self.keep, self.async_save = keep, async_save
     self._manager = None
+    self._saving: Optional[int] = None
 
   # --------------------------------------------------------------------------------------------- reading
 
@@ -199,7 +217,22 @@ class Checkpointer:
       raise CorruptCheckpointError(
           f"checkpoint {self.step_dir(step)}: arrays unreadable " f"({type(e).__name__}: {_first_line(e)})"
       ) from e
+    self._verify(step, state)
     return state
+
+  def _verify(self, step: int, state: Any) -> None:
+    """CorruptCheckpointError where the restored arrays' checksums differ from those saved with them."""
+    now = checksums.state_checksums(state)  # first: a collective, so every process must reach it
+    if not (self.step_dir(step) / "checksums").exists():
+      return  # saved before checkpoints carried checksums: nothing to verify against
+    saved = self.read_json(step, "checksums")
+    bad = [k for k, v in now.items() if saved.get(k) != v]
+    if bad:
+      more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+      raise CorruptCheckpointError(
+          f"checkpoint {self.step_dir(step)}: step {step} fails its checksums (the bytes on disk changed "
+          f"after they were written) in {', '.join(bad[:3])}{more}"
+      )
 
   def read_config(self, step: int) -> Dict[str, Any]:
     return self.read_json(step, "config")
@@ -311,18 +344,48 @@ class Checkpointer:
       self, step: int, state: Any, data_state: Dict[str, Any], loop_state: Dict[str, Any], config: Dict[str, Any]
   ) -> None:
     """Starts an async save; device arrays are copied to host before this returns, so the caller may
-    donate `state` to the next step right away. Every process calls it."""
+    donate `state` to the next step right away (the checksums are on the host too). Every process
+    calls it."""
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
         loop=ocp.args.JsonSave(loop_state),
         config=ocp.args.JsonSave(config),
+        checksums=ocp.args.JsonSave(checksums.state_checksums(state)),
     )
-    self.manager.save(step, args=args, force=True)
+    self._saving = step  # the newest save started (the one a background failure belongs to)
+    try:
+      self.manager.save(step, args=args, force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      if errors.root_os_error(e) is None:
+        raise
+      self._write_failed(e, step)
+
+  def check_saved(self) -> None:
+    """Raises CheckpointWriteError if a background save has failed (a cheap check, every step)."""
+    if self._manager is None:
+      return
+    try:
+      self._manager.check_for_errors()
+    except Exception as e:  # orbax re-raises whatever its commit thread met
+      self._write_failed(e, self._saving)
+
+  def _write_failed(self, e: BaseException, step: Optional[int] = None):
+    manager, self._manager = self._manager, None
+    if manager is not None:
+      try:
+        manager.close()
+      except Exception:  # pylint: disable=broad-except
+        pass  # the save has failed already; its own error is the one to report
+    raise CheckpointWriteError(write_error_message(self.directory, e, step, self.all_steps())) from e
 
   def close(self) -> None:
     if self._manager is not None:
-      self._manager.wait_until_finished()
+      try:
+        self._manager.wait_until_finished()
+        self._manager.check_for_errors()
+      except Exception as e:  # pylint: disable=broad-except
+        self._write_failed(e, self._saving)
       self._manager.close()
       self._manager = None
 

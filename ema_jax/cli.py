@@ -3,8 +3,9 @@
 - Quiet by default: absl's app.run turns INFO logging on, and orbax then logs ~100 INFO lines per
   checkpoint (some over 2 KB) and JAX one about a missing TPU backend. --verbose turns them back on.
 - A user error (errors.USER_ERRORS, a bad flag, an unknown or ill-typed --config.a.b override, a config
-  file that does not load) prints `error: <message>` on stderr and exits with status 2, without a
-  traceback unless --verbose.
+  file that does not load, or raises or has a syntax error: then with its file:line) prints
+  `error: <message>` on stderr and exits with status 2, without a traceback unless --verbose.
+- --help, --helpshort, --helpfull exit 0 (absl's exit 1).
 - When orbax fails to read one array of a checkpoint, its run_sync closes its per-call event loop while
   the other reads of the same asyncio.gather are still in flight; as each of them completes, tensorstore
   calls loop.call_soon_threadsafe on the closed loop from its own thread and reports the RuntimeError
@@ -23,6 +24,7 @@ import difflib
 import logging
 import os
 import sys
+import threading
 import traceback
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
@@ -60,6 +62,8 @@ def run(main: Callable[[Sequence[str]], Any], required: Sequence[str] = ()) -> N
   """app.run(main) with this module's flag parsing, logging and error handling."""
   sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
   logging.getLogger("asyncio").addFilter(_drop_orphaned_read_errors)
+  logging.getLogger("absl").addFilter(_drop_disk_full_noise)
+  threading.excepthook = _drop_disk_full_thread_errors(threading.excepthook)
   FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS["verbose"])  # listed by --helpshort
   app.run(_guarded(main), flags_parser=lambda argv: _parse(argv, required))
 
@@ -124,6 +128,39 @@ def _drop_orphaned_read_errors(record: logging.LogRecord) -> bool:
   return not (text.startswith("Task exception was never retrieved") and any(n in text for n in _ORBAX_READS))
 
 
+def _drop_disk_full_noise(record: logging.LogRecord) -> bool:
+  """absl logging filter: False (drop) for orbax's reports of a full disk and of its background threads
+  stopped by the exit that follows; the trainer reports the full disk in one line (unless --verbose)."""
+  if VERBOSE.present and VERBOSE.value:
+    return True
+  exc = record.exc_info[1] if record.exc_info else None
+  text = record.getMessage()
+  return not (
+      (exc is not None and errors.is_disk_full(exc))
+      or "No space left on device" in text
+      or "cannot schedule new futures after interpreter shutdown" in text
+  )
+
+
+def _drop_disk_full_thread_errors(previous):
+  def hook(args):
+    if args.exc_value is not None and errors.is_disk_full(args.exc_value) and not VERBOSE.value:
+      return  # a library's writer thread (TensorBoard, orbax): the main thread reports the full disk
+    previous(args)
+
+  return hook
+
+
+def _exit_now(message: str, verbose: bool) -> NoReturn:
+  """fail(), but without running exit handlers or waiting for library threads."""
+  sys.stdout.flush()
+  if verbose:
+    traceback.print_exc()
+  sys.stderr.write(f"error: {one_line(message)}\n")
+  sys.stderr.flush()
+  os._exit(USER_ERROR_STATUS)  # pylint: disable=protected-access
+
+
 def _drop_closed_loop_noise(previous):
   def hook(unraisable):
     exc = unraisable.exc_value
@@ -157,19 +194,35 @@ def _usage() -> str:
   return (doc + "\n\n" if doc else "") + "Flags: --helpshort (this program's) or --helpfull (all).\n\n"
 
 
+HELP_FLAGS = ("help", "?", "helpshort", "helpfull", "helpxml")
+
+
+def _asks_for_help(argv: Sequence[str]) -> bool:
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    name, _, value = arg.lstrip("-").partition("=")
+    if arg.startswith("-") and name in HELP_FLAGS and value.lower() not in ("false", "0"):
+      return True
+  return False
+
+
 def _parse(argv: Sequence[str], required: Sequence[str]):
   verbose = _verbose_in(argv)
   try:
     rest = FLAGS(argv)
-  except flags.Error as e:
-    fail(_unknown_override_message(argv) or _flag_error_message(e), verbose)
-  except (AttributeError, KeyError) as e:
-    # ml_collections reports an override of a field that the config lacks as a bare AttributeError.
-    fail(_unknown_override_message(argv) or f"{type(e).__name__}: {e}", verbose)
-  except OSError as e:  # a missing config file, reported once an override touches the config
-    fail(_config_load_failure(argv, e) or str(e), verbose)
-  except errors.USER_ERRORS as e:
-    fail(str(e), verbose)
+  except SystemExit as e:
+    if e.code == 1 and _asks_for_help(argv):
+      raise SystemExit(0) from None  # the help was asked for and printed: a success
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    message = _config_failure_message(argv, e) or _flag_failure_message(argv, e)
+    if message is None:
+      raise  # not the user's doing: a bug, with its traceback
+    fail(message, verbose)
+  for name in required:
+    if FLAGS[name].present and FLAGS[name].value is None and is_config_flag(FLAGS[name]):
+      fail(f"--{name}={FLAGS[name].config_filename}: get_config() returned None (no return statement?).", verbose)
   missing = [f"--{name}" for name in required if FLAGS[name].value is None]
   if missing:
     fail(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required.", verbose, usage=True)
@@ -180,8 +233,29 @@ def _parse(argv: Sequence[str], required: Sequence[str]):
       try:
         flag.value.keys()  # a config file that failed to load raises here (ml_collections defers it)
       except OSError as e:
-        fail(_config_load_message(name, flag.config_filename, e), verbose)
+        fail(_config_failure_message(argv, e) or _config_load_message(name, flag.config_filename, e), verbose)
+      except AttributeError:
+        value = flag.value
+        fail(
+            f"--{name}={flag.config_filename}: get_config() returned {value!r} ({type(value).__name__}), "
+            "not an ml_collections.ConfigDict.",
+            verbose,
+        )
   return rest
+
+
+def _flag_failure_message(argv: Sequence[str], e: Exception) -> Optional[str]:
+  """The one-line message for an exception of flag parsing, or None where it is not the user's doing."""
+  if isinstance(e, flags.Error):
+    return _unknown_override_message(argv) or _flag_error_message(e)
+  if isinstance(e, (AttributeError, KeyError)):
+    # ml_collections reports an override of a field that the config lacks as a bare AttributeError.
+    return _unknown_override_message(argv) or f"{type(e).__name__}: {e}"
+  if isinstance(e, OSError):  # a missing config file, reported once an override touches the config
+    return _config_load_failure(argv, e) or str(e)
+  if isinstance(e, errors.USER_ERRORS):
+    return str(e)
+  return None
 
 
 def _flag_error_message(e: flags.Error) -> str:
@@ -268,6 +342,47 @@ def _config_load_failure(argv: Sequence[str], e: OSError) -> Optional[str]:
   return None
 
 
+def _config_files(argv: Sequence[str]):
+  """(config flag name, its argument) for each config flag that names a file."""
+  for name, flag in FLAGS._flags().items():  # pylint: disable=protected-access
+    if is_config_flag(flag) and name == flag.name:
+      path = _config_file_arg(argv, name)
+      if path:
+        yield name, path
+
+
+def _same_file(a: Optional[str], b: str) -> bool:
+  return bool(a) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def _exception_chain(e: BaseException):
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def _config_failure_message(argv: Sequence[str], e: BaseException) -> Optional[str]:
+  """For an exception raised by a config file's own code (at import or in get_config, possibly wrapped by
+  ml_collections or absl): the message with the file:line where it failed; else None."""
+  for name, path in _config_files(argv):
+    file = path.split(":", 1)[0]
+    for exc in _exception_chain(e):
+      if isinstance(exc, SyntaxError) and _same_file(exc.filename, file):
+        code = f" ({exc.text.strip()})" if exc.text and exc.text.strip() else ""
+        return f"--{name}={path}: syntax error at {exc.filename}:{exc.lineno}: {exc.msg}{code}."
+      frames = traceback.extract_tb(exc.__traceback__)
+      mine = [f for f in frames if _same_file(f.filename, file)]
+      if mine:
+        where = f"{mine[-1].filename}:{mine[-1].lineno} (in {mine[-1].name})"
+        inner = frames[-1]
+        if inner is not mine[-1]:
+          where += f", raised at {inner.filename}:{inner.lineno}"
+        return f"--{name}={path}: the config file failed at {where}: {type(exc).__name__}: {exc}"
+  return None
+
+
 def _config_load_message(name: str, path: Optional[str], e: OSError) -> str:
   file = (path or "").split(":", 1)[0]
   if file and not os.path.isfile(file):
@@ -285,6 +400,8 @@ def _guarded(main: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], 
     try:
       return main(argv)
     except errors.USER_ERRORS as e:
+      if getattr(e, "exit_now", False):
+        _exit_now(str(e), VERBOSE.value)
       fail(str(e), VERBOSE.value)
 
   return wrapped

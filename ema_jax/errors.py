@@ -14,6 +14,14 @@ class ConfigMismatchError(UserError):
   """The workdir holds checkpoints of a run whose config differs in a field that matters on resume."""
 
 
+class WorkdirError(UserError):
+  """A --workdir that cannot be created or written; the message names the path and the OS's reason."""
+
+
+class WorkdirLockedError(WorkdirError):
+  """Another training run holds the workdir's lock (ema_jax/workdir_lock.py), or the lock is unreadable."""
+
+
 class DataStateError(UserError, ValueError):
   """A saved data-iterator position that does not fit the dataset, tokenizer or process layout."""
 
@@ -40,3 +48,25 @@ def need_int(config, field: str, lo: int) -> None:
     value = value.get(part) if hasattr(value, "get") else None
   if not is_int(value) or value < lo:
     config_error(field, value, f"an integer >= {lo}")
+
+
+def root_os_error(e: BaseException):
+  """The OSError (with an errno) at the root of a library exception, if any: orbax and tensorstore wrap
+  them in their own."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno:
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def is_disk_full(e: BaseException) -> bool:
+  """A full disk or an exhausted quota, however deep a library wrapped it."""
+  import errno
+
+  os_error = root_os_error(e)
+  return (os_error is not None and os_error.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left on device" in str(
+      e
+  )

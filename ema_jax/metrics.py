@@ -115,7 +115,11 @@ class MetricWriter:
 
   def close(self):
     if self._tb is not None:
-      self._tb.close()
+      tb, self._tb = self._tb, None
+      try:
+        tb.close()
+      except OSError:
+        pass  # e.g. a full disk: metrics.jsonl is the record, and a resume rebuilds TensorBoard from it
 
 
 class Progress:

@@ -4,7 +4,12 @@ The trainer owns: the mesh; creating the state directly with its shardings (jit 
 out_shardings); the jitted, donated train step; dispatching step n before reading the metrics of step
 n - 1; the NaN/Inf stop (the step keeps the last good state and the run stops without checkpointing
 anything non-finite); periodic eval of raw and averaged weights; checkpoints with the data iterator's
-position; preemption (SIGTERM -> save and exit 0); progress bar, tokens/s and MFU.
+position, every `checkpoint_every` steps and/or every `checkpoint_every_seconds`; preemption (SIGTERM to
+any process -> every process saves the same step and exits 0); progress bar, tokens/s and MFU.
+
+Flags that must be decided identically on every process (stop on SIGTERM before the first step, a
+time-based checkpoint) travel as one boolean per batch row and are reduced inside the jitted step, so
+every process reads the same value with the step's metrics: no extra collective, no host round trip.
 
 Exactness of resume: dropout keys are fold_in(seed key, step), the data iterator's position is saved with
 the state, and metrics.jsonl is cut back to the restored step, so a killed-and-resumed run writes the same
@@ -15,8 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +34,9 @@ from flax import nnx
 
 from ema_jax import checkpoint as ckpt_lib
 from ema_jax import distributed, metrics as metrics_lib, optim, preemption, sharding
-from ema_jax import trainer_config
+from ema_jax import resume, trainer_config
 from ema_jax import workdir as workdir_lib
-from ema_jax import errors
-from ema_jax.errors import DataStateError
+from ema_jax import workdir_lock
 from ema_jax.tasks.base import BatchIterator, EvalContext, LocalLearningTask, Task, get_task
 
 log = logging.getLogger(__name__)
@@ -113,6 +118,7 @@ def make_train_step(setup: Setup):
   def train_step(state, batch):
     batch = dict(batch)
     preempted = batch.pop(STOP_KEY, None)
+    save_due = batch.pop(SAVE_KEY, None)
     step = state["step"]
     key = jax.random.fold_in(state["rng"], step)
 
@@ -138,6 +144,7 @@ def make_train_step(setup: Setup):
         lr=lr,
         finite=finite,
         stop=jnp.any(preempted) if preempted is not None else jnp.zeros((), bool),
+        save_due=jnp.any(save_due) if save_due is not None else jnp.zeros((), bool),
     )
     return new, metrics
 
@@ -189,16 +196,25 @@ def write_eval(workdir: Optional[str], step: int, results: Dict[str, Any], table
   return workdir_lib.write_eval(workdir, step, results, table, tag=tag)
 
 
-def scalar_results(results: Dict[str, Any]) -> Dict[str, float]:
-  out = {}
-  for name, res in results.items():
-    for k, v in res.items():
-      if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool):
-        out[f"eval/{name}/{k}"] = float(v)
-  return out
+scalar_results = workdir_lib.eval_row
 
 
 STOP_KEY = "_preempted"  # a per-row flag fed with each batch; the step reduces it over all processes
+SAVE_KEY = "_save_due"  # the same for "checkpoint_every_seconds has passed" (per-process clocks, any wins)
+
+
+class SaveTimer:
+  """checkpoint_every_seconds on this process's clock (the step reduces the flag over processes)."""
+
+  def __init__(self, seconds: float):
+    self.seconds = float(seconds or 0)
+    self.last = time.monotonic()
+
+  def due(self) -> bool:
+    return self.seconds > 0 and time.monotonic() - self.last >= self.seconds
+
+  def saved(self) -> None:
+    self.last = time.monotonic()
 
 
 def gather_data_state(it) -> Dict[str, Any]:
@@ -206,22 +222,6 @@ def gather_data_state(it) -> Dict[str, Any]:
   local = it.get_state()
   parts = [local] if jax.process_count() == 1 else sharding.allgather_json(local)
   return getattr(type(it), "merge_states", BatchIterator.merge_states)(parts)
-
-
-def _restore_data(it, data_state, step: int) -> None:
-  if not isinstance(data_state, dict) or not data_state:
-    raise DataStateError(
-        f"the checkpoint at step {step} holds no data position ({data_state!r}); its "
-        f"data/metadata was damaged or edited. Resume from another checkpoint or train in a "
-        f"new workdir."
-    )
-  it.set_state(data_state)
-  consumed = getattr(it, "step", None)
-  if isinstance(consumed, int) and consumed != step:
-    raise DataStateError(
-        f"the checkpoint at step {step} holds a data position at batch {consumed}; a run "
-        f"consumes one batch per step, so its data/metadata was damaged or edited."
-    )
 
 
 def train(
@@ -237,8 +237,23 @@ def train(
   local = get_task(config)
   if isinstance(local, LocalLearningTask):
     local.validate()
-    return local.run(workdir)
+    with workdir_lock.held(workdir):
+      return local.run(workdir)
   setup = build(config, workdir=workdir)
+  with workdir_lock.held(workdir):  # one writer per workdir: taken before anything is written to it
+    try:
+      return _train_locked(config, setup, workdir, allow_config_change)
+    except OSError as e:  # a full disk under metrics, evals or plots: one line, like a checkpoint's
+      if workdir is None or not ckpt_lib.is_disk_full(e):
+        raise
+      ckpt = ckpt_lib.Checkpointer(workdir, max(1, config.keep_checkpoints))
+      raise ckpt_lib.CheckpointWriteError(
+          ckpt_lib.write_error_message(ckpt.directory, e, None, ckpt.all_steps(), what=e.filename or f"to {workdir}")
+      ) from e
+
+
+def _train_locked(config, setup: Setup, workdir: Optional[str], allow_config_change: bool) -> Dict[str, Any]:
+  """train() once this run holds the workdir's lock (ema_jax/workdir_lock.py)."""
   task, mesh = setup.task, setup.mesh
   is_main = jax.process_index() == 0
   config_json = json.loads(config.to_json_best_effort())
@@ -246,7 +261,7 @@ def train(
   # Read, refuse or set aside before anything is written to the workdir.
   checkpointer = (
       ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
-      if workdir is not None and config.checkpoint_every > 0
+      if workdir is not None and (config.checkpoint_every > 0 or config.get("checkpoint_every_seconds", 0) > 0)
       else None
   )
   restored = (
@@ -255,11 +270,16 @@ def train(
       else None
   )
   if restored is None and workdir is not None:
-    _check_run_config(workdir, config_json, allow_config_change)
+    resume.check_run_config(workdir, config_json, allow_config_change)
+  if restored is not None:
+    resume.check_resume(workdir, config, config_json, checkpointer, restored[0])
   it = task.train_iterator(jax.process_index(), jax.process_count())
   if restored is not None:
     start, state, data_state, loop_state = restored
-    _restore_data(it, data_state, start)
+    resume.restore_data(it, data_state, start)
+    if allow_config_change and ckpt_lib.config_differences(checkpointer.read_config(start), config_json):
+      with jax.set_mesh(mesh):
+        state = resume.apply_config(setup, state)
   else:
     start, loop_state = 0, {}
     init = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)
@@ -268,8 +288,18 @@ def train(
 
   final_eval_path = workdir_lib.eval_path(workdir, config.steps) if workdir else None
   finished = start >= config.steps
+  if workdir is not None and is_main:
+    for warning in workdir_lib.repair_metrics(workdir):
+      print(warning, flush=True)
+    if restored is None and workdir_lib.read_metrics(workdir):
+      print(
+          f"WARNING: {workdir} holds no checkpoint to resume from; its {workdir_lib.METRICS_FILE} "
+          f"(up to step {max(r.get('step', 0) for r in workdir_lib.read_metrics(workdir))}) is being "
+          "replaced by this run's, from step 0.",
+          flush=True,
+      )
   if finished and final_eval_path is not None and final_eval_path.exists():
-    return _report_finished(final_eval_path, checkpointer, is_main)
+    return resume.report_finished(final_eval_path, checkpointer, is_main)
 
   if workdir is not None and is_main:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -302,15 +332,28 @@ def train(
   last: Dict[str, Any] = {}
   pending = None  # (step, device metrics) of the previous step, read after the next is dispatched
 
-  def absorb(step, m) -> bool:
+  saved_at = {"step": start if restored is not None else None}  # the newest checkpoint of this workdir
+  timer = SaveTimer(config.get("checkpoint_every_seconds", 0))
+
+  def absorb(step, m) -> Tuple[bool, bool]:
+    """Logs step `step`'s metrics; returns its (stop, time-based save due) flags."""
     m = jax.device_get(m)
     if not bool(m["finite"]):
+      if restored is not None and saved_at["step"] == start:
+        kept = (
+            f"This run resumed from the checkpoint of step {start} ({checkpointer.step_dir(start)}) "
+            f"{step - start} step(s) earlier and saved none since; it is kept."
+        )
+      elif saved_at["step"] is not None:
+        kept = f"The newest checkpoint (step {saved_at['step']}) is kept."
+      else:
+        kept = "No checkpoint was saved."
       raise NonFiniteError(
           f"step {step}: non-finite loss {float(m['loss'])} or gradient norm "
-          f"{float(m['grad_norm'])}; stopping. The last good checkpoint is kept."
+          f"{float(m['grad_norm'])}; stopping. {kept}"
       )
     for k, v in m.items():
-      if k not in ("finite", "stop"):
+      if k not in ("finite", "stop", "save_due"):
         window.setdefault(k, []).append(float(v))
     progress.update(1, loss=float(m["loss"]))
     if step % config.log_every == 0 or step == config.steps:
@@ -321,7 +364,8 @@ def train(
       last.update(row)
       if is_main:
         progress.write(f"step {step:>7}  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items()))
-    return bool(m["stop"])
+    # A flag set before the newest save was already served by it.
+    return bool(m["stop"]), bool(m["save_due"]) and step > (saved_at["step"] or 0)
 
   def run_eval(step):
     results = evaluate_all(setup, state, workdir, step, final=step == config.steps)
@@ -339,6 +383,8 @@ def train(
     # A copy: the save is asynchronous and the window changes with the next step.
     loop = {"window": {k: list(v) for k, v in window.items()}}
     checkpointer.save(n, state, data_pos, loop, config_json)
+    saved_at["step"] = n
+    timer.saved()
 
   thru.reset(start)
   status = "done"
@@ -355,20 +401,26 @@ def train(
         batch = next(it)
         rows = next(iter(batch.values())).shape[0]
         batch[STOP_KEY] = np.full((rows,), preemption.requested(), bool)
+        batch[SAVE_KEY] = np.full((rows,), timer.due(), bool)
         state, m = step_fn(state, put(batch))
-        stop = False
+        stop = save_due = False
         if pending is not None:
-          stop = absorb(*pending)
+          stop, save_due = absorb(*pending)
         pending = (step + 1, m)
         n = step + 1
+        # Several processes: JAX's preemption sync (every process calls it at every step).
+        stop = preemption.sync_point_reached(n) or stop
         boundary = (config.checkpoint_every and n % config.checkpoint_every == 0) or n == config.steps
         eval_now = config.eval_every and n % config.eval_every == 0 and n != config.steps
-        if boundary or eval_now or stop:
-          stop = absorb(*pending) or stop
+        if boundary or eval_now or stop or save_due:
+          now_stop, now_due = absorb(*pending)
+          stop, save_due = stop or now_stop, save_due or now_due
           pending = None
+        if checkpointer is not None:
+          checkpointer.check_saved()  # a failed async save (e.g. a full disk) stops the run here
         if eval_now:
           run_eval(n)
-        if checkpointer is not None and (boundary or stop):
+        if checkpointer is not None and (boundary or stop or save_due):
           save(n)
         if stop and n < config.steps:
           status = "preempted"
@@ -395,37 +447,3 @@ def train(
       writer.close()
   last["status"] = status
   return last
-
-
-def _check_run_config(workdir: str, config_json: Dict[str, Any], allow_config_change: bool) -> None:
-  """A workdir without checkpoints may still hold another run's metrics (one killed before its first
-  checkpoint, or one that keeps none): its config.json must match before they are cut back."""
-  path = epath.Path(workdir) / workdir_lib.CONFIG_FILE
-  if not path.exists():
-    return
-  try:
-    saved = json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise errors.UserError(f"{path} is not valid JSON ({e}); move it away to start a new run here.") from e
-  diffs = ckpt_lib.config_differences(saved, config_json)
-  if diffs and not allow_config_change:
-    lines = "\n".join(f"  {k}: saved {a!r}, now {b!r}" for k, a, b in diffs[:20])
-    raise errors.ConfigMismatchError(
-        f"{workdir} holds the records of a run with another config (its config.json; no checkpoint); "
-        f"nothing was changed in it. Differing fields:\n{lines}\nEither train in a new workdir "
-        f"(--workdir), or start over here on purpose with --allow_config_change."
-    )
-
-
-def _report_finished(eval_path, checkpointer, is_main) -> Dict[str, Any]:
-  """A rerun of a finished run: nothing to train or write; prints the final table again."""
-  saved = json.loads(eval_path.read_text())
-  if is_main:
-    if saved.get("table"):
-      print(saved["table"], flush=True)
-    print(f"this run is finished (step {saved.get('step')}); its final evaluation is {eval_path}.", flush=True)
-  if checkpointer is not None:
-    checkpointer.close()
-  out = scalar_results(saved.get("results", {}))
-  out["status"] = "done"
-  return out

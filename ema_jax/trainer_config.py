@@ -19,6 +19,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.log_every = 100  # a metrics.jsonl / TensorBoard row every n steps (means over those steps)
   c.eval_every = 0  # in-loop evaluation every n steps; 0 = only the final one, which always runs
   c.checkpoint_every = 0  # an orbax checkpoint every n steps and at the end; 0 = no checkpoints
+  # Also a checkpoint at the first step after this many seconds since the last one (0 = off): bounds the
+  # work an unannounced kill loses on preemptible machines. Decided identically on every process.
+  c.checkpoint_every_seconds = 0.0
   c.keep_checkpoints = 2  # newest checkpoints kept; older ones are deleted by orbax
   c.optim = optim.default_optim_config()  # AdamW, warmup then decay, global-norm clipping (optim.py)
   c.weight_ema = optim.default_weight_ema_config("ema")  # averaged weights evaluated beside the raw ones
@@ -34,6 +37,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   errors.need_int(config, "eval_every", 0)
   errors.need_int(config, "checkpoint_every", 0)
   errors.need_int(config, "keep_checkpoints", 1)
+  seconds = config.get("checkpoint_every_seconds", 0.0)
+  if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+    errors.config_error("checkpoint_every_seconds", seconds, "a number of seconds >= 0 (0 = off), e.g. 600")
   errors.need_int(config, "seed", 0)
   optim.validate_optim(config.optim, config.steps)
   optim.validate_weight_ema(config.weight_ema)

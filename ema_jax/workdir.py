@@ -120,7 +120,8 @@ def metrics_path(workdir) -> epath.Path:
 
 
 def read_metrics(workdir) -> List[Dict[str, Any]]:
-  """The rows of metrics.jsonl in file order; a torn last line (a killed writer) is skipped."""
+  """The rows of metrics.jsonl in file order; a torn line (a killed writer) is skipped (repair_metrics
+  reports and mends those)."""
   path = metrics_path(workdir)
   if not path.exists():
     return []
@@ -133,9 +134,74 @@ def read_metrics(workdir) -> List[Dict[str, Any]]:
   return rows
 
 
+def eval_row(results: Dict[str, Any]) -> Dict[str, float]:
+  """The metrics.jsonl row of an evaluation: its scalar results as eval/<weights>/<name>."""
+  out = {}
+  for name, res in results.items():
+    for k, v in res.items():
+      if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool):
+        out[f"eval/{name}/{k}"] = float(v)
+  return out
+
+
+_STEP_RE = re.compile(r'^\{"step": (\d+)')
+
+
+def repair_metrics(workdir) -> List[str]:
+  """Mends torn lines of metrics.jsonl (a write cut short by a crash or a full disk); returns one warning
+  per torn line.
+
+  A torn evaluation row is rebuilt from eval_<step>.json (written after its row, so it exists only if the
+  row had been complete), unless the file already holds that step's eval row; any other torn line is
+  dropped: its step comes after the restored checkpoint and is computed again, or it cannot be recovered.
+  """
+  path = metrics_path(workdir)
+  if not path.exists():
+    return []
+  lines = path.read_text().splitlines()
+  rows, torn = [], []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      rows.append(None)
+      torn.append(i)
+  if not torn:
+    return []
+  has_eval = {r.get("step") for r in rows if r and any(k.startswith("eval/") for k in r)}
+  warnings = []
+  for i in torn:
+    m = _STEP_RE.match(lines[i])
+    step = int(m.group(1)) if m else None
+    what = f"{path}: line {i + 1} is torn ({len(lines[i])} characters: {lines[i][:40]!r}...)"
+    source = eval_path(workdir, step) if step is not None else None
+    rebuilt = None
+    if step is not None and step not in has_eval and '"eval/' in lines[i] and source.exists():
+      try:
+        rebuilt = {"step": step, **eval_row(json.loads(source.read_text())["results"])}
+      except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        rebuilt = None
+    if rebuilt is not None:
+      rows[i] = rebuilt
+      has_eval.add(step)
+      warnings.append(f"WARNING: {what}; rebuilt that evaluation row from {source.name}.")
+    else:
+      warnings.append(
+          f"WARNING: {what}; dropped it (no other copy of it; steps after the checkpoint resumed from are logged again)."
+      )
+  write_metrics(workdir, [r for r in rows if r is not None])
+  return warnings
+
+
 def append_metrics(workdir, row: Dict[str, Any]) -> None:
-  with metrics_path(workdir).open("a") as f:
-    f.write(json.dumps(row) + "\n")
+  path = metrics_path(workdir)
+  try:
+    with path.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+  except OSError as e:
+    if e.filename or not e.errno:
+      raise
+    raise OSError(e.errno, e.strerror, str(path)) from e  # name the file in the one-line error
 
 
 def truncate_metrics(workdir, step: int, drop_eval_at_step: bool = False) -> List[Dict[str, Any]]:

@@ -13,12 +13,24 @@ uninterrupted run of the same config:
   corrupt   after a finished run: truncate the array files, delete state/_METADATA, or leave a
             half-written step, at the newest step or at the newest two; rerun
   mismatch  rerun a finished run with another model width: must be refused with the workdir unchanged
+  lock      a second train.py on the workdir while the first runs: must be refused (one error line, the
+            workdir unchanged by it), and the first must then finish identically
+  lower_steps  rerun a finished run with `steps` below its newest checkpoint: must be refused
+  config_change  resume from the middle with another weight-EMA decay (--allow_config_change): must take
+            effect (outcome `applied`: the EMA's evaluation changes, the raw weights' records do not)
+  torn_row  metrics.jsonl's last line cut in half (a finished run's final eval row; an eval row at the
+            resume step): one warning, the row rebuilt from its eval JSON
+  disk_full the workdir's filesystem (a tmpfs) fills up after the first checkpoint: one error line, exit
+            2, older checkpoints untouched; the rerun after freeing space finishes identically
   multi     2 processes x 2 devices killed (SIGKILL) after their first checkpoint, resumed on 2 x 2,
             1 x 4 and 4 x 1 (processes x devices)
+  sigterm_multi  2 x 2, SIGTERM to one process or to both after the first checkpoint: both save the same
+            step and exit 0 within 60 s; resumed on 2 x 2 and 1 x 4
 
 Outcomes: `identical` (bit for bit), `close` (a resume on another topology: the all-reduce order changes
 the float rounding; max relative difference shown), `refused` (a clear one-line error and an unchanged
-workdir, where that is the right answer), `differing` or `failed` (a bug). Prints a markdown table and,
+workdir, where that is the right answer), `applied` (a config change took effect), `skipped` (the trial
+cannot run here, e.g. no tmpfs mount), `differing` or `failed` (a bug). Prints a markdown table and,
 with --out, writes drill.json and drill.md there.
 """
 
@@ -302,7 +314,24 @@ def half_written(step_dir: str) -> None:
   os.makedirs(os.path.join(step_dir, "state"))
 
 
-DAMAGE = {"truncated arrays": truncate_arrays, "deleted _METADATA": delete_metadata, "half-written step": half_written}
+def flip_bytes(step_dir: str) -> None:
+  """XORs 16 bytes in the middle of the largest array data file: no read error, other numbers."""
+  files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+  # On a size tie, the shorter path: the merged database that restores read, not a process's leftover copy.
+  path = max(files, key=lambda p: (os.path.getsize(p), -len(p)))
+  with open(path, "r+b") as f:
+    f.seek(max(os.path.getsize(path) // 2 - 8, 0))
+    middle = f.read(16)
+    f.seek(-len(middle), os.SEEK_CUR)
+    f.write(bytes(b ^ 0xFF for b in middle))
+
+
+DAMAGE = {
+    "truncated arrays": truncate_arrays,
+    "deleted _METADATA": delete_metadata,
+    "half-written step": half_written,
+    "flipped bytes": flip_bytes,
+}
 
 
 # ------------------------------------------------------------------------------------------------ trials
@@ -338,9 +367,9 @@ class Drill:
     self.n += 1
     return os.path.join(self.root, f"{task}_{kind}_{self.n}")
 
-  def finish(self, trial: Trial, wd: str, reference: str, max_reruns: int = 3) -> Trial:
+  def finish(self, trial: Trial, wd: str, reference: str, max_reruns: int = 3, **extra) -> Trial:
     for _ in range(max_reruns):
-      codes = run(trial.task, wd)
+      codes = run(trial.task, wd, **extra)
       if codes == [0] and os.path.exists(os.path.join(wd, f"eval_{self.steps(trial.task)}.json")):
         break
     else:
@@ -428,6 +457,53 @@ class Drill:
     trial.seconds = time.time() - t0
     return trial
 
+  def lock_trial(self, task: str) -> Trial:
+    """A second run of the same command while the first holds the workdir's lock (the first is paused
+    with SIGSTOP meanwhile, so any change to the workdir would be the second's)."""
+    from ema_jax import workdir_lock  # no JAX
+
+    reference, _ = self.reference(task)
+    trial = Trial(task, "lock", "second train.py while the first runs")
+    t0 = time.time()
+    wd = self.workdir(task, "lock")
+    first = start(task, wd)[0]
+    while not os.path.exists(workdir_lock.lock_path(wd)) and first.poll() is None and time.time() - t0 < 600:
+      time.sleep(0.01)
+    if first.poll() is not None or not os.path.exists(workdir_lock.lock_path(wd)):
+      wait([first])
+      trial.outcome, trial.note = "failed", f"the first run never held the lock: {log_tail(wd)}"[-300:]
+      trial.seconds = time.time() - t0
+      return trial
+    first.send_signal(signal.SIGSTOP)
+    try:
+      before = snapshot(wd)
+      second = subprocess.run(command(task, wd), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+      unchanged = snapshot(wd) == before
+    finally:
+      first.send_signal(signal.SIGCONT)
+    errors = [l for l in second.stderr.splitlines() if l.startswith("error:")]
+    refused = (
+        second.returncode == 2
+        and len(errors) == 1
+        and f"pid {first.pid}" in errors[0]
+        and unchanged
+        and "Traceback" not in second.stderr
+    )
+    code = wait([first])[0]
+    if not refused:
+      trial.outcome = "failed"
+      trial.note = f"second run: exit {second.returncode}, workdir unchanged: {unchanged}, {second.stderr[-200:]}"
+    elif code != 0:
+      trial.outcome, trial.note = "failed", f"first run: exit {code}: {log_tail(wd)}"[-300:]
+    else:
+      outcome, note = compare(wd, reference, self.steps(task))
+      if outcome == "identical":
+        trial.outcome, trial.note = "refused", f"{errors[0][:120]}; the first run: identical"
+      else:
+        trial.outcome, trial.note = outcome, f"the first run after the refusal: {note}"
+    trial.seconds = time.time() - t0
+    return trial
+
   def multi_trial(self, task: str, layouts=((2, 2), (1, 4), (4, 1))) -> List[Trial]:
     reference, _ = self.reference(task)
     first = self.setting(task, "checkpoint_every")
@@ -457,6 +533,224 @@ class Drill:
       trial.seconds = time.time() - t1
       trials.append(trial)
     return trials
+
+  def sigterm_multi_trial(self, task: str, target: str, layouts=((2, 2), (1, 4))) -> List[Trial]:
+    """2 processes x 2 devices; SIGTERM to process `target` ('0', '1' or 'all') right after the first
+    checkpoint: every process must save the same step and exit 0 within 60 s; then resumed on each layout."""
+    reference, _ = self.reference(task)
+    first = self.setting(task, "checkpoint_every")
+    base = self.workdir(task, "sigterm_multi")
+    t0 = time.time()
+    procs = start(task, base, nproc=2, devices=2)
+    done = os.path.join(base, "checkpoints", str(first), "commit_success.txt")
+    while not os.path.exists(done) and all(p.poll() is None for p in procs) and time.time() - t0 < 600:
+      time.sleep(0.01)
+    sent = time.time()
+    for i, p in enumerate(procs):
+      if p.poll() is None and target in ("all", str(i)):
+        p.send_signal(signal.SIGTERM)
+    codes = wait(procs, timeout=120)
+    took = time.time() - sent
+    steps = sorted(int(n) for n in os.listdir(os.path.join(base, "checkpoints")) if n.isdigit())
+    what = f"2x2, SIGTERM to process {target} after checkpoint {first}"
+    if codes != [0, 0] or took > 60 or not steps or steps[-1] <= first:
+      trial = Trial(
+          task,
+          "sigterm_multi",
+          what,
+          "failed",
+          f"exit {codes} after {took:.0f} s, checkpoints {steps}: {log_tail(base)}"[-300:],
+      )
+      trial.seconds = time.time() - t0
+      return [trial]
+    trials = []
+    for nproc, devices in layouts:
+      trial = Trial(
+          task, "sigterm_multi", f"{what}: both saved {steps[-1]}, exit 0 in {took:.0f} s; resumed on {nproc}x{devices}"
+      )
+      t1 = time.time()
+      wd = f"{base}_{nproc}x{devices}"
+      shutil.copytree(base, wd, ignore=shutil.ignore_patterns("*.log"))
+      codes = run(task, wd, nproc=nproc, devices=devices)
+      if codes != [0] * nproc:
+        trial.outcome, trial.note = "failed", f"exit {codes}: {log_tail(wd)}"[-300:]
+      else:
+        trial.outcome, trial.note = compare(wd, reference, self.steps(task))
+      trial.seconds = time.time() - t1 + (took if not trials else 0)
+      trials.append(trial)
+    return trials
+
+  def _finished_copy(self, task: str, kind: str) -> tuple:
+    reference, _ = self.reference(task)
+    wd = self.workdir(task, kind)
+    shutil.copytree(reference, wd)
+    for p in glob.glob(os.path.join(wd, "*.log")):
+      os.remove(p)
+    return reference, wd
+
+  def lower_steps_trial(self, task: str) -> Trial:
+    """A finished run rerun with `steps` below its newest checkpoint: refused, the workdir unchanged."""
+    _, wd = self._finished_copy(task, "lower_steps")
+    steps = self.steps(task) - self.setting(task, "checkpoint_every") // 2
+    trial = Trial(task, "lower_steps", f"finished run rerun with steps={steps}")
+    t0 = time.time()
+    before = snapshot(wd)
+    proc = subprocess.run(
+        command(task, wd, steps=steps), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    if proc.returncode == 2 and len(errors) == 1 and snapshot(wd) == before and "Traceback" not in proc.stderr:
+      trial.outcome, trial.note = "refused", errors[0][:140]
+    else:
+      trial.outcome, trial.note = "failed", f"exit {proc.returncode}, {proc.stderr[-200:]}"
+    trial.seconds = time.time() - t0
+    return trial
+
+  def config_change_trial(self, task: str) -> Trial:
+    """Resume from the middle with a changed weight-EMA decay (--allow_config_change): the change must
+    take effect (the EMA's evaluation differs) while the raw weights' records equal the reference's."""
+    reference, wd = self._finished_copy(task, "config_change")
+    middle = self.steps(task) // 2 // self.setting(task, "checkpoint_every") * self.setting(task, "checkpoint_every")
+    _stop_at(wd, middle)
+    trial = Trial(task, "config_change", f"resumed at step {middle} with weight_ema.decay=0.99")
+    t0 = time.time()
+    proc = subprocess.run(
+        command(task, wd, **{"weight_ema.decay": 0.99}) + ["--allow_config_change"],
+        env=_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+      trial.outcome, trial.note = "failed", f"exit {proc.returncode}: {proc.stderr[-200:]}"
+    else:
+      got, want = read_final_eval(wd, self.steps(task)), read_final_eval(reference, self.steps(task))
+      raw_rows = lambda d: {s: {k: v for k, v in r.items() if "/ema/" not in k} for s, r in read_metrics(d).items()}
+      if got.get("raw") != want.get("raw") or raw_rows(wd) != raw_rows(reference):
+        trial.outcome, trial.note = "differing", "the raw weights' records changed"
+      elif got.get("ema") == want.get("ema"):
+        trial.outcome, trial.note = "differing", "the EMA's evaluation is unchanged: the new decay was ignored"
+      else:
+        trial.outcome, trial.note = "applied", "raw records identical, EMA evaluation changed"
+    trial.seconds = time.time() - t0
+    return trial
+
+  def torn_row_trial(self, task: str, finished: bool) -> Trial:
+    """metrics.jsonl's last line cut in half: on a finished run (the final eval row), or on a run
+    stopped right after an in-loop eval at a checkpoint (the eval row at the resume step)."""
+    reference, wd = self._finished_copy(task, "torn_row")
+    t0 = time.time()
+    if finished:
+      trial = Trial(task, "torn_row", "finished run, last row (the final eval) cut in half")
+    else:
+      every = self.setting(task, "eval_every")
+      both = [
+          s
+          for s in range(every, self.steps(task), every or 1)
+          if every and s % self.setting(task, "checkpoint_every") == 0
+      ]
+      if not both:
+        return Trial(
+            task, "torn_row", "an eval row at a resume step", "skipped", "no in-loop eval falls on a checkpoint"
+        )
+      step = both[0]
+      _stop_at(wd, step)
+      trial = Trial(task, "torn_row", f"stopped at step {step}, its eval row cut in half")
+    path = os.path.join(wd, "metrics.jsonl")
+    with open(path) as f:
+      lines = f.readlines()
+    with open(path, "w") as f:
+      f.writelines(lines[:-1] + [lines[-1][: len(lines[-1]) // 2]])
+    proc = subprocess.run(command(task, wd), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    warned = [l for l in proc.stdout.splitlines() if "is torn" in l and "rebuilt" in l]
+    if proc.returncode != 0 or len(warned) != 1:
+      trial.outcome, trial.note = "failed", f"exit {proc.returncode}, {len(warned)} warning(s): {proc.stderr[-200:]}"
+    else:
+      trial.outcome, trial.note = compare(wd, reference, self.steps(task))
+    trial.seconds = time.time() - t0
+    return trial
+
+  def disk_full_trial(self, task: str, first_write: str = "log") -> Trial:
+    """The disk fills up (a tmpfs, filled by a second file while the run is paused) after the first
+    checkpoint: one error line, exit 2, older checkpoints untouched; after freeing space the rerun
+    finishes identically. first_write: 'log' (the next write is a metrics row) or 'checkpoint' (no rows
+    or evals in between: the next write is the asynchronous checkpoint save)."""
+    extra = dict(log_every=10**6, eval_every=0) if first_write == "checkpoint" else {}
+    if extra:
+      key = f"{task}/quiet"
+      if key not in self.references:
+        wd = os.path.join(self.root, f"{task}_reference_quiet")
+        t1 = time.time()
+        if run(task, wd, **extra) != [0]:
+          raise RuntimeError(f"the uninterrupted {task} run failed: {log_tail(wd, 20)}")
+        self.references[key] = (wd, time.time() - t1)
+      reference = self.references[key][0]
+    else:
+      reference, _ = self.reference(task)
+    trial = Trial(task, "disk_full", f"tmpfs filled after the first checkpoint; next write: {first_write}")
+    t0 = time.time()
+    mount = self.workdir(task, "disk_full")
+    os.makedirs(mount)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", mount], capture_output=True, text=True)
+    if mounted.returncode != 0:
+      trial.outcome, trial.note = "skipped", f"cannot mount a tmpfs here: {mounted.stderr.strip()[:120]}"
+      return trial
+    try:
+      wd = os.path.join(mount, "wd")
+      proc = start(task, wd, **extra)[0]
+      first = self.setting(task, "checkpoint_every")
+      done = os.path.join(wd, "checkpoints", str(first), "commit_success.txt")
+      while not os.path.exists(done) and proc.poll() is None and time.time() - t0 < 600:
+        time.sleep(0.005)
+      proc.send_signal(signal.SIGSTOP)
+      kept = {k: v for k, v in snapshot(os.path.join(wd, "checkpoints")).items() if k.startswith(f"{first}/")}
+      fill(os.path.join(mount, "filler"))
+      proc.send_signal(signal.SIGCONT)
+      code = wait([proc])[0]
+      with open(os.path.join(mount, "wd.p0.log"), errors="replace") as f:
+        log = f.read()
+      errors = [l for l in log.splitlines() if l.startswith("error:")]
+      after = snapshot(os.path.join(wd, "checkpoints"))
+      untouched = all(after.get(k) == v for k, v in kept.items())
+      os.remove(os.path.join(mount, "filler"))
+      if code != 2 or len(errors) != 1 or "Traceback" in log or not untouched:
+        trial.outcome = "failed"
+        trial.note = f"exit {code}, {len(errors)} error line(s), older checkpoint untouched: {untouched}: {log[-200:]}"
+      else:
+        self.finish(trial, wd, reference, **extra)
+        if trial.outcome == "identical":
+          trial.note = errors[0][:140]
+    finally:
+      subprocess.run(["umount", "-l", mount], capture_output=True)
+    trial.seconds = time.time() - t0
+    return trial
+
+
+def fill(path: str) -> None:
+  """Writes `path` until the filesystem is full."""
+  with open(path, "wb", buffering=0) as f:
+    for block in (1 << 20, 4096, 1):
+      try:
+        while True:
+          f.write(b"\0" * block)
+      except OSError:
+        pass
+
+
+def _stop_at(wd: str, step: int) -> None:
+  """A finished run's workdir as if it had stopped right after checkpoint `step`."""
+  for name in os.listdir(os.path.join(wd, "checkpoints")):
+    if name.isdigit() and int(name) > step:
+      shutil.rmtree(os.path.join(wd, "checkpoints", name))
+  for name in os.listdir(wd):
+    if name.startswith("eval_") and name[5:-5].isdigit() and int(name[5:-5]) > step:
+      os.remove(os.path.join(wd, name))
+  path = os.path.join(wd, "metrics.jsonl")
+  with open(path) as f:
+    rows = [l for l in f if json.loads(l)["step"] <= step]
+  with open(path, "w") as f:
+    f.writelines(rows)
 
 
 def table(trials: List[Trial]) -> str:
@@ -499,8 +793,19 @@ def main(argv=None) -> int:
         trials.append(drill.corrupt_trial(task, damage, how_many))
         print(table(trials[-1:]).splitlines()[2], flush=True)
     trials.append(drill.mismatch_trial(task))
+    trials.append(drill.lock_trial(task))
+    trials.append(drill.lower_steps_trial(task))
+    trials.append(drill.config_change_trial(task))
+    for finished in (True, False):
+      trials.append(drill.torn_row_trial(task, finished))
+    for first_write in ("log", "checkpoint"):
+      trials.append(drill.disk_full_trial(task, first_write))
+    for t in trials[-6:]:
+      print(table([t]).splitlines()[2], flush=True)
     if not args.no_multi:
       trials.extend(drill.multi_trial(task))
+      for target in ("1", "all"):
+        trials.extend(drill.sigterm_multi_trial(task, target))
   text = table(trials)
   header = (
       f"fault drill: {len(trials)} trials, seed {args.seed}, {time.time() - t0:.0f} s, "

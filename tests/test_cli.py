@@ -252,3 +252,89 @@ def test_missing_field_names_the_closest():
   assert cli.missing_field(c, "model.width") is None
   assert "did you mean 'width'" in cli.missing_field(c, "model.widht")
   assert "config.steps holds the value 1" in cli.missing_field(c, "steps.x")
+
+
+# ------------------------------------------------------------------------------- workdirs, config files
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc"])
+def test_unwritable_workdir_is_one_line(tmp_path, where):
+  blocker = tmp_path / "afile"
+  blocker.write_text("")
+  # Tests run as root, which passes permission checks: a path under a regular file, and /proc (where
+  # even root cannot create a folder), fail for everyone.
+  wd = str(blocker / "wd") if where == "under_a_file" else "/proc/ema_jax_wd"
+  reason = "Not a directory" if where == "under_a_file" else "No such file or directory"
+  line = assert_one_line_error(script("train.py", *TINY, "--workdir", wd), f"--workdir={wd}", reason)
+  assert "choose a --workdir" in line
+  assert os.listdir(tmp_path) == ["afile"] and blocker.read_text() == ""
+  assert not os.path.exists("/proc/ema_jax_wd")
+
+
+def _read_only_bind(path):
+  """argv prefix that runs a command with `path` bind-mounted read-only in a private mount namespace
+  (root-proof: the kernel refuses writes even to root), or None where this system does not allow it."""
+  prefix = ["unshare", "-rm", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"', path]
+  try:
+    probe = subprocess.run(prefix + ["touch", os.path.join(path, "probe")], capture_output=True, timeout=30)
+  except (OSError, subprocess.TimeoutExpired):
+    return None
+  return prefix if probe.returncode != 0 and b"Read-only file system" in probe.stderr else None
+
+
+def test_read_only_workdir_is_one_line(tmp_path):
+  wd = tmp_path / "wd"
+  wd.mkdir()
+  prefix = _read_only_bind(str(wd))
+  if prefix is None:
+    pytest.skip("no read-only bind mounts here (unshare -rm)")
+  for target, fragment in ((wd, "cannot write in it"), (wd / "sub", f"cannot create it in {wd}")):
+    proc = subprocess.run(
+        prefix + [sys.executable, os.path.join(REPO, "train.py"), *TINY, "--workdir", str(target)],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_one_line_error(proc, fragment, "Read-only file system")
+  assert os.listdir(wd) == []
+
+
+@pytest.mark.parametrize(
+    "source,line,fragment",
+    [
+        (
+            "def get_config(arg=None):\n  x = 1\n  raise RuntimeError('no such preset')\n",
+            3,
+            "RuntimeError: no such preset",
+        ),
+        ("import ml_collections\nraise KeyError('at import')\n", 2, "KeyError: 'at import'"),
+        ("import ml_collections\n\ndef get_config(:\n  pass\n", 3, "syntax error"),
+        ("import no_such_module_for_ema_jax\n", 1, "No module named 'no_such_module_for_ema_jax'"),
+        ("def get_config(arg=None):\n  return int('x')\n", 2, "ValueError"),
+    ],
+    ids=["get_config_raises", "import_raises", "syntax_error", "missing_import", "value_error"],
+)
+def test_config_file_failure_is_one_line_with_its_line(tmp_path, source, line, fragment):
+  config = tmp_path / "bad_config.py"
+  config.write_text(source)
+  wd = tmp_path / "wd"
+  proc = script("train.py", "--config", str(config), "--config.steps=3", "--workdir", str(wd))
+  assert_one_line_error(proc, f"--config={config}", f"{config}:{line}", fragment)
+  assert not wd.exists()
+
+
+def test_config_without_a_config_dict_is_one_line(tmp_path):
+  config = tmp_path / "not_a_config.py"
+  config.write_text("def get_config(arg=None):\n  return 3\n")
+  proc = script("train.py", "--config", str(config), "--workdir", str(tmp_path / "wd"))
+  assert_one_line_error(proc, "get_config() returned 3")
+
+
+@pytest.mark.parametrize("name", ["train.py", "eval.py", "generate.py"])
+def test_help_exits_0(name):
+  for flag in ("--help", "--helpfull"):
+    proc = script(name, flag)
+    assert proc.returncode == 0, (flag, proc.returncode, proc.stderr[-2000:])
+    assert "--workdir" in proc.stdout and "Traceback" not in proc.stderr
