@@ -282,5 +282,43 @@ def test_evaluate_every_size_compiles_once_and_summarizes(tmp_path):
   table = task.summarize(results, 10, str(tmp_path))
   assert "KL:raw" in table and "KL:ema" in table and "5*" in table
   plots = sorted(os.listdir(tmp_path / "plots"))
-  assert len(plots) == 6 and all(p.endswith(".png") for p in plots)
+  assert len(plots) == 7 and all(p.endswith(".png") for p in plots)  # the base metrics and KL at T
   assert all(os.path.getsize(tmp_path / "plots" / p) < 1_000_000 for p in plots)
+
+
+@pytest.mark.parametrize("kind", ["query", "decoder"])
+def test_temperature_control_and_attention_dispersion(kind):
+  """The fitted temperature equals temperature.fit_temperature on the check set's logits (numpy, an
+  independent path); t_kl is the KL of the logits divided by it; the decoder's dispersion is the entropy
+  of its last set token's attention over log s, recomputed here from the attention scores."""
+  from ema_jax import temperature
+  from ema_jax.tasks import set_complement as sc
+
+  c = tiny_config()
+  c.model.kind = kind
+  c.model.num_heads = 1
+  task = SetComplementTask(c)
+  model = task.build_model(nnx.Rngs(params=3))
+  r = task.evaluate(model, local_ctx())
+  check = [data.eval_batch(c.task.eval_seed + 1, s, 8, num_tokens=6, length=5) for s in (1, 2)]
+  logits = np.concatenate([np.asarray(sc.set_logits(model, b)) for b in check])
+  valid = np.concatenate([1.0 - data.present_tokens(b["tokens"], b["mask"], 6) for b in check])
+  t_ref = temperature.fit_temperature(logits, valid / valid.sum(-1, keepdims=True))
+  assert r["temperature"] == pytest.approx(t_ref, rel=1e-4)
+  b = data.eval_batch(c.task.eval_seed, 4, 8, num_tokens=6, length=5)
+  present = jnp.asarray(data.present_tokens(b["tokens"], b["mask"], 6))
+  direct = complement_metrics(sc.set_logits(model, b) / r["temperature"], present)
+  np.testing.assert_allclose(r["per_size"]["t_kl"][3], float(direct["kl"].mean()), rtol=1e-4)
+  if kind == "query":
+    assert "attn_dispersion" not in r["per_size"]
+    return
+  # Attention of the last set token, from the model's own projections (one head).
+  x = np.asarray(model.embed(jnp.asarray(b["tokens"])), np.float64)
+  q, k = x @ np.asarray(model.query.kernel.value), x @ np.asarray(model.key.kernel.value)
+  scores = np.einsum("bd,bsd->bs", q[:, 3], k[:, :4]) / np.sqrt(q.shape[-1])
+  a = np.exp(scores - scores.max(-1, keepdims=True))
+  a /= a.sum(-1, keepdims=True)
+  entropy = -(a * np.log(a)).sum(-1)
+  np.testing.assert_allclose(r["per_size"]["attn_entropy"][3], entropy.mean(), rtol=1e-4)
+  np.testing.assert_allclose(r["per_size"]["attn_dispersion"][3], (entropy / np.log(4)).mean(), rtol=1e-4)
+  assert r["per_size"]["attn_dispersion"][0] == 1.0

@@ -95,6 +95,10 @@ class SetDecoder(nnx.Module):
 
   def __call__(self, tokens_BL, mask_BL=None, *, deterministic: bool = True, rngs=None):
     """Logits at every position; rows of position i >= the set size read padding and mean nothing."""
+    return self._forward(tokens_BL, deterministic=deterministic, rngs=rngs)[0]
+
+  def _forward(self, tokens_BL, *, deterministic: bool = True, rngs=None):
+    """(logits [B, L, N], attention weights [B, H, L, L] after the softmax, before dropout)."""
     cfg = self.config
     tokens_BL = jnp.asarray(tokens_BL)
     if tokens_BL.ndim != 2 or not jnp.issubdtype(tokens_BL.dtype, jnp.integer):
@@ -121,16 +125,24 @@ class SetDecoder(nnx.Module):
     # Causal, the diagonal included: position i attends to t_1..t_i. A finite fill keeps rows NaN-free.
     causal_LL = jnp.tril(jnp.ones((length, length), bool))
     scores_BHLL = jnp.where(causal_LL, scores_BHLL, jnp.finfo(scores_BHLL.dtype).min)
-    weights_BHLL = drop("attention", jax.nn.softmax(scores_BHLL, axis=-1))
+    probs_BHLL = jax.nn.softmax(scores_BHLL, axis=-1)
+    weights_BHLL = drop("attention", probs_BHLL)
     o_BLHV = jnp.einsum("bhqs,bshv->bqhv", weights_BHLL, v_BLHV)
     o_BLD = drop("output", self.attn_out(o_BLHV.reshape(b, length, -1)))
-    return self.unembed(x_BLD + o_BLD).astype(jnp.float32)
+    return self.unembed(x_BLD + o_BLD).astype(jnp.float32), probs_BHLL
 
   def last_logits(self, tokens_BL, mask_BL, **kwargs):
     """Logits [B, N] at the last set token of each row (position size - 1): the prediction for the set."""
     logits_BLN = self(tokens_BL, mask_BL, **kwargs)
     last_B = jnp.maximum(jnp.asarray(mask_BL).astype(jnp.int32).sum(axis=1) - 1, 0)
     return jnp.take_along_axis(logits_BLN, last_B[:, None, None], axis=1)[:, 0]
+
+  def last_attention(self, tokens_BL, mask_BL):
+    """Attention weights [B, H, L] of the last set token over the set (itself included): what the
+    prediction for the whole set reads. Zero past the set."""
+    _, probs_BHLL = self._forward(tokens_BL, deterministic=True)
+    last_B = jnp.maximum(jnp.asarray(mask_BL).astype(jnp.int32).sum(axis=1) - 1, 0)
+    return jnp.take_along_axis(probs_BHLL, last_B[:, None, None, None], axis=2)[:, :, 0]
 
 
 def prefix_present(tokens_BL, mask_BL, num_tokens: int):

@@ -8,6 +8,14 @@ batches, reporting per size and as in-range (s <= L_train) / out-of-range (s > L
   precision     min / max probability over the valid (absent) tokens, 1 = exactly uniform
   logit_gap     mean valid logit - mean invalid logit
   top1_valid    the most likely token is absent from the input
+and the same at a fitted temperature (t_kl, t_tv, ...: the logits divided by one scalar T per set of
+weights, fitted to minimise the in-range cross-entropy on a held-out check set drawn with seed
+eval_seed + 1; ema_jax/temperature.py), so that an effect of the weights on length generalization can be
+told from a mere sharpening of the output. Raw weights at their own T are the "sharpening only" control.
+For the decoder, also what no temperature can change, the attention of the prediction over the set
+(the paper's mechanism is its dispersion):
+  attn_entropy     entropy (nats) of the last set token's attention weights, mean over heads
+  attn_dispersion  attn_entropy / log(s): 1 = uniform over the s set tokens, 0 = on one token (1 at s = 1)
 
 config.model.kind picks the model: 'decoder' (ema_jax/models/set_decoder.py, the paper's causal model,
 trained on every prefix of each set at once, evaluated at the last set position) or 'query'
@@ -37,14 +45,18 @@ from ema_jax.models.set_transformer import (
     flops_per_example,
     parse_dropout_on,
 )
-from ema_jax import length_report
+from ema_jax import length_report, temperature
 from ema_jax.errors import config_error, is_int
 from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task
 
 MAX_BALANCE_TOKENS = 256  # the balance report evaluates N (N - 1) length-2 inputs; skipped above this N
 MODEL_KINDS = ("decoder", "query")  # set_decoder.py (the paper's model), set_transformer.py
-METRICS = ("kl", "tv", "invalid_mass", "precision", "logit_gap", "top1_valid")
-METRIC_LABELS = {
+BASE_METRICS = ("kl", "tv", "invalid_mass", "precision", "logit_gap", "top1_valid")
+TEMPERED = tuple(f"t_{m}" for m in BASE_METRICS)  # the same at the fitted temperature
+ATTENTION = ("attn_entropy", "attn_dispersion")  # the decoder only
+METRICS = BASE_METRICS + TEMPERED + ATTENTION
+CHECK_SEED_OFFSET = 1  # the temperature's check set: seed eval_seed + 1, as the sweep's plateau check
+METRIC_LABELS_BASE = {
     "kl": "KL(target || p)",
     "tv": "total variation",
     "invalid_mass": "invalid mass",
@@ -52,7 +64,18 @@ METRIC_LABELS = {
     "logit_gap": "logit gap (valid - invalid)",
     "top1_valid": "top-1 valid rate",
 }
-LOG_SCALE = ("kl", "tv", "invalid_mass")
+METRIC_LABELS = {
+    "kl": "KL(target || p)",
+    "tv": "total variation",
+    "invalid_mass": "invalid mass",
+    "precision": "precision (min/max valid p)",
+    "logit_gap": "logit gap (valid - invalid)",
+    "top1_valid": "top-1 valid rate",
+    **{f"t_{k}": f"{v} at fitted T" for k, v in list(METRIC_LABELS_BASE.items())},
+    "attn_entropy": "attention entropy (nats)",
+    "attn_dispersion": "attention dispersion (entropy / log s)",
+}
+LOG_SCALE = ("kl", "tv", "invalid_mass", "t_kl", "t_tv", "t_invalid_mass")
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -103,7 +126,7 @@ def range_summary(
     sizes: Sequence[int], per_size: Mapping[str, Sequence[float]], train_max_size: int
 ) -> Dict[str, float]:
   """In-range (s <= L_train) and out-of-range means of every metric (length_report.range_means)."""
-  return length_report.range_means(sizes, per_size, train_max_size, METRICS)
+  return length_report.range_means(sizes, per_size, train_max_size, [m for m in METRICS if m in per_size])
 
 
 # ----------------------------------------------------------------------------------------------- iterator
@@ -269,11 +292,40 @@ def prefix_loss(model, batch, num_tokens: int, **kwargs):
   return {k: mean(m[k]) for k in ("ce", "kl", "invalid_mass", "top1_valid")}
 
 
-def _eval_metrics(graphdef, state, batch, num_tokens):
+def _eval_metrics(graphdef, state, batch, num_tokens, beta):
+  """Means over the batch of the metrics as-is, at inverse temperature beta (t_*), and of the attention."""
   model = nnx.merge(graphdef, state)
   logits_BN = set_logits(model, batch, deterministic=True)
-  per_example = complement_metrics(logits_BN, batch_present(batch, num_tokens))
-  return {k: jnp.mean(v) for k, v in per_example.items()}
+  present_BN = batch_present(batch, num_tokens)
+  out = {k: jnp.mean(v) for k, v in complement_metrics(logits_BN, present_BN).items()}
+  out.update({f"t_{k}": jnp.mean(v) for k, v in complement_metrics(logits_BN * beta, present_BN).items()})
+  if isinstance(model, set_decoder.SetDecoder):
+    a_BHL = model.last_attention(batch["tokens"], batch["mask"])
+    entropy_B = -(a_BHL * jnp.log(jnp.where(a_BHL > 0, a_BHL, 1.0))).sum(-1).mean(-1)
+    size_B = jnp.asarray(batch["mask"]).astype(jnp.float32).sum(-1)
+    out["attn_entropy"] = jnp.mean(entropy_B)
+    out["attn_dispersion"] = jnp.mean(jnp.where(size_B > 1, entropy_B / jnp.log(jnp.maximum(size_B, 2.0)), 1.0))
+  return out
+
+
+def _check_logits(graphdef, state, batch, num_tokens):
+  """(logits [B, N], uniform targets over the absent tokens [B, N]) of the check set."""
+  model = nnx.merge(graphdef, state)
+  logits_BN = set_logits(model, batch, deterministic=True)
+  valid_BN = 1.0 - batch_present(batch, num_tokens)
+  return logits_BN, valid_BN / valid_BN.sum(-1, keepdims=True)
+
+
+@jax.jit
+def _ce_moments(logits_BN, target_BN, beta):
+  """(cross-entropy, d/d beta, d2/d beta2) of softmax(beta logits) against the targets, batch means: a
+  global reduction, so every process fits the same temperature (temperature.fit)."""
+  z = logits_BN.astype(jnp.float32)
+  p = jax.nn.softmax(beta * z, axis=-1)
+  ez_p, ez_t = (p * z).sum(-1), (target_BN * z).sum(-1)
+  ce = jax.nn.logsumexp(beta * z, axis=-1) - beta * ez_t
+  var = jnp.maximum((p * z * z).sum(-1) - ez_p**2, 0.0)
+  return jnp.stack([ce.mean(), (ez_p - ez_t).mean(), var.mean()])
 
 
 class SetComplementTask(Task):
@@ -284,7 +336,9 @@ class SetComplementTask(Task):
   def __init__(self, config: ml_collections.ConfigDict, workdir: Optional[str] = None):
     super().__init__(config, workdir)
     self._eval_fn = jax.jit(_eval_metrics, static_argnums=(0, 3))
+    self._check_fn = jax.jit(_check_logits, static_argnums=(0, 3))
     self._eval_batches = None
+    self._check_batch = None
 
   @property
   def num_tokens(self) -> int:
@@ -358,17 +412,43 @@ class SetComplementTask(Task):
       self._eval_batches = ((pi, pc), batches)
     return self._eval_batches[1]
 
+  def _local_check_batch(self, ctx: EvalContext):
+    """The temperature's check set: every in-range size, seed eval_seed + 1, process-local rows."""
+    t = self.config.task
+    n_ex, pc, pi = int(t.eval_examples), ctx.process_count, ctx.process_index
+    if self._check_batch is None or self._check_batch[0] != (pi, pc):
+      rows = slice(pi * n_ex // pc, (pi + 1) * n_ex // pc)
+      parts = [
+          data.eval_batch(
+              int(t.eval_seed) + CHECK_SEED_OFFSET, s, n_ex, num_tokens=self.num_tokens, length=self.num_tokens - 1
+          )
+          for s in range(int(t.train_min_size), self.train_max_size + 1)
+      ]
+      batch = {k: np.concatenate([p[k][rows] for p in parts]) for k in parts[0]}
+      self._check_batch = ((pi, pc), batch)
+    return self._check_batch[1]
+
+  def fit_temperature(self, model: nnx.Module, ctx: EvalContext) -> float:
+    """The one logit temperature of these weights (in-range cross-entropy on the check set)."""
+    graphdef, state = nnx.split(model)
+    logits_BN, target_BN = self._check_fn(graphdef, state, ctx.put_batch(self._local_check_batch(ctx)), self.num_tokens)
+    return temperature.fit(lambda beta: jax.device_get(_ce_moments(logits_BN, target_BN, jnp.float32(beta))))
+
   def evaluate(self, model: nnx.Module, ctx: EvalContext) -> Dict[str, Any]:
     graphdef, state = nnx.split(model)
-    per_size = {m: [] for m in METRICS}
+    temp = self.fit_temperature(model, ctx)
+    beta = jnp.float32(1.0 / temp)
+    metrics = METRICS if self.is_decoder else BASE_METRICS + TEMPERED
+    per_size = {m: [] for m in metrics}
     sizes = []
     for s, local in self._local_eval_batches(ctx).items():
-      out = self._eval_fn(graphdef, state, ctx.put_batch(local), self.num_tokens)
+      out = self._eval_fn(graphdef, state, ctx.put_batch(local), self.num_tokens, beta)
       out = jax.device_get(out)
       sizes.append(s)
-      for m in METRICS:
+      for m in metrics:
         per_size[m].append(float(out[m]))
-    result = range_summary(sizes, per_size, self.train_max_size)
+    result = length_report.range_means(sizes, per_size, self.train_max_size, metrics)
+    result["temperature"] = temp
     result["per_size"] = {"size": sizes, **per_size}
     if self.num_tokens <= MAX_BALANCE_TOKENS:
       # The theory's balance conditions at lengths 1 and 2 (set_complement_theory.py).
@@ -386,12 +466,14 @@ class SetComplementTask(Task):
     kinds = [k for k, r in results.items() if r and "per_size" in r]
     if not kinds:
       return ""
-    text = format_table(results, kinds, self.train_max_size, step)
+    present = lambda names: tuple(m for m in names if all(m in results[k]["per_size"] for k in kinds))
+    text = format_table(results, kinds, self.train_max_size, step, metrics=present(TABLE_METRICS))
+    text += "\n" + format_temperature_control(results, kinds)
     balance = theory.format_balance({k: results[k] for k in kinds})
     if balance:
       text = text + "\n" + balance
     if workdir:
-      plot_per_size(results, kinds, self.train_max_size, os.path.join(workdir, "plots"), step)
+      plot_per_size(results, kinds, self.train_max_size, os.path.join(workdir, "plots"), step, present(PLOT_METRICS))
     return text
 
   def seq_len(self) -> Optional[int]:
@@ -411,7 +493,29 @@ TASK = SetComplementTask
 # --------------------------------------------------------------------------------------- tables and plots
 
 
-_SHORT = {"kl": "KL", "invalid_mass": "inv", "precision": "prec", "logit_gap": "gap", "tv": "TV", "top1_valid": "top1"}
+_SHORT = {
+    "kl": "KL",
+    "invalid_mass": "inv",
+    "precision": "prec",
+    "logit_gap": "gap",
+    "tv": "TV",
+    "top1_valid": "top1",
+    "t_kl": "KL@T",
+    "attn_dispersion": "disp",
+}
+TABLE_METRICS = ("kl", "t_kl", "invalid_mass", "precision", "attn_dispersion")
+PLOT_METRICS = BASE_METRICS + ("t_kl", "attn_dispersion")
+
+
+def format_temperature_control(results, kinds) -> str:
+  """Out-of-range KL as-is and at each weights' fitted temperature: raw at its own T is the
+  "sharpening only" control an averaging effect must beat."""
+  lines = ["temperature control (T fitted on the in-range check set): out-of-range KL as-is / at T"]
+  for k in kinds:
+    r = results[k]
+    if "out_of_range/t_kl" in r:
+      lines.append(f"  {k:<6} {r['out_of_range/kl']:.4g} / {r['out_of_range/t_kl']:.4g}  (T = {r['temperature']:.3g})")
+  return "\n".join(lines)
 
 
 def format_table(
