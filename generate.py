@@ -11,7 +11,7 @@ end-of-document token. Temperature 0 is greedy decoding. Without a prompt, sampl
 
 from absl import flags
 
-from ema_jax import cli
+from ema_jax import cli, errors
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (or give --export).")
 _EXPORT = flags.DEFINE_string("export", None, "A model.safetensors written by `python -m ema_jax.export`.")
@@ -24,6 +24,15 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 is
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens only (0: all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the smallest set with this probability (1: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed of the sampling.")
+
+
+def _own_words(message: str) -> str:
+  for prefix in ("export: ", "load_exported: "):
+    if message.startswith(prefix):
+      message = message[len(prefix) :]
+  return message.replace("export works for", "generate.py works for").replace(
+      "no language model to export", "no language model to generate with"
+  )
 
 
 def prompts_from_flags() -> list:
@@ -44,12 +53,23 @@ def main(argv):
   from ema_jax.data import tokenizer as tokenizer_lib
 
   if (_WORKDIR.value is None) == (_EXPORT.value is None):
-    raise ValueError("give exactly one of --workdir W (a training run) and --export model.safetensors.")
-  prompts = prompts_from_flags()
+    raise ValueError("generate.py: give exactly one of --workdir W (a training run) and --export MODEL.safetensors.")
   if _EXPORT.value is not None:
-    model, info = export.load_exported(_EXPORT.value)
-  else:
-    model, info = export.restore_model(_WORKDIR.value, step=_STEP.value, weights=_WEIGHTS.value)
+    given = [f"--{f.name}" for f in (_WEIGHTS, _STEP) if flags.FLAGS[f.name].present]
+    if given:
+      raise ValueError(
+          f"generate.py: {' and '.join(given)} choose(s) a checkpoint of a --workdir; an export holds the one "
+          f"step and weights it was written with (its model.json says which). Drop {' and '.join(given)}, "
+          "or generate from the workdir."
+      )
+  prompts = prompts_from_flags()
+  try:
+    if _EXPORT.value is not None:
+      model, info = export.load_exported(_EXPORT.value)
+    else:
+      model, info = export.restore_model(_WORKDIR.value, step=_STEP.value, weights=_WEIGHTS.value)
+  except errors.USER_ERRORS as e:  # the library names itself (export:, load_exported:); say it as generate's
+    raise type(e)(f"generate.py: {_own_words(str(e))}") from e
   tokenizer = tokenizer_lib.get_tokenizer(info["tokenizer"]["name"])
   texts = decoding.generate_text(
       model,

@@ -1,6 +1,6 @@
 """A trained language model out of its workdir: restore it, export it to safetensors, load it back.
 
-  python -m ema_jax.export --workdir W --out model.safetensors [--weights raw|ema|bema] [--step N]
+  python -m ema_jax.export --workdir W [--out model.safetensors] [--weights raw|ema|bema] [--step N]
 
 writes the chosen weights (each NNX parameter path, e.g. 'blocks/0/mix/kernel', -> a float32 array) to
 model.safetensors and beside it model.json: the model kind ('ema_lm', 'gpt', ...), every field of its
@@ -104,6 +104,9 @@ def save(model, info: dict, out: str) -> tuple:
     raise ValueError(f"export: --out={out!r}; expected a path ending in {SUFFIX} (e.g. model{SUFFIX}).")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   save_file(flat_params(model), out, metadata=dict(format=FORMAT, model_kind=str(info["model_kind"])))
+  mask = os.umask(0)
+  os.umask(mask)
+  os.chmod(out, 0o666 & ~mask)  # safetensors writes through a private temporary file (mode 0600)
   meta = info_path(out)
   tmp = meta + ".tmp"
   with open(tmp, "w") as f:
@@ -112,9 +115,14 @@ def save(model, info: dict, out: str) -> tuple:
   return out, meta
 
 
-def export(workdir: str, out: str, *, weights: str = "raw", step: Optional[int] = None) -> tuple:
+def default_out(workdir: str, step: int, weights: str) -> str:
+  """Where an export goes unless --out says otherwise: inside the run's workdir, never the current folder."""
+  return os.path.join(workdir, "export", f"step_{step}_{weights}{SUFFIX}")
+
+
+def export(workdir: str, out: Optional[str] = None, *, weights: str = "raw", step: Optional[int] = None) -> tuple:
   model, info = restore_model(workdir, step=step, weights=weights)
-  return save(model, info, out)
+  return save(model, info, out or default_out(workdir, info["step"], info["weights"]))
 
 
 def _model_class(kind: str):
@@ -199,7 +207,12 @@ def evaluate_exported(path: str, lengths=None) -> dict:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m ema_jax.export", description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="A training workdir.")
-  parser.add_argument("--out", required=True, help="Output path ending in .safetensors (model.json goes beside).")
+  parser.add_argument(
+      "--out",
+      default=None,
+      help="Output path ending in .safetensors (model.json goes beside); default "
+      "<workdir>/export/step_<step>_<weights>.safetensors.",
+  )
   parser.add_argument("--weights", default="raw", help="raw or one of the run's averages (ema, bema).")
   parser.add_argument("--step", type=int, default=None, help="Checkpoint step (default: the latest).")
   args = parser.parse_args(argv)

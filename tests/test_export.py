@@ -101,6 +101,15 @@ def test_export_cli(ema_workdir, tmp_path):
   assert os.path.exists(out) and os.path.exists(str(tmp_path / "cli.json"))
   bad = run("--out", out, "--step", "7")
   assert bad.returncode == 2 and "--step=7" in bad.stderr and "available steps: 3" in bad.stderr
+  # Without --out: inside the workdir, with the umask's mode (not safetensors' private 0600).
+  old = os.umask(0o022)
+  try:
+    default = run("--weights", "ema")
+  finally:
+    os.umask(old)
+  assert default.returncode == 0, default.stderr
+  path = os.path.join(ema_workdir, "export", "step_3_ema.safetensors")
+  assert os.path.exists(path) and os.stat(path).st_mode & 0o777 == 0o644
 
 
 def test_exported_model_evaluates_as_its_checkpoint(ema_workdir, tmp_path):

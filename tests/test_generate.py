@@ -141,3 +141,8 @@ def test_generate_py_on_an_export(tmp_path):
   assert "=== 0 ===\nfirst prompt" in done.stdout and "=== 1 ===\nthe second, longer prompt" in done.stdout
   both = subprocess.run(cmd + ["--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
   assert both.returncode == 2 and "exactly one of --workdir" in both.stderr
+  ema = subprocess.run(cmd + ["--weights", "ema"], cwd=REPO, capture_output=True, text=True)
+  assert ema.returncode == 2 and "--weights" in ema.stderr and "an export holds" in ema.stderr, ema.stderr
+  missing = subprocess.run(cmd[:3] + [str(tmp_path / "nothing.safetensors")], cwd=REPO, capture_output=True, text=True)
+  assert missing.returncode == 2 and "error: generate.py: " in missing.stderr, missing.stderr
+  assert "load_exported" not in missing.stderr

@@ -128,3 +128,21 @@ def test_dead_peer_stops_an_lm_run_within_a_minute(tmp_path):
     pytest.fail("the surviving process was still running 90 s after its peer died")
   assert procs[0].returncode != 0
   assert time.time() - killed_at < 60
+
+
+@pytest.mark.slow
+def test_time_based_checkpoints_are_decided_identically_on_every_process(tmp_path):
+  """2 processes, checkpoint_every_seconds only: each process's clock sets a flag, the step reduces it,
+  so both save the same steps (a save that only one process started would hang or fail the run); the
+  records equal an uninterrupted one-process run's to float rounding."""
+  from experiments import fault_drill
+
+  extra = dict(steps=30, checkpoint_every=1000, keep_checkpoints=100, checkpoint_every_seconds=0.2, eval_every=0)
+  drill = fault_drill.Drill(str(tmp_path), overrides={"lm": extra})
+  reference, _ = drill.reference("lm")
+  wd = str(tmp_path / "two")
+  assert fault_drill.run("lm", wd, nproc=2, devices=1) == [0, 0], fault_drill.log_tail(wd, 20)
+  steps = sorted(int(n) for n in os.listdir(os.path.join(wd, "checkpoints")) if n.isdigit())
+  assert steps[-1] == 30 and len(steps) >= 2, steps
+  outcome, note = fault_drill.compare(wd, reference, 30)
+  assert outcome in ("identical", "close"), note

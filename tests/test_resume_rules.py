@@ -242,3 +242,12 @@ def test_which_fields_may_change_on_a_resume():
     assert resume.changeable(field), field
   for field in ("seed", "batch_size", "task.train_max_size", "data.path", "model.init_std"):
     assert not resume.changeable(field), field
+
+
+def test_non_finite_loss_right_after_a_restore_names_the_checkpoint(half, tmp_path):
+  wd = copy(half, tmp_path)
+  with pytest.raises(trainer.NonFiniteError) as info:
+    trainer.train(sc_config(**{"optim.lr": 1e30}), wd, allow_config_change=True)
+  message = str(info.value)
+  assert "resumed from the checkpoint of step 20" in message and os.path.join("checkpoints", "20") in message
+  assert ckpt_lib.Checkpointer(wd).all_steps() == [10, 20]  # nothing non-finite was saved
