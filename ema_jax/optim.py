@@ -7,6 +7,7 @@ different decays needs no recompilation.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import jax
@@ -18,6 +19,9 @@ from ema_jax.errors import config_error
 
 SCHEDULES = ("constant", "cosine", "linear", "rsqrt")
 EMA_KINDS = ("none", "ema", "bema")
+# 'bema_<tau>': a BEMA with its own burn-in tau (optimizer steps), so one run can keep several burn-ins
+# of the same trajectory side by side (experiments/set_complement_sweep.py); plain 'bema' uses burn_in.
+BEMA_TAU_KIND = re.compile(r"bema_(\d+)")
 
 
 def validate_optim(cfg: ml_collections.ConfigDict, total_steps: int) -> None:
@@ -287,23 +291,25 @@ class Averages:
 
 
 def parse_kinds(kind) -> list:
-  """'ema,bema' -> ['ema', 'bema']; 'none' -> []."""
+  """'ema,bema' -> ['ema', 'bema']; 'ema,bema_0,bema_500' -> ['ema', 'bema_0', 'bema_500']; 'none' -> []."""
   kinds = [k.strip() for k in str(kind).split(",") if k.strip()]
   return [] if kinds == ["none"] else kinds
 
 
 def validate_weight_ema(cfg: ml_collections.ConfigDict) -> None:
   kinds = parse_kinds(cfg.kind)
-  accepted = f"one of {', '.join(EMA_KINDS)}, or several averages comma-separated, e.g. 'ema,bema'"
-  if str(cfg.kind).strip() != "none" and (
-      not kinds or any(k not in EMA_KINDS or k == "none" for k in kinds) or len(set(kinds)) != len(kinds)
-  ):
+  accepted = (
+      f"one of {', '.join(EMA_KINDS)}, or several averages comma-separated, e.g. 'ema,bema' "
+      "('bema_<tau>': a BEMA with burn-in tau, e.g. 'ema,bema_0,bema_1000')"
+  )
+  known = lambda k: (k in EMA_KINDS and k != "none") or BEMA_TAU_KIND.fullmatch(k)
+  if str(cfg.kind).strip() != "none" and (not kinds or not all(map(known, kinds)) or len(set(kinds)) != len(kinds)):
     config_error("weight_ema.kind", cfg.kind, accepted)
   if not (isinstance(cfg.every, int) and cfg.every >= 1):
     config_error("weight_ema.every", cfg.every, "an integer >= 1")
   if "ema" in kinds and not 0 < cfg.decay < 1:
     config_error("weight_ema.decay", cfg.decay, "a decay in (0, 1), e.g. 0.999")
-  if "bema" in kinds:
+  if any(k.startswith("bema") for k in kinds):
     if not cfg.rho > 0 or not cfg.gamma > 0:
       config_error("weight_ema.rho/gamma", (cfg.rho, cfg.gamma), "positive values (defaults 10, 1)")
     if not cfg.kappa >= 0 or not cfg.eta >= 0:
@@ -314,20 +320,24 @@ def validate_weight_ema(cfg: ml_collections.ConfigDict) -> None:
 
 
 def make_weight_ema(cfg: ml_collections.ConfigDict):
-  """Averages over the kinds in cfg.kind ('ema', 'bema' or 'ema,bema'), or None for kind='none'."""
+  """Averages over the kinds in cfg.kind ('ema', 'bema', 'ema,bema', 'bema_<tau>', ...), or None for
+  kind='none'."""
   validate_weight_ema(cfg)
   members = {}
   for k in parse_kinds(cfg.kind):
     if k == "ema":
       members[k] = WeightEMA(cfg.decay, cfg.every)
     else:
-      members[k] = BEMA(cfg.kappa, cfg.eta, cfg.gamma, cfg.rho, cfg.every, int(cfg.get("burn_in", 0)))
+      tau = BEMA_TAU_KIND.fullmatch(k)
+      burn_in = int(tau.group(1)) if tau else int(cfg.get("burn_in", 0))
+      members[k] = BEMA(cfg.kappa, cfg.eta, cfg.gamma, cfg.rho, cfg.every, burn_in)
   return Averages(members) if members else None
 
 
 def default_weight_ema_config(kind: str = "ema") -> ml_collections.ConfigDict:
-  """kind: none | ema | bema | several comma-separated ('ema,bema'). decay: the debiased EMA's. kappa, eta,
-  gamma, rho: BEMA's schedules (the BEMA paper's defaults); burn_in: BEMA's tau in optimizer steps."""
+  """kind: none | ema | bema | bema_<tau> | several comma-separated ('ema,bema'). decay: the debiased EMA's.
+  kappa, eta, gamma, rho: BEMA's schedules (the BEMA paper's defaults); burn_in: BEMA's tau in optimizer
+  steps (a 'bema_<tau>' member uses its own tau)."""
   return ml_collections.ConfigDict(
       dict(kind=kind, decay=0.999, every=1, kappa=0.5, eta=0.2, gamma=1.0, rho=10.0, burn_in=0)
   )

@@ -177,7 +177,25 @@ def test_averages_keep_ema_and_bema_side_by_side():
   assert isinstance(single.init(p), optim.BEMAState)  # one kind keeps its bare state (checkpoint layout)
 
 
-@pytest.mark.parametrize("kind", ["ema,ema", "ema,swa", "none,ema", ""])
+def test_averages_keep_several_bema_burn_ins():
+  # 'bema_<tau>' members: each the plain BEMA with that burn-in, over the same trajectory.
+  cfg = optim.default_weight_ema_config("ema,bema_0,bema_3,bema")
+  cfg.burn_in = 2  # the plain 'bema' member's
+  av = optim.make_weight_ema(cfg)
+  assert av.names == ["ema", "bema_0", "bema_3", "bema"]
+  refs = {"bema_0": optim.BEMA(burn_in=0), "bema_3": optim.BEMA(burn_in=3), "bema": optim.BEMA(burn_in=2)}
+  p = {"w": jnp.asarray([1.0, -2.0])}
+  s, rs = av.init(p), {k: b.init(p) for k, b in refs.items()}
+  for step in range(1, 8):
+    p = {"w": p["w"] * 1.1 - 0.5}
+    s = av.update(s, p, step)
+    rs = {k: refs[k].update(rs[k], p, step) for k in refs}
+  for k, b in refs.items():
+    np.testing.assert_array_equal(av.value(s, p, k)["w"], b.value(rs[k], p)["w"])
+  assert not np.allclose(av.value(s, p, "bema_0")["w"], av.value(s, p, "bema_3")["w"])
+
+
+@pytest.mark.parametrize("kind", ["ema,ema", "ema,swa", "none,ema", "", "bema_", "bema_-1", "bema_x", "bema_1,bema_1"])
 def test_weight_ema_kind_list_validation(kind):
   cfg = optim.default_weight_ema_config("ema")
   cfg.kind = kind
