@@ -1,7 +1,8 @@
 """eval.py's work: restore a checkpoint onto this machine's devices and evaluate it, never retraining.
 
 Its outputs go under <workdir>/eval/ (or --output_dir), beside the training run's eval_<step>.json and
-plots/, so evaluating a subset of weights or lengths never replaces the run's own results.
+plots/: eval_<step><tag>.json and eval_<step><tag>/plots/, one name per (step, weights, lengths), so
+evaluating a subset never replaces the run's own results or another evaluation's.
 """
 
 from __future__ import annotations
@@ -130,11 +131,17 @@ def output_tag(weights: str, lengths: Optional[str]) -> str:
   return "".join("_" + p for p in parts if p)
 
 
+def plots_dir(out_dir: str, step: int, tag: str = "") -> str:
+  """Each evaluation's plots in a folder of their own (step, weights, lengths), so that evaluating another
+  subset never replaces them: out_dir/eval_<step><tag>/plots."""
+  return os.path.join(out_dir, f"eval_{step}{tag}", "plots")
+
+
 def write_outputs(task, results, table: str, step: int, out_dir: str, tag: str = "") -> str:
-  """eval_<step><tag>.json (atomic) and the task's plots under out_dir/plots; returns the JSON's path."""
+  """eval_<step><tag>.json (atomic) and the task's plots in plots_dir(); returns the JSON's path."""
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   path = workdir_lib.write_eval(out_dir, step, results, table, tag=tag)
-  task.summarize(results, step, out_dir)  # again, now with somewhere to put its plots
+  task.summarize(results, step, os.path.dirname(plots_dir(out_dir, step, tag)))  # tasks write into <dir>/plots
   return path
 
 
@@ -179,5 +186,5 @@ def run(
         flush=True,
     )
   else:
-    print(f"wrote {path} and plots in {os.path.join(out_dir, 'plots')}", flush=True)
+    print(f"wrote {path} and plots in {plots_dir(out_dir, step, output_tag(weights, lengths))}", flush=True)
   return results

@@ -4,6 +4,7 @@ SIGTERM during start-up, and eval.py writing beside (never over) the training ru
 Each test starts the real scripts in subprocesses, with a tiny set-complement run (4 steps, N = 16).
 """
 
+import glob
 import json
 import logging
 import os
@@ -170,13 +171,20 @@ def test_eval_writes_beside_the_run_never_over_it(finished):
   with open(os.path.join(wd, "eval", "eval_4.json")) as f:
     again = json.load(f)
   assert again["results"] == in_loop["results"] and again["table"] == in_loop["table"]
-  assert sorted(os.listdir(os.path.join(wd, "eval", "plots"))) == sorted(os.listdir(os.path.join(wd, "plots")))
+  eval_plots = [p for p in glob.glob(os.path.join(wd, "eval", "eval_*", "plots"))]
+  assert len(eval_plots) == 1, eval_plots
+  assert sorted(os.listdir(eval_plots[0])) == sorted(os.listdir(os.path.join(wd, "plots")))
   # A subset gets its own file and leaves the full evaluation's alone.
   full = open(os.path.join(wd, "eval", "eval_4.json"), "rb").read()
   proc = script("eval.py", "--workdir", wd, "--weights", "raw", "--lengths", "2,8")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert os.path.exists(os.path.join(wd, "eval", "eval_4_raw_2-8.json"))
   assert open(os.path.join(wd, "eval", "eval_4.json"), "rb").read() == full
+  # ... and its plots a folder of their own: the full evaluation's plots are still all there.
+  assert os.listdir(os.path.join(wd, "eval", "eval_4_raw_2-8", "plots"))
+  assert sorted(os.listdir(os.path.join(wd, "eval", "eval_4", "plots"))) == sorted(
+      os.listdir(os.path.join(wd, "plots"))
+  )
   assert _snapshot(wd) == before
 
 
