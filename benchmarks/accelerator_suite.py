@@ -1,13 +1,13 @@
 """One command that says how the codebase does on whatever backend JAX finds (issue 15, items 4 and 5).
 
-  python benchmarks/accelerator_suite.py [--parts devices,traces,lm_step,train,sweep] [--out DIR]
+  python -m benchmarks.accelerator_suite [--parts devices,traces,lm_step,train,sweep] [--out DIR]
       [--data-root ../shared/data] [--train-seconds 60] [--sweep-runs 8] [--sweep-steps 100]
-  python benchmarks/accelerator_suite.py --smoke --out /tmp/acc     (every part, tiny, on CPU, < 2 minutes)
+  python -m benchmarks.accelerator_suite --smoke [--out DIR]     (every part, tiny, on CPU, < 2 minutes)
 
 Parts (each one's numbers are measured in this run; nothing is copied from elsewhere):
   devices  jax.devices(), device_kind, backend; the device's published peak HBM bandwidth and bf16 dense
            FLOP/s from PEAKS (vendor datasheets), and always a measured copy bandwidth and bf16 matmul rate.
-  traces   benchmarks/scan_bench.py's candidates (every method, the textbook form, a copy), forward and the
+  traces   benchmarks.scan_bench's candidates (every method, the textbook form, a copy), forward and the
            training-like gradient of mean(h^2), at (B, T, D, K) = (8, 2048, 256, 3) and (1, 65536, 256, 3),
            rates shared over D and per channel; the fastest per shape, GB/s against the peak bandwidth, and
            what 'auto' picks there (scan.AUTO_METHODS, traces.AUTO_CONSTANT_RATES) and whether it was the fastest.
@@ -21,8 +21,9 @@ Parts (each one's numbers are measured in this run; nothing is copied from elsew
   sweep    item 5: the set-complement sweep's vmapped trainer step (experiments/set_complement_sweep.py,
            GroupPrograms / train_group) training --sweep-runs runs together, against the same runs one by
            one through the same code (a group of one), with the losses of both compared.
-Writes DIR/suite.json and DIR/suite.md (default DIR: results/accelerator/<device_kind slug>/). The JSON
-records date, device, load average (before and after each part) and the command.
+Writes DIR/suite.json and DIR/suite.md (default DIR: results/accelerator/<device_kind slug>/; with --smoke a
+new temporary folder, printed, so a smoke run never overwrites a committed suite). The JSON records date,
+device, load average (before and after each part) and the command.
 
 On the device machine (no network, Python 3.12; scripts/device_wheels.sh fills .whl/ with what it lacks):
   bash scripts/device_wheels.sh; mkdir -p .acc_data/wikipedia .acc_data/c4_sample
@@ -30,7 +31,7 @@ On the device machine (no network, Python 3.12; scripts/device_wheels.sh fills .
   cp ../shared/data/c4_sample/c4_demo.jsonl .acc_data/c4_sample/; echo /.acc_data/ >> .git/info/exclude
   run(carry=[".whl", ".acc_data"], timeout_s=600, command="python3 -m pip install -q --no-index --no-deps
       --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
-      PYTHONUNBUFFERED=1 python3 benchmarks/accelerator_suite.py --data-root .acc_data --out /tmp/acc
+      PYTHONUNBUFFERED=1 python3 -m benchmarks.accelerator_suite --data-root .acc_data --out /tmp/acc
       --train-workdirs /tmp/acc_train; cp /tmp/acc/suite.json /tmp/acc/suite.md $OUT/")
 (--out outside $OUT: $OUT is emptied before each call and brings back 8 files at most, the trainer writes
 more; /tmp/acc stays while the machine is warm, so a second call can add parts to the same suite.json.)
@@ -50,7 +51,6 @@ import os
 import platform
 import re
 import statistics
-import sys
 import tempfile
 import time
 
@@ -58,13 +58,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)  # scan_bench's functions
-sys.path.insert(0, REPO)
-from scan_bench import candidates, copy_op, rates, textbook, time_interleaved_random  # noqa: E402,F401
+from benchmarks import command_line, decode_bench, lm_bench
+from benchmarks.scan_bench import candidates, rates, time_interleaved_random
+from ema_jax import traces
+from ema_jax.traces import scan
 
-from ema_jax import scan, traces, traces_blocked  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PARTS = ("devices", "traces", "lm_step", "decode", "train", "sweep")
 
@@ -149,9 +148,9 @@ def part_traces(args, ctx):
   shapes = ["2x256x32x3"] if args.smoke else ["8x2048x256x3", "1x65536x256x3"]
   chunks, fused_chunks, blocks = ([16], [16], [8]) if args.smoke else ([32, 64], [16, 32, 64], [4, 8, 16])
   # The chunk sizes 'auto' uses are always candidates, so "auto picks the fastest" can be read off by name.
-  chunks = sorted({*chunks, scan.DEFAULT_CHUNK})
+  chunks = sorted({*chunks, traces.DEFAULT_CHUNK})
   fused_chunks = sorted({*fused_chunks, traces.DEFAULT_FUSED_CHUNK})
-  blocks = sorted({*blocks, traces_blocked.DEFAULT_BLOCK})
+  blocks = sorted({*blocks, traces.DEFAULT_BLOCK})
   peak_bw = (ctx.get("peaks") or {}).get("hbm_bytes_per_s")
   rows, best = [], []
   for per_channel in (False, True):
@@ -167,11 +166,11 @@ def part_traces(args, ctx):
       names = list(dict.fromkeys(n for n, _ in fns))
       contenders = [n for n in names if n not in ("copy", "textbook", "auto")]
       fastest = {kind: min(contenders, key=lambda n: res[(n, kind)][0]) for kind in ("fwd", "train")}
-      auto = traces._auto_method(t_len, not per_channel)
+      auto = traces.auto_method(t_len, not per_channel)
       auto_name = {
           "fused": f"fused/{traces.DEFAULT_FUSED_CHUNK}",
-          "blocked": f"blocked/{traces_blocked.DEFAULT_BLOCK}",
-          "chunked": f"chunked/{scan.DEFAULT_CHUNK}",
+          "blocked": f"blocked/{traces.DEFAULT_BLOCK}",
+          "chunked": f"chunked/{traces.DEFAULT_CHUNK}",
       }.get(auto.value, auto.value)
       for name in names:
         (tf, lo, hi), (tt, tlo, thi) = res[(name, "fwd")], res[(name, "train")]
@@ -197,7 +196,7 @@ def part_traces(args, ctx):
           auto_picks=auto_name,
           auto_note=(
               traces.AUTO_CONSTANT_RATES.get(jax.default_backend(), (None, ""))[1]
-              if auto.value in ("fused", "blocked")
+              if auto in traces.CLOSED_FORMS
               else scan.AUTO_METHODS.get(jax.default_backend(), scan.DEFAULT_AUTO)[1]
           ),
           auto_fastest_fwd=auto_name == fastest["fwd"],
@@ -218,16 +217,12 @@ def part_traces(args, ctx):
 
 
 def _lm_batch(b, t, vocab):
-  import lm_bench  # benchmarks/ is on sys.path (as for scan_bench)
-
   return lm_bench.make_batch(b, t, vocab)
 
 
 def train_step_stats(model, batch, repeats):
-  """benchmarks/lm_bench.py's jitted AdamW step, compiled once ahead so its memory analysis is at hand:
+  """benchmarks.lm_bench's jitted AdamW step, compiled once ahead so its memory analysis is at hand:
   (median seconds per step, compiled memory in bytes)."""
-  import lm_bench  # benchmarks/ is on sys.path (as for scan_bench)
-
   step, params, opt = lm_bench.adamw_step(model)
 
   batch = jax.device_put(batch)
@@ -482,11 +477,9 @@ def part_sweep(args, ctx):
 
 
 def part_decode(args, ctx):
-  """benchmarks/decode_bench.py on this device: tokens/s of one decoded token and the state per sequence,
+  """benchmarks.decode_bench on this device: tokens/s of one decoded token and the state per sequence,
   EMA LM against GPT, as the context grows (the GPT's KV cache filled to it; the EMA LM's state constant).
   Full: width 768, 12 blocks (the 130m / 124m shapes, byte vocabulary), contexts 1k-16k, batch 1 and 8."""
-  import decode_bench  # benchmarks/ is on sys.path (as for scan_bench)
-
   if args.smoke:
     argv = ["--quick"]
   else:
@@ -602,10 +595,18 @@ def keep_earlier_parts(report, json_path):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+      prog="python -m benchmarks.accelerator_suite",
+      description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("--smoke", action="store_true", help="every part at tiny sizes (CPU, < 2 minutes)")
   p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-  p.add_argument("--out", default=None, help="default results/accelerator/<device_kind slug>")
+  p.add_argument(
+      "--out",
+      default=None,
+      help="default results/accelerator/<device_kind slug>; with --smoke a new temporary folder",
+  )
   p.add_argument("--data-root", default=os.path.join(REPO, "..", "shared", "data"))
   p.add_argument("--repeats", type=int, default=None, help="timing repeats (default 5; --smoke 2)")
   p.add_argument("--lm-tokens", type=int, default=None, help="tokens per LM step, B x T (default 16384)")
@@ -629,15 +630,18 @@ def main(argv=None):
   args.lm_tokens = args.lm_tokens or (128 if args.smoke else 16384)
   args.train_seconds = args.train_seconds if args.train_seconds is not None else (1.0 if args.smoke else 60.0)
   args.min_train_steps = args.min_train_steps or (4 if args.smoke else 50)
-  if args.train_workdirs is None:
+  if args.train_workdirs is None and "train" in parts:
     args.train_workdirs = tempfile.mkdtemp(prefix="accelerator_suite_train_")
-  if args.out is None:
+  if args.out is None and args.smoke:  # never over a committed suite
+    args.out = tempfile.mkdtemp(prefix="accelerator_suite_smoke_")
+    print(f"--smoke without --out: writing to {args.out}", flush=True)
+  elif args.out is None:
     args.out = os.path.join(REPO, "results", "accelerator", slug(jax.devices()[0].device_kind))
   os.makedirs(args.out, exist_ok=True)
   report = dict(
       meta=dict(
           date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-          command=" ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
+          command=command_line("benchmarks.accelerator_suite", argv),
           backend=jax.default_backend(),
           device_kind=jax.devices()[0].device_kind,
           devices=[str(d) for d in jax.devices()],

@@ -1,6 +1,6 @@
 """Throughput of the language-model training data pipeline (read, tokenize, pack, batch).
 
-    python benchmarks/data_bench.py [--data ../shared/data/wikipedia] [--tokenizers gpt2,byte]
+    python -m benchmarks.data_bench [--data ../shared/data/wikipedia] [--tokenizers gpt2,byte]
         [--read_threads 0,2] [--seq_len 1024] [--global_batch 32] [--out results/data_bench.json]
 
 For each tokenizer and read-ahead thread count (config.data.read_threads), builds
@@ -16,12 +16,10 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ema_jax.data import text  # noqa: E402
-from ema_jax.data import tokenizer as tokenizer_lib  # noqa: E402
+from ema_jax.data import text
+from ema_jax.data import tokenizer as tokenizer_lib
 
 
 def encode_rate(tok, docs, min_seconds):
@@ -51,7 +49,7 @@ def pipeline_rate(data_cfg, tok, seq_len, global_batch, min_seconds):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.data_bench", description=__doc__.splitlines()[0])
   parser.add_argument("--data", default=os.path.join("..", "shared", "data", "wikipedia"))
   parser.add_argument("--tokenizers", default="gpt2,byte")
   parser.add_argument("--read_threads", default="0,2")

@@ -1,6 +1,6 @@
 """Decoding speed and state per sequence of the EMA LM and the GPT, one new token at a given context length.
 
-  python benchmarks/decode_bench.py [--contexts 256,1024,4096,16384] [--batches 1,32] [--width 128]
+  python -m benchmarks.decode_bench [--contexts 256,1024,4096,16384] [--batches 1,32] [--width 128]
                                     [--depth 2] [--repeats 20] [--out results/decode_bench.json] [--quick]
 
 Both models at width D, `depth` blocks, the byte vocabulary (257). The GPT's cost of one token grows with
@@ -22,7 +22,6 @@ import os
 import platform
 import random
 import statistics
-import sys
 import time
 
 import jax
@@ -30,8 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from ema_jax.models import ema_lm, transformer  # noqa: E402
+from ema_jax.models import ema_lm, transformer
 
 VOCAB = 257  # the byte tokenizer
 
@@ -114,7 +112,7 @@ class Cell:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(prog="python -m benchmarks.decode_bench", description=__doc__.split("\n\n")[0])
   p.add_argument("--contexts", default="256,1024,4096,16384")
   p.add_argument("--batches", default="1,32")
   p.add_argument("--width", type=int, default=128)

@@ -1,6 +1,6 @@
 """Training tokens/s of the EMA LM and the GPT at equal width and depth, for several context lengths.
 
-  python benchmarks/lm_bench.py [--lengths 256,1024,4096] [--tokens 8192] [--width 128] [--depth 2]
+  python -m benchmarks.lm_bench [--lengths 256,1024,4096] [--tokens 8192] [--width 128] [--depth 2]
                                 [--out results/lm_bench.json] [--profile T]
 
 Every step sees the same number of tokens (--tokens = B x T), so a cost per token that is flat in T shows
@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import jax
@@ -30,10 +29,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from ema_jax.models import ema_lm, transformer  # noqa: E402
-from ema_jax.tasks.lm import token_nll  # noqa: E402
+from benchmarks import command_line
+from ema_jax.models import ema_lm, transformer
+from ema_jax.tasks.lm import token_nll
 
 
 def adamw_step(model):
@@ -103,7 +101,7 @@ def profile_ema_step(args, top=16):
   threads that ran them) with their output shape and project source lines, the biggest first."""
   import tempfile
 
-  from trace_profile import profile, source_map
+  from benchmarks.trace_profile import profile, source_map
 
   t = args.profile
   b = max(1, args.tokens // t)
@@ -124,7 +122,9 @@ def profile_ema_step(args, top=16):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+      prog="python -m benchmarks.lm_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--lengths", default="256,1024,4096")
   p.add_argument("--tokens", type=int, default=8192)
   p.add_argument("--width", type=int, default=128)
@@ -192,7 +192,7 @@ def main():
       depth=args.depth,
       vocab=args.vocab,
       tokens_per_step=args.tokens,
-      command=" ".join(sys.argv),
+      command=command_line("benchmarks.lm_bench"),
       load_avg=os.getloadavg(),
       matmul_peak_flops=peak,
       mfu="achieved FLOP/s (analytic count per token x tokens/s) / the float32 matmul peak measured in this process",

@@ -1,6 +1,6 @@
 """Throughput of the batched Othello engine: random-game generation and legal-move-mask replay.
 
-    python benchmarks/othello_bench.py [--batch_sizes 1,256,4096] [--out results/othello_bench.json]
+    python -m benchmarks.othello_bench [--batch_sizes 1,256,4096] [--out results/othello_bench.json]
 
 Each row times whole batches (one call per batch, best of several repeats after a warm-up) and
 reports games/s and moves/s; "vs batch 1" is the throughput ratio to the single-game batch.
@@ -10,13 +10,11 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ema_jax.data import othello  # noqa: E402
+from ema_jax.data import othello
 
 
 def best_time(fn, min_seconds, max_repeats):
@@ -31,7 +29,7 @@ def best_time(fn, min_seconds, max_repeats):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.othello_bench", description=__doc__.splitlines()[0])
   parser.add_argument("--batch_sizes", default="1,256,4096")
   parser.add_argument("--min_seconds", type=float, default=2.0, help="timing budget per row")
   parser.add_argument("--out", default="results/othello_bench.json")

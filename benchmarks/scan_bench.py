@@ -1,10 +1,10 @@
 """EMA trace throughput: every trace method against the textbook form and a plain copy, in one process.
 
-  python benchmarks/scan_bench.py [--shapes 8x2048x256x3,1x65536x256x3] [--repeats 7] [--out results/scan_bench.json]
+  python -m benchmarks.scan_bench [--shapes 8x2048x256x3,1x65536x256x3] [--repeats 7] [--out results/scan_bench.json]
                                   [--chunks 16,32,64] [--fused-chunks 8,16,32,64] [--blocks 4,8,16]
                                   [--per-channel] [--reuse-heap]
-  python benchmarks/scan_bench.py --selective [--selective-chunks 8,16] [--reuse-heap] [--out results/scan_bench_selective.json]
-  python benchmarks/scan_bench.py --learned [--blocks 8] [--reuse-heap] [--out results/scan_bench_learned.json]
+  python -m benchmarks.scan_bench --selective [--selective-chunks 8,16] [--reuse-heap] [--out results/scan_bench_selective.json]
+  python -m benchmarks.scan_bench --learned [--blocks 8] [--reuse-heap] [--out results/scan_bench_learned.json]
 
 For each shape (B, T, D, K) it times, after warm-up, the median (and range) of --repeats runs of
   forward            x [B, T, D] -> traces h [B, T, K, D]
@@ -13,7 +13,8 @@ For each shape (B, T, D, K) it times, after warm-up, the median (and range) of -
                      the forward of a linear map; the numbers before 2026-11-29 had that flaw)
 for: the blocked path (traces.ema_traces method='blocked', the closed form inside chunks as one elementwise
 pass, custom VJP; rates shared or per channel) at each --blocks size; the fused path (method='fused', one
-batched matmul per output, custom VJP) at each --fused-chunks size; each linear_scan method through ema_traces (custom VJP); 'auto'; the textbook
+batched matmul per output, custom VJP) at each --fused-chunks size; each linear_scan method through ema_traces
+(custom VJP; 'unrolled' at its default chunk); 'auto'; the textbook
 form (jax.lax.associative_scan on a decay broadcast to the full [B, T, K, D] shape, b = alpha * x
 materialised, autodiff through the scan); and a plain copy that writes an output of the same size (the
 memory-bandwidth bound; its forward+backward is the same loss through the copy; the goals compare against
@@ -34,7 +35,7 @@ step also computes their gradient (w.r.t. x and the rates): shared [K] and per-c
 blocked path, shared through 'fused', per channel through 'sequential' and 'auto', and constant per-channel
 rates ('fixed per-channel/auto'), each against the constant shared-rate path ('fixed/auto') and the copy.
 
---reuse-heap re-runs the script with glibc told to keep freed memory (MALLOC_ARENA_MAX etc.).
+--reuse-heap re-runs the benchmark with glibc told to keep freed memory (MALLOC_ARENA_MAX etc.).
 By default glibc maps every buffer over 32 MB afresh, so each call pays a page fault per 4 KiB page it
 writes; on the 2-core VM this was written on that is most of the copy's time (about 4.5 us a page under
 load). With the flag the times show compute and memory bandwidth alone.
@@ -55,8 +56,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from ema_jax import scan, traces  # noqa: E402
+from benchmarks import command_line, rerun_argv
+from ema_jax import traces
+from ema_jax.traces import scan
 
 ALPHAS = (0.5, 0.1, 0.02)
 
@@ -90,7 +92,7 @@ def candidates(alphas, k, chunk_sizes, fused_chunk_sizes, block_sizes=()):
   if not isinstance(alphas, np.ndarray):  # the fused path needs rates shared over D
     for c in fused_chunk_sizes:
       out[f"fused/{c}"] = lambda x, c=c: traces.ema_traces(x, alphas, method="fused", chunk_size=c)[0]
-  for m in ("sequential", "associative"):
+  for m in ("sequential", "associative", "unrolled"):
     out[m] = lambda x, m=m: traces.ema_traces(x, alphas, method=m)[0]
   for c in chunk_sizes:
     out[f"chunked/{c}"] = lambda x, c=c: traces.ema_traces(x, alphas, method="chunked", chunk_size=c)[0]
@@ -122,7 +124,7 @@ def selective_candidates(k, chunk_sizes):
   fixed = rates(k, 1, False)
   train = lambda f: (lambda *args: jnp.mean(jnp.square(f(*args))))
   out = {}
-  for m in ["sequential", "associative", "blocked"] + [f"chunked/{c}" for c in chunk_sizes] + ["auto"]:
+  for m in ["sequential", "associative", "unrolled"] + [f"chunked/{c}" for c in chunk_sizes] + ["auto"]:
     method, _, c = m.partition("/")
     f = lambda x, r, method=method, c=c: traces.selective_traces(x, r, method=method, chunk_size=int(c) if c else None)[
         0
@@ -265,7 +267,7 @@ def learned_main(args):
   meta = run_meta(args, load_before, load_after, uptime_before, uptime_after)
   meta.update(
       train="jax.grad of mean(h^2) w.r.t. x and the rates (none for fixed/auto and copy)",
-      auto_per_channel=str(traces._auto_method(1 << 20, False)),
+      auto_per_channel=str(traces.auto_method(1 << 20, False)),
   )
   write_json(args.out, meta, rows)
 
@@ -281,7 +283,7 @@ def run_meta(args, load_before, load_after, uptime_before, uptime_after):
       processor=platform.processor(),
       jax=jax.__version__,
       repeats=args.repeats,
-      command=" ".join(sys.argv),
+      command=command_line("benchmarks.scan_bench"),
       loadavg_before=list(load_before),
       loadavg_after=list(load_after),
       uptime_before=uptime_before,
@@ -300,7 +302,9 @@ def write_json(path, meta, rows):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+      prog="python -m benchmarks.scan_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--shapes", default="8x2048x256x3,1x65536x256x3", help="BxTxDxK,...")
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--chunks", default="16,32,64", help="chunk sizes of the 'chunked' linear_scan method")
@@ -319,7 +323,8 @@ def main():
   p.add_argument("--out", default=None, help="default results/scan_bench.json (--selective: _selective)")
   args = p.parse_args()
   if args.reuse_heap and any(os.environ.get(k) != v for k, v in _HEAP_ENV.items()):
-    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **_HEAP_ENV})  # glibc reads these at start
+    # glibc reads these at start
+    os.execve(sys.executable, rerun_argv("benchmarks.scan_bench"), {**os.environ, **_HEAP_ENV})
   if args.out is None:
     args.out = {True: "results/scan_bench_selective.json"}.get(args.selective) or (
         "results/scan_bench_learned.json" if args.learned else "results/scan_bench.json"
@@ -389,7 +394,7 @@ def main():
         f"{r['fwd_speedup_vs_textbook']:>8.2f}{r['fwd_bwd_ms']:>9.2f}{r['fwd_bwd_vs_copy']:>7.2f}"
         f"{r['fwd_bwd_speedup_vs_textbook']:>8.2f} {mark}"
     )
-  auto = traces._auto_method(1 << 20, not args.per_channel)
+  auto = traces.auto_method(1 << 20, not args.per_channel)
   print(
       f"(* best forward, best forward+backward; auto chose {auto}"
       f"{'/' + str(traces.DEFAULT_FUSED_CHUNK) if auto == 'fused' else ''} on {jax.default_backend()}; "

@@ -1,6 +1,6 @@
 """Sequence-sharded versus unsharded EMA traces on forced CPU devices, and the bytes that cross devices.
 
-  python benchmarks/shard_bench.py [--devices 8] [--lengths 65536,262144] [--out results/shard_bench.json]
+  python -m benchmarks.shard_bench [--devices 8] [--lengths 65536,262144] [--out results/shard_bench.json]
 
 For each T it times, in one process, jitted traces of x [B, T, D] over K timescales: unsharded (one device)
 and sequence-parallel over a `seq` mesh axis of --devices shards (each shard scans locally, the shards
@@ -15,11 +15,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 if __name__ == "__main__":
-  _p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  _p = argparse.ArgumentParser(
+      prog="python -m benchmarks.shard_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   _p.add_argument("--devices", type=int, default=8)
   _p.add_argument("--lengths", default="65536,262144")
   _p.add_argument("--batch", type=int, default=1)
@@ -34,8 +35,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from ema_jax import seq_parallel, sharding, traces  # noqa: E402
+from benchmarks import command_line  # noqa: E402
+from ema_jax import sharding, traces  # noqa: E402
+from ema_jax.traces import seq_parallel  # noqa: E402
 
 ALPHAS = (0.5, 0.1, 0.02)
 
@@ -94,7 +96,7 @@ def main():
       batch=b,
       width=d,
       timescales=k,
-      command=" ".join(sys.argv),
+      command=command_line("benchmarks.shard_bench"),
       load_avg=os.getloadavg(),
   )
   if ARGS.out:

@@ -1,7 +1,7 @@
 """Where the time of a trace method goes: XLA's own per-kernel timings, grouped by the source lines they
-come from, for the forward and the training-like step that scan_bench.py times.
+come from, for the forward and the training-like step that benchmarks.scan_bench times.
 
-  python benchmarks/trace_profile.py [--shape 8x2048x256x3] [--methods blocked/8,fused/16,sequential]
+  python -m benchmarks.trace_profile [--shape 8x2048x256x3] [--methods blocked/8,fused/16,sequential]
                                      [--per-channel] [--learned] [--repeats 5] [--reuse-heap]
                                      [--out results/trace_profile.json]
 
@@ -11,7 +11,7 @@ profile: their wall time per call, summed per XLA fusion, with the fusion's outp
 source lines its instructions were traced from (so "the output pass", "the chunk-level loop" and "the
 backward's dx pass" can be told apart). Kernels that run in parallel on several threads count once per
 thread, so the column sums can exceed the call's wall time; the wall time per call is printed beside them.
---reuse-heap re-runs it with glibc told to keep freed memory (as scan_bench.py), so page faults stay out.
+--reuse-heap re-runs it with glibc told to keep freed memory (as benchmarks.scan_bench), so page faults stay out.
 """
 
 from __future__ import annotations
@@ -30,11 +30,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from scan_bench import _HEAP_ENV, copy_op, rates, uptime  # noqa: E402
-
-from ema_jax import traces  # noqa: E402
+from benchmarks import command_line, rerun_argv
+from benchmarks.scan_bench import _HEAP_ENV, copy_op, rates, uptime
+from ema_jax import traces
 
 
 def method_fn(name, k):
@@ -109,7 +107,11 @@ def profile(fn, args, repeats, trace_dir):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+      prog="python -m benchmarks.trace_profile",
+      description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("--shape", default="8x2048x256x3", help="BxTxDxK")
   p.add_argument("--methods", default="blocked/8,fused/16,sequential,copy")
   p.add_argument("--per-channel", action="store_true", help="[K, D] write rates")
@@ -120,7 +122,7 @@ def main():
   p.add_argument("--out", default=None, help="write the table as JSON here")
   args = p.parse_args()
   if args.reuse_heap and any(os.environ.get(k) != v for k, v in _HEAP_ENV.items()):
-    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **_HEAP_ENV})
+    os.execve(sys.executable, rerun_argv("benchmarks.trace_profile"), {**os.environ, **_HEAP_ENV})
   bsz, t_len, d, k = (int(v) for v in args.shape.split("x"))
   x = jax.random.normal(jax.random.key(0), (bsz, t_len, d), jnp.float32)
   alphas = rates(k, d, args.per_channel)
@@ -128,7 +130,7 @@ def main():
   report = dict(
       meta=dict(
           date=time.strftime("%Y-%m-%d %H:%M:%S"),
-          command=" ".join(sys.argv),
+          command=command_line("benchmarks.trace_profile"),
           uptime_before=uptime(),
           backend=jax.default_backend(),
           jax=jax.__version__,

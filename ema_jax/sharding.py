@@ -2,7 +2,7 @@
 
 Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters, optimizer state and weight
 EMA sharded over it), `seq` (the time axis of activations; the trace layers scan locally and exchange
-only per-shard state, see ema_jax/seq_parallel.py). The batch is split over (data, fsdp), time over seq.
+only per-shard state, see ema_jax/traces/seq_parallel.py). The batch is split over (data, fsdp), time over seq.
 
 Parameters are sharded by the rule in `param_spec`, in this one place, for every model.
 """

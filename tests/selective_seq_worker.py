@@ -13,7 +13,8 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ema_jax import seq_parallel, sharding, traces  # noqa: E402
+from ema_jax import sharding, traces  # noqa: E402
+from ema_jax.traces import seq_parallel  # noqa: E402
 
 rng = np.random.default_rng(0)
 x = jnp.asarray(rng.normal(size=(4, 32, 6)), jnp.float32)

@@ -1,8 +1,7 @@
-"""benchmarks/accelerator_suite.py: --smoke runs every part end to end on CPU (in a subprocess, so the suite
-never rots), the JSON holds every part with numbers measured in that run; the peak table's matching and
-the per-backend 'auto' tables."""
+"""benchmarks.accelerator_suite: --smoke runs every part end to end on CPU (in a subprocess, so the suite
+never rots; slow set: `pytest -m slow`), the JSON holds every part with numbers measured in that run; the
+peak table's matching, the per-backend 'auto' tables and how parts run in pieces (default set)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -12,17 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from ema_jax import scan, traces
+from benchmarks import accelerator_suite as suite
+from ema_jax import traces
+from ema_jax.traces import scan
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-
-
-def load_suite():
-  spec = importlib.util.spec_from_file_location("accelerator_suite", ROOT / "benchmarks" / "accelerator_suite.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +24,8 @@ def smoke(tmp_path_factory):
   out = tmp_path_factory.mktemp("acc")
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   proc = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "accelerator_suite.py"), "--smoke", "--out", str(out)],
+      [sys.executable, "-m", "benchmarks.accelerator_suite", "--smoke", "--out", str(out)]
+      + ["--train-workdirs", str(out / "train")],
       cwd=ROOT,
       env=env,
       capture_output=True,
@@ -41,6 +36,7 @@ def smoke(tmp_path_factory):
   return out, json.loads((out / "suite.json").read_text()), proc.stdout
 
 
+@pytest.mark.slow
 def test_smoke_writes_every_part(smoke):
   out, report, stdout = smoke
   meta = report["meta"]
@@ -54,6 +50,7 @@ def test_smoke_writes_every_part(smoke):
   assert "auto picks" in stdout
 
 
+@pytest.mark.slow
 def test_smoke_decode(smoke):
   _, report, _ = smoke
   rows = report["decode"]["rows"]
@@ -63,6 +60,7 @@ def test_smoke_decode(smoke):
   assert len(ema) == 1 and gpt[0][1] < gpt[-1][1]  # constant state against a growing cache
 
 
+@pytest.mark.slow
 def test_smoke_devices_and_traces(smoke):
   _, report, _ = smoke
   dev = report["devices"]
@@ -85,6 +83,7 @@ def test_smoke_devices_and_traces(smoke):
   assert picks["shared"].startswith("blocked/") and picks["per_channel"].startswith("blocked/")
 
 
+@pytest.mark.slow
 def test_smoke_lm_step(smoke):
   _, report, _ = smoke
   lm = report["lm_step"]
@@ -96,6 +95,7 @@ def test_smoke_lm_step(smoke):
   assert "measured" in lm["peak_note"]
 
 
+@pytest.mark.slow
 def test_smoke_train(smoke):
   _, report, _ = smoke
   tr = report["train"]
@@ -110,6 +110,7 @@ def test_smoke_train(smoke):
       assert math.isfinite(ppl) and 1 < ppl < 257  # byte tokenizer: below the uniform guess
 
 
+@pytest.mark.slow
 def test_smoke_sweep(smoke):
   _, report, _ = smoke
   s = report["sweep"]
@@ -135,12 +136,11 @@ def test_smoke_sweep(smoke):
     ],
 )
 def test_peak_table_matches_device_kinds(kind, name):
-  p = load_suite().lookup_peaks(kind)
+  p = suite.lookup_peaks(kind)
   assert p["name"] == name and p["hbm_bytes_per_s"] > 1e11 and p["bf16_dense_flops"] > 1e13 and p["source"]
 
 
 def test_unknown_device_has_no_peak_and_bad_parts_fail():
-  suite = load_suite()
   assert suite.lookup_peaks("cpu") is None and suite.lookup_peaks("Some New Chip") is None
   with pytest.raises(ValueError, match="--parts"):
     suite.main(["--parts", "devices,nope"])
@@ -151,9 +151,9 @@ def test_auto_tables_keep_cpu_choice_and_name_every_backend():
   assert scan.auto_method(2048, "gpu") is scan.ScanMethod.CHUNKED
   assert scan.auto_method(2048, "metal") is scan.DEFAULT_AUTO[0]
   assert scan.auto_method(2, "gpu") is scan.ScanMethod.SEQUENTIAL
-  assert traces._auto_method(2048, True, "cpu") is scan.ScanMethod.BLOCKED
-  assert traces._auto_method(2048, False, "cpu") is scan.ScanMethod.BLOCKED
-  assert traces._auto_method(2048, True, "tpu") is scan.ScanMethod.CHUNKED
+  assert traces.auto_method(2048, True, "cpu") is scan.ScanMethod.BLOCKED
+  assert traces.auto_method(2048, False, "cpu") is scan.ScanMethod.BLOCKED
+  assert traces.auto_method(2048, True, "tpu") is scan.ScanMethod.CHUNKED
   for table in (scan.AUTO_METHODS, traces.AUTO_CONSTANT_RATES):
     assert {"cpu", "gpu", "tpu"} <= set(table)
     for _, note in table.values():
@@ -167,7 +167,6 @@ def test_full_size_configs_build_without_compiling():
     pytest.skip(f"no shared data at {DATA}")
   from ema_jax import trainer
 
-  suite = load_suite()
   args = suite.argparse.Namespace(smoke=False, lm_tokens=16384)
   for kind, params in (("ema_lm", 130_000_000), ("gpt", 124_000_000)):
     c = suite.wiki_config(kind, args, str(DATA))
@@ -181,10 +180,33 @@ def test_full_size_configs_build_without_compiling():
     assert 0 < f_sparse < f_ema and f_gpt > 6 * 124e6
 
 
+def test_keep_earlier_parts_of_the_same_device_kind_only(tmp_path):
+  """Parts a run skipped (--parts) are kept from an earlier suite.json of the same device kind, each with
+  its own run record; a different device kind's parts are never mixed in (no benchmark runs here)."""
+  earlier = dict(
+      meta=dict(device_kind="chip", smoke=True),
+      sweep=dict(runs=2, steps=4, speedup=1.5, run=dict(date="2026-01-01")),
+      devices=dict(device_kind="chip", run=dict(date="2026-01-01")),
+  )
+  path = tmp_path / "suite.json"
+  path.write_text(json.dumps(earlier))
+  report = dict(meta=dict(device_kind="chip", smoke=True), devices=dict(run=dict(date="2026-02-02")))
+  suite.keep_earlier_parts(report, str(path))
+  assert report["sweep"]["speedup"] == 1.5 and report["devices"]["run"]["date"] == "2026-02-02"
+  assert report["meta"]["parts_kept_from_earlier_runs"] == {"sweep": "2026-01-01"}
+  for meta in (dict(device_kind="another chip", smoke=True), dict(device_kind="chip", smoke=False)):
+    report = dict(meta=meta)
+    suite.keep_earlier_parts(report, str(path))
+    assert "sweep" not in report and report["meta"]["parts_kept_from_earlier_runs"] == {}
+  report = dict(meta=dict(device_kind="chip", smoke=True))
+  suite.keep_earlier_parts(report, str(tmp_path / "none.json"))  # no earlier suite: nothing kept
+  assert set(report) == {"meta"}
+
+
+@pytest.mark.slow
 def test_parts_run_in_pieces_keep_earlier_parts(tmp_path):
   """--parts into an --out that holds an earlier suite.json of the same device kind keeps its other parts,
   each with its own run record; a different device kind's parts are never mixed in."""
-  suite = load_suite()
   kind = suite.jax.devices()[0].device_kind
   earlier = dict(
       meta=dict(device_kind=kind, smoke=True),
@@ -200,3 +222,14 @@ def test_parts_run_in_pieces_keep_earlier_parts(tmp_path):
   (tmp_path / "suite.json").write_text(json.dumps(earlier))
   report = suite.main(["--smoke", "--parts", "devices", "--out", str(tmp_path)])
   assert "sweep" not in report and report["meta"]["parts_kept_from_earlier_runs"] == {}
+
+
+def test_smoke_without_out_writes_to_a_new_temporary_folder(monkeypatch, tmp_path, capsys):
+  """--smoke without --out never writes into results/ (a committed suite): a fresh temporary folder, printed.
+  No part runs (--parts ''), so this is quick."""
+  monkeypatch.setattr(suite.tempfile, "tempdir", str(tmp_path))
+  report = suite.main(["--smoke", "--parts", ""])
+  written = list(tmp_path.glob("accelerator_suite_smoke_*/suite.json"))
+  assert len(written) == 1 and json.loads(written[0].read_text())["meta"]["date"] == report["meta"]["date"]
+  assert f"writing to {written[0].parent}" in capsys.readouterr().out
+  assert report["meta"]["command"] == "python -m benchmarks.accelerator_suite --smoke --parts ''"

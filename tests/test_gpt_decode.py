@@ -136,6 +136,7 @@ def test_gpt_cache_size_grows_with_context_ema_does_not():
   assert nbytes(lm.prefill(jnp.zeros((1, 5), jnp.int32))[0]) == nbytes(lm.prefill(jnp.zeros((1, 9), jnp.int32))[0])
 
 
+@pytest.mark.slow  # runs a benchmark in a subprocess
 def test_decode_bench_quick(tmp_path):
   import json
   import os
@@ -145,7 +146,10 @@ def test_decode_bench_quick(tmp_path):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = str(tmp_path / "decode_bench.json")
   done = subprocess.run(
-      [sys.executable, "benchmarks/decode_bench.py", "--quick", "--out", out], cwd=repo, capture_output=True, text=True
+      [sys.executable, "-m", "benchmarks.decode_bench", "--quick", "--out", out],
+      cwd=repo,
+      capture_output=True,
+      text=True,
   )
   assert done.returncode == 0, done.stderr
   result = json.load(open(out))

@@ -78,7 +78,8 @@ def test_indivisible_mesh_fails_before_compilation(code, match):
 
 def test_sequence_not_divisible_by_seq_axis():
   script = (
-      "import jax, jax.numpy as jnp, ml_collections; from ema_jax import seq_parallel, sharding; "
+      "import jax, jax.numpy as jnp, ml_collections; from ema_jax import sharding; "
+      "from ema_jax.traces import seq_parallel; "
       "m = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, seq=4))); "
       "seq_parallel.seq_parallel_traces(jnp.zeros((2, 30, 8)), (0.5, 0.1), mesh=m)"
   )

@@ -1,4 +1,5 @@
-"""linear_scan against a float64 NumPy loop, step-by-step decoding, gradients and bad arguments."""
+"""linear_scan (ema_jax/traces/scan.py, kernels.py) against a float64 NumPy loop, step-by-step decoding,
+gradients and bad arguments."""
 
 import jax
 import jax.numpy as jnp
@@ -6,10 +7,9 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from ema_jax import scan
-from ema_jax.scan import linear_scan
+from ema_jax.traces import kernels, linear_scan, scan
 
-METHODS = ["associative", "sequential", "chunked", "blocked", "auto"]
+METHODS = ["associative", "sequential", "chunked", "unrolled", "auto"]
 
 
 def reference_scan(a, b, h0=None, reverse=False, resets=None):
@@ -83,7 +83,7 @@ def test_matches_float64_loop(method, case):
   assert rel_err(h_last, last_ref) < 1e-5
 
 
-@pytest.mark.parametrize("method", ["chunked", "blocked"])
+@pytest.mark.parametrize("method", ["chunked", "unrolled"])
 @pytest.mark.parametrize("chunk", [1, 3, 8, 32, 200])
 def test_chunk_sizes_any_length(chunk, method):
   rng = np.random.default_rng(chunk)
@@ -97,14 +97,14 @@ def test_chunk_sizes_any_length(chunk, method):
       assert rel_err(h, ref) < 1e-5 and rel_err(h_last, ref_last) < 1e-5
 
 
-def test_blocked_recursion_long_sequence():
+def test_unrolled_recursion_long_sequence():
   """T = 3000 with chunks of 4: four levels of chunk summaries, a partial chunk at every level."""
   rng = np.random.default_rng(11)
   for kind in ("const", "varying"):
     a, b = make_case(rng, 1, 3000, (2,), kind)
     resets = rng.uniform(size=(1, 3000)) < 0.002
     for reverse in (False, True):
-      h, h_last = linear_scan(a, b, resets=resets, reverse=reverse, method="blocked", chunk_size=4)
+      h, h_last = linear_scan(a, b, resets=resets, reverse=reverse, method="unrolled", chunk_size=4)
       ref, ref_last = reference_scan(a, b, reverse=reverse, resets=resets)
       assert rel_err(h, ref) < 1e-5 and rel_err(h_last, ref_last) < 1e-5
 
@@ -165,7 +165,7 @@ def test_state_carries_across_calls():
 # ---------------------------------------------------------------------------------------------- gradients
 
 
-@pytest.mark.parametrize("method", ["associative", "sequential", "chunked", "blocked"])
+@pytest.mark.parametrize("method", ["associative", "sequential", "chunked", "unrolled"])
 def test_check_grads(method):
   with jax.enable_x64(True):
     rng = np.random.default_rng(6)
@@ -187,7 +187,7 @@ def _loss_weights(rng, shape, state_shape):
   return rng.normal(size=shape).astype(np.float32), rng.normal(size=state_shape).astype(np.float32)
 
 
-@pytest.mark.parametrize("method", ["associative", "sequential", "chunked", "blocked"])
+@pytest.mark.parametrize("method", ["associative", "sequential", "chunked", "unrolled"])
 @pytest.mark.parametrize("kind,reverse", [("const", False), ("const", True), ("varying", False), ("varying", True)])
 def test_custom_vjp_matches_autodiff(method, kind, reverse):
   """Custom VJP == autodiff through the textbook associative scan == autodiff through a float64 loop."""
@@ -248,9 +248,7 @@ def test_vjp_under_jit_bfloat16():
 def test_methods_as_enum_or_string():
   rng = np.random.default_rng(9)
   a, b = make_case(rng, 2, 13, (3,), "full")
-  for m in scan.ScanMethod:
-    if m is scan.ScanMethod.FUSED:
-      continue
+  for m in kernels.scan_methods():
     h_enum, _ = linear_scan(a, b, method=m, chunk_size=4)
     h_str, _ = linear_scan(a, b, method=m.value, chunk_size=4)
     np.testing.assert_array_equal(np.asarray(h_enum), np.asarray(h_str))
@@ -264,7 +262,7 @@ def test_entering_states(method, reverse):
   a = rng.uniform(-1, 1, (2, 7, 3)).astype(np.float32)
   b = rng.normal(size=(2, 7, 3)).astype(np.float32)
   h0 = rng.normal(size=(2, 3)).astype(np.float32)
-  entering, final = scan.entering_states(
+  entering, final = kernels.entering_states(
       jnp.asarray(a), jnp.asarray(b), jnp.asarray(h0), reverse=reverse, method=method
   )
   h, _ = linear_scan(a, b, h0, reverse=reverse, method="sequential")
@@ -311,7 +309,8 @@ def test_bad_shapes_and_dtypes():
 
 def test_bad_method_lists_accepted_values():
   b = np.zeros((2, 5, 3), np.float32)
-  with pytest.raises(ValueError, match="`method`='fast'; accepted: auto, associative, sequential, chunked, blocked."):
+  with pytest.raises(ValueError, match="`method`='fast'; accepted: auto, associative, sequential, chunked, unrolled."):
     linear_scan(np.float32(0.5), b, method="fast")
-  with pytest.raises(ValueError, match="accepted: auto, associative, sequential, chunked, blocked"):
-    linear_scan(np.float32(0.5), b, method=scan.ScanMethod.FUSED)  # ema_traces' method only
+  for closed_form in (kernels.ScanMethod.FUSED, "blocked"):  # ema_traces' closed forms for constant rates
+    with pytest.raises(ValueError, match="accepted: auto, associative, sequential, chunked, unrolled"):
+      linear_scan(np.float32(0.5), b, method=closed_form)

@@ -1,20 +1,25 @@
-"""The benchmarks run end to end at tiny shapes (scan_bench: selective and default modes; lm_bench: MFU)."""
+"""The benchmarks run end to end at tiny shapes (scan_bench: selective and default modes; lm_bench: MFU).
+
+Each runs a benchmark in a subprocess (minutes on a loaded machine): the slow set, `pytest -m slow`."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
+pytestmark = pytest.mark.slow
 
 
 def test_selective_rows(tmp_path):
   out = tmp_path / "sel.json"
-  cmd = [sys.executable, "benchmarks/scan_bench.py", "--selective", "--shapes", "2x32x8x3", "--repeats", "1"]
+  cmd = [sys.executable, "-m", "benchmarks.scan_bench", "--selective", "--shapes", "2x32x8x3", "--repeats", "1"]
   subprocess.run(cmd + ["--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=600)
   data = json.load(open(out))
   methods = {r["method"] for r in data["rows"]}
-  assert {"selective/sequential", "selective/blocked", "selective/auto", "fixed/auto", "copy"} <= methods
+  assert {"selective/sequential", "selective/unrolled", "selective/auto", "fixed/auto", "copy"} <= methods
   fixed = next(r for r in data["rows"] if r["method"] == "fixed/auto")
   assert fixed["fwd_vs_fixed"] == 1.0 and fixed["train_vs_fixed"] == 1.0
   for r in data["rows"]:
@@ -24,7 +29,7 @@ def test_selective_rows(tmp_path):
 
 def test_default_rows_time_a_training_loss(tmp_path):
   out = tmp_path / "fixed.json"
-  cmd = [sys.executable, "benchmarks/scan_bench.py", "--shapes", "2x32x8x3", "--repeats", "1", "--chunks", "16"]
+  cmd = [sys.executable, "-m", "benchmarks.scan_bench", "--shapes", "2x32x8x3", "--repeats", "1", "--chunks", "16"]
   subprocess.run(
       cmd + ["--fused-chunks", "8", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=600
   )
@@ -37,7 +42,7 @@ def test_default_rows_time_a_training_loss(tmp_path):
 
 def test_lm_bench_reports_mfu(tmp_path):
   out = tmp_path / "lm.json"
-  cmd = [sys.executable, "benchmarks/lm_bench.py", "--lengths", "32", "--tokens", "64", "--width", "16"]
+  cmd = [sys.executable, "-m", "benchmarks.lm_bench", "--lengths", "32", "--tokens", "64", "--width", "16"]
   cmd += ["--profile", "32"]
   subprocess.run(cmd + ["--repeats", "1", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=600)
   data = json.load(open(out))
@@ -51,7 +56,7 @@ def test_lm_bench_reports_mfu(tmp_path):
 
 def test_trace_profile_names_kernels_and_their_source(tmp_path):
   out = tmp_path / "prof.json"
-  cmd = [sys.executable, "benchmarks/trace_profile.py", "--shape", "2x64x8x3", "--methods", "blocked/8,copy"]
+  cmd = [sys.executable, "-m", "benchmarks.trace_profile", "--shape", "2x64x8x3", "--methods", "blocked/8,copy"]
   subprocess.run(cmd + ["--repeats", "1", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=600)
   data = json.load(open(out))
   kinds = {(r["method"], r["kind"]) for r in data["rows"]}
@@ -59,12 +64,12 @@ def test_trace_profile_names_kernels_and_their_source(tmp_path):
   blocked = [r for r in data["rows"] if r["method"] == "blocked/8"]
   assert all(r["ms"] >= 0 and r["wall_ms"] > 0 for r in blocked)
   # At least one kernel is traced back to the blocked path's own source lines.
-  assert any("traces_blocked.py" in line for r in blocked for line in r["lines"])
+  assert any("closed_form.py" in line for r in blocked for line in r["lines"])
 
 
 def test_learned_rows_compare_with_the_fixed_path(tmp_path):
   out = tmp_path / "learned.json"
-  cmd = [sys.executable, "benchmarks/scan_bench.py", "--learned", "--shapes", "2x32x8x3", "--repeats", "1"]
+  cmd = [sys.executable, "-m", "benchmarks.scan_bench", "--learned", "--shapes", "2x32x8x3", "--repeats", "1"]
   subprocess.run(cmd + ["--blocks", "8", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=600)
   data = json.load(open(out))
   methods = {r["method"] for r in data["rows"]}

@@ -35,7 +35,7 @@ def inputs(seed, shape=(2, 13, 3), k=3, shared=False):
   return x, r, h0, resets
 
 
-@pytest.mark.parametrize("method", ["auto", "associative", "sequential", "chunked"])
+@pytest.mark.parametrize("method", ["auto", "associative", "sequential", "chunked", "unrolled"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_matches_float64_loop(method, shared):
   x, r, h0, resets = inputs(0, shared=shared)
@@ -59,7 +59,7 @@ def test_fixed_rates_equal_ema_traces():
   np.testing.assert_allclose(got_last, want_last, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["associative", "sequential", "chunked"])
+@pytest.mark.parametrize("method", ["associative", "sequential", "chunked", "unrolled"])
 def test_check_grads_x_rates_h0(method):
   with jax.enable_x64(True):
     rng = np.random.default_rng(2)

@@ -10,7 +10,7 @@ from ema_jax import traces
 from ema_jax.nn import EMATraces
 from ema_jax.traces import ema_traces
 
-METHODS = ["associative", "sequential", "chunked", "blocked", "auto"]
+METHODS = ["associative", "sequential", "chunked", "unrolled", "blocked", "fused", "auto"]
 
 
 def reference_traces(x, alphas, h0=None, resets=None, bias_correction=False):

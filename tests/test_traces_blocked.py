@@ -1,4 +1,4 @@
-"""The blocked trace path (traces_blocked.py) against a float64 NumPy loop; gradients against the
+"""The closed form 'blocked' (ema_jax/traces/closed_form.py) against a float64 NumPy loop; gradients against the
 sequential scan and finite differences. Rates shared over D and per channel."""
 
 import jax
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from ema_jax import traces, traces_blocked
+from ema_jax import traces
+from ema_jax.traces import closed_form
 from ema_jax.traces import ema_traces
 
 ALPHAS = (0.5, 0.1, 0.02)
@@ -167,7 +168,7 @@ def test_check_grads(rates):
     f = lambda x, h0: ema_traces(x, alphas, h0, resets=r, bias_correction=True, method="blocked", chunk_size=4)
     check_grads(f, (x, h0), order=1, modes=("rev",))
     # The write rates too, on the core function (ema_traces validates rates in float32).
-    g = lambda x, alpha, h0: traces_blocked.blocked_traces(x, alpha, h0, jnp.asarray(r), 4, True)
+    g = lambda x, alpha, h0: closed_form.blocked_traces(x, alpha, h0, jnp.asarray(r), 4, True)
     check_grads(g, (x, alphas, h0), order=1, modes=("rev",), eps=1e-6)
 
 
@@ -180,7 +181,7 @@ def test_constant_rates_skip_their_gradient():
   alpha = jnp.asarray(np.array(ALPHAS, np.float32)[:, None])
   outs = []
   for rate_grad in (True, False):
-    loss = lambda x, h0: jnp.sum(jnp.square(traces_blocked.blocked_traces(x, alpha, h0, r, 8, rate_grad)))
+    loss = lambda x, h0: jnp.sum(jnp.square(closed_form.blocked_traces(x, alpha, h0, r, 8, rate_grad)))
     outs.append(jax.grad(loss, (0, 1))(x, h0))
   for a, b in zip(*outs):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
@@ -189,8 +190,8 @@ def test_constant_rates_skip_their_gradient():
 def test_auto_picks_blocked_on_cpu():
   if jax.default_backend() != "cpu":
     pytest.skip("the CPU entry of the auto tables")
-  assert traces._auto_method(45, True) == "blocked"
-  assert traces._auto_method(45, False) == "blocked"
+  assert traces.auto_method(45, True) == "blocked"
+  assert traces.auto_method(45, False) == "blocked"
 
 
 def test_bad_arguments():

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ema_jax import scan, seq_parallel, traces
+from ema_jax import traces
+from ema_jax.traces import seq_parallel
 
 
 class SelectiveTraces(nnx.Module):
@@ -35,7 +36,7 @@ class SelectiveTraces(nnx.Module):
   ):
     if not isinstance(features, int) or features < 1:
       raise ValueError(f"SelectiveTraces: `features`={features!r}; expected a positive integer.")
-    scan.parse_method(method, traces.SELECTIVE_METHODS, "SelectiveTraces")
+    traces.parse_method(method, traces.scan_methods(), "SelectiveTraces")
     init = np.asarray(traces.check_alphas(alphas), np.float64)
     if (init >= 1).any():
       raise ValueError(f"SelectiveTraces: write rates must start inside (0, 1); got alphas={init.tolist()}.")

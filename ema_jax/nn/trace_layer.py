@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ema_jax import scan, seq_parallel, traces
+from ema_jax import traces
+from ema_jax.traces import seq_parallel
 
 LEARN_MODES = ("none", "per_timescale", "per_channel")
 
@@ -35,7 +36,7 @@ class EMATraces(nnx.Module):
       raise ValueError(f"EMATraces: `learn`={learn!r}; accepted: {', '.join(LEARN_MODES)}.")
     if not isinstance(features, int) or features < 1:
       raise ValueError(f"EMATraces: `features`={features!r}; expected a positive integer.")
-    scan.parse_method(method, traces.METHODS, "EMATraces")
+    traces.parse_method(method, traces.ema_methods(), "EMATraces")
     init = np.asarray(traces.check_alphas(alphas), np.float64)
     if learn != "none" and (init >= 1).any():
       raise ValueError(f"EMATraces: learned write rates must start inside (0, 1); got alphas={init.tolist()}.")

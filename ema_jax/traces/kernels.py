@@ -1,6 +1,11 @@
-"""The kernels behind scan.linear_scan: the method enum, the associative combine, and the associative,
-sequential, chunked and blocked evaluations of h_t = a_t * h_{t-1} + b_t along axis 1 (forward in scan order,
-accumulating in float32; float64 under x64). Validation, dispatch and the custom VJP are in scan.py.
+"""The methods of the trace core: one enum naming every method, the linear-scan kernels and their table.
+
+Each kernel evaluates h_t = a_t * h_{t-1} + b_t along axis 1 (see the section comment below for the
+signature); scan.py validates, dispatches through KERNELS and adds the custom VJP. Adding a linear-scan
+method is three edits here: a ScanMethod member, its kernel, and its KERNELS entry. linear_scan,
+selective_traces and ema_traces accept it from then on, and the custom VJP (the same recurrence run in
+reverse over the cotangents) differentiates it. The closed forms of ema_traces for constant rates
+('blocked', 'fused') are named here too; their table is ema.CLOSED_FORMS.
 
 This module imports nothing from the project.
 """
@@ -9,23 +14,40 @@ from __future__ import annotations
 
 import enum
 import string
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 
 class ScanMethod(str, enum.Enum):
-  """How a recurrence is evaluated. A str enum, so ScanMethod.AUTO == "auto"."""
+  """How a recurrence is evaluated; one name per method. A str enum, so ScanMethod.AUTO == "auto"."""
 
-  AUTO = "auto"
+  AUTO = "auto"  # picked per backend: scan.auto_method (any decays), ema.auto_method (constant rates)
   ASSOCIATIVE = "associative"
   SEQUENTIAL = "sequential"
   CHUNKED = "chunked"
-  BLOCKED = "blocked"
-  FUSED = "fused"  # ema_traces only (one batched matmul per chunk, see traces.py); linear_scan refuses it
+  UNROLLED = "unrolled"
+  BLOCKED = "blocked"  # ema_traces only: constant rates in closed form inside chunks (closed_form.py)
+  FUSED = "fused"  # ema_traces only: the same closed form as one batched matmul (fused.py)
 
   def __str__(self):
     return self.value
+
+
+DEFAULT_CHUNK = 32  # 'chunked'
+# 'unrolled' and the closed form 'blocked' (benchmarks.scan_bench --reuse-heap, 2-core CPU, 2026-11-29: 8
+# was the fastest training step of 4, 8 and 16 for constant rates at (8, 2048, 256, 3) and (1, 65536, 256, 3),
+# and the chunk the selective-trace timings of 'unrolled' used).
+DEFAULT_BLOCK = 8
+
+
+class Kernel(NamedTuple):
+  """A linear-scan method: kernel(a, b, h0, breaks, reverse, chunk_size) -> (h, h_last), and the chunk
+  length it takes when none is given (None for a kernel that takes none)."""
+
+  fn: Callable
+  default_chunk: Optional[int] = None
 
 
 def parse_method(method, accepted, where: str) -> ScanMethod:
@@ -39,18 +61,23 @@ def parse_method(method, accepted, where: str) -> ScanMethod:
   return parsed
 
 
-def _acc_dtype(dtype):
+def scan_methods() -> tuple:
+  """The methods of linear_scan and selective_traces: 'auto' and every KERNELS entry."""
+  return (ScanMethod.AUTO, *KERNELS)
+
+
+def acc_dtype(dtype):
   """Accumulation dtype: float32 for float32/bfloat16/float16 inputs, float64 for float64."""
   return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
-def _breaks_mask(breaks, ndim, dtype=jnp.float32):
+def breaks_mask(breaks, ndim, dtype=jnp.float32):
   """[B, T] bool -> broadcastable [B, T, 1, ...] keep-mask (0 where coupling is cut)."""
   keep = jnp.logical_not(breaks).astype(dtype)
   return keep.reshape(keep.shape + (1,) * (ndim - 2))
 
 
-def _shift_in_scan_order(x, reverse, fill):
+def shift_in_scan_order(x, reverse, fill):
   """Returns y with y[t] = x[t + 1] (forward) or x[t - 1] (reverse) along axis 1; `fill` at the edge."""
   pad = [(0, 0)] * x.ndim
   if reverse:
@@ -102,18 +129,22 @@ def entering_states(a, b, h0, *, reverse: bool = False, method=ScanMethod.ASSOCI
 
 
 # ----------------------------------------------------------------------------------------------
-# the three methods (forward in scan order; all work in float32)
+# the kernels: kernel(a, b, h0, breaks, reverse, chunk_size) -> (h, h_last)
 #
-# `breaks` [B, T] bool or None: True at t means h_{t-1} (in scan order) does not flow into h_t.
+# Forward in scan order (from the right for reverse), in the accumulation dtype they are given (float32;
+# float64 under x64). `a` and `b` broadcast against each other; h0 [B, ...] or None (zeros); `breaks`
+# [B, T] bool or None: True at t means h_{t-1} (in scan order) does not flow into h_t. chunk_size: the
+# chunk length of the kernels that cut time into chunks (ignored by the others).
 
 
-def _sequential(a, b, h0, breaks, reverse):
+def sequential(a, b, h0, breaks, reverse, chunk_size=None):
+  """jax.lax.scan, one step per token: the reference and the decode path."""
   out_shape = jnp.broadcast_shapes(a.shape, b.shape)
   state_shape = (out_shape[0],) + out_shape[2:]
   if h0 is None:
     h0 = jnp.zeros(state_shape, b.dtype)
   const_a = a.shape[1] == 1
-  xs_b = jnp.moveaxis(b, 1, 0)
+  xs_b = jnp.moveaxis(jnp.broadcast_to(b, out_shape), 1, 0)
   xs_a = None if const_a else jnp.moveaxis(a, 1, 0)
   xs_k = None if breaks is None else jnp.moveaxis(breaks, 1, 0)
   a0 = a[:, 0] if const_a else None
@@ -130,10 +161,11 @@ def _sequential(a, b, h0, breaks, reverse):
   return jnp.moveaxis(hs, 0, 1), h_last
 
 
-def _associative(a, b, h0, breaks, reverse):
+def associative(a, b, h0, breaks, reverse, chunk_size=None):
+  """jax.lax.associative_scan: log depth, the form for TPU/GPU."""
   out_shape = jnp.broadcast_shapes(a.shape, b.shape)
   if breaks is not None:
-    a = a * _breaks_mask(breaks, a.ndim, a.dtype)
+    a = a * breaks_mask(breaks, a.ndim, a.dtype)
   # The scan combines along time only, so `a` needs a full time axis but may keep size-1 channel axes.
   a = jnp.broadcast_to(a, a.shape[:1] + (out_shape[1],) + a.shape[2:])
   b = jnp.broadcast_to(b, out_shape)
@@ -157,11 +189,12 @@ def _signed_log_parts(a):
   return log_abs, is_zero, a < 0
 
 
-def _chunked(a, b, h0, breaks, reverse, chunk_size):
-  """Decay matrix inside chunks (einsum, i.e. a matmul for per-channel decays), associative across."""
+def chunked(a, b, h0, breaks, reverse, chunk_size):
+  """A C x C decay matrix inside chunks (an einsum, i.e. a matmul for per-channel decays); the chunk
+  summaries combined by an associative scan; any T (padded inside)."""
   if reverse:
     flip = lambda x: None if x is None else jnp.flip(x, axis=1)
-    h, h_last = _chunked(flip(a), flip(b), h0, flip(breaks), False, chunk_size)
+    h, h_last = chunked(flip(a), flip(b), h0, flip(breaks), False, chunk_size)
     return jnp.flip(h, axis=1), h_last
 
   out_shape = jnp.broadcast_shapes(a.shape, b.shape)
@@ -273,7 +306,7 @@ def _chunked(a, b, h0, breaks, reverse, chunk_size):
 
 
 # ----------------------------------------------------------------------------------------------
-# blocked: the recurrence written out over the C steps of a chunk, so XLA fuses each pass into one loop
+# unrolled: the recurrence written out over the C steps of a chunk, so XLA fuses each pass into one loop
 #
 # Time is cut into N chunks of C steps. Three passes, each one XLA fusion with no intermediate array:
 #   1. chunk summaries: the state after each chunk from zero, E_n (C steps of a_t * e + b_t written out,
@@ -285,9 +318,10 @@ def _chunked(a, b, h0, breaks, reverse, chunk_size):
 #      average (C + 1) / 2 multiply-adds), so the output is written once, in its final layout.
 # Each pass streams its input once; the chunk level is 1/C of the size. Any a and b that broadcast (a
 # constant decay [1, 1, ...], a per-token decay [B, T, ...], an input shared over channels) stay as small
-# as they are given. benchmarks/scan_bench.py times it against the other methods.
+# as they are given. benchmarks.scan_bench times it against the other methods (selective traces: 'unrolled',
+# 'blocked' in results before 2026-12-06).
 
-BLOCKED_DIRECT = 16  # at most this many steps: written out in one pass, no chunk level
+UNROLLED_DIRECT = 16  # at most this many steps: written out in one pass, no chunk level
 
 
 def _chunks_in_scan_order(x, n, c, fill, reverse):
@@ -304,23 +338,23 @@ def _chunks_in_scan_order(x, n, c, fill, reverse):
   return x.reshape(x.shape[:1] + (n, c) + x.shape[2:])
 
 
-def _blocked(a, b, h0, breaks, reverse, chunk_size):
-  """h_t = a_t h_{t-1} + b_t by the blocked passes above; a and b broadcast, any T, either direction."""
+def unrolled(a, b, h0, breaks, reverse, chunk_size):
+  """h_t = a_t h_{t-1} + b_t by the unrolled passes above; a and b broadcast, any T, either direction."""
   out_shape = jnp.broadcast_shapes(a.shape, b.shape)
   if breaks is not None:
-    a = a * _breaks_mask(breaks, a.ndim, a.dtype)
+    a = a * breaks_mask(breaks, a.ndim, a.dtype)
   if h0 is None:
     h0 = jnp.zeros((out_shape[0],) + tuple(out_shape[2:]), b.dtype)
-  h = _blocked_states(a, b, h0, reverse, max(2, int(chunk_size)))
+  h = _unrolled_states(a, b, h0, reverse, max(2, int(chunk_size)))
   return h, h[:, 0 if reverse else -1]
 
 
-def _blocked_states(a, b, h0, reverse, c):
+def _unrolled_states(a, b, h0, reverse, c):
   out_shape = jnp.broadcast_shapes(a.shape, b.shape)
   bsz, t_len = out_shape[0], out_shape[1]
   full = lambda x: jnp.broadcast_to(x, (bsz,) + tuple(out_shape[2:]))
   const_a = a.shape[1] == 1
-  if t_len <= max(c, BLOCKED_DIRECT):
+  if t_len <= max(c, UNROLLED_DIRECT):
     order = range(t_len - 1, -1, -1) if reverse else range(t_len)
     outs, h = [None] * t_len, h0
     for t in order:
@@ -343,7 +377,7 @@ def _blocked_states(a, b, h0, reverse, c):
     for t in order[1:]:
       decay = decay * a_at(t)
   # 2. the state after each chunk (recursively), shifted by one chunk in scan order: the entering state
-  after = _blocked_states(decay, end, h0, reverse, c)
+  after = _unrolled_states(decay, end, h0, reverse, c)
   if reverse:
     entering = jnp.concatenate([after[:, 1:], h0[:, None]], axis=1)
   else:
@@ -355,3 +389,11 @@ def _blocked_states(a, b, h0, reverse, c):
     outs[t] = jnp.broadcast_to(h, (bsz, n) + tuple(out_shape[2:]))
   hs = jnp.stack(outs, axis=2).reshape((bsz, n * c) + tuple(out_shape[2:]))
   return hs[:, n * c - t_len :] if reverse else hs[:, :t_len]
+
+
+KERNELS = {
+    ScanMethod.ASSOCIATIVE: Kernel(associative),
+    ScanMethod.SEQUENTIAL: Kernel(sequential),
+    ScanMethod.CHUNKED: Kernel(chunked, DEFAULT_CHUNK),
+    ScanMethod.UNROLLED: Kernel(unrolled, DEFAULT_BLOCK),
+}

@@ -3,7 +3,7 @@
 Each shard scans its own tokens from a zero state; the shards exchange only (final state, product of
 decays), K x D numbers per shard and row, never activations; each rebuilds the true state entering it
 and corrects its outputs. `auto_traces` is what the trace layer calls: sequence-parallel under a mesh
-(jax.set_mesh) whose `seq` axis is larger than 1, plain `traces.ema_traces` otherwise.
+(jax.set_mesh) whose `seq` axis is larger than 1, plain `ema_traces` otherwise.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from ema_jax import traces
 from ema_jax.sharding import BATCH_AXES
+from ema_jax.traces import ema
+from ema_jax.traces.selective import selective_traces
 
 
 def _current_seq_size(mesh=None) -> int:
@@ -38,14 +39,14 @@ def seq_parallel_traces(
   bsz, t_len, d = x_BTD.shape
   if t_len % n_seq:
     raise ValueError(f"sequence length {t_len} is not divisible by mesh seq = {n_seq}.")
-  alpha = traces.check_alphas(alphas, d)
+  alpha = ema.check_alphas(alphas, d)
   alpha_kd = alpha[:, None] if alpha.ndim == 1 else alpha
   if resets_BT is None:
     resets_BT = jnp.zeros((bsz, t_len), bool)
 
   def local(x, r, alpha_kd):
     b, length, _ = x.shape
-    h_raw, last_raw = traces.ema_traces(x, alpha_kd, resets=r, method=method)
+    h_raw, last_raw = ema.ema_traces(x, alpha_kd, resets=r, method=method)
     # Carry-in factor for local step t: (1 - alpha)^(t + 1), zero from the shard's first reset on.
     log_a = jnp.log1p(-alpha_kd)  # [K, 1|D]
     steps = jnp.arange(1, length + 1, dtype=jnp.float32)
@@ -71,8 +72,8 @@ def seq_parallel_traces(
     h0 = jnp.stack(entering)[i]
     h = h_raw.astype(jnp.float32) + fac * h0[:, None]
     if bias_correction:
-      counts = traces.token_counts(r, b, length, jnp.stack(counts_in)[i])
-      h = h / traces.debias_factor(alpha_kd, counts)
+      counts = ema.token_counts(r, b, length, jnp.stack(counts_in)[i])
+      h = h / ema.debias_factor(alpha_kd, counts)
     return h.astype(x.dtype), state
 
   spec_bt = P(BATCH_AXES, "seq")
@@ -87,7 +88,7 @@ def seq_parallel_traces(
 
 
 def seq_parallel_selective_traces(x_BTD, rates_BTKD, resets_BT=None, *, method: str = "auto", mesh=None):
-  """traces.selective_traces with time split over the mesh's `seq` axis (jax.shard_map).
+  """selective_traces with time split over the mesh's `seq` axis (jax.shard_map).
 
   As seq_parallel_traces, but the decays 1 - r_t are data: each shard scans its tokens from a zero state
   and keeps the running product of its decays (zeroed from its first reset on); the shards all-gather
@@ -103,7 +104,7 @@ def seq_parallel_selective_traces(x_BTD, rates_BTKD, resets_BT=None, *, method: 
     resets_BT = jnp.zeros((bsz, t_len), bool)
 
   def local(x, rates, r):
-    h_raw, last_raw = traces.selective_traces(x, rates, resets=r, method=method)
+    h_raw, last_raw = selective_traces(x, rates, resets=r, method=method)
     open_ = (jnp.cumsum(r.astype(jnp.int32), axis=1) == 0).astype(jnp.float32)  # [b, L]
     fac = jnp.cumprod(1.0 - rates.astype(jnp.float32), axis=1) * open_[:, :, None, None]  # [b, L, K, 1|D]
     lasts = jax.lax.all_gather(last_raw, "seq")  # [S, b, K, D]
@@ -128,14 +129,14 @@ def seq_parallel_selective_traces(x_BTD, rates_BTKD, resets_BT=None, *, method: 
 
 
 def auto_selective_traces(x_BTD, rates_BTKD, resets_BT=None, *, method: str = "auto"):
-  """traces.selective_traces, or its sequence-parallel form when the current mesh has seq > 1."""
+  """selective_traces, or its sequence-parallel form when the current mesh has seq > 1."""
   if _current_seq_size() > 1:
     return seq_parallel_selective_traces(x_BTD, rates_BTKD, resets_BT, method=method)
-  return traces.selective_traces(x_BTD, rates_BTKD, resets=resets_BT, method=method)
+  return selective_traces(x_BTD, rates_BTKD, resets=resets_BT, method=method)
 
 
 def auto_traces(x_BTD, alphas, resets_BT=None, *, bias_correction: bool = False, method: str = "auto"):
   """ema_traces, or its sequence-parallel form when the current mesh (jax.set_mesh) has seq > 1."""
   if _current_seq_size() > 1:
     return seq_parallel_traces(x_BTD, alphas, resets_BT, bias_correction=bias_correction, method=method)
-  return traces.ema_traces(x_BTD, alphas, resets=resets_BT, bias_correction=bias_correction, method=method)
+  return ema.ema_traces(x_BTD, alphas, resets=resets_BT, bias_correction=bias_correction, method=method)

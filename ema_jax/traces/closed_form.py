@@ -1,18 +1,17 @@
-"""The 'blocked' path of ema_traces: constant write rates (shared [K] or per channel [K, D]), any T.
+"""The closed form 'blocked' of ema_traces: constant write rates (shared [K] or per channel [K, D]), any T.
 
 Time is cut into N chunks of C tokens (C = 8 by default). Within a chunk the traces have a closed form,
   raw[n, t, k] = P[t, k] carry[n, k] + sum_{s <= t} W[t, k, s] x[n, s],
   W[t, k, s] = alpha_k (1 - alpha_k)^(t - s),   P[t, k] = (1 - alpha_k)^(t + 1),
 so the whole output is one elementwise pass: C broadcast multiply-adds per output element, which XLA emits
 as a single loop that reads x and the carries and writes the [B, T, K, D] output once, in place. Unlike
-the 'fused' path (the same weights as one batched matmul), there is no [M, C + K, D] input to build and
+the 'fused' path (fused.py: the same weights as one batched matmul), there is no [M, C + K, D] input to build and
 no small-matrix kernel, and rates per channel take the same code (W gets a D axis; the output pass then
-loads a weight per multiply-add, 1.4-1.5x the time of shared rates in benchmarks/scan_bench.py --learned).
+loads a weight per multiply-add, 1.4-1.5x the time of shared rates in benchmarks.scan_bench --learned).
 The carries (the raw state entering each chunk) come from the chunk-end states
   E[n, k] = sum_s alpha_k (1 - alpha_k)^(C - 1 - s) x[n, s]
-and the chunk-level recurrence carry[n + 1] = (1 - alpha_k)^C carry[n] + E[n], carry[0] = h0, a
-jax.lax.scan over N steps (its input and output are materialised by the loop, which keeps XLA from
-recomputing either inside the output pass).
+and the chunk-level recurrence carry[n + 1] = (1 - alpha_k)^C carry[n] + E[n], carry[0] = h0 (chunk_scan,
+shared with fused.py).
 
 A reset at t zeroes what flows into t: with seg the number of resets so far in the chunk, W[t, s] keeps
 only seg[t] == seg[s], P[t] only seg[t] == 0, E only the tokens of the chunk's last segment, and the chunk
@@ -28,7 +27,7 @@ the output cotangent and the chunk-level cotangents, h_{t-1} the saved output), 
 are constants.
 
 This module returns raw traces; ema_traces takes h_last from the last row and applies bias correction
-(elementwise, fused by XLA into the same pass). benchmarks/scan_bench.py times it ('blocked/<C>').
+(elementwise, fused by XLA into the same pass). benchmarks.scan_bench times it ('blocked/<C>').
 """
 
 from __future__ import annotations
@@ -39,11 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ema_jax import scan
+from ema_jax.traces import kernels
 
-# benchmarks/scan_bench.py --reuse-heap on the 2-core CPU, 2026-11-29 (two runs): 8 was the fastest training
-# step of 4, 8 and 16 at (8, 2048, 256, 3) and (1, 65536, 256, 3); 16 matched it forward at the first shape.
-DEFAULT_BLOCK = 8
 # Stand-in for log(1 - alpha) at alpha = 1: exp(n * _LOG_ZERO) is exactly 0 for n >= 1 and 1 for n = 0,
 # without the nan of 0 * -inf (and with a zero, not nan, write-rate gradient).
 _LOG_ZERO = -1e4
@@ -86,7 +82,7 @@ class _Masks:
     self.a = (seg[:, :, -1] == 0).astype(jnp.float32)  # [B, N]
 
 
-def _chunks(x_BTF, n: int, c: int):
+def chunks(x_BTF, n: int, c: int):
   """[B, T, ...] -> [B, N, C, ...] in float32 (float64 stays), zero padding at the end."""
   t_len = x_BTF.shape[1]
   x_BTF = x_BTF.astype(jnp.promote_types(x_BTF.dtype, jnp.float32))
@@ -95,16 +91,28 @@ def _chunks(x_BTF, n: int, c: int):
   return x_BTF.reshape((x_BTF.shape[0], n, c) + x_BTF.shape[2:])
 
 
-def _chunk_scan(a_K1, masks, e_BNKD, s0_BKD, reverse: bool):
-  """Entering states of s_{n+1} = a s_n + e_n over chunks (from the right for reverse) and the final one."""
-  a = a_K1[None, None]
-  if masks.a is not None:
-    a = a * masks.a[:, :, None, None]
-  a = jnp.broadcast_to(a, e_BNKD.shape[:2] + a.shape[2:])
-  return scan.entering_states(a, e_BNKD, s0_BKD, reverse=reverse, method=scan.ScanMethod.SEQUENTIAL)
+def chunk_scan(a_BNKE, e_BNKD, s0_BKD, reverse: bool):
+  """The chunk-level recurrence s_{n+1} = a_n s_n + e_n (from the right for reverse), a broadcasting over
+  batch and chunks: (the state entering each chunk [B, N, K, D], the final state [B, K, D]).
+
+  On CPU a jax.lax.scan: about 0.5-1.3 us a step, less than the log-depth associative scan for the
+  N <= 8192 chunks measured, and the loop materialises its input and output, which keeps XLA from
+  recomputing the chunk level inside the output pass. Elsewhere the associative scan (a step of a loop is
+  a kernel launch there; unmeasured).
+  """
+  a_BNKE = jnp.broadcast_to(a_BNKE, e_BNKD.shape[:2] + a_BNKE.shape[2:])
+  cpu = jax.default_backend() == "cpu"
+  method = kernels.ScanMethod.SEQUENTIAL if cpu else kernels.ScanMethod.ASSOCIATIVE
+  return kernels.entering_states(a_BNKE, e_BNKD, s0_BKD, reverse=reverse, method=method)
 
 
-def _chunk_ends(we_KCE, masks, x_BNCD):
+def _chunk_decay(a_KE, masks):
+  """The decay across each chunk, [1 or B, 1 or N, K, E]: a^C, zero for chunks with a reset."""
+  a = a_KE[None, None]
+  return a if masks.a is None else a * masks.a[:, :, None, None]
+
+
+def _chunk_end_states(we_KCE, masks, x_BNCD):
   """E [B, N, K, D]: the state after each chunk's last token from a zero start."""
   c = x_BNCD.shape[2]
   terms = []
@@ -137,9 +145,9 @@ def _forward(x_BTD, alpha_KE, h0_BKD, resets_BT, c):
   n = -(-t_len // c)
   w, p, we, a = _weights(alpha_KE, c)
   masks = _Masks(resets_BT, n, c)
-  x_BNCD = _chunks(x_BTD, n, c)
-  e_BNKD = _chunk_ends(we, masks, x_BNCD)
-  carry_BNKD, _ = _chunk_scan(a, masks, e_BNKD, h0_BKD, reverse=False)
+  x_BNCD = chunks(x_BTD, n, c)
+  e_BNKD = _chunk_end_states(we, masks, x_BNCD)
+  carry_BNKD, _ = chunk_scan(_chunk_decay(a, masks), e_BNKD, h0_BKD, reverse=False)
   raw = _outputs(w, p, masks, x_BNCD, carry_BNKD).reshape(bsz, n * c, k, d)[:, :t_len]
   return raw, carry_BNKD
 
@@ -166,14 +174,14 @@ def _blocked_bwd(c, rate_grad, res, g_BTKD):
   n = carry_BNKD.shape[1]
   w, p, we, a = _weights(alpha_KE, c)
   masks = _Masks(resets_BT, n, c)
-  g_BNCKD = _chunks(g_BTKD, n, c)
+  g_BNCKD = chunks(g_BTKD, n, c)
   # Cotangent of each chunk's carry: P against the output cotangent.
   p_m = p[None, None]
   if masks.p is not None:
     p_m = p_m * masks.p[:, :, :, None, None]
   dcarry_BNKD = sum(p_m[:, :, t] * g_BNCKD[:, :, t] for t in range(c))
   # lam[n]: cotangent of the state after chunk n, from the right; dh0 flows out of chunk 0.
-  lam_BNKD, dh0_BKD = _chunk_scan(a, masks, dcarry_BNKD, jnp.zeros_like(carry_BNKD[:, 0]), reverse=True)
+  lam_BNKD, dh0_BKD = chunk_scan(_chunk_decay(a, masks), dcarry_BNKD, jnp.zeros_like(carry_BNKD[:, 0]), reverse=True)
   # dx[s] = sum_{t, k} W[t, k, s] g[t, k] + sum_k We[k, s] lam[k]: one pass, written [B, N, C(s), D].
   w_st = jnp.transpose(w, (2, 0, 1, 3))[None, None]  # [1, 1, C(s), C(t), K, E]
   if masks.w is not None:
@@ -192,11 +200,11 @@ def _blocked_bwd(c, rate_grad, res, g_BTKD):
   # Write-rate cotangent: h_t = (1 - alpha) h_{t-1} + alpha x_t gives dL/dalpha = sum_t lam_t (x_t - h_{t-1}),
   # lam_t the cotangent of the state h_t: within a chunk sum_{t' >= t} a^(t' - t) g_t' plus a^(C - t) times
   # the cotangent of the state after the chunk. One reduction over batch and time, lam never stored.
-  x_BNCD = _chunks(x_BTD, n, c)
+  x_BNCD = chunks(x_BTD, n, c)
   raw_prev = jnp.concatenate([h0_BKD[:, None].astype(raw_BTKD.dtype), raw_BTKD[:, :-1]], axis=1)
-  prev_BNCKD = _chunks(raw_prev, n, c)
+  prev_BNCKD = chunks(raw_prev, n, c)
   if masks.p is not None:
-    prev_BNCKD = prev_BNCKD * (1.0 - _chunks(resets_BT.astype(jnp.float32), n, c))[:, :, :, None, None]
+    prev_BNCKD = prev_BNCKD * (1.0 - chunks(resets_BT.astype(jnp.float32), n, c))[:, :, :, None, None]
   log_a = log_decay(alpha_KE)
   tt = np.arange(c)
   lag = tt[:, None] - tt[None, :]  # t' - t

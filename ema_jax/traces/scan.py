@@ -1,14 +1,14 @@
 """Linear recurrences h_t = a_t * h_{t-1} + b_t over axis 1 of [B, T, ...] arrays.
 
-One public function, `linear_scan`, with several methods that agree to float32 rounding:
+One public function, `linear_scan`, with several methods that agree to float32 rounding (kernels.py):
 
   associative  jax.lax.associative_scan (log depth: the form for TPU/GPU)
   sequential   jax.lax.scan (one step per token: the reference and the decode path)
   chunked      inside chunks of C tokens the recurrence is a C x C decay matrix (a matmul); chunk
                summaries are combined by an associative scan; any T (padded internally)
-  blocked      the recurrence written out over the C steps of a chunk, so each pass (chunk summaries,
+  unrolled     the recurrence written out over the C steps of a chunk, so each pass (chunk summaries,
                outputs) is one XLA loop fusion; the chunk level is solved the same way, recursively
-  auto         picked per backend (see `auto_method`, numbers in benchmarks/scan_bench.py)
+  auto         picked per backend (see `auto_method`, numbers from benchmarks.scan_bench)
 
 Methods are `ScanMethod` members; their strings ('auto', ...) are accepted wherever a method is.
 
@@ -20,7 +20,7 @@ Gradients come from a custom VJP: the cotangent of a linear recurrence obeys the
 in the other direction, so the backward pass is one more scan instead of differentiating through the
 associative tree (which would keep O(log T) copies of the state alive).
 
-The scan core (this module and scan_kernels.py) imports nothing else from the project.
+The scan (this module and kernels.py) imports nothing else from the project.
 """
 
 from __future__ import annotations
@@ -32,25 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The kernels of the methods, the enum and the combine live in scan_kernels.py (the scan core's other
-# half, which imports nothing of the project either); they are part of this module's API.
-from ema_jax.scan_kernels import (
+from ema_jax.traces.kernels import (
+    KERNELS,
     ScanMethod,
-    _acc_dtype,
-    _associative,
-    _blocked,
-    _breaks_mask,
-    _chunked,  # noqa: F401
-    _sequential,
-    _shift_in_scan_order,
-    combine,
-    entering_states,
+    acc_dtype,
+    breaks_mask,
     parse_method,
+    scan_methods,
+    shift_in_scan_order,
 )
 
-METHODS = tuple(m.value for m in ScanMethod if m is not ScanMethod.FUSED)  # linear_scan's
-DEFAULT_CHUNK = 32  # 'chunked'
-DEFAULT_BLOCK = 8  # 'blocked': benchmarks/scan_bench.py --selective, 2-core CPU, 2026-11-29
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 
 
@@ -65,18 +56,20 @@ def _check_dtype(name, x):
     )
 
 
-def _prepare(a, b, h0, resets, method, chunk_size):
-  """Validates arguments at the boundary and returns (a, b, h0, resets, method) as arrays of rank >= 2
-  and a ScanMethod."""
-  method = parse_method(method, METHODS, "linear_scan")
-  if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-    raise ValueError(f"linear_scan: `chunk_size`={chunk_size!r}; accepted: a positive integer.")
+def check_chunk_size(chunk_size, where: str) -> int:
+  if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
+    raise ValueError(f"{where}: `chunk_size`={chunk_size!r}; accepted: a positive integer.")
+  return int(chunk_size)
+
+
+def _prepare(a, b, h0, resets):
+  """Validates arguments at the boundary and returns (a, b, h0, resets) as arrays, a and b of rank >= 2."""
   a = jnp.asarray(a)
   b = jnp.asarray(b)
   _check_dtype("b", b)
   if a.dtype not in [np.dtype(d) for d in _FLOAT_DTYPES]:
     if jnp.issubdtype(a.dtype, jnp.integer) or a.dtype == bool:
-      a = a.astype(_acc_dtype(b.dtype))
+      a = a.astype(acc_dtype(b.dtype))
     else:
       _check_dtype("a", a)
   if b.ndim < 2:
@@ -103,7 +96,7 @@ def _prepare(a, b, h0, resets, method, chunk_size):
       ok = False
     if not ok:
       raise ValueError(f"linear_scan: `h0` has shape {h0.shape}; expected {state_shape} ([B, ...] without time).")
-    h0 = jnp.broadcast_to(h0.astype(_acc_dtype(b.dtype)), state_shape)
+    h0 = jnp.broadcast_to(h0.astype(acc_dtype(b.dtype)), state_shape)
   if resets is not None:
     resets = jnp.asarray(resets)
     if resets.dtype != bool:
@@ -112,11 +105,7 @@ def _prepare(a, b, h0, resets, method, chunk_size):
       raise ValueError(
           f"linear_scan: `resets` has shape {resets.shape}; expected [B, T] = [{out_shape[0]}, {b.shape[1]}]."
       )
-  return a, b, h0, resets, method
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers
+  return a, b, h0, resets
 
 
 def _reduce_to(x, shape):
@@ -129,18 +118,18 @@ def _reduce_to(x, shape):
 
 
 # ----------------------------------------------------------------------------------------------
-# dispatch and custom VJP
+# auto
 
 
 # backend -> (the method 'auto' picks there, where and when that choice was measured). A backend not named
-# here gets DEFAULT_AUTO. benchmarks/accelerator_suite.py prints, per shape, what auto picks and whether it
+# here gets DEFAULT_AUTO. benchmarks.accelerator_suite prints, per shape, what auto picks and whether it
 # was the fastest measured, with the device and date: the numbers that fill in an 'unmeasured' entry.
 AUTO_METHODS = {
     "cpu": (
         ScanMethod.SEQUENTIAL,
         "measured: 2-core x86_64 CPU, 2026-11-29 (benchmarks/scan_bench.py --reuse-heap: selective traces, "
         "results/scan_bench_selective_reuse_heap.json, 'sequential' the fastest forward and training step at both "
-        "shapes, 'blocked' second; per-channel rates, results/scan_bench_per_channel_reuse_heap.json, 'sequential' "
+        "shapes, 'unrolled' (then named 'blocked') second; per-channel rates, results/scan_bench_per_channel_reuse_heap.json, 'sequential' "
         "the fastest linear_scan method at (1, 65536) and within 11% of 'associative' at (8, 2048)); details in "
         "auto_method's docstring",
     ),
@@ -151,15 +140,17 @@ DEFAULT_AUTO = (ScanMethod.CHUNKED, "unmeasured, as designed (a backend not in A
 
 
 def auto_method(t_len, backend=None) -> ScanMethod:
-  """Fastest method per backend: AUTO_METHODS, numbers from benchmarks/scan_bench.py (see README).
+  """The method linear_scan's (and selective_traces') 'auto' runs for T = t_len on `backend` (default: JAX's):
+  AUTO_METHODS, numbers from benchmarks.scan_bench.
 
-  cpu: 'sequential'. Measured on a 2-core CPU (medians; `scan_bench.py --per-channel --reuse-heap`,
+  cpu: 'sequential'. Measured on a 2-core CPU (medians; `scan_bench --per-channel --reuse-heap`,
     2026-11-22 and 2026-11-29) through ema_traces with [K, D] rates at (B, T, D, K) = (8, 2048, 256, 3) and
     (1, 65536, 256, 3): the fastest linear_scan method at the long shape, within 11% of 'associative' at
     the short one, well ahead of 'chunked'; and for
-    selective traces (per-token decays; `scan_bench.py --selective --reuse-heap`, 2026-11-29) ahead of
-    'blocked' (1.2-1.4x forward, 1.1-1.8x training) and of 'associative' and 'chunked'. (Constant rates,
-    shared or per channel, take traces' 'blocked' path instead: traces.AUTO_CONSTANT_RATES.)
+    selective traces (per-token decays; `scan_bench --selective --reuse-heap`, 2026-11-29) ahead of
+    'unrolled' ('blocked' in those results: 1.2-1.4x forward, 1.1-1.8x training) and of 'associative' and
+    'chunked'. (Constant rates, shared or per channel, take ema_traces' closed form 'blocked' instead:
+    ema.AUTO_CONSTANT_RATES.)
   gpu, tpu: unmeasured; 'chunked' (matmuls inside chunks, a log-depth scan across them) as designed.
   """
   if t_len <= 2:
@@ -167,20 +158,13 @@ def auto_method(t_len, backend=None) -> ScanMethod:
   return AUTO_METHODS.get(backend or jax.default_backend(), DEFAULT_AUTO)[0]
 
 
+# ----------------------------------------------------------------------------------------------
+# dispatch and custom VJP
+
+
 def _run(a, b, h0, breaks, reverse, method, chunk_size):
-  if method is ScanMethod.AUTO:
-    method = auto_method(b.shape[1])
-  acc = _acc_dtype(b.dtype)
-  a = a.astype(acc)
-  b = b.astype(acc)
-  if method is ScanMethod.SEQUENTIAL:
-    out_shape = jnp.broadcast_shapes(a.shape, b.shape)
-    return _sequential(a, jnp.broadcast_to(b, out_shape), h0, breaks, reverse)
-  if method is ScanMethod.ASSOCIATIVE:
-    return _associative(a, b, h0, breaks, reverse)
-  if method is ScanMethod.BLOCKED:
-    return _blocked(a, b, h0, breaks, reverse, chunk_size)
-  return _chunked(a, b, h0, breaks, reverse, chunk_size)
+  acc = acc_dtype(b.dtype)
+  return KERNELS[method].fn(a.astype(acc), b.astype(acc), h0, breaks, reverse, chunk_size)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -197,7 +181,7 @@ def _scan_fwd(a, b, h0, breaks, reverse, method, chunk_size, out_dtype):
 def _scan_bwd(reverse, method, chunk_size, out_dtype, res, cts):
   a, b, h0, breaks, h = res
   g_h, g_last = cts
-  acc = _acc_dtype(b.dtype)
+  acc = acc_dtype(b.dtype)
   g = jnp.asarray(g_h, acc)
   # The final state's cotangent joins the last output's (in scan order).
   last = 0 if reverse else -1
@@ -205,8 +189,8 @@ def _scan_bwd(reverse, method, chunk_size, out_dtype, res, cts):
   # lambda_t = g_t + a_{t+1} lambda_{t+1}: the same recurrence in the other direction, with a and the
   # breaks shifted by one step (a constant decay needs no shift).
   a32 = a.astype(acc)
-  a_bw = a32 if a.shape[1] == 1 else _shift_in_scan_order(a32, reverse, 1.0)
-  br_bw = None if breaks is None else _shift_in_scan_order(breaks, reverse, False)
+  a_bw = a32 if a.shape[1] == 1 else shift_in_scan_order(a32, reverse, 1.0)
+  br_bw = None if breaks is None else shift_in_scan_order(breaks, reverse, False)
   lam, _ = _run(a_bw, g, None, br_bw, not reverse, method, chunk_size)
   # h_prev in scan order, h0 (or zero) before the first step.
   state0 = jnp.zeros_like(h[:, :1]) if h0 is None else h0[:, None]
@@ -214,7 +198,7 @@ def _scan_bwd(reverse, method, chunk_size, out_dtype, res, cts):
     h_prev = jnp.concatenate([h[:, 1:], state0], axis=1)
   else:
     h_prev = jnp.concatenate([state0, h[:, :-1]], axis=1)
-  keep = None if breaks is None else _breaks_mask(breaks, h.ndim, acc)
+  keep = None if breaks is None else breaks_mask(breaks, h.ndim, acc)
   da_full = lam * h_prev if keep is None else lam * h_prev * keep
   da = _reduce_to(da_full, a.shape).astype(a.dtype)
   db = _reduce_to(lam, b.shape).astype(b.dtype)
@@ -252,8 +236,9 @@ def linear_scan(
     resets: [B, T] bool; True at t starts a new document at t: the state carried into t is dropped
       (for reverse=True, the state of t does not flow back into t - 1, so each document is scanned
       on its own in both directions).
-    method: a ScanMethod or its string: 'auto', 'associative', 'sequential', 'chunked' or 'blocked'.
-    chunk_size: chunk length of 'chunked' (default DEFAULT_CHUNK) and 'blocked' (DEFAULT_BLOCK).
+    method: a ScanMethod or its string: 'auto' or a method of kernels.KERNELS ('associative',
+      'sequential', 'chunked', 'unrolled').
+    chunk_size: chunk length of 'chunked' and 'unrolled' (default: the method's KERNELS entry).
     custom_vjp: use the reverse-recurrence VJP (reverse mode only, as for any jax.custom_vjp). Set
       False for forward-mode autodiff (jax.jvp, jax.jacfwd), which then differentiates the method.
 
@@ -261,9 +246,14 @@ def linear_scan(
     (h, h_last): h with the broadcast shape of a and b, in b's dtype; h_last [B, ...] float32, the
     state after the last step in scan order.
   """
+  method = parse_method(method, scan_methods(), "linear_scan")
+  if chunk_size is not None:
+    check_chunk_size(chunk_size, "linear_scan")
+  a, b, h0, resets = _prepare(a, b, h0, resets)
+  if method is ScanMethod.AUTO:
+    method = auto_method(b.shape[1])
   if chunk_size is None:
-    chunk_size = DEFAULT_BLOCK if str(method) == ScanMethod.BLOCKED.value else DEFAULT_CHUNK
-  a, b, h0, resets, method = _prepare(a, b, h0, resets, method, chunk_size)
+    chunk_size = KERNELS[method].default_chunk or 1
   return _linear_scan(a, b, h0, resets, reverse, method, int(chunk_size), custom_vjp)
 
 
@@ -272,7 +262,7 @@ def linear_scan(
 def _linear_scan(a, b, h0, resets, reverse, method, chunk_size, custom_vjp):
   breaks = resets
   if resets is not None and reverse:
-    breaks = _shift_in_scan_order(resets, reverse=False, fill=False)
+    breaks = shift_in_scan_order(resets, reverse=False, fill=False)
   if breaks is not None:
     out_b = jnp.broadcast_shapes(a.shape, b.shape)[0]
     breaks = jnp.broadcast_to(breaks, (out_b, breaks.shape[1]))
@@ -287,7 +277,7 @@ def step(h, a_t, b_t, reset=None):
 
   h: state [B, ...]; a_t, b_t broadcastable to it; reset: optional [B] bool dropping h first.
   """
-  acc = _acc_dtype(jnp.result_type(h, b_t))
+  acc = acc_dtype(jnp.result_type(h, b_t))
   h = jnp.asarray(h, acc)
   a_t = jnp.asarray(a_t, acc)
   if reset is not None:
