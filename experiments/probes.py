@@ -1,8 +1,13 @@
-"""The copy / recall / selective-copy / filtering probes for five architectures at equal parameters and tokens.
+"""The probes (MQAR, selective copy, copy, filtering) for five architectures at equal parameters and tokens.
 
-  python -m experiments.probes --workdir W [--seeds 0,1] [--probes copy,recall,selective_copy,filtering]
-      [--models ema3,ema8,selective,gpt,hybrid] [--steps 2000] [--width 64] [--window 16] [--results results/probes]
+  python -m experiments.probes --workdir W [--seeds 0,1] [--probes recall,selective_copy,copy,filtering]
+      [--models ema3,ema8,selective,gpt,hybrid] [--steps N] [--width 64] [--window 16] [--results results/probes]
   python -m experiments.probes --workdir W --results results/probes --reanalyse   (tables and plots again)
+
+`recall` is multi-query associative recall as in Zoology and `selective_copy` the Mamba paper's task (see
+ema_jax/data/probes.py); `recall_toy`, the earlier toy recall, can be added to --probes. Every run trains on
+the range of sizes configs/probes.py gives its probe (one drawn per step) and is evaluated inside the range
+and beyond it; budgets (steps, batch, learning rate) are configs/probes.py's per probe.
 
 The models (all over the probe vocabulary, 2 blocks / layers, trained by ema_jax.trainer with the same
 optimiser, batch, steps and data order per seed, so every model sees the same training tokens):
@@ -11,14 +16,18 @@ optimiser, batch, steps and data order per seed, so every model sees the same tr
   selective  the EMA LM with selective traces (K = 3; rates sigmoid(W x + b) starting at 0.5, 0.1, 0.02)
   gpt        the GPT baseline (learned absolute positions, causal attention over everything)
   hybrid     the EMA LM with fixed K = 3 traces plus causal attention over the last --window tokens per block
-The width of each is chosen so its parameter count is the closest to the ema3 model's at --width (default
-64; FFN hidden = 4 x width for the EMA models, as in the LM task's tiny preset, 2 blocks, 4 heads). Runs whose final
-evaluation exists are not retrained, so an interrupted grid continues where it stopped.
+Per probe, the width of each is chosen so its parameter count is the closest to the ema3 model's at --width
+(default 64; FFN hidden = 4 x width for the EMA models, as in the LM task's tiny preset, 2 blocks, 4 heads).
+Runs whose final evaluation exists are not retrained, so an interrupted grid continues where it stopped.
+
+The harness check: the GPT must reach GATE (0.99) answer accuracy on MQAR at every trained size before
+the table compares anything on recall; summary.json's `gate` and the top of table.md say whether it did.
 
 Writes --results (default W/results): summary.json (every run's accuracies per size, raw and EMA weights),
-table.md (in-range / out-of-range answer accuracy per probe and model, mean and range over seeds; the
-state each model keeps per sequence at 256 .. 16k tokens), curves.png (accuracy against size, one panel
-per probe) and dial.png (copy / recall accuracy against filtering accuracy, one point per model).
+table.md (answer accuracy below / within / beyond the trained range per probe and model, mean and range over
+seeds; the state each model keeps per sequence at 256 .. 16k tokens), curves.png (accuracy against size,
+one panel per probe, the trained range shaded) and, when the grid has filtering and copy or recall, dial.png
+(copy / recall accuracy within the trained range against filtering accuracy beyond it, one point per model).
 """
 
 from __future__ import annotations
@@ -33,15 +42,17 @@ from typing import Any, Dict, List
 import numpy as np
 from absl import app, flags
 
-PROBES = ("copy", "recall", "selective_copy", "filtering")
+PROBES = ("recall", "selective_copy", "copy", "filtering", "recall_toy")
+DEFAULT_PROBES = ("recall", "selective_copy", "copy", "filtering")
 MODELS = ("ema3", "ema8", "selective", "gpt", "hybrid")
 CONTEXTS = (256, 1024, 4096, 16384)  # for the state-size table
 EMA8_ALPHAS = [2.0 ** -(i + 1) for i in range(8)]
-# Sizes relative to the one size a run trains at (every model fails at sizes it never saw, shorter ones too).
+GATE = 0.99  # the GPT's MQAR answer accuracy at every trained size, before recall is compared
+# Sizes relative to the range a run trains on (rows carry train_sizes).
 REGIONS = {
-    "shorter": lambda r: r["size"] < r["train_size"],
-    "trained": lambda r: r["size"] == r["train_size"],
-    "beyond": lambda r: r["size"] > r["train_size"],
+    "shorter": lambda r: r["size"] < min(r["train_sizes"]),
+    "within": lambda r: min(r["train_sizes"]) <= r["size"] <= max(r["train_sizes"]),
+    "beyond": lambda r: r["size"] > max(r["train_sizes"]),
 }
 
 
@@ -50,9 +61,9 @@ def define_flags():
   global _WORKDIR, _SEEDS, _PROBES, _MODELS, _STEPS, _WINDOW, _WIDTH, _RESULTS, _REANALYSE
   _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs go.", required=True)
   _SEEDS = flags.DEFINE_string("seeds", "0,1", "Comma-separated seeds.")
-  _PROBES = flags.DEFINE_string("probes", ",".join(PROBES), "Comma-separated subset of the probes.")
+  _PROBES = flags.DEFINE_string("probes", ",".join(DEFAULT_PROBES), f"Comma-separated, from {PROBES}.")
   _MODELS = flags.DEFINE_string("models", ",".join(MODELS), "Comma-separated subset of the models.")
-  _STEPS = flags.DEFINE_integer("steps", None, "Training steps per run (default: configs/probes.py's).")
+  _STEPS = flags.DEFINE_integer("steps", None, "Training steps of every run (default: configs/probes.py's per probe).")
   _WINDOW = flags.DEFINE_integer("window", 16, "The hybrid's attention window W in tokens.")
   _WIDTH = flags.DEFINE_integer("width", 64, "Width of the ema3 model; the others match its parameter count.")
   _RESULTS = flags.DEFINE_string("results", None, "Where the results go (default: <workdir>/results).")
@@ -148,30 +159,34 @@ def state_bytes(c, contexts=CONTEXTS) -> List[int]:
 
 
 def train_grid(probes, models, seeds, workdir, *, window, width=64, steps=None, tiny=False, log=print):
-  """Trains what is missing; returns (runs [rows], models {name: {width, params}})."""
+  """Trains what is missing; returns (runs [rows], models {name: {width, params, ...}})."""
   from ema_jax import trainer
 
-  target = param_count(make_config(probes[0], "ema3", 16 if tiny else width, seed=0, window=window, tiny=tiny))
   info: Dict[str, Dict[str, Any]] = {}
   rows: List[Dict[str, Any]] = []
   for probe in probes:
+    # Matched per probe: the vocabularies differ (MQAR's 1,024 tokens make embeddings a large share).
+    target = param_count(make_config(probe, "ema3", 16 if tiny else width, seed=0, window=window, tiny=tiny))
     for model in models:
-      width = match_width(probe, model, target, window=window, step=4 if tiny else 8, tiny=tiny)
-      c0 = make_config(probe, model, width, seed=0, window=window, steps=steps, tiny=tiny)
-      info.setdefault(model, dict(width=width, params={}, edits=model_edits(model, width, window)))
-      info[model]["params"][probe] = param_count(c0)
-      info[model]["state_bytes"] = dict(zip([str(t) for t in CONTEXTS], state_bytes(c0)))
+      w = match_width(probe, model, target, window=window, step=4 if tiny else 8, tiny=tiny)
+      c0 = make_config(probe, model, w, seed=0, window=window, steps=steps, tiny=tiny)
+      entry = info.setdefault(model, dict(width={}, params={}, edits={}))
+      entry["width"][probe] = w
+      entry["params"][probe] = param_count(c0)
+      entry["edits"][probe] = model_edits(model, w, window)
+      entry["state_bytes"] = dict(zip([str(t) for t in CONTEXTS], state_bytes(c0)))
       for seed in seeds:
-        c = make_config(probe, model, width, seed=seed, window=window, steps=steps, tiny=tiny)
+        c = make_config(probe, model, w, seed=seed, window=window, steps=steps, tiny=tiny)
         wd = os.path.join(workdir, f"{probe}_{model}_s{seed}")
         final = os.path.join(wd, f"eval_{c.steps}.json")
         if not os.path.exists(final):
-          log(f"== {probe} {model} (width {width}) seed {seed}: training {c.steps} steps")
+          log(f"== {probe} {model} (width {w}) seed {seed}: training {c.steps} steps")
           t0 = time.time()
           trainer.train(c, wd)
           log(f"   {time.time() - t0:.0f} s")
         with open(final) as f:
           results = json.load(f)["results"]
+        budget = dict(steps=int(c.steps), batch_size=int(c.batch_size), lr=float(c.optim.lr))
         for weights, res in results.items():
           per = res["per_size"]
           for i, size in enumerate(per["size"]):
@@ -182,9 +197,10 @@ def train_grid(probes, models, seeds, workdir, *, window, width=64, steps=None, 
                     seed=int(seed),
                     weights=weights,
                     size=int(size),
-                    train_size=int(c.task.train_size),
+                    train_sizes=sorted(int(s) for s in c.task.train_sizes),
                     token_accuracy=float(per["token_accuracy"][i]),
                     sequence_accuracy=float(per["sequence_accuracy"][i]),
+                    **budget,
                 )
             )
   return rows, info
@@ -214,9 +230,42 @@ def summarize(rows, info, probes, models, weights="raw") -> Dict[str, Any]:
   return table
 
 
+def gate(rows, threshold: float = GATE) -> Dict[str, Any]:
+  """The GPT's MQAR answer accuracy (raw weights) at each trained size: its mean and worst over seeds."""
+  picked = [
+      r
+      for r in rows
+      if r["probe"] == "recall" and r["model"] == "gpt" and r["weights"] == "raw" and r["size"] in r["train_sizes"]
+  ]
+  if not picked:
+    return dict(threshold=threshold, passed=None, note="no GPT recall run in this grid")
+  per_size = {}
+  for size in sorted({r["size"] for r in picked}):
+    acc = [r["token_accuracy"] for r in picked if r["size"] == size]
+    per_size[str(size)] = dict(mean=float(np.mean(acc)), min=float(np.min(acc)), seeds=len(acc))
+  worst = min(v["min"] for v in per_size.values())
+  return dict(
+      threshold=threshold,
+      passed=bool(worst >= threshold),
+      worst=worst,
+      per_trained_size=per_size,
+      budget={k: picked[0][k] for k in ("steps", "batch_size", "lr") if k in picked[0]},
+  )
+
+
 def write_markdown(path, summary, probes, models):
   table, info = summary["table"], summary["models"]
   fmt = lambda v: "–" if v is None else f"{v['mean']:.3f} [{v['min']:.2f}, {v['max']:.2f}]"
+  g = summary.get("gate") or {}
+  if g.get("passed") is None:
+    verdict = "no GPT MQAR run in this grid: the harness check was not made."
+  else:
+    sizes = ", ".join(f"{s} pairs {v['mean']:.3f}" for s, v in g["per_trained_size"].items())
+    verdict = (
+        f"**{'passed' if g['passed'] else 'NOT passed'}**: the GPT's MQAR answer accuracy at its trained sizes "
+        f"is {sizes} (worst seed {g['worst']:.3f}; needed >= {g['threshold']})"
+        + ("." if g["passed"] else "; recall comparisons below are of an undertrained harness.")
+    )
   lines = [
       f"# Probes: {len(models)} models x {len(probes)} probes, seeds {summary['seeds']}",
       "",
@@ -224,31 +273,41 @@ def write_markdown(path, summary, probes, models):
       f"Measured {summary['date']} on {summary['machine']}; load average {summary['load_start']} at the start, "
       f"{summary['load_end']} at the end; {summary['wall_s'] / 60:.0f} min wall.",
       "",
-      "Answer accuracy of the raw weights: mean over seeds [min, max]; 'trained' is the one size each run "
-      "trains at, 'shorter' and 'beyond' average the evaluation sizes below and above it (per size: the curves "
-      "and summary.json).",
+      f"Harness check {verdict}",
+      "",
+      "Answer accuracy of the raw weights: mean over seeds [min, max]; 'within' averages the evaluation sizes "
+      "inside the range each run trains on (one size drawn per step), 'shorter' and 'beyond' those below and "
+      "above it (per size: the curves and summary.json). Training sizes per probe: "
+      + "; ".join(f"{p} {_train_sizes(summary['runs'], p)}" for p in probes)
+      + ".",
       "",
       "## Models",
       "",
-      "| model | width | parameters (per probe) | state per sequence: "
+      "| model | width (per probe) | parameters (per probe) | state per sequence: "
       + " / ".join(f"{t}" for t in CONTEXTS)
       + " tokens |",
-      "|---|---:|---|---|",
+      "|---|---|---|---|",
   ]
   for m in models:
     i = info[m]
+    widths = ", ".join(f"{p} {w}" for p, w in i["width"].items())
     params = ", ".join(f"{p} {n:,}" for p, n in i["params"].items())
     sb = " / ".join(_bytes(i["state_bytes"][str(t)]) for t in CONTEXTS)
-    lines.append(f"| {m} | {i['width']} | {params} | {sb} |")
+    lines.append(f"| {m} | {widths} | {params} | {sb} |")
   for metric in ("token_accuracy", "sequence_accuracy"):
     lines += ["", f"## {metric.replace('_', ' ')}", "", "| probe | region | " + " | ".join(models) + " |"]
     lines.append("|---|---|" + "---:|" * len(models))
     for probe in probes:
       for region in REGIONS:
-        cells = [fmt(table.get(f"{probe}/{m}/{region}/{metric}")) for m in models]
-        lines.append(f"| {probe} | {region.replace('_', ' ')} | " + " | ".join(cells) + " |")
+        cells = [table.get(f"{probe}/{m}/{region}/{metric}") for m in models]
+        if any(cells):
+          lines.append(f"| {probe} | {region} | " + " | ".join(fmt(c) for c in cells) + " |")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
+
+
+def _train_sizes(rows, probe):
+  return next((r["train_sizes"] for r in rows if r["probe"] == probe), [])
 
 
 def _bytes(n: int) -> str:
@@ -271,7 +330,7 @@ def plot(rows, summary, probes, models, out_dir):
       rs = [r for r in rows if r["probe"] == probe and r["model"] == model and r["weights"] == "raw"]
       if not rs:
         continue
-      train = rs[0]["train_size"]
+      train = rs[0]["train_sizes"]
       sizes = sorted({r["size"] for r in rs})
       metric = "token_accuracy"
       by = [[r[metric] for r in rs if r["size"] == s] for s in sizes]
@@ -280,11 +339,11 @@ def plot(rows, summary, probes, models, out_dir):
       hi = [np.max(v) - mean[i] for i, v in enumerate(by)]
       ax.errorbar(sizes, mean, yerr=[lo, hi], marker="o", capsize=2, label=model)
     if train is not None:
-      ax.axvline(train, color="grey", ls=":", lw=1)
+      ax.axvspan(min(train), max(train), color="grey", alpha=0.15, lw=0)
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(probe)
-    ax.set_xlabel("size (dotted: training size)")
+    ax.set_xlabel("size (shaded: trained range)")
   axes[0][0].set_ylabel("answer token accuracy")
   axes[0][-1].legend(fontsize=8)
   fig.tight_layout()
@@ -292,22 +351,28 @@ def plot(rows, summary, probes, models, out_dir):
   plt.close(fig)
 
   table = summary["table"]
-  fig, ax = plt.subplots(figsize=(5.2, 4.4))
+  points = {}
   for model in models:
-    recall = [table.get(f"{p}/{model}/trained/token_accuracy") for p in ("copy", "recall")]
+    recall = [table.get(f"{p}/{model}/within/token_accuracy") for p in ("copy", "recall")]
     filt = table.get(f"filtering/{model}/beyond/sequence_accuracy")
     recall = [r["mean"] for r in recall if r]
-    if not recall or not filt:
-      continue
-    y = float(np.mean(recall))
-    ax.scatter([filt["mean"]], [y], s=40)
-    ax.annotate(model, (filt["mean"], y), textcoords="offset points", xytext=(4, 4), fontsize=9)
-  ax.set_xlabel("filtering: whole-stream accuracy, streams 2-4x the trained length")
-  ax.set_ylabel("copy / recall: answer accuracy at the trained size")
+    if recall and filt:
+      points[model] = (filt["mean"], float(np.mean(recall)))
+  dial = os.path.join(out_dir, "dial.png")
+  if not points:  # the grid has no filtering or no copy / recall: no dial (and none left from another grid)
+    if os.path.exists(dial):
+      os.remove(dial)
+    return
+  fig, ax = plt.subplots(figsize=(5.2, 4.4))
+  for model, (x, y) in points.items():
+    ax.scatter([x], [y], s=40)
+    ax.annotate(model, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=9)
+  ax.set_xlabel("filtering: whole-stream accuracy, streams beyond the trained lengths")
+  ax.set_ylabel("copy / recall: answer accuracy within the trained range")
   ax.set_title("The copy-filter dial")
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "dial.png"), dpi=90)
+  fig.savefig(dial, dpi=90)
   plt.close(fig)
 
 
@@ -320,6 +385,7 @@ def reanalyse(results: str, command: str = "") -> Dict[str, Any]:
   models = [m for m in MODELS if any(r["model"] == m for r in rows)]
   summary["table"] = summarize(rows, summary["models"], probes, models)
   summary["table_ema"] = summarize(rows, summary["models"], probes, models, weights="ema")
+  summary["gate"] = gate(rows)
   summary["reanalysed"] = dict(command=command, date=time.strftime("%Y-%m-%d"))
   with open(os.path.join(results, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
@@ -353,6 +419,7 @@ def run(
       window=window,
       width=width,
       models=info,
+      gate=gate(rows),
       table=summarize(rows, info, probes, models),
       table_ema=summarize(rows, info, probes, models, weights="ema"),
       runs=rows,

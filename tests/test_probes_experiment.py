@@ -1,20 +1,80 @@
-"""experiments/probes.py end to end at tiny sizes: equal-parameter widths, the grid, its table and plots."""
+"""experiments/probes.py: regions of the trained range, the GPT's MQAR check and the table from rows alone
+(fast); end to end at tiny sizes: equal-parameter widths, the grid, its table and plots (slow)."""
 
 import json
 import os
 
+import pytest
+
 from experiments import probes
 
 
+def _row(model, size, acc, seed=0, probe="recall", weights="raw"):
+  return dict(
+      probe=probe,
+      model=model,
+      seed=seed,
+      weights=weights,
+      size=size,
+      train_sizes=[4, 8],
+      token_accuracy=acc,
+      sequence_accuracy=acc / 2,
+      steps=10,
+      batch_size=4,
+      lr=1e-3,
+  )
+
+
+def test_regions_are_relative_to_the_trained_range():
+  rows = [_row("gpt", s, a) for s, a in ((2, 0.5), (4, 1.0), (6, 0.9), (8, 0.8), (16, 0.1), (32, 0.0))]
+  table = probes.summarize(rows, {}, ["recall"], ["gpt"])
+  assert table["recall/gpt/shorter/token_accuracy"]["mean"] == 0.5
+  assert table["recall/gpt/within/token_accuracy"]["mean"] == pytest.approx(0.9)  # 4, 6 and 8
+  assert table["recall/gpt/beyond/token_accuracy"]["mean"] == pytest.approx(0.05)
+
+
+def test_the_gpt_mqar_check_uses_the_worst_seed_at_each_trained_size():
+  rows = [_row("gpt", 4, 1.0), _row("gpt", 8, 0.995), _row("gpt", 16, 0.2)]  # 16 is beyond: not checked
+  rows += [_row("gpt", 4, 1.0, seed=1), _row("gpt", 8, 0.999, seed=1), _row("ema3", 8, 0.1)]
+  rows += [_row("gpt", 8, 0.5, weights="ema")]  # the raw weights are the ones checked
+  g = probes.gate(rows)
+  assert g["passed"] and g["worst"] == 0.995 and set(g["per_trained_size"]) == {"4", "8"}
+  assert g["per_trained_size"]["8"]["mean"] == pytest.approx(0.997)
+  assert not probes.gate(rows + [_row("gpt", 4, 0.98, seed=2)])["passed"]
+  assert probes.gate([_row("ema3", 4, 1.0)])["passed"] is None
+
+
+def test_reanalyse_writes_the_table_and_the_check_from_rows(tmp_path):
+  rows = [_row(m, s, a) for m in ("ema3", "gpt") for s, a in ((4, 1.0), (8, 0.99), (16, 0.3))]
+  info = {
+      m: dict(width={"recall": 8}, params={"recall": 100}, state_bytes={str(t): 64 for t in probes.CONTEXTS})
+      for m in ("ema3", "gpt")
+  }
+  summary = dict(
+      command="test", date="today", machine="cpu", load_start=1.0, load_end=1.0, wall_s=60.0, seeds=[0],
+      models=info, runs=rows,
+  )  # fmt: skip
+  with open(tmp_path / "summary.json", "w") as f:
+    json.dump(summary, f)
+  out = probes.reanalyse(str(tmp_path), command="again")
+  assert out["gate"]["passed"] and out["wall_s"] == 60.0
+  table = open(tmp_path / "table.md").read()
+  assert "Harness check **passed**" in table and "| recall | within |" in table and "| recall | beyond |" in table
+  assert "| recall | shorter |" not in table  # no size below the range was evaluated
+  assert os.path.getsize(tmp_path / "curves.png") > 0
+  assert not os.path.exists(tmp_path / "dial.png")  # no filtering runs: nothing to put on the dial
+
+
+@pytest.mark.slow
 def test_tiny_grid_writes_table_plots_and_state_sizes(tmp_path):
   out = str(tmp_path / "results")
   summary = probes.run(["recall"], ["ema3", "gpt"], [0], str(tmp_path / "runs"), out, window=4, tiny=True)
-  for name in ("summary.json", "table.md", "curves.png", "dial.png"):
+  for name in ("summary.json", "table.md", "curves.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0
   info = summary["models"]
   # Widths are matched on parameters: the GPT's count is the closest one to the EMA LM's on the width grid.
   target = info["ema3"]["params"]["recall"]
-  gpt_width = info["gpt"]["width"]
+  gpt_width = info["gpt"]["width"]["recall"]
   counts = {
       w: probes.param_count(probes.make_config("recall", "gpt", w, seed=0, window=4, tiny=True))
       for w in (gpt_width - 4, gpt_width, gpt_width + 4)
@@ -29,8 +89,8 @@ def test_tiny_grid_writes_table_plots_and_state_sizes(tmp_path):
   assert {(r["model"], r["weights"]) for r in rows} == {(m, w) for m in ("ema3", "gpt") for w in ("raw", "ema")}
   assert all(0.0 <= r["token_accuracy"] <= 1.0 for r in rows)
   table = open(os.path.join(out, "table.md")).read()
-  assert "| recall | trained |" in table and "| recall | beyond |" in table
-  assert "recall/gpt/trained/token_accuracy" in summary["table"]
+  assert "| recall | within |" in table and "| recall | beyond |" in table and "Harness check" in table
+  assert "recall/gpt/within/token_accuracy" in summary["table"] and summary["gate"]["passed"] is not None
   # --reanalyse rewrites the tables and plots from summary.json alone, keeping what was measured.
   os.remove(os.path.join(out, "table.md"))
   again = probes.reanalyse(out, command="test")

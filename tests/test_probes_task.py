@@ -1,4 +1,5 @@
-"""The probes task through the trainer and eval.py, for every model kind; evaluation against a direct count."""
+"""The probes task through the trainer and eval.py, for every model kind; evaluation against a direct count;
+training sizes drawn from the range; config errors."""
 
 import importlib.util
 import json
@@ -14,7 +15,7 @@ from flax import nnx
 from ema_jax import evaluation, trainer
 from ema_jax.data import probes as data
 from ema_jax.tasks.base import EvalContext
-from ema_jax.tasks.probes import ProbesTask, make_batch
+from ema_jax.tasks.probes import ProbeIterator, ProbesTask, make_batch, sequence_length, train_size_at
 
 ROOT = Path(__file__).resolve().parents[1]
 CTX = EvalContext(
@@ -29,8 +30,19 @@ def config(arg):
   return module.get_config(arg)
 
 
+SLOW = pytest.mark.slow  # each run compiles a step per training size; one kind stays in the default run
+
+
 @pytest.mark.parametrize(
-    "arg", ["copy,ema_lm,tiny", "recall,selective,tiny", "selective_copy,gpt,tiny", "filtering,aggregator,tiny"]
+    "arg",
+    [
+        "recall,gpt,tiny",
+        pytest.param("copy,ema_lm,tiny", marks=SLOW),
+        pytest.param("recall,selective,tiny", marks=SLOW),
+        pytest.param("selective_copy,hybrid,tiny", marks=SLOW),
+        pytest.param("filtering,aggregator,tiny", marks=SLOW),
+        pytest.param("recall_toy,ema_lm,tiny", marks=SLOW),
+    ],
 )
 def test_train_and_eval_py_agree(tmp_path, arg):
   c = config(arg)
@@ -46,18 +58,42 @@ def test_train_and_eval_py_agree(tmp_path, arg):
 
 
 def test_evaluate_matches_a_direct_count():
-  c = config("copy,ema_lm,tiny")
+  c = config("recall,ema_lm,tiny")
   task = ProbesTask(c)
   task.validate()
   model = task.build_model(nnx.Rngs(params=0))
+  c.task.eval_sizes = [2, 8]
   res = task.evaluate(model, CTX)
-  size = c.task.eval_sizes[1]
+  size = 8  # beyond the trained range
   b = make_batch(c.task, size, c.task.eval_seed, 0, c.task.eval_batch_size)
   pred = np.asarray(jnp.argmax(model(jnp.asarray(b["inputs"])), -1))
   want = data.accuracy(pred, b)
   i = res["per_size"]["size"].index(size)
   assert res["per_size"]["token_accuracy"][i] == pytest.approx(want["token_accuracy"])
   assert res["per_size"]["sequence_accuracy"][i] == pytest.approx(want["sequence_accuracy"])
+  assert res["beyond/token_accuracy"] == pytest.approx(want["token_accuracy"])
+  assert set(res) >= {"in_range/token_accuracy", "beyond/sequence_accuracy"}
+
+
+def test_training_draws_every_size_of_the_range_and_splits_rows_across_processes():
+  c = config("recall,gpt,tiny")
+  c.task.train_sizes = [2, 3, 4]
+  whole = ProbeIterator(c.task, seed=5, global_batch=8, process_index=0, process_count=1)
+  halves = [ProbeIterator(c.task, seed=5, global_batch=8, process_index=p, process_count=2) for p in (0, 1)]
+  seen = set()
+  for step in range(30):
+    size = train_size_at(c.task, 5, step)
+    b = next(whole)
+    assert b["inputs"].shape == (8, sequence_length(c.task, size)) == (8, 8 * size)
+    assert b["answer_mask"].sum() == 8 * size  # every key queried once
+    parts = [next(h) for h in halves]
+    np.testing.assert_array_equal(np.concatenate([p["inputs"] for p in parts]), b["inputs"])
+    seen.add(size)
+  assert seen == {2, 3, 4}
+  # The position is the step: a restored iterator continues the same stream.
+  again = ProbeIterator(c.task, seed=5, global_batch=8, process_index=0, process_count=1)
+  again.set_state(whole.get_state())
+  np.testing.assert_array_equal(next(again)["inputs"], next(whole)["inputs"])
 
 
 @pytest.mark.parametrize(
@@ -65,21 +101,39 @@ def test_evaluate_matches_a_direct_count():
     [
         ("task.probe", "sort"),
         ("task.eval_sizes", []),
-        ("task.train_size", 0),
+        ("task.train_sizes", [0, 2]),
         ("model.kind", "rnn"),
         ("task.noise", 1.0),
+        ("task.power_a", 0.0),
+        ("task.vocab_size", 0),
     ],
 )
 def test_bad_config(field, value):
-  c = config("copy,tiny")
+  c = config("recall,tiny")
   parent, last = field.split(".")
   c[parent][last] = value
-  with pytest.raises(ValueError, match=field.split(".")[-1]):
+  with pytest.raises(ValueError, match=last):
     ProbesTask(c).validate()
 
 
-def test_recall_sizes_must_fit_the_symbols():
-  c = config("recall,tiny")
-  c.task.eval_sizes = [2, 9]
+@pytest.mark.parametrize(
+    "arg,sizes",
+    [
+        ("recall,tiny", [2, 40]),  # vocab 64: keys from [1, 32), so 31 pairs at most
+        ("recall_toy,tiny", [2, 9]),  # 8 symbols: 8 distinct keys at most
+        ("selective_copy,tiny", [8, 6]),  # 4 data tokens and 4 markers need 8 positions
+    ],
+)
+def test_sizes_must_fit_the_probe(arg, sizes):
+  c = config(arg)
+  c.task.eval_sizes = sizes
   with pytest.raises(ValueError, match="eval_sizes"):
     ProbesTask(c).validate()
+
+
+def test_the_default_recall_is_mqar_over_a_large_vocabulary():
+  c = config("gpt")
+  assert c.task.probe == "recall" and c.task.vocab_size >= 1024
+  ProbesTask(c).validate()
+  b = make_batch(c.task, c.task.train_sizes[0], 0, 0, 2)
+  assert b["inputs"].shape[1] == c.task.seq_per_pair * c.task.train_sizes[0]

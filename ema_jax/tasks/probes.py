@@ -1,14 +1,17 @@
-"""The copy / recall / selective-copy / filtering probes (ema_jax/data/probes.py) as a trainer task.
+"""The probes of ema_jax/data/probes.py (MQAR, selective copy, copy, filtering, recall_toy) as a trainer task.
 
-config.task.probe picks the probe; config.task.train_size is its size in training (string length for copy
-and selective copy, key-value pairs for recall, stream length for filtering) and config.task.eval_sizes
-the sizes evaluated after training, usually beyond train_size. The model is any LM of the LM task
-(config.model.kind: ema_lm with fixed or selective traces, gpt, aggregator) over the probe vocabulary.
-Training data is generated on the fly, deterministic in (seed, step) and independent of the process layout
-(each process takes its rows of the step's global batch). The loss is the cross-entropy of the answer tokens
-only; evaluation reports exact-match accuracy of the answers (per token and per sequence) at every
-evaluation size, on held-out batches of task.eval_seed, with the model reading its own inputs (teacher
-forcing: the accuracy of predicting every answer token given the correct ones before it).
+config.task.probe picks the probe. Every run trains on a range of sizes: each step draws one size from
+config.task.train_sizes (uniformly, deterministic in (seed, step); one size per batch, so each distinct
+size compiles the step once), and evaluation runs at config.task.eval_sizes, inside the range and beyond
+it. A size is, per probe: key-value pairs N for recall (MQAR; sequence length seq_per_pair x N) and
+recall_toy, the whole input length T for selective copy (copy_tokens data tokens among noise, then as many
+markers), the string length for copy and the stream length for filtering. The model is any LM of the LM
+task (config.model.kind: ema_lm with fixed or selective traces, gpt, aggregator) over the probe's
+vocabulary (config.task.vocab_size). Training data is generated on the fly, independent of the process
+layout (each process takes its rows of the step's global batch). The loss is the cross-entropy of the
+answer tokens only; evaluation reports exact-match accuracy of the answers (per token and per sequence)
+at every evaluation size, on held-out batches of task.eval_seed, with the model reading the probe's inputs
+(copy and recall_toy are teacher forced; MQAR, selective copy and filtering never show an answer).
 """
 
 from __future__ import annotations
@@ -29,28 +32,49 @@ from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task
 from ema_jax.tasks.lm import _NON_MODEL_FIELDS, _model_module
 
 MODEL_KINDS = ("ema_lm", "gpt", "aggregator")
+# Separates the stream that picks each step's training size from the one that generates its batch.
+_SIZE_STREAM = 0x512E
+
+
+def toy_vocab(t: ml_collections.ConfigDict) -> data.Vocab:
+  """The shared layout of copy, recall_toy and filtering inside task.vocab_size tokens."""
+  return data.Vocab(int(t.vocab_size) - data.SPECIALS)
 
 
 def make_batch(t: ml_collections.ConfigDict, size: int, seed: int, step: int, batch: int) -> Dict[str, np.ndarray]:
-  vocab = data.Vocab(int(t.symbols))
-  if t.probe == "copy":
-    return data.copy_batch(seed, step, batch, size, vocab)
   if t.probe == "recall":
-    return data.recall_batch(seed, step, batch, size, int(t.queries), vocab)
+    return data.mqar_batch(
+        seed, step, batch, size, sequence_length(t, size), int(t.vocab_size), power_a=float(t.power_a)
+    )
   if t.probe == "selective_copy":
-    return data.selective_copy_batch(seed, step, batch, size, int(t.span_factor) * size, vocab)
-  return data.filtering_batch(seed, step, batch, size, vocab, noise=float(t.noise))
+    return data.selective_copy_batch(seed, step, batch, size, int(t.copy_tokens), int(t.vocab_size))
+  if t.probe == "copy":
+    return data.copy_batch(seed, step, batch, size, toy_vocab(t))
+  if t.probe == "recall_toy":
+    return data.recall_toy_batch(seed, step, batch, size, int(t.queries), toy_vocab(t))
+  return data.filtering_batch(seed, step, batch, size, toy_vocab(t), noise=float(t.noise))
 
 
 def sequence_length(t: ml_collections.ConfigDict, size: int) -> int:
   """Length of the model's input rows for a probe size."""
+  if t.probe == "recall":
+    return int(t.seq_per_pair) * size
   if t.probe == "copy":
     return 2 * size
-  if t.probe == "recall":
+  if t.probe == "recall_toy":
     return 2 * size + 3 * int(t.queries)
-  if t.probe == "selective_copy":
-    return int(t.span_factor) * size + size
-  return size
+  return size  # selective_copy (the whole input), filtering (the stream)
+
+
+def train_size_at(t: ml_collections.ConfigDict, seed: int, step: int) -> int:
+  """The size of step `step`'s training batch: uniform over the distinct task.train_sizes."""
+  sizes = sorted({int(s) for s in t.train_sizes})
+  rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(step), _SIZE_STREAM]))
+  return sizes[int(rng.integers(len(sizes)))]
+
+
+def train_range(t: ml_collections.ConfigDict):
+  return min(int(s) for s in t.train_sizes), max(int(s) for s in t.train_sizes)
 
 
 class ProbeIterator(StepBatchIterator):
@@ -65,7 +89,8 @@ class ProbeIterator(StepBatchIterator):
     self.step = 0
 
   def __next__(self) -> Dict[str, np.ndarray]:
-    out = make_batch(self.t, int(self.t.train_size), self.seed, self.step, self.global_batch)
+    size = train_size_at(self.t, self.seed, self.step)
+    out = make_batch(self.t, size, self.seed, self.step, self.global_batch)
     self.step += 1
     return {k: v[self.rows] for k, v in out.items()}
 
@@ -95,31 +120,37 @@ class ProbesTask(Task):
     t, m = self.config.task, self.config.model
     if t.probe not in data.PROBES:
       config_error("task.probe", t.probe, f"one of {data.PROBES}")
-    for f in ("symbols", "train_size", "queries", "span_factor", "eval_batch_size", "eval_batches"):
+    for f in ("vocab_size", "queries", "seq_per_pair", "copy_tokens", "eval_batch_size", "eval_batches"):
       if not (is_int(t[f]) and t[f] >= 1):
         config_error(f"task.{f}", t[f], "a positive integer")
-    sizes = list(t.eval_sizes or [])
-    if not sizes or not all(is_int(s) and s >= 1 for s in sizes):
-      config_error("task.eval_sizes", t.eval_sizes, "a non-empty list of positive sizes, e.g. [8, 16, 32]")
-    if t.probe == "recall" and max(sizes + [t.train_size]) > t.symbols:
-      config_error("task.eval_sizes", t.eval_sizes, f"pair counts <= symbols={t.symbols} (recall keys are distinct)")
+    for f, example in (("train_sizes", "[4, 8, 16]"), ("eval_sizes", "[4, 8, 16, 32, 64]")):
+      sizes = list(t[f] or [])
+      if not sizes or not all(is_int(s) and s >= 1 for s in sizes):
+        config_error(f"task.{f}", t[f], f"a non-empty list of positive sizes, e.g. {example}")
+    if t.probe in ("copy", "recall_toy", "filtering") and t.vocab_size <= data.SPECIALS:
+      config_error("task.vocab_size", t.vocab_size, f"> {data.SPECIALS} ({t.probe}'s special tokens + symbols)")
     if not 0 <= t.noise < 1:
       config_error("task.noise", t.noise, "a probability in [0, 1)")
+    if not t.power_a > 0:
+      config_error("task.power_a", t.power_a, "a number > 0 (Zoology's 0.01; 1 = uniform query gaps)")
+    # Every size must make a batch: one row of each, through the generators' own checks.
+    for f in ("train_sizes", "eval_sizes"):
+      for size in t[f]:
+        try:
+          make_batch(t, int(size), 0, 0, 1)
+        except ValueError as e:
+          config_error(f"task.{f}", list(t[f]), f"sizes the {t.probe} probe can make ({size}: {e})")
     if m.kind not in MODEL_KINDS:
       config_error("model.kind", m.kind, f"one of {MODEL_KINDS}")
     self.model_config()
 
   def model_config(self):
-    m = self.config.model
+    m, t = self.config.model, self.config.task
     module, cfg_cls, _ = _model_module(m.kind)
     fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in m.items() if k not in _NON_MODEL_FIELDS}
-    fields["vocab_size"] = data.Vocab(int(self.config.task.symbols)).size
+    fields["vocab_size"] = int(t.vocab_size)
     if m.kind == "gpt":
-      longest = max(
-          sequence_length(self.config.task, s)
-          for s in [self.config.task.train_size] + list(self.config.task.eval_sizes)
-      )
-      fields.setdefault("context_len", longest)
+      fields.setdefault("context_len", max(sequence_length(t, s) for s in list(t.train_sizes) + list(t.eval_sizes)))
     try:
       return module.preset(m.preset, **fields) if m.get("preset") else cfg_cls(**fields)
     except TypeError as e:
@@ -161,8 +192,9 @@ class ProbesTask(Task):
       per["token_accuracy"].append(tok)
       per["sequence_accuracy"].append(seq)
     out: Dict[str, Any] = {"per_size": per}
-    train = int(t.train_size)
-    for name, sel in (("in_range", lambda s: s <= train), ("out_of_range", lambda s: s > train)):
+    lo, hi = train_range(t)
+    regions = (("shorter", lambda s: s < lo), ("in_range", lambda s: lo <= s <= hi), ("beyond", lambda s: s > hi))
+    for name, sel in regions:
       idx = [i for i, s in enumerate(per["size"]) if sel(s)]
       if idx:
         for k in ("token_accuracy", "sequence_accuracy"):
@@ -171,14 +203,18 @@ class ProbesTask(Task):
 
   def summarize(self, results: Dict[str, Dict[str, Any]], step: int, workdir: Optional[str]) -> str:
     t = self.config.task
-    lines = [f"probe {t.probe}, step {step} (trained at size {t.train_size}; '*' = beyond): answer accuracy"]
+    lo, hi = train_range(t)
+    trained = {int(s) for s in t.train_sizes}
+    lines = [
+        f"probe {t.probe}, step {step} (trained at sizes {sorted(trained)}: '+'; '*' = beyond {hi}): answer accuracy"
+    ]
     names = [k for k, r in results.items() if r and "per_size" in r]
     if not names:
       return ""
     lines.append(f"{'size':>6}" + "".join(f"{n + ' tok':>12}{n + ' seq':>12}" for n in names))
     sizes = results[names[0]]["per_size"]["size"]
     for i, s in enumerate(sizes):
-      mark = "*" if s > int(t.train_size) else " "
+      mark = "*" if s > hi else "+" if s in trained else " "
       row = "".join(
           f"{results[n]['per_size']['token_accuracy'][i]:>12.3f}{results[n]['per_size']['sequence_accuracy'][i]:>12.3f}"
           for n in names
@@ -187,10 +223,15 @@ class ProbesTask(Task):
     return "\n".join(lines)
 
   def seq_len(self) -> Optional[int]:
-    return sequence_length(self.config.task, int(self.config.task.train_size))
+    """The longest training row (what the trainer checks against a sequence-sharded mesh)."""
+    t = self.config.task
+    return max(sequence_length(t, int(s)) for s in t.train_sizes)
 
   def tokens_per_example(self) -> int:
-    return self.seq_len()
+    """Mean training row length over the sizes drawn (for tokens/s)."""
+    t = self.config.task
+    sizes = sorted({int(s) for s in t.train_sizes})
+    return int(round(np.mean([sequence_length(t, s) for s in sizes])))
 
 
 TASK = ProbesTask
