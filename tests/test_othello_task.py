@@ -228,7 +228,7 @@ def test_config_presets_and_options():
   ema = get_config("tiny,ema").weight_ema
   assert ema.kind == "ema" and ema.decay == 0.9 and ema.burn_in == 20
   # Every preset keeps EMA and BEMA side by side, BEMA's burn-in inside the run.
-  for arg, burn_in in (("default", 200), ("cpu_hour", 400), ("paper", 2000), ("tiny", 20)):
+  for arg, burn_in in (("default", 200), ("cpu_hour", 400), ("rules", 3200), ("paper", 2000), ("tiny", 20)):
     c = get_config(arg)
     assert c.weight_ema.kind == "ema,bema" and c.weight_ema.burn_in == burn_in < c.steps
     assert c.model.norm_position == "post"
@@ -258,17 +258,24 @@ def test_compare_pairs_raw_ema_and_bema_of_one_run_per_seed(tmp_path, data_dir):
   )
   assert logged == ["== s0_d0: training 30 steps, averages ema,bema", "== s1_d0: training 30 steps, averages ema,bema"]
   entry = summary["0"]["metrics"]["out_of_range/kl"]
-  assert set(entry["values"]) == {"raw", "ema", "bema"} and set(entry["paired"]) == {"ema", "bema"}
+  assert set(entry["values"]) == {"raw", "ema", "bema", "raw@T", "ema@T", "bema@T"}
+  assert set(entry["paired"]) == {"ema", "bema"}
   for k in ("ema", "bema"):
     p = entry["paired"][k]
     assert p["seeds"] == 2 and p["ci95"][0] <= p["mean"] <= p["ci95"][1]
+  # Temperature control: raw@T against raw (sharpening only), each average at its T against raw at its T.
+  assert {k: p["base"] for k, p in entry["tempered"].items()} == {"raw@T": "raw", "ema@T": "raw@T", "bema@T": "raw@T"}
+  assert set(summary["0"]["temperature"]) == {"raw", "ema", "bema"}
+  assert all(t["min"] > 0 for t in summary["0"]["temperature"].values())
   md = (tmp_path / "r" / "summary.md").read_text()
   assert "Command: `cmd x`" in md and "post-norm" in md and "load average" in md and "CPU cores" in md
   assert "Δ ema - raw [95% CI], better" in md and "Δ bema - raw [95% CI], better" in md
   rows = [l for l in md.splitlines() if l.startswith("| out | kl |")]
   assert len(rows) == 1 and rows[0].count("±") == 3  # raw, ema, bema
+  rows = [l for l in md.splitlines() if l.startswith("| out | kl@T |")]
+  assert len(rows) == 1 and rows[0].count("±") == 3 and "Δ raw@T - raw (sharpening only)" in md
   csv_text = (tmp_path / "r" / "runs.csv").read_text()
-  assert csv_text.count("\ns0_d0,") == 3 and ",bema," in csv_text
+  assert csv_text.count("\ns0_d0,") == 3 and ",bema," in csv_text and ",temperature," in csv_text
   assert (tmp_path / "r" / "plots" / "othello_compare_deltas.png").exists()
   # Rerunning reuses the finished runs; a config with other averages than the runs' is refused.
   logged.clear()
