@@ -65,13 +65,8 @@ METRIC_LABELS_BASE = {
     "top1_valid": "top-1 valid rate",
 }
 METRIC_LABELS = {
-    "kl": "KL(target || p)",
-    "tv": "total variation",
-    "invalid_mass": "invalid mass",
-    "precision": "precision (min/max valid p)",
-    "logit_gap": "logit gap (valid - invalid)",
-    "top1_valid": "top-1 valid rate",
-    **{f"t_{k}": f"{v} at fitted T" for k, v in list(METRIC_LABELS_BASE.items())},
+    **METRIC_LABELS_BASE,
+    **{f"t_{k}": f"{v} at fitted T" for k, v in METRIC_LABELS_BASE.items()},
     "attn_entropy": "attention entropy (nats)",
     "attn_dispersion": "attention dispersion (entropy / log s)",
 }
