@@ -506,6 +506,16 @@ class Drill:
     trial.seconds = time.time() - t0
     return trial
 
+  def _resume_copy(self, trial: Trial, base: str, nproc: int, devices: int, reference: str) -> None:
+    """Reruns a copy of `base` on nproc x devices and sets the trial's outcome against the reference."""
+    wd = f"{base}_{nproc}x{devices}"
+    shutil.copytree(base, wd, ignore=shutil.ignore_patterns("*.log"))
+    codes = run(trial.task, wd, nproc=nproc, devices=devices)
+    if codes != [0] * nproc:
+      trial.outcome, trial.note = "failed", f"exit {codes}: {log_tail(wd)}"[-300:]
+    else:
+      trial.outcome, trial.note = compare(wd, reference, self.steps(trial.task))
+
   def multi_trial(self, task: str, layouts=((2, 2), (1, 4), (4, 1))) -> List[Trial]:
     reference, _ = self.reference(task)
     first = self.setting(task, "checkpoint_every")
@@ -525,13 +535,7 @@ class Drill:
     for nproc, devices in layouts:
       trial = Trial(task, "multi", f"2x2 killed at checkpoint {killed_at}, resumed on {nproc}x{devices}")
       t1 = time.time()
-      wd = f"{base}_{nproc}x{devices}"
-      shutil.copytree(base, wd, ignore=shutil.ignore_patterns("*.log"))
-      codes = run(task, wd, nproc=nproc, devices=devices)
-      if codes != [0] * nproc:
-        trial.outcome, trial.note = "failed", f"exit {codes}: {log_tail(wd)}"[-300:]
-      else:
-        trial.outcome, trial.note = compare(wd, reference, self.steps(task))
+      self._resume_copy(trial, base, nproc, devices, reference)
       trial.seconds = time.time() - t1
       trials.append(trial)
     return trials
@@ -571,13 +575,7 @@ class Drill:
           task, "sigterm_multi", f"{what}: both saved {steps[-1]}, exit 0 in {took:.0f} s; resumed on {nproc}x{devices}"
       )
       t1 = time.time()
-      wd = f"{base}_{nproc}x{devices}"
-      shutil.copytree(base, wd, ignore=shutil.ignore_patterns("*.log"))
-      codes = run(task, wd, nproc=nproc, devices=devices)
-      if codes != [0] * nproc:
-        trial.outcome, trial.note = "failed", f"exit {codes}: {log_tail(wd)}"[-300:]
-      else:
-        trial.outcome, trial.note = compare(wd, reference, self.steps(task))
+      self._resume_copy(trial, base, nproc, devices, reference)
       trial.seconds = time.time() - t1 + (took if not trials else 0)
       trials.append(trial)
     return trials
