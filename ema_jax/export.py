@@ -126,12 +126,12 @@ def export(workdir: str, out: Optional[str] = None, *, weights: str = "raw", ste
 
 
 def _model_class(kind: str):
-  from ema_jax.tasks import lm
+  from ema_jax import models
 
-  if kind not in lm.MODEL_KINDS:
-    raise ValueError(f"load_exported: model kind {kind!r}; this version knows {', '.join(lm.MODEL_KINDS)}.")
-  _, cfg_cls, model_cls = lm._model_module(kind)
-  return cfg_cls, model_cls
+  if kind not in models.MODEL_KINDS:
+    raise ValueError(f"load_exported: model kind {kind!r}; this version knows {', '.join(models.MODEL_KINDS)}.")
+  entry = models.sequence_model(kind)
+  return entry.config_cls, entry.model_cls
 
 
 def read_info(path: str) -> dict:

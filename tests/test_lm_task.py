@@ -5,14 +5,12 @@ import json
 import math
 import os
 
-import jax
 import pytest
 
 from ema_jax import evaluation, trainer
 from ema_jax.models import ema_lm
 from ema_jax.tasks import lm
 from ema_jax.data import text as text_lib
-from ml_collections import config_flags  # noqa: F401  (configs import like train.py does)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

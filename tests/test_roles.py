@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from ema_jax import trainer, workdir as workdir_lib
-from ema_jax.models.bigru import GRU, BiGRUConfig, BiGRUTagger, num_params
+from ema_jax.models.bigru import GRU, BiGRUConfig, BiGRUTagger, param_count
 from ema_jax.tasks import roles
 from experiments import roles_report
 
@@ -78,7 +78,7 @@ def tagger():
   cfg = BiGRUConfig(vocab_size=20, num_roles=5, unk_id=19, embed_dim=8, hidden=6, num_layers=2)
   model = BiGRUTagger(cfg, rngs=nnx.Rngs(1))
   _, params, _ = nnx.split(model, nnx.Param, ...)
-  assert sum(p.size for p in jax.tree.leaves(params)) == num_params(cfg)
+  assert sum(p.size for p in jax.tree.leaves(params)) == param_count(cfg)
   return model
 
 

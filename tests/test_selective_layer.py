@@ -1,6 +1,5 @@
 """SelectiveTraces (ema_jax/nn/selective_layer.py) and the EMA LM with trace_kind='selective'."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

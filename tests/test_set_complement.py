@@ -282,15 +282,15 @@ def test_evaluate_every_size_compiles_once_and_summarizes(tmp_path):
   table = task.summarize(results, 10, str(tmp_path))
   assert "KL:raw" in table and "KL:ema" in table and "5*" in table
   plots = sorted(os.listdir(tmp_path / "plots"))
-  assert len(plots) == 7 and all(p.endswith(".png") for p in plots)  # the base metrics and KL at T
+  assert len(plots) == 8 and all(p.endswith(".png") for p in plots)  # base metrics, KL at T, dispersion
   assert all(os.path.getsize(tmp_path / "plots" / p) < 1_000_000 for p in plots)
 
 
 @pytest.mark.parametrize("kind", ["query", "decoder"])
 def test_temperature_control_and_attention_dispersion(kind):
   """The fitted temperature equals temperature.fit_temperature on the check set's logits (numpy, an
-  independent path); t_kl is the KL of the logits divided by it; the decoder's dispersion is the entropy
-  of its last set token's attention over log s, recomputed here from the attention scores."""
+  independent path); t_kl is the KL of the logits divided by it; the dispersion is the entropy of the
+  predicting attention over the log of the positions it covers, recomputed here from the scores."""
   from ema_jax import temperature
   from ema_jax.tasks import set_complement as sc
 
@@ -309,16 +309,24 @@ def test_temperature_control_and_attention_dispersion(kind):
   present = jnp.asarray(data.present_tokens(b["tokens"], b["mask"], 6))
   direct = complement_metrics(sc.set_logits(model, b) / r["temperature"], present)
   np.testing.assert_allclose(r["per_size"]["t_kl"][3], float(direct["kl"].mean()), rtol=1e-4)
+  # Attention that makes the prediction, from the model's own projections (one head): the decoder's last
+  # set token over the 4 set tokens; the query model's appended query over them and itself (5 positions).
+  tokens = jnp.asarray(b["tokens"])
   if kind == "query":
-    assert "attn_dispersion" not in r["per_size"]
-    return
-  # Attention of the last set token, from the model's own projections (one head).
-  x = np.asarray(model.embed(jnp.asarray(b["tokens"])), np.float64)
+    assert model.positions is None and model.norm is None  # tiny_config: the reference below has neither
+    tokens = jnp.concatenate([tokens, jnp.full((8, 1), model.config.query_id, tokens.dtype)], axis=1)
+  x = np.asarray(model.embed(tokens), np.float64)
   q, k = x @ np.asarray(model.query.kernel.value), x @ np.asarray(model.key.kernel.value)
-  scores = np.einsum("bd,bsd->bs", q[:, 3], k[:, :4]) / np.sqrt(q.shape[-1])
+  if kind == "query":
+    attended, positions = [0, 1, 2, 3, 5], 5
+    scores = np.einsum("bd,bsd->bs", q[:, 5], k[:, attended]) / np.sqrt(q.shape[-1])
+  else:
+    positions = 4
+    scores = np.einsum("bd,bsd->bs", q[:, 3], k[:, :4]) / np.sqrt(q.shape[-1])
   a = np.exp(scores - scores.max(-1, keepdims=True))
   a /= a.sum(-1, keepdims=True)
   entropy = -(a * np.log(a)).sum(-1)
   np.testing.assert_allclose(r["per_size"]["attn_entropy"][3], entropy.mean(), rtol=1e-4)
-  np.testing.assert_allclose(r["per_size"]["attn_dispersion"][3], (entropy / np.log(4)).mean(), rtol=1e-4)
-  assert r["per_size"]["attn_dispersion"][0] == 1.0
+  np.testing.assert_allclose(r["per_size"]["attn_dispersion"][3], (entropy / np.log(positions)).mean(), rtol=1e-4)
+  if kind == "decoder":
+    assert r["per_size"]["attn_dispersion"][0] == 1.0

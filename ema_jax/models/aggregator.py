@@ -26,13 +26,12 @@ Causality: h_t,k sums x_s for s <= t only, and every other operation is per posi
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ema_jax.models import presets
+from ema_jax.models import lm_head, presets
 from ema_jax.nn.attention import dropout_rngs, resolve_documents
 from ema_jax.nn.ffn import ACTIVATIONS
 from ema_jax.nn.trace_layer import EMATraces
@@ -109,15 +108,7 @@ class Aggregator(nnx.Module):
     self.mlp_out = nnx.Linear(cfg.hidden, d, dtype=dt, rngs=rngs)
     self.norm_out = nnx.LayerNorm(d, epsilon=cfg.norm_eps, dtype=dt, rngs=rngs)
     if not cfg.tie_embeddings:
-      self.head = nnx.Linear(
-          d,
-          cfg.vocab_size,
-          use_bias=False,
-          dtype=dt,
-          kernel_init=nnx.initializers.normal(cfg.init_std),
-          preferred_element_type=jnp.float32,
-          rngs=rngs,
-      )
+      self.head = lm_head.untied_head(cfg, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
 
   def __call__(self, inputs_BT, *, resets_BT=None, segment_ids_BT=None, deterministic: bool = True, rngs=None):
@@ -139,18 +130,12 @@ class Aggregator(nnx.Module):
     z_BTF = jnp.concatenate([x_BTD, h_BTKD.reshape(b, t, -1).astype(x_BTD.dtype)], axis=-1)
     y_BTD = self.mlp_out(ACTIVATIONS["gelu"](self.mlp_in(self.norm_in(z_BTF))))
     y_BTD = self.norm_out(self.dropout(y_BTD, deterministic=deterministic, rngs=rngs))
-    if cfg.tie_embeddings:
-      dt = cfg.compute_dtype
-      return jnp.einsum(
-          "btd,vd->btv", y_BTD.astype(dt), self.embed.embedding[...].astype(dt), preferred_element_type=jnp.float32
-      )
-    return self.head(y_BTD).astype(jnp.float32)
+    return lm_head.logits(cfg, self.embed, getattr(self, "head", None), y_BTD)
 
 
 def param_count(config: AggregatorConfig) -> int:
   """Number of trainable parameters (tied embeddings counted once), from shapes only: no allocation."""
-  abstract = nnx.eval_shape(lambda: Aggregator(config, rngs=nnx.Rngs(0)))
-  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))))
+  return lm_head.param_count(lambda: Aggregator(config, rngs=nnx.Rngs(0)))
 
 
 def flops_per_token(config: AggregatorConfig, seq_len: int) -> float:

@@ -119,7 +119,8 @@ class BiGRUTagger(nnx.Module):
     return self.out(x_BTD)
 
 
-def num_params(cfg: BiGRUConfig) -> int:
+def param_count(cfg: BiGRUConfig) -> int:
+  """Trainable parameters, by formula (tests check it against the initialised model)."""
   gru = lambda d_in: 3 * cfg.hidden * (d_in + cfg.hidden + 2)
   dims = [cfg.embed_dim] + [2 * cfg.hidden] * cfg.num_layers
   return (

@@ -37,7 +37,6 @@ the residual stream, and on the attention weights of the attention predictors; n
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +49,7 @@ from ema_jax.nn.trace_layer import LEARN_MODES, EMATraces
 from ema_jax.nn.window_attention import WindowAttention
 from ema_jax import traces as traces_lib
 
-from ema_jax.models import presets
+from ema_jax.models import lm_head, presets
 
 TRACE_KINDS = ("fixed", "selective")
 
@@ -366,15 +365,7 @@ class EMALM(nnx.Module):
     self.blocks = nnx.List([EMABlock(cfg, rngs=rngs) for _ in range(cfg.num_blocks)])
     self.norm_out = make_norm(cfg.norm, cfg.width, eps=cfg.norm_eps, dtype=dt, rngs=rngs)
     if not cfg.tie_embeddings:
-      self.head = nnx.Linear(
-          cfg.width,
-          cfg.vocab_size,
-          use_bias=False,
-          dtype=dt,
-          kernel_init=nnx.initializers.normal(cfg.init_std),
-          preferred_element_type=jnp.float32,
-          rngs=rngs,
-      )
+      self.head = lm_head.untied_head(cfg, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
 
   def __call__(self, inputs_BT, *, resets_BT=None, segment_ids_BT=None, deterministic: bool = True, rngs=None):
@@ -398,13 +389,7 @@ class EMALM(nnx.Module):
     return self.logits(self.norm_out(x_BTD))
 
   def logits(self, x_BTD):
-    cfg = self.config
-    if cfg.tie_embeddings:
-      dt = cfg.compute_dtype
-      return jnp.einsum(
-          "btd,vd->btv", x_BTD.astype(dt), self.embed.embedding[...].astype(dt), preferred_element_type=jnp.float32
-      )
-    return self.head(x_BTD).astype(jnp.float32)
+    return lm_head.logits(self.config, self.embed, getattr(self, "head", None), x_BTD)
 
   def init_cache(self, batch: int, max_len=None) -> dict:
     """Decoding state of `batch` sequences at position 0: per block the trace state (K D float32) and,
@@ -484,8 +469,7 @@ class EMALM(nnx.Module):
 
 def param_count(config: EMALMConfig) -> int:
   """Number of trainable parameters (tied embeddings counted once), from shapes only: no allocation."""
-  abstract = nnx.eval_shape(lambda: EMALM(config, rngs=nnx.Rngs(0)))
-  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))))
+  return lm_head.param_count(lambda: EMALM(config, rngs=nnx.Rngs(0)))
 
 
 def flops_per_token(config: EMALMConfig, seq_len: int, *, sparse_ffn: bool = False) -> float:

@@ -162,9 +162,10 @@ class SetTransformer(nnx.Module):
       deterministic: bool = True,
       rngs=None,
       dropout_rates: Optional[Mapping[str, jax.Array]] = None,
+      return_attention: bool = False,
   ):
     """dropout_rates: {site: rate} overriding config.dropout / dropout_on and the state's DropoutRates (rates
-    may be traced)."""
+    may be traced). return_attention: return the query's attention weights [B, H, L + 1] instead."""
     cfg = self.config
     tokens_BL = jnp.asarray(tokens_BL)
     if tokens_BL.ndim != 2 or not jnp.issubdtype(tokens_BL.dtype, jnp.integer):
@@ -207,13 +208,22 @@ class SetTransformer(nnx.Module):
     scores_BHS = jnp.einsum("bhk,bshk->bhs", q_BHK, k_BSHK) / math.sqrt(q_BHK.shape[-1])
     # A finite fill keeps the softmax NaN-free; the query itself is always unmasked.
     scores_BHS = jnp.where(mask_BS[:, None, :], scores_BHS, jnp.finfo(scores_BHS.dtype).min)
-    weights_BHS = drop("attention", jax.nn.softmax(scores_BHS, axis=-1))
+    probs_BHS = jax.nn.softmax(scores_BHS, axis=-1)
+    if return_attention:
+      return probs_BHS
+    weights_BHS = drop("attention", probs_BHS)
     o_BHV = jnp.einsum("bhs,bshv->bhv", weights_BHS, v_BSHV)
     o_BD = drop("output", self.attn_out(o_BHV.reshape(b, -1)))
     h_BD = xq_BD + o_BD
     if cfg.norm == "post":
       h_BD = self.norm(h_BD)
     return self.readout(h_BD).astype(jnp.float32)
+
+
+  def last_attention(self, tokens_BL, mask_BL):
+    """Attention weights [B, H, L + 1] of the query over the set tokens and itself (the last entry): what
+    the prediction reads. Zero on padding."""
+    return self(tokens_BL, mask_BL, deterministic=True, return_attention=True)
 
 
 def param_count(config: SetTransformerConfig) -> int:

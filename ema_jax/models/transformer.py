@@ -27,7 +27,7 @@ from flax import nnx
 
 from ema_jax.nn.attention import MultiHeadAttention, causal_segment_mask, dropout_rngs, resolve_documents
 from ema_jax.nn.ffn import MLP
-from ema_jax.models import presets
+from ema_jax.models import lm_head, presets
 
 DTYPES = ("float32", "bfloat16")
 NORM_POSITIONS = ("pre", "post")  # LayerNorm on each sublayer's input (GPT-2) or on the residual sum (GPT-1)
@@ -138,15 +138,7 @@ class GPT(nnx.Module):
         nnx.LayerNorm(cfg.width, epsilon=cfg.norm_eps, dtype=dt, rngs=rngs) if cfg.norm_position == "pre" else None
     )
     if not cfg.tie_embeddings:
-      self.head = nnx.Linear(
-          cfg.width,
-          cfg.vocab_size,
-          use_bias=False,
-          dtype=dt,
-          kernel_init=nnx.initializers.normal(cfg.init_std),
-          preferred_element_type=jnp.float32,
-          rngs=rngs,
-      )
+      self.head = lm_head.untied_head(cfg, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
 
   def __call__(self, inputs_BT, *, resets_BT=None, segment_ids_BT=None, deterministic: bool = True, rngs=None):
@@ -283,12 +275,7 @@ class GPT(nnx.Module):
     cfg = self.config
     if self.norm_out is not None:
       x_BTD = self.norm_out(x_BTD)
-    if cfg.tie_embeddings:
-      dt = cfg.compute_dtype
-      return jnp.einsum(
-          "btd,vd->btv", x_BTD.astype(dt), self.embed.embedding[...].astype(dt), preferred_element_type=jnp.float32
-      )
-    return self.head(x_BTD).astype(jnp.float32)
+    return lm_head.logits(cfg, self.embed, getattr(self, "head", None), x_BTD)
 
 
 def document_start(resets_BT, lengths_B, t: int):
@@ -314,8 +301,7 @@ def _attend(att: MultiHeadAttention, x_BSD, k_BTHd, v_BTHd, mask_B1ST):
 
 def param_count(config: GPTConfig) -> int:
   """Number of trainable parameters (tied embeddings counted once), from shapes only: no allocation."""
-  abstract = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
-  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))))
+  return lm_head.param_count(lambda: GPT(config, rngs=nnx.Rngs(0)))
 
 
 def flops_per_token(config: GPTConfig, seq_len: int) -> float:

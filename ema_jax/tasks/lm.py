@@ -23,26 +23,12 @@ import ml_collections
 import optax
 from flax import nnx
 
+from ema_jax import models
 from ema_jax.data import text as text_lib
 from ema_jax.data import tokenizer as tokenizer_lib
 from ema_jax.tasks.base import EvalContext, Task
 
-MODEL_KINDS = ("ema_lm", "aggregator", "gpt")
-_NON_MODEL_FIELDS = ("kind", "preset")
-
-
-def _model_module(kind):
-  if kind == "ema_lm":
-    from ema_jax.models import ema_lm
-
-    return ema_lm, ema_lm.EMALMConfig, ema_lm.EMALM
-  if kind == "aggregator":
-    from ema_jax.models import aggregator
-
-    return aggregator, aggregator.AggregatorConfig, aggregator.Aggregator
-  from ema_jax.models import transformer
-
-  return transformer, transformer.GPTConfig, transformer.GPT
+MODEL_KINDS = models.MODEL_KINDS
 
 
 class LMTask(Task):
@@ -63,23 +49,8 @@ class LMTask(Task):
 
   def model_config(self):
     m = self.config.model
-    if m.kind not in MODEL_KINDS:
-      raise ValueError(f"config.model.kind={m.kind!r}; accepted: {', '.join(MODEL_KINDS)}.")
-    module, cfg_cls, _ = _model_module(m.kind)
-    fields = {k: v for k, v in m.items() if k not in _NON_MODEL_FIELDS}
-    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in fields.items()}
-    fields["vocab_size"] = self.tokenizer.vocab_size
-    if m.kind == "gpt":
-      fields.setdefault("context_len", self.config.task.seq_len)
-    try:
-      if m.get("preset"):
-        return module.preset(m.preset, **fields)
-      return cfg_cls(**fields)
-    except TypeError as e:
-      raise ValueError(
-          f"config.model: {e} (fields of {cfg_cls.__name__}: "
-          f"{', '.join(f.name for f in cfg_cls.__dataclass_fields__.values())})."
-      ) from None
+    defaults = {"context_len": self.config.task.seq_len} if m.kind == "gpt" else None
+    return models.make_config(m, defaults, vocab_size=self.tokenizer.vocab_size)
 
   def validate(self) -> None:
     t = self.config.task
@@ -110,8 +81,7 @@ class LMTask(Task):
   # ------------------------------------------------------------------------------------------ task API
 
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-    _, _, model_cls = _model_module(self.config.model.kind)
-    return model_cls(self.model_config(), rngs=rngs)
+    return models.sequence_model(self.config.model.kind).model_cls(self.model_config(), rngs=rngs)
 
   def train_iterator(self, process_index: int, process_count: int):
     c = self.config
@@ -131,7 +101,7 @@ class LMTask(Task):
     return self.config.task.seq_len
 
   def flops_per_token(self) -> Optional[float]:
-    module, _, _ = _model_module(self.config.model.kind)
+    module = models.sequence_model(self.config.model.kind).module
     return module.flops_per_token(self.model_config(), self.config.task.seq_len)
 
   # ------------------------------------------------------------------------------------------ eval

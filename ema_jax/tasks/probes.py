@@ -26,12 +26,12 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from ema_jax import models
 from ema_jax.data import probes as data
 from ema_jax.errors import config_error, is_int
 from ema_jax.tasks.base import EvalContext, StepBatchIterator, Task
-from ema_jax.tasks.lm import _NON_MODEL_FIELDS, _model_module
 
-MODEL_KINDS = ("ema_lm", "gpt", "aggregator")
+MODEL_KINDS = models.MODEL_KINDS
 # Separates the stream that picks each step's training size from the one that generates its batch.
 _SIZE_STREAM = 0x512E
 
@@ -146,19 +146,12 @@ class ProbesTask(Task):
 
   def model_config(self):
     m, t = self.config.model, self.config.task
-    module, cfg_cls, _ = _model_module(m.kind)
-    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in m.items() if k not in _NON_MODEL_FIELDS}
-    fields["vocab_size"] = int(t.vocab_size)
-    if m.kind == "gpt":
-      fields.setdefault("context_len", max(sequence_length(t, s) for s in list(t.train_sizes) + list(t.eval_sizes)))
-    try:
-      return module.preset(m.preset, **fields) if m.get("preset") else cfg_cls(**fields)
-    except TypeError as e:
-      raise ValueError(f"config.model: {e}.") from None
+    sizes = list(t.train_sizes) + list(t.eval_sizes)
+    defaults = {"context_len": max(sequence_length(t, s) for s in sizes)} if m.kind == "gpt" else None
+    return models.make_config(m, defaults, vocab_size=int(t.vocab_size))
 
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-    _, _, model_cls = _model_module(self.config.model.kind)
-    return model_cls(self.model_config(), rngs=rngs)
+    return models.sequence_model(self.config.model.kind).model_cls(self.model_config(), rngs=rngs)
 
   def train_iterator(self, process_index: int, process_count: int):
     return ProbeIterator(

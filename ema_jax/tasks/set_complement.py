@@ -12,10 +12,12 @@ and the same at a fitted temperature (t_kl, t_tv, ...: the logits divided by one
 weights, fitted to minimise the in-range cross-entropy on a held-out check set drawn with seed
 eval_seed + 1; ema_jax/temperature.py), so that an effect of the weights on length generalization can be
 told from a mere sharpening of the output. Raw weights at their own T are the "sharpening only" control.
-For the decoder, also what no temperature can change, the attention of the prediction over the set
-(the paper's mechanism is its dispersion):
-  attn_entropy     entropy (nats) of the last set token's attention weights, mean over heads
-  attn_dispersion  attn_entropy / log(s): 1 = uniform over the s set tokens, 0 = on one token (1 at s = 1)
+Also what no temperature can change, the attention of the prediction over the set (the paper's mechanism
+is its dispersion), for both models:
+  attn_entropy     entropy (nats) of the attention weights that make the prediction, mean over heads: the
+                   decoder's last set token over the s set tokens, the query model's query over the set
+                   and itself (s + 1 positions)
+  attn_dispersion  attn_entropy / log(positions attended): 1 = uniform, 0 = on one position
 
 config.model.kind picks the model: 'decoder' (ema_jax/models/set_decoder.py, the paper's causal model,
 trained on every prefix of each set at once, evaluated at the last set position) or 'query'
@@ -53,7 +55,7 @@ MAX_BALANCE_TOKENS = 256  # the balance report evaluates N (N - 1) length-2 inpu
 MODEL_KINDS = ("decoder", "query")  # set_decoder.py (the paper's model), set_transformer.py
 BASE_METRICS = ("kl", "tv", "invalid_mass", "precision", "logit_gap", "top1_valid")
 TEMPERED = tuple(f"t_{m}" for m in BASE_METRICS)  # the same at the fitted temperature
-ATTENTION = ("attn_entropy", "attn_dispersion")  # the decoder only
+ATTENTION = ("attn_entropy", "attn_dispersion")
 METRICS = BASE_METRICS + TEMPERED + ATTENTION
 CHECK_SEED_OFFSET = 1  # the temperature's check set: seed eval_seed + 1, as the sweep's plateau check
 METRIC_LABELS_BASE = {
@@ -294,10 +296,13 @@ def _eval_metrics(graphdef, state, batch, num_tokens, beta):
   present_BN = batch_present(batch, num_tokens)
   out = {k: jnp.mean(v) for k, v in complement_metrics(logits_BN, present_BN).items()}
   out.update({f"t_{k}": jnp.mean(v) for k, v in complement_metrics(logits_BN * beta, present_BN).items()})
-  if isinstance(model, set_decoder.SetDecoder):
-    a_BHL = model.last_attention(batch["tokens"], batch["mask"])
-    entropy_B = -(a_BHL * jnp.log(jnp.where(a_BHL > 0, a_BHL, 1.0))).sum(-1).mean(-1)
-    size_B = jnp.asarray(batch["mask"]).astype(jnp.float32).sum(-1)
+  if hasattr(model, "last_attention"):
+    # The decoder's last set token attends over the s set tokens, the query model's query over them and
+    # itself (one column more than the padded set): s or s + 1 positions.
+    a_BHS = model.last_attention(batch["tokens"], batch["mask"])
+    entropy_B = -(a_BHS * jnp.log(jnp.where(a_BHS > 0, a_BHS, 1.0))).sum(-1).mean(-1)
+    extra = a_BHS.shape[-1] - batch["mask"].shape[-1]
+    size_B = jnp.asarray(batch["mask"]).astype(jnp.float32).sum(-1) + extra
     out["attn_entropy"] = jnp.mean(entropy_B)
     out["attn_dispersion"] = jnp.mean(jnp.where(size_B > 1, entropy_B / jnp.log(jnp.maximum(size_B, 2.0)), 1.0))
   return out
@@ -433,7 +438,7 @@ class SetComplementTask(Task):
     graphdef, state = nnx.split(model)
     temp = self.fit_temperature(model, ctx)
     beta = jnp.float32(1.0 / temp)
-    metrics = METRICS if self.is_decoder else BASE_METRICS + TEMPERED
+    metrics = METRICS
     per_size = {m: [] for m in metrics}
     sizes = []
     for s, local in self._local_eval_batches(ctx).items():
