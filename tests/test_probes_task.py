@@ -75,6 +75,38 @@ def test_evaluate_matches_a_direct_count():
   assert set(res) >= {"in_range/token_accuracy", "beyond/sequence_accuracy"}
 
 
+def test_temperature_control_of_the_answer_cross_entropy():
+  """T is the brute-force minimiser of the check set's answer cross-entropy (numpy, a grid: an
+  independent path); answer_ce and t_answer_ce are the answers' NLL as-is and at T, counted directly."""
+  c = config("recall,gpt,tiny")
+  task = ProbesTask(c)
+  task.validate()
+  model = task.build_model(nnx.Rngs(params=1))
+  res = task.evaluate(model, CTX)
+
+  def answers(seed, size):
+    b = make_batch(c.task, size, seed, 0, c.task.eval_batch_size)
+    z = np.asarray(model(jnp.asarray(b["inputs"])), np.float64)
+    m = b["answer_mask"] > 0
+    return z[m], b["targets"][m]
+
+  def ce(z, y, temp):
+    s = z / temp
+    s = s - s.max(-1, keepdims=True)
+    return float(np.mean(np.log(np.exp(s).sum(-1)) - s[np.arange(len(y)), y]))
+
+  check = [answers(c.task.eval_seed + 1, s) for s in sorted(set(c.task.train_sizes))]
+  z, y = np.concatenate([a for a, _ in check]), np.concatenate([b for _, b in check])
+  grid = np.exp(np.linspace(np.log(0.01), np.log(1000.0), 8001))  # an untrained model: T is large
+  best = grid[np.argmin([ce(z, y, g) for g in grid])]
+  assert res["temperature"] == pytest.approx(best, rel=2e-3)
+  size = c.task.eval_sizes[-1]
+  z, y = answers(c.task.eval_seed, size)  # eval_batches = 1 in the tiny config
+  i = res["per_size"]["size"].index(size)
+  assert res["per_size"]["answer_ce"][i] == pytest.approx(ce(z, y, 1.0), rel=1e-4)
+  assert res["per_size"]["t_answer_ce"][i] == pytest.approx(ce(z, y, res["temperature"]), rel=1e-4)
+
+
 def test_training_draws_every_size_of_the_range_and_splits_rows_across_processes():
   c = config("recall,gpt,tiny")
   c.task.train_sizes = [2, 3, 4]

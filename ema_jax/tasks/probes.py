@@ -12,6 +12,11 @@ layout (each process takes its rows of the step's global batch). The loss is the
 answer tokens only; evaluation reports exact-match accuracy of the answers (per token and per sequence)
 at every evaluation size, on held-out batches of task.eval_seed, with the model reading the probe's inputs
 (copy and recall_toy are teacher forced; MQAR, selective copy and filtering never show an answer).
+
+The temperature control: one scalar T per set of weights, fitted (ema_jax/temperature.py) to minimise the
+answer cross-entropy at the training sizes of a check set drawn with seed eval_seed + 1, and the answer
+cross-entropy reported as-is (answer_ce) and at T (t_answer_ce). Accuracy is an argmax, which no
+temperature changes: an accuracy verdict is the same at T, and answer_ce is what a sharpening moves.
 """
 
 from __future__ import annotations
@@ -105,8 +110,16 @@ def answer_loss(model, batch, *, rngs=None, train: bool = False):
   return (nll_BT * m_BT).sum() / n, hit_BT.sum() / n
 
 
-def _predictions(graphdef, state, inputs):
-  return jnp.argmax(nnx.merge(graphdef, state)(inputs, deterministic=True), -1)
+def _predictions(graphdef, state, inputs, targets, answer_mask, beta):
+  """(argmax predictions [B, T], answer NLL sum as-is, answer NLL sum at inverse temperature beta)."""
+  logits_BTV = nnx.merge(graphdef, state)(inputs, deterministic=True).astype(jnp.float32)
+  m_BT = answer_mask.astype(jnp.float32)
+  nll = lambda z: (optax.softmax_cross_entropy_with_integer_labels(z, targets) * m_BT).sum()
+  return jnp.argmax(logits_BTV, -1), nll(logits_BTV), nll(logits_BTV * beta)
+
+
+def _logits(graphdef, state, inputs):
+  return nnx.merge(graphdef, state)(inputs, deterministic=True).astype(jnp.float32)
 
 
 class ProbesTask(Task):
@@ -115,6 +128,7 @@ class ProbesTask(Task):
   def __init__(self, config: ml_collections.ConfigDict, workdir: Optional[str] = None):
     super().__init__(config, workdir)
     self._predict = jax.jit(_predictions, static_argnums=0)
+    self._logits = jax.jit(_logits, static_argnums=0)
 
   def validate(self) -> None:
     t, m = self.config.task, self.config.model
@@ -169,30 +183,54 @@ class ProbesTask(Task):
     if n % pc:
       raise ValueError(f"config.task.eval_batch_size={n}: expected a multiple of process_count={pc}.")
     rows = slice(pi * n // pc, (pi + 1) * n // pc)
-    per = {"size": [], "token_accuracy": [], "sequence_accuracy": []}
+    gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)) if pc > 1 else np.asarray(x)
+    temp = self.fit_temperature(graphdef, state, ctx, rows, gather)
+    beta = jnp.float32(1.0 / temp)
+    per = {k: [] for k in ("size", "token_accuracy", "sequence_accuracy", "answer_ce", "t_answer_ce")}
     for size in sorted(int(s) for s in t.eval_sizes):
-      tok = seq = 0.0
+      tok = seq = nll = t_nll = answers = 0.0
       for i in range(int(t.eval_batches)):
         b = make_batch(t, size, int(t.eval_seed), i, n)
-        local = {k: v[rows] for k, v in b.items()}
-        pred = self._predict(graphdef, state, ctx.put_batch(local)["inputs"])
+        local = ctx.put_batch({k: v[rows] for k, v in b.items()})
+        pred, s_nll, s_t_nll = self._predict(
+            graphdef, state, local["inputs"], local["targets"], local["answer_mask"], beta
+        )
         # Predictions of the global batch (every process's rows), scored on every process alike.
-        pred = np.asarray(multihost_utils.process_allgather(pred, tiled=True)) if pc > 1 else np.asarray(pred)
-        acc = data.accuracy(pred, b)
+        acc = data.accuracy(gather(pred), b)
         tok += acc["token_accuracy"] / int(t.eval_batches)
         seq += acc["sequence_accuracy"] / int(t.eval_batches)
+        nll, t_nll = nll + float(jax.device_get(s_nll)), t_nll + float(jax.device_get(s_t_nll))
+        answers += float(b["answer_mask"].sum())
       per["size"].append(size)
       per["token_accuracy"].append(tok)
       per["sequence_accuracy"].append(seq)
-    out: Dict[str, Any] = {"per_size": per}
+      per["answer_ce"].append(nll / max(answers, 1.0))
+      per["t_answer_ce"].append(t_nll / max(answers, 1.0))
+    out: Dict[str, Any] = {"per_size": per, "temperature": temp}
     lo, hi = train_range(t)
     regions = (("shorter", lambda s: s < lo), ("in_range", lambda s: lo <= s <= hi), ("beyond", lambda s: s > hi))
     for name, sel in regions:
       idx = [i for i, s in enumerate(per["size"]) if sel(s)]
       if idx:
-        for k in ("token_accuracy", "sequence_accuracy"):
+        for k in ("token_accuracy", "sequence_accuracy", "answer_ce", "t_answer_ce"):
           out[f"{name}/{k}"] = float(np.mean([per[k][i] for i in idx]))
     return out
+
+  def fit_temperature(self, graphdef, state, ctx: EvalContext, rows, gather) -> float:
+    """T minimising the answer cross-entropy over one batch of each training size of the check set
+    (seed eval_seed + 1, never evaluated), every process's rows."""
+    from ema_jax import temperature
+
+    t = self.config.task
+    z, y = [], []
+    for size in sorted({int(s) for s in t.train_sizes}):
+      b = make_batch(t, size, int(t.eval_seed) + 1, 0, int(t.eval_batch_size))
+      logits = gather(self._logits(graphdef, state, ctx.put_batch({"inputs": b["inputs"][rows]})["inputs"]))
+      m = b["answer_mask"] > 0
+      z.append(logits[m])
+      y.append(b["targets"][m])
+    z, y = np.concatenate(z), np.concatenate(y)
+    return temperature.fit_temperature(z, np.eye(z.shape[-1], dtype=np.float64)[y])
 
   def summarize(self, results: Dict[str, Dict[str, Any]], step: int, workdir: Optional[str]) -> str:
     t = self.config.task
