@@ -200,6 +200,8 @@ def train_grid(probes, models, seeds, workdir, *, window, width=64, steps=None, 
                     train_sizes=sorted(int(s) for s in c.task.train_sizes),
                     token_accuracy=float(per["token_accuracy"][i]),
                     sequence_accuracy=float(per["sequence_accuracy"][i]),
+                    **{k: float(per[k][i]) for k in ("answer_ce", "t_answer_ce") if k in per},
+                    **({"temperature": float(res["temperature"])} if "temperature" in res else {}),
                     **budget,
                 )
             )
@@ -228,6 +230,37 @@ def summarize(rows, info, probes, models, weights="raw") -> Dict[str, Any]:
           if v:
             table[f"{probe}/{model}/{region}/{metric}"] = dict(mean=v[0], min=v[1], max=v[2], seeds=v[3])
   return table
+
+
+# The averaging comparison's readings: accuracy is an argmax, the same at any temperature, so its as-is
+# estimate is also its temperature-controlled one; the answer cross-entropy is read as-is and at T.
+AVERAGING = (("token_accuracy", "as-is = at T"), ("answer_ce", "as-is"), ("t_answer_ce", "at T"))
+
+
+def averaging(rows, probes, models, averaged: str = "ema") -> Dict[str, Any]:
+  """EMA minus raw weights per probe, model and region: per seed the difference of the means over the
+  region's sizes, then the mean over seeds with a 95% t-interval (n >= 2). No probe run uses dropout, so
+  there is no dropout comparison here (the set-complement sweep has it)."""
+  from experiments.norm_compare import t_interval
+
+  out = {}
+  for probe in probes:
+    for model in models:
+      for region, pick in REGIONS.items():
+        for metric, reading in AVERAGING:
+          d = []
+          for seed in sorted({r["seed"] for r in rows if r["probe"] == probe and r["model"] == model}):
+            sel = lambda w: [
+                r[metric]
+                for r in rows
+                if (r["probe"], r["model"], r["seed"], r["weights"]) == (probe, model, seed, w) and pick(r) and metric in r
+            ]
+            a, b = sel(averaged), sel("raw")
+            if a and b:
+              d.append(float(np.mean(a)) - float(np.mean(b)))
+          if d:
+            out[f"{probe}/{model}/{region}/{metric}"] = dict(reading=reading, **t_interval(np.asarray(d)))
+  return out
 
 
 def gate(rows, threshold: float = GATE) -> Dict[str, Any]:
@@ -302,6 +335,23 @@ def write_markdown(path, summary, probes, models):
         cells = [table.get(f"{probe}/{m}/{region}/{metric}") for m in models]
         if any(cells):
           lines.append(f"| {probe} | {region} | " + " | ".join(fmt(c) for c in cells) + " |")
+  avg = summary.get("averaging") or {}
+  if avg:
+    lines += [
+        "",
+        "## Weight averaging: EMA minus raw weights, paired by seed (95% t-interval where n >= 2)",
+        "",
+        "Token accuracy is an argmax, which no temperature changes (its as-is estimate is the temperature-"
+        "controlled one); the answer cross-entropy is given as-is and at each set of weights' own fitted "
+        "temperature. No probe run uses dropout.",
+        "",
+        "| probe | model | region | metric | reading | mean [95% CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, r in avg.items():
+      probe, model, region, metric = key.split("/")
+      ci = f" [{r['ci'][0]:.3g}, {r['ci'][1]:.3g}]" if "ci" in r else f" (n = {r['n']})"
+      lines.append(f"| {probe} | {model} | {region} | {metric} | {r['reading']} | {r['mean']:.3g}{ci} |")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
 
@@ -386,6 +436,7 @@ def reanalyse(results: str, command: str = "") -> Dict[str, Any]:
   summary["table"] = summarize(rows, summary["models"], probes, models)
   summary["table_ema"] = summarize(rows, summary["models"], probes, models, weights="ema")
   summary["gate"] = gate(rows)
+  summary["averaging"] = averaging(rows, probes, models)
   summary["reanalysed"] = dict(command=command, date=time.strftime("%Y-%m-%d"))
   with open(os.path.join(results, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
@@ -422,6 +473,7 @@ def run(
       gate=gate(rows),
       table=summarize(rows, info, probes, models),
       table_ema=summarize(rows, info, probes, models, weights="ema"),
+      averaging=averaging(rows, probes, models),
       runs=rows,
   )
   os.makedirs(results, exist_ok=True)

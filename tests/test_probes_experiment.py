@@ -44,6 +44,26 @@ def test_the_gpt_mqar_check_uses_the_worst_seed_at_each_trained_size():
   assert probes.gate([_row("ema3", 4, 1.0)])["passed"] is None
 
 
+def test_averaging_is_paired_by_seed_with_a_t_interval():
+  """EMA minus raw per seed (means over the region's sizes), then mean and 95% t-interval over seeds,
+  recomputed here by hand; a seed missing one set of weights is left out."""
+  rows = []
+  for seed, (raw, ema) in enumerate(((0.5, 0.6), (0.7, 0.75), (0.4, 0.6))):
+    for size in (4, 8):
+      rows.append(dict(_row("gpt", size, raw, seed=seed), answer_ce=1.0, t_answer_ce=0.9))
+      rows.append(dict(_row("gpt", size, ema, seed=seed, weights="ema"), answer_ce=1.2, t_answer_ce=0.8))
+  rows.append(_row("gpt", 4, 0.0, seed=3))  # raw only: no pair
+  avg = probes.averaging(rows, ["recall"], ["gpt"])
+  r = avg["recall/gpt/within/token_accuracy"]
+  d = [0.1, 0.05, 0.2]
+  mean, se = sum(d) / 3, (sum((x - sum(d) / 3) ** 2 for x in d) / 2) ** 0.5 / 3**0.5
+  assert r["n"] == 3 and r["mean"] == pytest.approx(mean) and r["reading"] == "as-is = at T"
+  assert r["ci"] == pytest.approx([mean - 4.302652729911275 * se, mean + 4.302652729911275 * se])
+  assert avg["recall/gpt/within/answer_ce"]["mean"] == pytest.approx(0.2)
+  assert avg["recall/gpt/within/t_answer_ce"]["mean"] == pytest.approx(-0.1)
+  assert "recall/gpt/beyond/token_accuracy" not in avg  # no size beyond the range
+
+
 def test_reanalyse_writes_the_table_and_the_check_from_rows(tmp_path):
   rows = [_row(m, s, a) for m in ("ema3", "gpt") for s, a in ((4, 1.0), (8, 0.99), (16, 0.3))]
   info = {
