@@ -39,11 +39,11 @@ def main(argv):
   from ema_jax import workdir_lock  # no JAX: every process of a run stops here at once
 
   workdir_lock.check_writable(_WORKDIR.value)
-  from ema_jax import distributed, trainer  # after flag parsing, so --help and flag errors are fast
+  from ema_jax import distributed, launch, trainer  # after flag parsing, so --help and flag errors are fast
 
   distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
   try:
-    result = trainer.train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    result = launch.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except trainer.NonFiniteError:
     raise SystemExit(3)  # the trainer has printed why; the last good checkpoint is kept
   status = result.get("status") if isinstance(result, dict) else None

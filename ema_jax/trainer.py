@@ -234,11 +234,11 @@ def train(
   """
   preemption.install()
   distributed.initialize_from_env()
-  local = get_task(config)
-  if isinstance(local, LocalLearningTask):
-    local.validate()
-    with workdir_lock.held(workdir):
-      return local.run(workdir)
+  if isinstance(get_task(config), LocalLearningTask):
+    raise ValueError(
+        f"config.task.name={config.task.name!r} is fitted by a local rule, not by gradient steps: run it "
+        "with train.py or ema_jax.launch.run(config, workdir)."
+    )
   setup = build(config, workdir=workdir)
   with workdir_lock.held(workdir):  # one writer per workdir: taken before anything is written to it
     try:

@@ -130,7 +130,12 @@ def test_config_and_input_validation():
 def tiny_run():
   data = g.make_splits(600, 200, 50, seed=0, max_len=24)
   cfg = H.HebbianConfig(vocab_size=len(g.VOCAB), code_dim=16, num_units=64, epochs=2, batch_size=32)
-  return data, cfg, H.fit_and_evaluate(cfg, data["train"], {"heldout": data["heldout"]}, probe_steps=200)
+  fitted = H.fit_readouts(cfg, data["train"], probe_steps=200)
+  held, train = data["heldout"], data["train"]
+  score = lambda pred: role_metrics.evaluate(pred, held.roles, held.depth, held.mask, held.role_names)
+  results = {"heldout": {r: score(p) for r, p in H.predict(fitted, cfg, held.tokens, held.mask).items()}}
+  results["heldout"]["majority"] = score(role_metrics.majority_predictions(train.roles, train.mask, held.mask))
+  return data, cfg, results
 
 
 def test_end_to_end_readouts_beat_majority_on_heldout(tiny_run):

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ema_jax import role_metrics, traces
+from ema_jax import traces
 
 CODE_KINDS = ("random", "context")
 
@@ -383,44 +383,32 @@ def probe_predict(probe: Probe, feats_BTF, mask_BT) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------
-# evaluation
+# the whole fit and its predictions (the one path the roles_hebbian task and the tests use)
 
 
-def fit_and_evaluate(cfg: HebbianConfig, train, evals: dict, *, probe_steps: int = 300, verbose: bool = False) -> dict:
-  """Label-free fit on train.tokens/mask, both readouts fitted on train's labels, evaluated on each of
-  `evals` (name -> object with tokens, roles, depth, mask, role_names such as grammar.RoleData).
-  Returns {name: {"unit_readout", "linear_probe", "majority"} -> role_metrics.evaluate(...) dict}."""
+class Fitted(NamedTuple):
+  params: HebbianParams
+  unit_roles_U: np.ndarray  # each unit's majority role on the training tokens it wins
+  probe: Probe  # the linear probe on the features
+
+
+READOUTS = ("unit_readout", "linear_probe")
+
+
+def fit_readouts(cfg: HebbianConfig, train, *, probe_steps: int = 300, verbose: bool = False) -> Fitted:
+  """The label-free fit on train.tokens / train.mask, then both readouts fitted on train.roles (labels
+  are used from the readouts on only). `train` has tokens, mask, roles and role_names."""
   num_roles = len(train.role_names)
   params = fit(cfg, train.tokens, train.mask, verbose=verbose)
   unit_roles_U = fit_unit_roles(params, cfg, train.tokens, train.mask, train.roles, num_roles)
-  probe = fit_probe(
-      features(params, cfg, train.tokens, train.mask),
-      train.mask,
-      train.roles,
-      num_roles,
-      steps=probe_steps,
-      seed=cfg.seed,
-  )
-  results = {}
-  for name, data in {"train": train, **evals}.items():
-    feats = features(params, cfg, data.tokens, data.mask)
-    results[name] = {
-        "unit_readout": role_metrics.evaluate(
-            assign(params, cfg, unit_roles_U, data.tokens, data.mask),
-            data.roles,
-            data.depth,
-            data.mask,
-            data.role_names,
-        ),
-        "linear_probe": role_metrics.evaluate(
-            probe_predict(probe, feats, data.mask), data.roles, data.depth, data.mask, data.role_names
-        ),
-        "majority": role_metrics.evaluate(
-            role_metrics.majority_predictions(train.roles, train.mask, data.mask),
-            data.roles,
-            data.depth,
-            data.mask,
-            data.role_names,
-        ),
-    }
-  return results
+  feats = features(params, cfg, train.tokens, train.mask)
+  probe = fit_probe(feats, train.mask, train.roles, num_roles, steps=probe_steps, seed=cfg.seed)
+  return Fitted(params, unit_roles_U, probe)
+
+
+def predict(fitted: Fitted, cfg: HebbianConfig, tokens_BT, mask_BT) -> dict:
+  """{readout: role predictions [B, T] (-1 at padding)} for both readouts."""
+  return {
+      "unit_readout": assign(fitted.params, cfg, fitted.unit_roles_U, tokens_BT, mask_BT),
+      "linear_probe": probe_predict(fitted.probe, features(fitted.params, cfg, tokens_BT, mask_BT), mask_BT),
+  }

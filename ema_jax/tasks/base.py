@@ -145,8 +145,9 @@ class Task(abc.ABC):
 class LocalLearningTask(abc.ABC):
   """An experiment trained by a local (non-gradient) learning rule, e.g. the Hebbian role model.
 
-  trainer.train hands such a task the workdir and lets it run; it must write metrics.jsonl and
-  eval_<step>.json there the same way the gradient trainer does, so eval tools read both alike.
+  ema_jax.launch.run (what train.py calls) hands such a task the workdir under the workdir lock and lets it
+  run; trainer.train, the gradient loop, refuses it. It must write metrics.jsonl and eval_<step>.json the
+  way the trainer does, so eval tools read both alike.
   """
 
   def __init__(self, config: ml_collections.ConfigDict):

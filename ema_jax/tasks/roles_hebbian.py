@@ -28,7 +28,7 @@ from ema_jax.models import hebbian
 from ema_jax.tasks import roles
 from ema_jax.tasks.base import LocalLearningTask
 
-READOUTS = ("unit_readout", "linear_probe")
+READOUTS = hebbian.READOUTS
 
 
 def hebbian_config(config: ml_collections.ConfigDict, vocab_size: int) -> hebbian.HebbianConfig:
@@ -63,7 +63,6 @@ class RolesHebbianTask(LocalLearningTask):
     splits = roles.load_data(t, int(self.config.seed))
     train = splits["train"]
     cfg = hebbian_config(self.config, len(train.vocab))
-    num_roles = len(train.role_names)
     timing = {"data_seconds": time.perf_counter() - t0}
     print(
         f"ema_jax: task roles_hebbian ({t.source}), {len(train)} training sentences, vocabulary "
@@ -71,31 +70,17 @@ class RolesHebbianTask(LocalLearningTask):
         flush=True,
     )
 
-    t1 = time.perf_counter()
-    params = hebbian.fit(cfg, train.tokens, train.mask, verbose=True)  # label-free
+    t1 = time.perf_counter()  # label-free fit, then the readouts on training labels (fit_readouts)
+    fitted = hebbian.fit_readouts(cfg, train, probe_steps=int(t.probe_steps), verbose=True)
+    params = fitted.params
     timing["fit_seconds"] = time.perf_counter() - t1
-
-    t1 = time.perf_counter()  # labels from here on: the readouts, fitted on training sentences only
-    unit_roles_U = hebbian.fit_unit_roles(params, cfg, train.tokens, train.mask, train.roles, num_roles)
-    probe = hebbian.fit_probe(
-        hebbian.features(params, cfg, train.tokens, train.mask),
-        train.mask,
-        train.roles,
-        num_roles,
-        steps=int(t.probe_steps),
-        seed=cfg.seed,
-    )
-    timing["readout_seconds"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
     details = {r: {} for r in READOUTS}
     majority = {}
     for name in roles.eval_splits(t):
       d = splits[name]
-      preds = {
-          "unit_readout": hebbian.assign(params, cfg, unit_roles_U, d.tokens, d.mask),
-          "linear_probe": hebbian.probe_predict(probe, hebbian.features(params, cfg, d.tokens, d.mask), d.mask),
-      }
+      preds = hebbian.predict(fitted, cfg, d.tokens, d.mask)
       for r in READOUTS:
         details[r][name] = roles.role_metrics(preds[r], d, int(t.deep_depth))
       majority[name] = roles.majority_accuracy(train, d)
