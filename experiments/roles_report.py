@@ -292,7 +292,7 @@ DIRECTIONS_NOTE = (
     "'both directions' = the default Hebbian model (configs/roles.py:hebbian, model.backward=True): each token "
     "reads EMA traces of the words before it and of the words after it. 'causal' = model.backward=False: "
     "traces of the words before it only, so the features and the role at position t do not change when "
-    "later words do (tests/test_hebbian.py), which is what a streaming reader has. The token codes of both "
+    "later words do (tests/models/test_hebbian.py), which is what a streaming reader has. The token codes of both "
     "come from word co-occurrence counts over the training text, a property of each word, not of the "
     "sentence being read. Same sentences (seeds) in every column; accuracies in %, mean ± sd over seeds."
 )

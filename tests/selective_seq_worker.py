@@ -1,5 +1,5 @@
 """Selective traces on a (data 2, seq 4) mesh of 8 forced CPU devices versus one device: values, final
-states and gradients w.r.t. x and the rates. Prints one JSON line (driven by tests/test_selective_traces.py)."""
+states and gradients w.r.t. x and the rates. Prints one JSON line (driven by tests/traces/test_selective.py)."""
 
 import os
 

@@ -13,7 +13,7 @@ from flax import nnx
 
 from ema_jax import evaluation, export, trainer
 from ema_jax.models import transformer
-from tests.test_lm_task import REPO, load_config, short
+from helpers import REPO, load_config, short
 
 
 @pytest.fixture(scope="module")

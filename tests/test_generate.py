@@ -5,7 +5,6 @@ model's logits on prompt + continuation so far); padding in a batch must never c
 the sampling filters against their definitions on a known distribution.
 """
 
-import os
 import subprocess
 import sys
 
@@ -17,9 +16,7 @@ from flax import nnx
 
 from ema_jax import decoding, export
 from ema_jax.models import ema_lm, transformer
-from tests.test_gpt_decode import EMA_SMALL, GPT_SMALL, perturbed
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import EMA_SMALL, GPT_SMALL, REPO, perturbed
 
 MODELS = {
     "gpt": lambda: perturbed(

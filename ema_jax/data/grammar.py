@@ -24,7 +24,7 @@ The grammar, written as the recursive functions below (S = clause, NP = noun phr
 Every verb token is VERB; the subject of every active clause (transitive or not) is AGENT. Transitive
 verbs are regular (past tense == past participle), so the same token appears in active and passive
 clauses and only the structure tells the roles apart. Noun phrases get one relative clause at most,
-so a greedy parse of the words is unambiguous (tests/test_grammar.py checks the labels that way).
+so a greedy parse of the words is unambiguous (tests/data/test_grammar.py checks the labels that way).
 Clauses at `max_depth` embed nothing further.
 
 A vs B (the transfer test). Both share the function words and the grammar above; they differ in

@@ -12,7 +12,7 @@ The input projections W x of all time steps are one matmul before the scan; only
 Padding: at a padded position the state is carried through unchanged (h' = h), the identity step of
 the recurrence. Padding sits after the sentence, so the forward GRU has finished the sentence before
 it and the backward GRU starts from its zero state at the last real token: outputs at real tokens do
-not depend on the padding at all (tests/test_roles.py checks this).
+not depend on the padding at all (tests/tasks/test_roles.py checks this).
 
 Regularization: dropout on the embeddings, between layers and before the output layer, and word
 dropout (a training token is replaced by `unk_id` with probability word_dropout), which also trains

@@ -6,8 +6,7 @@ import os
 import re
 import subprocess
 import sys
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
 
 
 def readme_blocks():

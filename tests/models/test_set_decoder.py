@@ -15,8 +15,9 @@ from ema_jax.data import set_complement as data
 from ema_jax.models.set_decoder import SetDecoder, SetDecoderConfig
 from ema_jax.tasks.base import EvalContext
 from ema_jax.tasks.set_complement import SetComplementTask, complement_metrics
+from helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(REPO)
 CTX = EvalContext(
     put_batch=lambda b: {k: jnp.asarray(v) for k, v in b.items()}, process_index=0, process_count=1, workdir=None
 )

@@ -14,8 +14,7 @@ from ema_jax import evaluation, trainer
 from ema_jax.data import othello as data
 from ema_jax.tasks import othello as task_lib
 from ema_jax.tasks.base import EvalContext
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
 
 
 def get_config(arg="tiny"):

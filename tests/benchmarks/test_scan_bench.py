@@ -3,13 +3,13 @@
 Each runs a benchmark in a subprocess (minutes on a loaded machine): the slow set, `pytest -m slow`."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from helpers import REPO
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+ROOT = REPO
 pytestmark = pytest.mark.slow
 
 

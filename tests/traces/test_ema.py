@@ -1,4 +1,5 @@
-"""ema_traces and the EMATraces layer against float64 loops; decoding equals the sequence scan."""
+"""ema_traces and the EMATraces layer: h0, per-channel rates, decoding equals the sequence scan (every method
+against the float64 loop: test_method_equivalence.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,58 +10,7 @@ from flax import nnx
 from ema_jax import traces
 from ema_jax.nn import EMATraces
 from ema_jax.traces import ema_traces
-
-METHODS = ["associative", "sequential", "chunked", "unrolled", "blocked", "fused", "auto"]
-
-
-def reference_traces(x, alphas, h0=None, resets=None, bias_correction=False):
-  x = np.asarray(x, np.float64)
-  alphas = np.asarray(alphas, np.float64)
-  alpha_kd = alphas[:, None] if alphas.ndim == 1 else alphas
-  bsz, t_len, d = x.shape
-  k = alpha_kd.shape[0]
-  out = np.zeros((bsz, t_len, k, d))
-  last = np.zeros((bsz, k, d))
-  for b in range(bsz):
-    h = np.zeros((k, d)) if h0 is None else np.array(h0[b], np.float64)
-    n = 0
-    for t in range(t_len):
-      if resets is not None and resets[b, t]:
-        h = np.zeros((k, d))
-        n = 0
-      n += 1
-      h = (1 - alpha_kd) * h + alpha_kd * x[b, t]
-      out[b, t] = h / (1 - (1 - alpha_kd) ** n) if bias_correction else h
-    last[b] = h
-  return out, last
-
-
-def rel_err(x, ref):
-  return np.max(np.abs(np.asarray(x, np.float64) - ref)) / max(np.max(np.abs(ref)), 1e-30)
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize(
-    "shape,alphas,resets,bias",
-    [
-        ((2, 1, 4), (0.5, 0.1, 0.02), False, False),
-        ((2, 1, 4), (0.5, 0.1, 0.02), True, True),
-        ((3, 37, 5), (0.5, 0.1, 0.02), True, False),
-        ((2, 33, 3), (0.3,), False, True),
-        ((2, 64, 6), (1.0, 0.1), True, True),
-        ((1, 257, 8), (0.5, 0.1, 0.02), True, True),
-    ],
-)
-def test_matches_float64_loop(method, shape, alphas, resets, bias):
-  rng = np.random.default_rng(sum(shape))
-  x = rng.normal(size=shape).astype(np.float32)
-  r = (rng.uniform(size=shape[:2]) < 0.1) if resets else None
-  h, h_last = ema_traces(x, alphas, resets=r, bias_correction=bias, method=method)
-  ref, ref_last = reference_traces(x, alphas, resets=r, bias_correction=bias)
-  assert h.shape == shape[:2] + (len(alphas),) + shape[2:] and h.dtype == jnp.float32
-  assert rel_err(h, ref) < 1e-5
-  assert rel_err(h_last, ref_last) < 1e-5
-
+from helpers import ema_loop, rel_err
 
 def test_h0_and_per_channel_rates():
   rng = np.random.default_rng(1)
@@ -68,7 +18,7 @@ def test_h0_and_per_channel_rates():
   alphas = rng.uniform(0.01, 0.9, size=(3, 4)).astype(np.float32)
   h0 = rng.normal(size=(2, 3, 4)).astype(np.float32)
   h, _ = ema_traces(x, jnp.asarray(alphas), h0)
-  assert rel_err(h, reference_traces(x, alphas, h0)[0]) < 1e-5
+  assert rel_err(h, ema_loop(x, alphas, h0)[0]) < 1e-5
 
 
 def test_bias_correction_makes_first_token_exact():
@@ -87,7 +37,7 @@ def test_low_precision(dtype):
   x = jnp.asarray(rng.normal(size=(2, 200, 8)), dtype)
   h, h_last = ema_traces(x, (0.5, 0.1, 0.02))
   assert h.dtype == dtype and h_last.dtype == jnp.float32
-  ref, ref_last = reference_traces(np.asarray(x.astype(jnp.float32)), (0.5, 0.1, 0.02))
+  ref, ref_last = ema_loop(np.asarray(x.astype(jnp.float32)), (0.5, 0.1, 0.02))
   assert rel_err(h.astype(jnp.float32), ref) < (2e-2 if dtype == jnp.bfloat16 else 2e-3)
   assert rel_err(h_last, ref_last) < 1e-5
 
@@ -123,8 +73,8 @@ def test_gradients_match_reference():
     xp, xm = x64.copy(), x64.copy()
     xp[idx] += eps
     xm[idx] -= eps
-    fp = np.sum(reference_traces(xp, (0.5, 0.1, 0.02), resets=r, bias_correction=True)[0] * w)
-    fm = np.sum(reference_traces(xm, (0.5, 0.1, 0.02), resets=r, bias_correction=True)[0] * w)
+    fp = np.sum(ema_loop(xp, (0.5, 0.1, 0.02), resets=r, bias_correction=True)[0] * w)
+    fm = np.sum(ema_loop(xm, (0.5, 0.1, 0.02), resets=r, bias_correction=True)[0] * w)
     num[idx] = (fp - fm) / (2 * eps)
     assert abs(g[idx] - num[idx]) < 1e-4 * max(1.0, abs(num[idx]))
   np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
@@ -174,7 +124,7 @@ def test_layer_call_and_step(learn):
       rtol=1e-5,
   )
   h, final = layer(x, resets_BT=r)
-  ref, _ = reference_traces(np.asarray(x), np.asarray(layer.alphas()), resets=np.asarray(r), bias_correction=True)
+  ref, _ = ema_loop(np.asarray(x), np.asarray(layer.alphas()), resets=np.asarray(r), bias_correction=True)
   assert rel_err(h, ref) < 1e-5
   state = layer.init_state(2)
   for t in range(15):

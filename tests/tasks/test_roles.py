@@ -16,8 +16,7 @@ from ema_jax import launch, trainer, workdir as workdir_lib
 from ema_jax.models.bigru import GRU, BiGRUConfig, BiGRUTagger, param_count
 from ema_jax.tasks import roles
 from experiments import roles_report
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
 
 
 def roles_config(preset):

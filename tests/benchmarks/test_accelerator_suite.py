@@ -14,8 +14,9 @@ import pytest
 from benchmarks import accelerator_suite as suite
 from ema_jax import traces
 from ema_jax.traces import scan
+from helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(REPO)
 DATA = ROOT.parent / "shared" / "data"
 
 

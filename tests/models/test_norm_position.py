@@ -12,8 +12,8 @@ from flax import nnx
 from ema_jax.models import transformer
 from ema_jax.models.set_transformer import SetTransformer, SetTransformerConfig
 from ema_jax.nn.attention import causal_segment_mask
+from helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=20, context_len=8, num_layers=2, num_heads=2, width=8, mlp_ratio=2)
 
 

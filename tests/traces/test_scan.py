@@ -8,32 +8,9 @@ import pytest
 from jax.test_util import check_grads
 
 from ema_jax.traces import kernels, linear_scan, scan
+from helpers import rel_err, scan_loop
 
-METHODS = ["associative", "sequential", "chunked", "unrolled", "auto"]
-
-
-def reference_scan(a, b, h0=None, reverse=False, resets=None):
-  """h_t = a_t h_{t-1} + b_t in float64, one token at a time."""
-  shape = np.broadcast_shapes(np.shape(a), np.shape(b))
-  a = np.broadcast_to(np.asarray(a, np.float64), shape)
-  b = np.broadcast_to(np.asarray(b, np.float64), shape)
-  bsz, t_len = shape[:2]
-  state = np.zeros((bsz,) + shape[2:]) if h0 is None else np.array(h0, np.float64)
-  h = np.zeros(shape)
-  for t in (range(t_len - 1, -1, -1) if reverse else range(t_len)):
-    a_t = a[:, t].copy()
-    if resets is not None:
-      # forward: a reset at t drops the state entering t; reverse: a reset at t + 1 cuts t + 1 -> t.
-      cut = resets[:, t] if not reverse else (resets[:, t + 1] if t + 1 < t_len else np.zeros(bsz, bool))
-      a_t[cut] = 0.0
-    state = a_t * state + b[:, t]
-    h[:, t] = state
-  return h, state
-
-
-def rel_err(x, ref):
-  x = np.asarray(x, np.float64)
-  return np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30)
+METHODS = [str(m) for m in kernels.scan_methods()]  # the registry: a new kernel is tested here too
 
 
 CASES = [
@@ -76,7 +53,7 @@ def test_matches_float64_loop(method, case):
   resets = (rng.uniform(size=(bsz, t_len)) < 0.15) if with_resets else None
   h0 = rng.normal(size=(bsz,) + ch).astype(np.float32) if with_h0 else None
   h, h_last = linear_scan(a, b, h0, reverse=reverse, resets=resets, method=method, chunk_size=8)
-  h_ref, last_ref = reference_scan(a, b, h0, reverse, resets)
+  h_ref, last_ref = scan_loop(a, b, h0, reverse, resets)
   assert h.dtype == jnp.float32 and h_last.dtype == jnp.float32
   assert h.shape == h_ref.shape and h_last.shape == last_ref.shape
   assert rel_err(h, h_ref) < 1e-5
@@ -93,7 +70,7 @@ def test_chunk_sizes_any_length(chunk, method):
     h0 = rng.normal(size=(2, 3, 4)).astype(np.float32)
     for reverse in (False, True):
       h, h_last = linear_scan(a, b, h0, resets=resets, reverse=reverse, method=method, chunk_size=chunk)
-      ref, ref_last = reference_scan(a, b, h0, reverse=reverse, resets=resets)
+      ref, ref_last = scan_loop(a, b, h0, reverse=reverse, resets=resets)
       assert rel_err(h, ref) < 1e-5 and rel_err(h_last, ref_last) < 1e-5
 
 
@@ -105,7 +82,7 @@ def test_unrolled_recursion_long_sequence():
     resets = rng.uniform(size=(1, 3000)) < 0.002
     for reverse in (False, True):
       h, h_last = linear_scan(a, b, resets=resets, reverse=reverse, method="unrolled", chunk_size=4)
-      ref, ref_last = reference_scan(a, b, reverse=reverse, resets=resets)
+      ref, ref_last = scan_loop(a, b, reverse=reverse, resets=resets)
       assert rel_err(h, ref) < 1e-5 and rel_err(h_last, ref_last) < 1e-5
 
 
@@ -114,7 +91,7 @@ def test_broadcast_input_over_channels():
   rng = np.random.default_rng(1)
   a = rng.uniform(0.5, 0.99, size=(1, 1, 3, 1)).astype(np.float32)
   b = rng.normal(size=(2, 29, 1, 6)).astype(np.float32)
-  ref = reference_scan(a, b)[0]
+  ref = scan_loop(a, b)[0]
   for method in METHODS:
     h, _ = linear_scan(a, b, method=method, chunk_size=8)
     assert h.shape == (2, 29, 3, 6)
@@ -131,7 +108,7 @@ def test_low_precision_inputs(dtype, tol, method):
   assert h.dtype == dtype and h_last.dtype == jnp.float32
   # Reference on the rounded inputs: the state accumulates in float32, so only the output rounding
   # (one bfloat16/float16 ulp) separates the two.
-  h_ref, last_ref = reference_scan(a, np.asarray(b_lo.astype(jnp.float32)))
+  h_ref, last_ref = scan_loop(a, np.asarray(b_lo.astype(jnp.float32)))
   assert rel_err(h.astype(jnp.float32), h_ref) < tol
   assert rel_err(h_last, last_ref) < 1e-5
 

@@ -17,8 +17,9 @@ from ema_jax.data import set_complement as data
 from ema_jax.models.set_transformer import SetTransformer, SetTransformerConfig
 from ema_jax.tasks.base import EvalContext, get_task
 from ema_jax.tasks.set_complement import SetComplementTask, complement_metrics, range_summary
+from helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(REPO)
 
 
 def load_config(arg=None):
@@ -30,7 +31,7 @@ def load_config(arg=None):
 
 def tiny_config(**task):
   c = load_config()
-  c.model.kind = "query"  # these tests are about the query model; tests/test_set_decoder.py has the decoder
+  c.model.kind = "query"  # these tests are about the query model; tests/models/test_set_decoder.py has the decoder
   c.steps, c.batch_size = 10, 8
   c.task.num_tokens, c.task.train_max_size, c.task.eval_examples = 6, 2, 8
   c.model.embed_dim = c.model.value_dim = 8

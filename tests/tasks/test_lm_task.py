@@ -11,33 +11,7 @@ from ema_jax import evaluation, trainer
 from ema_jax.models import ema_lm
 from ema_jax.tasks import lm
 from ema_jax.data import text as text_lib
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name, arg):
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def short(cfg, steps=6):
-  cfg.steps = steps
-  cfg.optim.warmup_steps = 2
-  cfg.log_every = 2
-  cfg.eval_every = 0
-  cfg.checkpoint_every = steps
-  cfg.task.seq_len = 64
-  cfg.batch_size = 4
-  cfg.task.eval_batch_size = 8
-  cfg.data.eval_max_tokens = 3000
-  cfg.data.eval_max_tokens_final = 3000
-  if cfg.model.kind == "gpt":
-    cfg.model.context_len = 64
-  return cfg
+from helpers import load_config, short
 
 
 @pytest.mark.parametrize(

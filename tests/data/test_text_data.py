@@ -21,8 +21,8 @@ from ema_jax.data import tokenizer as tokenizer_lib
 from ema_jax.data.text import files as text_files
 from ema_jax.data.text import readers as text_readers
 from ema_jax.errors import DataStateError
+from helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIKIPEDIA = os.path.join(REPO, "..", "shared", "data", "wikipedia")
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
 BYTE = tokenizer_lib.get_tokenizer("byte")

@@ -1,4 +1,5 @@
-"""The closed form 'fused' (ema_jax/traces/fused.py) against a float64 NumPy loop; gradients against the sequential scan."""
+"""The closed form 'fused' (ema_jax/traces/fused.py): learned rates, low precision, jit/vmap against the float64
+loop; gradients against the sequential scan. (Its values on every case: test_method_equivalence.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -9,71 +10,9 @@ from jax.test_util import check_grads
 from ema_jax import traces
 from ema_jax.traces import fused
 from ema_jax.traces import ema_traces
+from helpers import ema_loop, make_resets, rel_err
 
 ALPHAS = (0.5, 0.1, 0.02)
-
-
-def loop_traces(x, alphas, h0=None, resets=None, bias_correction=False, start_count=None):
-  """h_t = (1 - alpha) h_{t-1} + alpha x_t in float64, one token at a time; bias correction counts tokens
-  since the start (plus start_count) or the last reset."""
-  x = np.asarray(x, np.float64)
-  alpha = np.asarray(alphas, np.float64)[:, None]
-  bsz, t_len, d = x.shape
-  out = np.zeros((bsz, t_len, alpha.shape[0], d))
-  last = np.zeros((bsz, alpha.shape[0], d))
-  starts = np.broadcast_to(np.zeros(bsz, int) if start_count is None else np.asarray(start_count), (bsz,))
-  for b in range(bsz):
-    h = np.zeros((alpha.shape[0], d)) if h0 is None else np.array(h0[b], np.float64)
-    n = int(starts[b])
-    for t in range(t_len):
-      if resets is not None and resets[b, t]:
-        h, n = np.zeros_like(h), 0
-      n += 1
-      h = (1 - alpha) * h + alpha * x[b, t]
-      out[b, t] = h / (1 - (1 - alpha) ** n) if bias_correction else h
-    last[b] = h
-  return out, last
-
-
-def rel_err(x, ref):
-  return np.max(np.abs(np.asarray(x, np.float64) - ref)) / max(np.max(np.abs(ref)), 1e-30)
-
-
-def make_resets(rng, bsz, t_len, chunk):
-  r = rng.uniform(size=(bsz, t_len)) < 0.1
-  r[0, 0] = True  # at t = 0
-  r[-1, chunk::chunk] = True  # at chunk starts
-  r[0, chunk - 1 :: 2 * chunk] = True  # at chunk ends
-  return r
-
-
-@pytest.mark.parametrize(
-    "shape,alphas,chunk,resets,bias,with_h0,start",
-    [
-        ((2, 1, 4), ALPHAS, 16, False, False, False, None),  # T = 1
-        ((2, 1, 4), ALPHAS, 16, True, True, True, 3),
-        ((3, 37, 5), ALPHAS, 8, True, False, True, None),  # odd T, not a multiple of the chunk
-        ((2, 33, 3), (0.3,), 4, False, True, False, None),  # K = 1
-        ((2, 64, 6), (1.0, 0.1), 16, True, True, True, None),  # alpha = 1, T a multiple of the chunk
-        ((2, 29, 4), ALPHAS, 5, True, True, True, np.array([0, 7])),  # start_count per row
-        ((1, 257, 8), ALPHAS, 32, False, True, True, 2),  # scalar start_count
-        ((2, 40, 3), ALPHAS, 1, True, True, True, None),  # chunk of one token
-        ((2, 20, 3), ALPHAS, 64, True, False, False, None),  # chunk longer than T
-    ],
-)
-def test_matches_float64_loop(shape, alphas, chunk, resets, bias, with_h0, start):
-  rng = np.random.default_rng(sum(shape) + chunk)
-  bsz, t_len, d = shape
-  x = rng.normal(size=shape).astype(np.float32)
-  r = make_resets(rng, bsz, t_len, min(chunk, t_len)) if resets else None
-  h0 = rng.normal(size=(bsz, len(alphas), d)).astype(np.float32) if with_h0 else None
-  h, h_last = ema_traces(
-      x, alphas, h0, resets=r, bias_correction=bias, start_count=start, method="fused", chunk_size=chunk
-  )
-  ref, ref_last = loop_traces(x, alphas, h0, r, bias, start)
-  assert h.shape == (bsz, t_len, len(alphas), d) and h.dtype == jnp.float32 and h_last.dtype == jnp.float32
-  assert rel_err(h, ref) < 1e-5
-  assert rel_err(h_last, ref_last) < 1e-5
 
 
 def test_learned_rate_array_and_auto():
@@ -81,7 +20,7 @@ def test_learned_rate_array_and_auto():
   x = rng.normal(size=(2, 45, 4)).astype(np.float32)
   r = make_resets(rng, 2, 45, 16)
   alphas = jnp.asarray([[0.7], [0.05]], jnp.float32)  # [K, 1] shared over D
-  ref = loop_traces(x, np.asarray(alphas[:, 0]), resets=r, bias_correction=True)[0]
+  ref = ema_loop(x, np.asarray(alphas[:, 0]), resets=r, bias_correction=True)[0]
   for method in ("fused", "auto"):
     h, _ = ema_traces(x, alphas, resets=r, bias_correction=True, method=method)
     assert rel_err(h, ref) < 1e-5
@@ -96,7 +35,7 @@ def test_low_precision(dtype, tol):
   h, h_last = ema_traces(x, ALPHAS, resets=r, bias_correction=True, method="fused")
   assert h.dtype == dtype and h_last.dtype == jnp.float32
   # Reference on the rounded inputs: float32 accumulation leaves only the output rounding.
-  ref, ref_last = loop_traces(np.asarray(x.astype(jnp.float32)), ALPHAS, resets=r, bias_correction=True)
+  ref, ref_last = ema_loop(np.asarray(x.astype(jnp.float32)), ALPHAS, resets=r, bias_correction=True)
   assert rel_err(h.astype(jnp.float32), ref) < tol
   assert rel_err(h_last, ref_last) < 1e-5
 
@@ -109,7 +48,7 @@ def test_jit_and_vmap():
   f = lambda x, r, h0: ema_traces(x, ALPHAS, h0, resets=r, bias_correction=True, method="fused", chunk_size=8)
   h_v, last_v = jax.jit(jax.vmap(f))(x, r, h0)
   for i in range(3):
-    ref, ref_last = loop_traces(x[i], ALPHAS, h0[i], np.asarray(r[i]), True)
+    ref, ref_last = ema_loop(x[i], ALPHAS, h0[i], np.asarray(r[i]), True)
     assert rel_err(h_v[i], ref) < 1e-5 and rel_err(last_v[i], ref_last) < 1e-5
   w = jnp.asarray(rng.normal(size=h_v.shape), jnp.float32)
   loss = lambda x, r, h0, w: jnp.sum(f(x, r, h0)[0] * w)

@@ -8,22 +8,7 @@ import pytest
 from jax.test_util import check_grads
 
 from ema_jax import traces
-
-
-def reference(x, r, h0=None, resets=None):
-  """h_t = (1 - r_t) h_{t-1} + r_t x_t in float64, one token at a time."""
-  x, r = np.asarray(x, np.float64), np.asarray(r, np.float64)
-  bsz, t_len, d = x.shape
-  k = r.shape[2]
-  r = np.broadcast_to(r, (bsz, t_len, k, d))
-  h = np.zeros((bsz, k, d)) if h0 is None else np.array(h0, np.float64)
-  out = np.zeros((bsz, t_len, k, d))
-  for t in range(t_len):
-    if resets is not None:
-      h = np.where(np.asarray(resets)[:, t, None, None], 0.0, h)
-    h = (1 - r[:, t]) * h + r[:, t] * x[:, t, None, :]
-    out[:, t] = h
-  return out, h
+from helpers import TESTS_DIR, selective_loop
 
 
 def inputs(seed, shape=(2, 13, 3), k=3, shared=False):
@@ -35,7 +20,7 @@ def inputs(seed, shape=(2, 13, 3), k=3, shared=False):
   return x, r, h0, resets
 
 
-@pytest.mark.parametrize("method", ["auto", "associative", "sequential", "chunked", "unrolled"])
+@pytest.mark.parametrize("method", [str(m) for m in traces.scan_methods()])
 @pytest.mark.parametrize("shared", [False, True])
 def test_matches_float64_loop(method, shared):
   x, r, h0, resets = inputs(0, shared=shared)
@@ -43,7 +28,7 @@ def test_matches_float64_loop(method, shared):
     h, h_last = traces.selective_traces(
         x, r, h0_, resets=None if resets_ is None else jnp.asarray(resets_), method=method, chunk_size=4
     )
-    ref, ref_last = reference(x, r, h0_, resets_)
+    ref, ref_last = selective_loop(x, r, h0_, resets_)
     np.testing.assert_allclose(h, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(h_last, ref_last, rtol=1e-5, atol=1e-5)
     assert h.dtype == jnp.float32 and h_last.dtype == jnp.float32
@@ -97,7 +82,7 @@ def test_step_equals_scan():
 def test_low_precision_input_keeps_float32_state():
   x, r, _, _ = inputs(4)
   h, h_last = traces.selective_traces(jnp.asarray(x, jnp.bfloat16), r)
-  ref, ref_last = reference(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), r)
+  ref, ref_last = selective_loop(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), r)
   assert h.dtype == jnp.bfloat16 and h_last.dtype == jnp.float32
   np.testing.assert_allclose(h_last, ref_last, rtol=1e-5, atol=1e-5)
 
@@ -124,7 +109,7 @@ def test_sequence_sharded_equals_unsharded():
   import subprocess
   import sys
 
-  worker = os.path.join(os.path.dirname(__file__), "selective_seq_worker.py")
+  worker = os.path.join(TESTS_DIR, "selective_seq_worker.py")
   out = subprocess.run([sys.executable, worker], capture_output=True, text=True, timeout=600, check=True)
   res = json.loads(out.stdout.strip().splitlines()[-1])
   assert res["devices"] == 8

@@ -13,19 +13,7 @@ import pytest
 from flax import nnx
 
 from ema_jax.models import ema_lm, transformer
-
-GPT_SMALL = dict(vocab_size=23, context_len=24, num_layers=2, num_heads=2, width=16)
-EMA_SMALL = dict(vocab_size=23, width=16, num_blocks=2, ffn_hidden=32, ffn_active_fraction=0.25, heads=2)
-
-
-def perturbed(model, seed=0):
-  """Moves every parameter off its initial value (zero biases would hide mistakes in their paths)."""
-  params = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
-  leaves = [p + 0.3 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]
-  nnx.update(model, jax.tree.unflatten(treedef, leaves))
-  return model
+from helpers import EMA_SMALL, GPT_SMALL, REPO, perturbed
 
 
 def gpt(**overrides):
@@ -139,11 +127,10 @@ def test_gpt_cache_size_grows_with_context_ema_does_not():
 @pytest.mark.slow  # runs a benchmark in a subprocess
 def test_decode_bench_quick(tmp_path):
   import json
-  import os
   import subprocess
   import sys
 
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = REPO
   out = str(tmp_path / "decode_bench.json")
   done = subprocess.run(
       [sys.executable, "-m", "benchmarks.decode_bench", "--quick", "--out", out],

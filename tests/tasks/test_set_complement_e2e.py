@@ -8,8 +8,7 @@ import os
 import pytest
 
 from ema_jax import evaluation, trainer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
 
 
 def config(arg=None):

@@ -1,5 +1,6 @@
-"""The closed form 'blocked' (ema_jax/traces/closed_form.py) against a float64 NumPy loop; gradients against the
-sequential scan and finite differences. Rates shared over D and per channel."""
+"""The closed form 'blocked' (ema_jax/traces/closed_form.py): continuation, low precision, jit/vmap against
+the float64 loop; gradients against the sequential scan and finite differences. Rates shared over D and
+per channel. (Its values on every case: test_method_equivalence.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -10,93 +11,15 @@ from jax.test_util import check_grads
 from ema_jax import traces
 from ema_jax.traces import closed_form
 from ema_jax.traces import ema_traces
+from helpers import ema_loop, make_resets, per_channel_rates, rel_err
 
 ALPHAS = (0.5, 0.1, 0.02)
-
-
-def loop_traces(x, alphas, h0=None, resets=None, bias_correction=False, start_count=None):
-  """h_t = (1 - alpha) h_{t-1} + alpha x_t in float64, one token at a time, rates [K] or [K, D]; bias
-  correction counts tokens since the start (plus start_count) or the last reset."""
-  x = np.asarray(x, np.float64)
-  alpha = np.asarray(alphas, np.float64)
-  alpha = alpha[:, None] if alpha.ndim == 1 else alpha
-  bsz, t_len, d = x.shape
-  k = alpha.shape[0]
-  out = np.zeros((bsz, t_len, k, d))
-  last = np.zeros((bsz, k, d))
-  starts = np.broadcast_to(np.zeros(bsz, int) if start_count is None else np.asarray(start_count), (bsz,))
-  for b in range(bsz):
-    h = np.zeros((k, d)) if h0 is None else np.array(h0[b], np.float64)
-    n = int(starts[b])
-    for t in range(t_len):
-      if resets is not None and resets[b, t]:
-        h, n = np.zeros_like(h), 0
-      n += 1
-      h = (1 - alpha) * h + alpha * x[b, t]
-      out[b, t] = h / (1 - (1 - alpha) ** n) if bias_correction else h
-    last[b] = h
-  return out, last
-
-
-def rel_err(x, ref):
-  return np.max(np.abs(np.asarray(x, np.float64) - ref)) / max(np.max(np.abs(ref)), 1e-30)
-
-
-def make_resets(rng, bsz, t_len, chunk):
-  r = rng.uniform(size=(bsz, t_len)) < 0.1
-  r[0, 0] = True  # at t = 0
-  r[-1, chunk::chunk] = True  # at chunk starts
-  r[0, chunk - 1 :: 2 * chunk] = True  # at chunk ends
-  return r
-
-
-def per_channel(rng, k, d, with_one=False):
-  a = rng.uniform(0.01, 0.9, size=(k, d)).astype(np.float32)
-  if with_one:
-    a[0, 0] = 1.0
-  return a
-
-
-@pytest.mark.parametrize(
-    "shape,rates,chunk,resets,bias,with_h0,start",
-    [
-        ((2, 1, 4), "paper", 8, False, False, False, None),  # T = 1
-        ((2, 1, 4), "paper", 8, True, True, True, 3),
-        ((3, 37, 5), "paper", 8, True, False, True, None),  # odd T, not a multiple of the chunk
-        ((2, 33, 3), (0.3,), 4, False, True, False, None),  # K = 1
-        ((2, 64, 6), (1.0, 0.1), 16, True, True, True, None),  # alpha = 1, T a multiple of the chunk
-        ((2, 29, 4), "paper", 5, True, True, True, np.array([0, 7])),  # start_count per row
-        ((1, 257, 8), "paper", 32, False, True, True, 2),  # scalar start_count
-        ((2, 40, 3), "paper", 1, True, True, True, None),  # chunk of one token
-        ((2, 20, 3), "paper", 64, True, False, False, None),  # chunk longer than T
-        ((2, 45, 6), "channel", 8, True, True, True, None),  # a rate per timescale and channel
-        ((3, 19, 5), "channel1", 4, False, False, True, None),  # per channel, one of them alpha = 1
-        ((2, 300, 4), "channel", 8, True, True, False, 5),
-    ],
-)
-def test_matches_float64_loop(shape, rates, chunk, resets, bias, with_h0, start):
-  rng = np.random.default_rng(sum(shape) + chunk)
-  bsz, t_len, d = shape
-  x = rng.normal(size=shape).astype(np.float32)
-  alphas = {"paper": ALPHAS, "channel": None, "channel1": None}.get(rates, rates)
-  if alphas is None:
-    alphas = per_channel(rng, 3, d, with_one=rates == "channel1")
-  k = len(alphas)
-  r = make_resets(rng, bsz, t_len, min(chunk, t_len)) if resets else None
-  h0 = rng.normal(size=(bsz, k, d)).astype(np.float32) if with_h0 else None
-  h, h_last = ema_traces(
-      x, alphas, h0, resets=r, bias_correction=bias, start_count=start, method="blocked", chunk_size=chunk
-  )
-  ref, ref_last = loop_traces(x, alphas, h0, r, bias, start)
-  assert h.shape == (bsz, t_len, k, d) and h.dtype == jnp.float32 and h_last.dtype == jnp.float32
-  assert rel_err(h, ref) < 1e-5
-  assert rel_err(h_last, ref_last) < 1e-5
 
 
 def test_continuing_from_h_last_equals_one_pass():
   rng = np.random.default_rng(2)
   x = rng.normal(size=(2, 50, 4)).astype(np.float32)
-  alphas = per_channel(rng, 3, 4)
+  alphas = per_channel_rates(rng, 3, 4)
   h, _ = ema_traces(x, alphas, method="blocked")
   h1, last1 = ema_traces(x[:, :23], alphas, method="blocked")
   h2, _ = ema_traces(x[:, 23:], alphas, last1, method="blocked")
@@ -111,7 +34,7 @@ def test_low_precision(dtype, tol):
   h, h_last = ema_traces(x, ALPHAS, resets=r, bias_correction=True, method="blocked")
   assert h.dtype == dtype and h_last.dtype == jnp.float32
   # Reference on the rounded inputs: float32 accumulation leaves only the output rounding.
-  ref, ref_last = loop_traces(np.asarray(x.astype(jnp.float32)), ALPHAS, resets=r, bias_correction=True)
+  ref, ref_last = ema_loop(np.asarray(x.astype(jnp.float32)), ALPHAS, resets=r, bias_correction=True)
   assert rel_err(h.astype(jnp.float32), ref) < tol
   assert rel_err(h_last, ref_last) < 1e-5
 
@@ -124,7 +47,7 @@ def test_jit_and_vmap():
   f = lambda x, r, h0: ema_traces(x, ALPHAS, h0, resets=r, bias_correction=True, method="blocked", chunk_size=8)
   h_v, last_v = jax.jit(jax.vmap(f))(x, r, h0)
   for i in range(3):
-    ref, ref_last = loop_traces(x[i], ALPHAS, h0[i], np.asarray(r[i]), True)
+    ref, ref_last = ema_loop(x[i], ALPHAS, h0[i], np.asarray(r[i]), True)
     assert rel_err(h_v[i], ref) < 1e-5 and rel_err(last_v[i], ref_last) < 1e-5
 
 
@@ -138,7 +61,7 @@ def test_gradients_match_sequential(t_len, chunk, bias, rates):
   x = jnp.asarray(rng.normal(size=(2, t_len, d)), jnp.float32)
   h0 = jnp.asarray(rng.normal(size=(2, 3, d)), jnp.float32)
   # alpha = 1 only without bias correction, whose factor 1 / (1 - 0^n) has no derivative there (any method).
-  alphas = jnp.asarray(ALPHAS if rates == "shared" else per_channel(rng, 3, d, with_one=not bias), jnp.float32)
+  alphas = jnp.asarray(ALPHAS if rates == "shared" else per_channel_rates(rng, 3, d, with_one=not bias), jnp.float32)
   r = jnp.asarray(make_resets(rng, 2, t_len, min(chunk, t_len)))
   w = jnp.asarray(rng.normal(size=(2, t_len, 3, d)), jnp.float32)
   wl = jnp.asarray(rng.normal(size=(2, 3, d)), jnp.float32)

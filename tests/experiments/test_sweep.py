@@ -22,8 +22,9 @@ from ema_jax.tasks.set_complement import SetComplementTask
 from experiments import set_complement_sweep as sweep
 from experiments import set_complement_sweep_training as training
 from experiments.set_complement_sweep_report import csv_columns
+from helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(REPO)
 
 
 def sweep_config():

@@ -13,7 +13,7 @@ from flax import nnx
 
 from ema_jax import evaluation, trainer
 from ema_jax.models import aggregator
-from test_lm_task import load_config, short
+from helpers import load_config, short
 
 ALPHAS = (0.5, 0.1, 0.02)
 

@@ -16,8 +16,9 @@ from ema_jax import evaluation, trainer
 from ema_jax.data import probes as data
 from ema_jax.tasks.base import EvalContext
 from ema_jax.tasks.probes import ProbeIterator, ProbesTask, make_batch, sequence_length, train_size_at
+from helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(REPO)
 CTX = EvalContext(
     put_batch=lambda b: {k: jnp.asarray(v) for k, v in b.items()}, process_index=0, process_count=1, workdir=None
 )

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from ema_jax.data import conllu
+from helpers import REPO
 
-UD_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ud_english_ewt")
+UD_DIR = os.path.join(REPO, "..", "shared", "data", "ud_english_ewt")
 R = {name: i for i, name in enumerate(conllu.ROLE_NAMES)}
 
 
