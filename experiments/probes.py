@@ -253,7 +253,9 @@ def averaging(rows, probes, models, averaged: str = "ema") -> Dict[str, Any]:
             sel = lambda w: [
                 r[metric]
                 for r in rows
-                if (r["probe"], r["model"], r["seed"], r["weights"]) == (probe, model, seed, w) and pick(r) and metric in r
+                if (r["probe"], r["model"], r["seed"], r["weights"]) == (probe, model, seed, w)
+                and pick(r)
+                and metric in r
             ]
             a, b = sel(averaged), sel("raw")
             if a and b:

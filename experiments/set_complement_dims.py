@@ -79,6 +79,7 @@ def run_grid(c, lr: float, embed_dims, value_dims, seeds, kl_solved: float, log=
 
   from ema_jax.data import set_complement as data
   from ema_jax.tasks import set_complement as sc
+  from ema_jax.tasks import set_complement_metrics as scm
   from ema_jax.tasks import set_complement_theory as theory
   from experiments import set_complement_sweep as sweep
 
@@ -113,7 +114,7 @@ def run_grid(c, lr: float, embed_dims, value_dims, seeds, kl_solved: float, log=
       res = sweep.evaluate_group(programs, state, eval_batches)["raw"]
       for j, run in enumerate(runs):
         per = {m: res[m][j].tolist() for m in sweep.METRICS}
-        summ = sc.range_summary(sizes, per, s_max)
+        summ = scm.range_summary(sizes, per, s_max)
         params = jax.tree.map(lambda a: a[j], state["params"])
         other = jax.tree.map(lambda a: a[j], state["other"])
         model = nnx.merge(programs.setup.graphdef, params, other)

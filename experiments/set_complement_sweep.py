@@ -58,6 +58,7 @@ import numpy as np
 
 from ema_jax.data import set_complement as data
 from ema_jax.tasks import set_complement as sc
+from ema_jax.tasks import set_complement_metrics as scm
 from experiments.set_complement_sweep_report import csv_columns, findings, make_plots, write_markdown
 from experiments.set_complement_sweep_sampling import (
     group_key,
@@ -81,7 +82,7 @@ from experiments.set_complement_sweep_training import (
 )
 
 # The as-is metrics (set_complement_dims.py and accelerator_suite.py read them per size from evaluate_group).
-METRICS = sc.BASE_METRICS
+METRICS = scm.BASE_METRICS
 # Per-size curves kept in runs.json (the range means of every metric are kept in any case).
 PER_SIZE = ("kl", "t_kl", "invalid_mass", "t_invalid_mass", "logit_gap", "attn_dispersion")
 
@@ -168,7 +169,7 @@ def group_rows(programs, g_runs, key, state, losses_SR, info, temps, res, sizes,
     for w in programs.names:
       row[f"{w}_temperature"] = float(temps[w][j])
       per = {m: res[w][m][j].tolist() for m in res[w]}
-      summ = sc.range_summary(sizes, per, l_train)
+      summ = scm.range_summary(sizes, per, l_train)
       for p, pname in (("in", "in_range"), ("out", "out_of_range")):
         for m in ALL_METRICS:
           if f"{pname}/{m}" in summ:

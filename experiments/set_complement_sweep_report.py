@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 
 from ema_jax.models.set_transformer import DROPOUT_SITES
-from ema_jax.tasks import set_complement as sc
+from ema_jax.tasks import set_complement_metrics as scm
 from experiments.set_complement_sweep_stats import burn_in_of, direction, factor
 
 RUN_COLUMNS = (
@@ -17,7 +17,7 @@ RUN_COLUMNS = (
     + [f"drop_{s}" for s in DROPOUT_SITES]
     + ["ema_decay", "steps_trained", "plateau_step", "final_train_loss", "diverged"]
 )
-METRICS = sc.BASE_METRICS + sc.TEMPERED + sc.ATTENTION
+METRICS = scm.BASE_METRICS + scm.TEMPERED + scm.ATTENTION
 
 
 def csv_columns(weights: Sequence[str]) -> List[str]:

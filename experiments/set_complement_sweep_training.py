@@ -14,12 +14,13 @@ from flax import nnx
 
 from ema_jax import optim, temperature, trainer
 from ema_jax.tasks import set_complement as sc
+from ema_jax.tasks import set_complement_metrics as scm
 from experiments.set_complement_sweep_sampling import average_names, hyper_arrays
 
 # The metrics as-is and the attention's (no temperature changes it); the tempered ones (t_*) come with a
 # fitted temperature.
-AS_IS = sc.BASE_METRICS + sc.ATTENTION
-ALL_METRICS = sc.BASE_METRICS + sc.TEMPERED + sc.ATTENTION
+AS_IS = scm.BASE_METRICS + scm.ATTENTION
+ALL_METRICS = scm.BASE_METRICS + scm.TEMPERED + scm.ATTENTION
 
 
 def group_config(
@@ -130,7 +131,7 @@ class GroupPrograms:
     """The mean KL of one run on a batch (the plateau check's, without the other metrics' cost)."""
     logits_BN, target_BN = self.check_one(params, other, tokens_BL, mask_BL)
     present_BN = (target_BN == 0).astype(jnp.float32)
-    return jnp.mean(sc.complement_metrics(logits_BN, present_BN)["kl"])
+    return jnp.mean(scm.complement_metrics(logits_BN, present_BN)["kl"])
 
   def weights(self, state, name: str, averaged=None):
     """The params [R, ...] of weights `name` ('raw' or an average)."""

@@ -35,7 +35,9 @@ def logits(cfg, embed: nnx.Embed, head, x_BTD):
   """float32 logits [B, T, V] of the final features x_BTD: x E^T when tied, else head(x)."""
   if cfg.tie_embeddings:
     dt = cfg.compute_dtype
-    return jnp.einsum("btd,vd->btv", x_BTD.astype(dt), embed.embedding[...].astype(dt), preferred_element_type=jnp.float32)
+    return jnp.einsum(
+        "btd,vd->btv", x_BTD.astype(dt), embed.embedding[...].astype(dt), preferred_element_type=jnp.float32
+    )
   return head(x_BTD).astype(jnp.float32)
 
 

@@ -219,7 +219,6 @@ class SetTransformer(nnx.Module):
       h_BD = self.norm(h_BD)
     return self.readout(h_BD).astype(jnp.float32)
 
-
   def last_attention(self, tokens_BL, mask_BL):
     """Attention weights [B, H, L + 1] of the query over the set tokens and itself (the last entry): what
     the prediction reads. Zero on padding."""

@@ -14,7 +14,8 @@ from ema_jax import trainer
 from ema_jax.data import set_complement as data
 from ema_jax.models.set_decoder import SetDecoder, SetDecoderConfig
 from ema_jax.tasks.base import EvalContext
-from ema_jax.tasks.set_complement import SetComplementTask, complement_metrics
+from ema_jax.tasks.set_complement import SetComplementTask
+from ema_jax.tasks.set_complement_metrics import complement_metrics
 from helpers import REPO
 
 ROOT = Path(REPO)

@@ -16,7 +16,8 @@ from ema_jax import optim
 from ema_jax.data import set_complement as data
 from ema_jax.models.set_transformer import SetTransformer, SetTransformerConfig
 from ema_jax.tasks.base import EvalContext, get_task
-from ema_jax.tasks.set_complement import SetComplementTask, complement_metrics, range_summary
+from ema_jax.tasks.set_complement import SetComplementTask
+from ema_jax.tasks.set_complement_metrics import complement_metrics, range_summary
 from helpers import REPO
 
 ROOT = Path(REPO)

@@ -12,6 +12,7 @@ from ema_jax.nn import EMATraces
 from ema_jax.traces import ema_traces
 from helpers import ema_loop, rel_err
 
+
 def test_h0_and_per_channel_rates():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(2, 29, 4)).astype(np.float32)
