@@ -1,5 +1,5 @@
-"""Trace aggregator LM (ema_jax/models/aggregator.py): our minimal reading of the "aggregator" of "EMA Is
-Not All You Need" (2026), whose design we could not read; the model's docstring says what we built and why.
+"""Trace aggregator LM (ema_jax/models/aggregator.py): a minimal reading of the "aggregator" of "EMA Is
+Not All You Need" (2026), whose design the paper does not spell out; the model's docstring says what is built and why.
 
 Presets (python train.py --config configs/aggregator.py:PRESET --workdir W):
   tiny       byte tokenizer, the built-in text (no download), width 128, MLP hidden 512, T = 256.

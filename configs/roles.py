@@ -1,4 +1,4 @@
-"""Grammatical role assignment: label-free Hebbian traces model vs a supervised BiGRU (issue 8).
+"""Grammatical role assignment: label-free Hebbian traces model vs a supervised BiGRU.
 
 Run (grammar data is generated, nothing to download):
   python train.py --config configs/roles.py:hebbian --workdir /tmp/roles/hebbian_s0
