@@ -8,9 +8,12 @@
 
 For each shape (B, T, D, K) it times, after warm-up, the median (and range) of --repeats runs of
   forward            x [B, T, D] -> traces h [B, T, K, D]
-  forward+backward   training-like: the gradient w.r.t. x of mean(h^2), a scalar that uses the output, so
-                     neither pass can be removed by XLA (a bare VJP for a given cotangent lets XLA delete
-                     the forward of a linear map; the numbers before 2026-11-29 had that flaw)
+  training           forward and backward as a model sees them: the upstream gradient dh [B, T, K, D] is an
+                     argument, as when the traces feed a matmul: jax.value_and_grad of vdot(h, dh) w.r.t. x
+                     (and the rates where they are learned or selective). The value needs the forward, the
+                     gradient reads dh and writes dx: at least twice a copy's traffic. (A loss such as
+                     mean(h^2) lets XLA build the gradient from h inside the forward's fusion, which no
+                     model does; --with-mse adds it as a second, labelled row.)
 for: the blocked path (traces.ema_traces method='blocked', the closed form inside chunks as one elementwise
 pass, custom VJP; rates shared or per channel) at each --blocks size; the fused path (method='fused', one
 batched matmul per output, custom VJP) at each --fused-chunks size; each linear_scan method through ema_traces
@@ -121,20 +124,46 @@ _HEAP_ENV = dict(
 
 
 def selective_candidates(k, chunk_sizes):
+  """name -> (f(x, r), argnums of the gradient): x and the rates for selective, x for the others."""
   fixed = rates(k, 1, False)
-  train = lambda f: (lambda *args: jnp.mean(jnp.square(f(*args))))
   out = {}
   for m in ["sequential", "associative", "unrolled"] + [f"chunked/{c}" for c in chunk_sizes] + ["auto"]:
     method, _, c = m.partition("/")
     f = lambda x, r, method=method, c=c: traces.selective_traces(x, r, method=method, chunk_size=int(c) if c else None)[
         0
     ]
-    out[f"selective/{m}"] = (f, jax.grad(train(f), argnums=(0, 1)))
-  f = lambda x, r: traces.ema_traces(x, fixed, method="auto")[0]
-  out["fixed/auto"] = (f, jax.grad(train(f)))
-  f = lambda x, r: copy_op(x, k)
-  out["copy"] = (f, jax.grad(train(f)))
+    out[f"selective/{m}"] = (f, (0, 1))
+  out["fixed/auto"] = (lambda x, r: traces.ema_traces(x, fixed, method="auto")[0], 0)
+  out["copy"] = (lambda x, r: copy_op(x, k), 0)
   return out
+
+
+def train_step(f, argnums=0):
+  """jit(value_and_grad(vdot(f(*args), dh))): the training-like step; dh is the last argument."""
+  loss = lambda *a: jnp.vdot(f(*a[:-1]), a[-1])
+  return jax.jit(jax.value_and_grad(loss, argnums=argnums))
+
+
+def mse_step(f, argnums=0):
+  """jit(grad(mean(f(*args)^2))): the earlier, fusable training-like loss (--with-mse)."""
+  return jax.jit(jax.grad(lambda *a: jnp.mean(jnp.square(f(*a))), argnums=argnums))
+
+
+def mse_fields(res, name, prefix, copy_f):
+  """The --with-mse row of a candidate (empty without the flag): its median, range and ratio to the copy."""
+  if (name, "train_mse") not in res:
+    return {}
+  t, lo, hi = res[(name, "train_mse")]
+  return {
+      f"{prefix}_mse_ms": t * 1e3,
+      f"{prefix}_mse_ms_range": [lo * 1e3, hi * 1e3],
+      f"{prefix}_mse_vs_copy": t / copy_f,
+  }
+
+
+def upstream(shape_btkd, seed=2):
+  """A fixed upstream gradient dh of the traces' shape."""
+  return jax.random.normal(jax.random.key(seed), shape_btkd, jnp.float32)
 
 
 def time_interleaved_random(fns, repeats, seed=0):
@@ -165,10 +194,13 @@ def selective_main(args):
     # Rates near the paper's (logit(alpha) plus noise), as SelectiveTraces makes them.
     base = np.log(np.asarray(rates(k, 1, False)) / (1 - np.asarray(rates(k, 1, False))))
     r = jax.nn.sigmoid(base[:, None] + 0.5 * jax.random.normal(jax.random.key(1), (bsz, t_len, k, d)))
+    dh = upstream((bsz, t_len, k, d))
     fns = {}
-    for name, (f, g) in selective_candidates(k, chunk_sizes).items():
+    for name, (f, argnums) in selective_candidates(k, chunk_sizes).items():
       fns[(name, "fwd")] = (jax.jit(f), (x, r))
-      fns[(name, "train")] = (jax.jit(g), (x, r))
+      fns[(name, "train")] = (train_step(f, argnums), (x, r, dh))
+      if args.with_mse:
+        fns[(name, "train_mse")] = (mse_step(f, argnums), (x, r))
     res = time_interleaved_random(fns, args.repeats)
     copy_f = res[("copy", "fwd")][0]
     fixed_f, fixed_t = res[("fixed/auto", "fwd")][0], res[("fixed/auto", "train")][0]
@@ -186,6 +218,7 @@ def selective_main(args):
               train_vs_copy=tt / copy_f,
               fwd_vs_fixed=tf / fixed_f,
               train_vs_fixed=tt / fixed_t,
+              **mse_fields(res, name, "train", copy_f),
           )
       )
       print(
@@ -197,7 +230,7 @@ def selective_main(args):
   meta = run_meta(args, load_before, load_after, uptime_before, uptime_after)
   meta.update(
       selective_auto=str(scan.auto_method(1 << 20)),
-      train="jax.grad of mean(h^2) w.r.t. x (and the rates for selective)",
+      train="jax.value_and_grad of vdot(h, dh), dh an argument, w.r.t. x (and the rates for selective)",
   )
   write_json(args.out, meta, rows)
 
@@ -234,11 +267,13 @@ def learned_main(args):
   for shape in args.shapes.split(","):
     bsz, t_len, d, k = (int(v) for v in shape.split("x"))
     x = jax.random.normal(jax.random.key(0), (bsz, t_len, d), jnp.float32)
+    dh = upstream((bsz, t_len, k, d))
     fns = {}
     for name, (r, f) in learned_candidates(k, d, block_sizes).items():
       fns[(name, "fwd")] = (jax.jit(f), (x, r))
-      loss = lambda x, r, f=f: jnp.mean(jnp.square(f(x, r)))
-      fns[(name, "train")] = (jax.jit(jax.grad(loss, argnums=(0, 1))), (x, r))
+      fns[(name, "train")] = (train_step(f, (0, 1)), (x, r, dh))
+      if args.with_mse:
+        fns[(name, "train_mse")] = (mse_step(f, (0, 1)), (x, r))
     res = time_interleaved_random(fns, args.repeats)
     copy_f = res[("copy", "fwd")][0]
     fixed_f, fixed_t = res[("fixed/auto", "fwd")][0], res[("fixed/auto", "train")][0]
@@ -256,6 +291,7 @@ def learned_main(args):
               train_vs_copy=tt / copy_f,
               fwd_vs_fixed=tf / fixed_f,
               train_vs_fixed=tt / fixed_t,
+              **mse_fields(res, name, "train", copy_f),
           )
       )
       print(
@@ -266,7 +302,8 @@ def learned_main(args):
   load_after, uptime_after = os.getloadavg(), uptime()
   meta = run_meta(args, load_before, load_after, uptime_before, uptime_after)
   meta.update(
-      train="jax.grad of mean(h^2) w.r.t. x and the rates (none for fixed/auto and copy)",
+      train="jax.value_and_grad of vdot(h, dh), dh an argument, w.r.t. x and the rates (the rates of fixed/auto "
+      "and copy are constants: their gradient is zero)",
       auto_per_channel=str(traces.auto_method(1 << 20, False)),
   )
   write_json(args.out, meta, rows)
@@ -317,6 +354,7 @@ def main():
       help="[K, D] write rates (one per timescale and channel): the linear_scan methods only",
   )
   p.add_argument("--reuse-heap", action="store_true", help="keep freed memory in glibc's heap (see above)")
+  p.add_argument("--with-mse", action="store_true", help="also time the gradient of mean(h^2) (see above)")
   p.add_argument("--selective", action="store_true", help="time selective traces instead (see above)")
   p.add_argument("--learned", action="store_true", help="time learned rates instead (see above)")
   p.add_argument("--selective-chunks", default="8,16", help="chunk sizes of selective 'chunked'")
@@ -344,12 +382,15 @@ def main():
     x = jax.random.normal(jax.random.key(0), (bsz, t_len, d), jnp.float32)
     nbytes = 4 * (x.size + x.size * k)  # read x, write h
     al = rates(k, d, args.per_channel)
+    dh = upstream((bsz, t_len, k, d))
     fns = {}
     for name, f in candidates(al, k, chunk_sizes, fused_chunk_sizes, block_sizes).items():
       if name in skip:
         continue
       fns[(name, "fwd")] = (jax.jit(f), (x,))
-      fns[(name, "train")] = (jax.jit(jax.grad(lambda x, f=f: jnp.mean(jnp.square(f(x))))), (x,))
+      fns[(name, "train")] = (train_step(f), (x, dh))
+      if args.with_mse:
+        fns[(name, "train_mse")] = (mse_step(f), (x,))
     res = time_interleaved_random(fns, args.repeats)
     results = {name: (res[(name, "fwd")], res[(name, "train")]) for name in dict.fromkeys(n for n, _ in fns)}
     for name, ((t_f, _, _), (t_b, _, _)) in results.items():
@@ -377,6 +418,7 @@ def main():
               fwd_bwd_speedup_vs_textbook=text_b / t_b,
               best_fwd=name == best,
               best_fwd_bwd=name == best_b,
+              **mse_fields(res, name, "fwd_bwd", copy_f),
           )
       )
   load_after, uptime_after = os.getloadavg(), uptime()
@@ -406,7 +448,8 @@ def main():
       auto=auto,
       fused_default_chunk=traces.DEFAULT_FUSED_CHUNK,
       linear_scan_auto=scan.auto_method(1 << 20),
-      fwd_bwd="jax.grad of mean(h^2) w.r.t. x: a training-like loss that uses the output, so XLA cannot drop the forward",
+      fwd_bwd="jax.value_and_grad of vdot(h, dh) w.r.t. x, dh [B, T, K, D] an argument (the training step as a "
+      "model sees it); fwd_bwd_mse_ms (--with-mse): jax.grad of mean(h^2), which XLA can fuse into the forward",
   )
   write_json(args.out, meta, rows)
 

@@ -5,8 +5,9 @@ come from, for the forward and the training-like step that benchmarks.scan_bench
                                      [--per-channel] [--learned] [--repeats 5] [--reuse-heap]
                                      [--out results/trace_profile.json]
 
-For each method it jits the forward (x -> traces) and the training-like step (the gradient of mean(h^2)
-w.r.t. x), runs each --repeats times under jax.profiler, and reads the kernel (thunk) events out of the
+For each method it jits the forward (x -> traces) and the training step as a model sees it (scan_bench's:
+jax.value_and_grad of vdot(h, dh) w.r.t. x, and the rates with --learned, the upstream gradient dh an
+argument), runs each --repeats times under jax.profiler, and reads the kernel (thunk) events out of the
 profile: their wall time per call, summed per XLA fusion, with the fusion's output shape and the project
 source lines its instructions were traced from (so "the output pass", "the chunk-level loop" and "the
 backward's dx pass" can be told apart). Kernels that run in parallel on several threads count once per
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import command_line, rerun_argv
-from benchmarks.scan_bench import _HEAP_ENV, copy_op, rates, uptime
+from benchmarks.scan_bench import _HEAP_ENV, copy_op, rates, train_step, upstream, uptime
 from ema_jax import traces
 
 
@@ -141,15 +142,14 @@ def main():
   )
   for name in args.methods.split(","):
     f = method_fn(name, k)
+    dh = upstream((bsz, t_len, k, d))
     if args.learned:
-      fwd = jax.jit(f)
-      train = jax.jit(jax.grad(lambda x, r, f=f: jnp.mean(jnp.square(f(x, r))), argnums=(0, 1)))
-      call_args = (x, alphas)
+      fwd, fwd_args = jax.jit(f), (x, alphas)
+      train, train_args = train_step(f, (0, 1)), (x, alphas, dh)
     else:
-      fwd = jax.jit(lambda x, f=f: f(x, alphas))
-      train = jax.jit(jax.grad(lambda x, f=f: jnp.mean(jnp.square(f(x, alphas)))))
-      call_args = (x,)
-    for kind, fn in (("fwd", fwd), ("train", train)):
+      fwd, fwd_args = jax.jit(lambda x, f=f: f(x, alphas)), (x,)
+      train, train_args = train_step(lambda x, f=f: f(x, alphas)), (x, dh)
+    for kind, fn, call_args in (("fwd", fwd, fwd_args), ("train", train, train_args)):
       smap = source_map(fn.lower(*call_args).compile().as_text())
       with tempfile.TemporaryDirectory() as tmp:
         totals, wall = profile(fn, call_args, args.repeats, tmp)
