@@ -3,6 +3,7 @@ scans), against one float64 loop on the same cases: odd and one-token lengths, c
 divide T, resets at chunk edges, h0, bias correction with start counts, alpha = 1, rates per timescale
 or per channel. A method added to the registry is checked here without editing this file."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -54,3 +55,41 @@ def test_every_method_equals_the_float64_loop(method, case):
   assert h.shape == (bsz, t_len, k, d) and h.dtype == jnp.float32 and h_last.dtype == jnp.float32
   assert rel_err(h, ref) < 1e-5
   assert rel_err(h_last, ref_last) < 1e-5
+
+
+CLOSED_FORMS = [str(m) for m in ema.CLOSED_FORMS]
+
+
+@pytest.mark.parametrize("method", CLOSED_FORMS)
+@pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 2e-2), (jnp.float16, 2e-3)])
+def test_closed_forms_in_low_precision(method, dtype, tol):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 200, 8)), dtype)
+  r = make_resets(rng, 2, 200, 8)
+  h, h_last = ema_traces(x, PAPER, resets=r, bias_correction=True, method=method)
+  assert h.dtype == dtype and h_last.dtype == jnp.float32
+  # Reference on the rounded inputs: float32 accumulation leaves only the output rounding.
+  ref, ref_last = ema_loop(np.asarray(x.astype(jnp.float32)), PAPER, resets=r, bias_correction=True)
+  assert rel_err(h.astype(jnp.float32), ref) < tol
+  assert rel_err(h_last, ref_last) < 1e-5
+
+
+@pytest.mark.parametrize("method", CLOSED_FORMS)
+def test_closed_forms_under_jit_and_vmap(method):
+  """Values and gradients (x, h0) of a vmapped, jitted call equal the loop and the unbatched gradient."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(3, 2, 21, 4)), jnp.float32)  # [V, B, T, D]
+  r = jnp.asarray(rng.uniform(size=(3, 2, 21)) < 0.2)
+  h0 = jnp.asarray(rng.normal(size=(3, 2, 3, 4)), jnp.float32)
+  f = lambda x, r, h0: ema_traces(x, PAPER, h0, resets=r, bias_correction=True, method=method, chunk_size=8)
+  h_v, last_v = jax.jit(jax.vmap(f))(x, r, h0)
+  for i in range(3):
+    ref, ref_last = ema_loop(x[i], PAPER, h0[i], np.asarray(r[i]), True)
+    assert rel_err(h_v[i], ref) < 1e-5 and rel_err(last_v[i], ref_last) < 1e-5
+  w = jnp.asarray(rng.normal(size=h_v.shape), jnp.float32)
+  loss = lambda x, r, h0, w: jnp.sum(f(x, r, h0)[0] * w)
+  g_v = jax.jit(jax.vmap(jax.grad(loss, (0, 2))))(x, r, h0, w)
+  for i in range(3):
+    g_i = jax.grad(loss, (0, 2))(x[i], r[i], h0[i], w[i])
+    for a, b in zip(g_v, g_i):
+      np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6)
