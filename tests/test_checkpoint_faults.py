@@ -222,6 +222,8 @@ import json, jax, numpy as np
 from test_checkpoint_faults import sample_arrays, np_checksum
 from ema_jax import checkpoint as ckpt_lib
 from ema_jax import checksums
+
+pytestmark = pytest.mark.slow  # damaged checkpoints, each a real training run and restore (minutes): the slow set
 mesh = jax.make_mesh((2, 2), ("a", "b"))
 arrays = dict(sample_arrays(x64=True), big=np.arange(4 * 6 * 10, dtype=np.float32).reshape(4, 6, 10))
 specs = [jax.P(), jax.P("a"), jax.P(None, "b"), jax.P("a", "b"), jax.P(("a", "b")), jax.P("b", "a")]

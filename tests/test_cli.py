@@ -39,7 +39,7 @@ TINY = [
 LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")  # absl's log line prefix
 
 
-def script(name, *args, cwd=REPO, timeout=300):
+def script(name, *args, cwd=REPO, timeout=1800):
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   return subprocess.run(
       [sys.executable, os.path.join(REPO, name), *args],
@@ -122,6 +122,7 @@ def test_missing_config_file_is_one_line(tmp_path):
   assert_one_line_error(proc, "nope.py")
 
 
+@pytest.mark.slow
 def test_normal_run_is_quiet(finished):
   _, proc = finished
   out = proc.stdout + proc.stderr
@@ -143,7 +144,7 @@ def test_sigterm_during_start_up_exits_0(tmp_path):
   )
   time.sleep(1.5)  # inside the imports (JAX alone takes longer); any later point must exit 0 too
   proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=300)
+  out, err = proc.communicate(timeout=1800)
   assert proc.returncode == 0, (proc.returncode, err[-3000:])
   assert "Traceback" not in out + err
 
@@ -157,6 +158,7 @@ def _snapshot(wd):
   return {f: (open(f, "rb").read(), os.stat(f).st_mtime_ns) for f in files}
 
 
+@pytest.mark.slow
 def test_eval_writes_beside_the_run_never_over_it(finished):
   wd, _ = finished
   before = _snapshot(wd)
@@ -188,6 +190,7 @@ def test_eval_writes_beside_the_run_never_over_it(finished):
   assert _snapshot(wd) == before
 
 
+@pytest.mark.slow
 def test_eval_prints_the_table_when_it_cannot_write(finished, tmp_path):
   wd, _ = finished
   blocker = tmp_path / "a_file"
@@ -303,7 +306,7 @@ def test_read_only_workdir_is_one_line(tmp_path):
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1800,
     )
     assert_one_line_error(proc, fragment, "Read-only file system")
   assert os.listdir(wd) == []

@@ -25,6 +25,7 @@ def ema_workdir(tmp_path_factory):
   return wd
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", ["raw", "ema"])
 def test_round_trip_is_bit_exact(ema_workdir, tmp_path, weights):
   out = str(tmp_path / "model.safetensors")
@@ -91,6 +92,7 @@ def test_missing_and_corrupt_files_say_so(ema_workdir, tmp_path):
     export.export(ema_workdir, str(tmp_path / "m.bin"))
 
 
+@pytest.mark.slow
 def test_export_cli(ema_workdir, tmp_path):
   out = str(tmp_path / "cli.safetensors")
   run = lambda *a: subprocess.run(
@@ -112,6 +114,7 @@ def test_export_cli(ema_workdir, tmp_path):
   assert os.path.exists(path) and os.stat(path).st_mode & 0o777 == 0o644
 
 
+@pytest.mark.slow
 def test_exported_model_evaluates_as_its_checkpoint(ema_workdir, tmp_path):
   path, _ = export.export(ema_workdir, str(tmp_path / "m.safetensors"))
   from_export = export.evaluate_exported(path, lengths=[64, 256])  # 4x the training length: no limit
@@ -121,6 +124,7 @@ def test_exported_model_evaluates_as_its_checkpoint(ema_workdir, tmp_path):
     assert np.isfinite(a["loss"]) and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_lengths_beyond_gpt_context_fail_clearly(tmp_path):
   wd = str(tmp_path / "gpt")
   cfg = short(load_config("gpt2", "tiny"), steps=2)

@@ -117,6 +117,7 @@ def test_bad_settings_are_refused(settings, match):
     decoding.generate(MODELS["ema_fixed"](), np.zeros((1, 3), np.int32), max_new_tokens=2, **settings)
 
 
+@pytest.mark.slow
 def test_generate_py_on_an_export(tmp_path):
   cfg = ema_lm.EMALMConfig(**{**EMA_SMALL, "vocab_size": 257})
   info = dict(

@@ -25,6 +25,8 @@ from experiments import fault_drill
 from ema_jax import checkpoint as ckpt_lib
 from ema_jax import errors, trainer, workdir as workdir_lib
 
+pytestmark = pytest.mark.slow  # resume rules, each trains, stops and resumes for real (minutes): the slow set
+
 CFG = "configs/set_complement.py"
 snapshot = fault_drill.snapshot
 

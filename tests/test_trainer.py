@@ -82,6 +82,7 @@ def uninterrupted(tmp_path_factory):
   return wd
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_matches(uninterrupted, tmp_path):
   wd = str(tmp_path)
   proc = launch(wd, **slow_config(60, checkpoint_every=10, eval_every=20))
@@ -94,6 +95,7 @@ def test_killed_and_resumed_run_matches(uninterrupted, tmp_path):
   assert read_metrics(wd) == read_metrics(uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero(uninterrupted, tmp_path):
   wd = str(tmp_path)
   proc = launch(wd, **slow_config(60, checkpoint_every=10, eval_every=20))

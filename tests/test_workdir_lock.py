@@ -49,7 +49,7 @@ def train_cmd(workdir, **overrides):
 
 def run_train(workdir, **overrides):
   return subprocess.run(
-      train_cmd(workdir, **overrides), cwd=REPO, env=fault_drill._env(), capture_output=True, text=True, timeout=600
+      train_cmd(workdir, **overrides), cwd=REPO, env=fault_drill._env(), capture_output=True, text=True, timeout=1800
   )
 
 
@@ -209,6 +209,7 @@ def stale_run(tmp_path_factory):
   return wd, run_train(wd, **SHORT), pid, path
 
 
+@pytest.mark.slow
 def test_stale_lock_is_taken_over_and_released(stale_run):
   wd, proc, pid, path = stale_run
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -218,6 +219,7 @@ def test_stale_lock_is_taken_over_and_released(stale_run):
   assert max(fc.read_metrics(wd)) == 4
 
 
+@pytest.mark.slow
 def test_eval_reads_beside_a_lock_and_leaves_it_alone(stale_run, tmp_path):
   wd, proc, _, _ = stale_run
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -230,7 +232,7 @@ def test_eval_reads_beside_a_lock_and_leaves_it_alone(stale_run, tmp_path):
         env=fault_drill._env(),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1800,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert open(path, "rb").read() == lock_bytes
@@ -275,7 +277,7 @@ def test_second_run_is_refused_while_the_first_runs(tmp_path):
     assert snapshot(wd) == before
   finally:
     first.send_signal(signal.SIGCONT)
-  out, err = first.communicate(timeout=600)
+  out, err = first.communicate(timeout=1800)
   assert first.returncode == 0, err[-3000:]
   assert max(fc.read_metrics(wd)) == 200  # raises on a duplicated (step, metric)
   assert not os.path.exists(path)
@@ -298,7 +300,7 @@ def test_every_process_of_a_refused_multiprocess_run_exits_2(tmp_path):
       )
       for i in range(2)
   ]
-  results = [p.communicate(timeout=300) for p in procs]
+  results = [p.communicate(timeout=1800) for p in procs]
   for p, (_, err) in zip(procs, results):
     assert p.returncode == 2, (p.returncode, err[-3000:])
     assert len([l for l in err.splitlines() if l.startswith("error:")]) == 1, err[-3000:]

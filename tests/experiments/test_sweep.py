@@ -84,6 +84,7 @@ def reference_run(config, run, steps, burn_ins):
   return np.asarray(losses), params, wema.value(ema, params), bema_values
 
 
+@pytest.mark.slow
 def test_vmapped_training_equals_single_runs():
   c = sweep_config()
   runs = sweep.sample_runs(c.sweep, 3)
@@ -114,6 +115,7 @@ def test_vmapped_training_equals_single_runs():
         np.testing.assert_allclose(np.asarray(a)[j], np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_stop_at_plateau_keeps_each_runs_state_at_its_plateau():
   # With stop_at_plateau, a run that plateaued early is read at that step (it trains no further) while
   # the others go on; the vmapped batch shrinks to them. Its state equals the same run trained alone to
@@ -137,6 +139,7 @@ def test_stop_at_plateau_keeps_each_runs_state_at_its_plateau():
       np.testing.assert_allclose(np.asarray(a)[j], np.asarray(b)[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sweep_temperature_equals_the_reference_fit():
   # The sweep's per-run temperatures (a float32 bisection vmapped over runs, on device) against
   # ema_jax.temperature.fit_temperature (float64 NumPy) on the same check-set logits, for every weights.
@@ -198,6 +201,7 @@ def test_statistics_against_closed_forms():
   assert lo < -0.5 < hi and fit["r2"] > 0.999
 
 
+@pytest.mark.slow
 def test_tiny_sweep_end_to_end(tmp_path):
   c = sweep_config()
   c.steps, c.sweep.min_steps, c.sweep.patience, c.sweep.bema_burn_in = 60, 12, 2, [0, 6]

@@ -136,6 +136,7 @@ def test_attention_history_cache_needs_max_len_and_marks_overflow():
   assert np.isnan(np.asarray(logits)).all()  # position 2 has no slot: NaN, never a silently wrong answer
 
 
+@pytest.mark.slow
 def test_hybrid_trains_and_window_validates():
   model = perturbed_model(window=3)
   x = jnp.asarray(np.random.default_rng(3).integers(0, 23, size=(2, 10)), jnp.int32)

@@ -128,6 +128,7 @@ def test_decoder_refuses_what_it_does_not_implement(field, value):
     SetComplementTask(c).validate()
 
 
+@pytest.mark.slow
 def test_short_training_run_lowers_in_range_kl(tmp_path):
   c = decoder_config(
       **{"task.num_tokens": 12, "task.train_max_size": 4, "task.eval_examples": 32, "task.eval_sizes": [1, 2, 3, 4, 6]}

@@ -34,11 +34,11 @@ def test_readme_task_trains_and_resumes(tmp_path):
       str(wd),
   ]
   env = dict(os.environ, PYTHONPATH=str(tmp_path), JAX_PLATFORMS="cpu")
-  out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
   assert out.returncode == 0, out.stderr[-2000:]
   rows = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
   first, last = rows[0]["mse"], [r for r in rows if "mse" in r][-1]["mse"]
   final = json.loads((wd / "eval_300.json").read_text())["results"]
   assert last < 0.05 * first and final["raw"]["mse"] < 0.05, (first, last, final)
-  again = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  again = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
   assert again.returncode == 0 and "this run is finished" in again.stdout, again.stderr[-2000:]

@@ -39,6 +39,7 @@ def test_train_and_eval_py_agree(tmp_path, config_name, predictor):
   assert rows[1]["perplexity"] == pytest.approx(in_loop["raw"]["table"][0]["perplexity"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_final_evaluation_reads_the_whole_split_unless_capped(tmp_path):
   """In-loop evaluations read data.eval_max_tokens; the final one and eval.py every token of the split
   (data.eval_max_tokens_final = 0, the default)."""

@@ -153,6 +153,7 @@ def trained(tmp_path_factory, data_dir):
   return wd, c, final
 
 
+@pytest.mark.slow
 def test_training_beats_chance_and_writes_tables_and_plots(trained):
   wd, c, final = trained
   assert final["status"] == "done"
@@ -239,6 +240,7 @@ def test_config_presets_and_options():
 # ------------------------------------------------------------------------------------- comparison driver
 
 
+@pytest.mark.slow
 def test_compare_pairs_raw_ema_and_bema_of_one_run_per_seed(tmp_path, data_dir):
   from experiments import othello_compare
 

@@ -245,6 +245,7 @@ def test_ud_preset_without_data_fails_clearly(tmp_path, preset):
     not ud_available(),
     reason="UD English EWT not found at config.task.ud_dir " "(team-only offline data, see ../shared/data/README.md)",
 )
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,readout", [("bigru_ud_tiny", "raw"), ("hebbian_ud_tiny", "linear_probe")])
 def test_ud_tiny_end_to_end(tmp_path, preset, readout):
   cfg = roles_config(preset)

@@ -10,6 +10,8 @@ import pytest
 from ema_jax import evaluation, trainer
 from helpers import REPO
 
+pytestmark = pytest.mark.slow  # train.py and eval.py end to end in subprocesses: the slow set
+
 
 def config(arg=None):
   spec = importlib.util.spec_from_file_location("sc_cfg", os.path.join(REPO, "configs", "set_complement.py"))

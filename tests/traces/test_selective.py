@@ -110,7 +110,7 @@ def test_sequence_sharded_equals_unsharded():
   import sys
 
   worker = os.path.join(TESTS_DIR, "selective_seq_worker.py")
-  out = subprocess.run([sys.executable, worker], capture_output=True, text=True, timeout=600, check=True)
+  out = subprocess.run([sys.executable, worker], capture_output=True, text=True, timeout=1800, check=True)
   res = json.loads(out.stdout.strip().splitlines()[-1])
   assert res["devices"] == 8
   for k in ("h", "last", "dx", "drates"):
