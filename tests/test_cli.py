@@ -132,6 +132,7 @@ def test_normal_run_is_quiet(finished):
   assert "Traceback" not in out and "Event loop is closed" not in out
 
 
+@pytest.mark.slow
 def test_sigterm_during_start_up_exits_0(tmp_path):
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   proc = subprocess.Popen(

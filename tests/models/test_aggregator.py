@@ -122,6 +122,7 @@ def test_bad_inputs_and_unknown_preset():
     aggregator.preset("huge")
 
 
+@pytest.mark.slow
 def test_train_and_eval_py_agree(tmp_path):
   cfg = short(load_config("aggregator", "tiny"))
   cfg.model.dropout = 0.1  # exercises the dropout path in training

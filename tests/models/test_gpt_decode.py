@@ -91,6 +91,7 @@ def test_prefill_then_decode_equals_token_by_token(kind):
     np.testing.assert_allclose(continued, reference[:, n:], rtol=1e-5, atol=1e-5, err_msg=f"row {i}")
 
 
+@pytest.mark.slow
 def test_prefill_cache_equals_decoded_cache():
   model = ema(window=3)
   tokens, resets = tokens_and_resets(t=13)

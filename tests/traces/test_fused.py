@@ -50,6 +50,7 @@ def test_gradients_match_sequential(t_len, chunk, bias):
     assert rel_err(a, np.asarray(b, np.float64)) < 2e-5, name
 
 
+@pytest.mark.slow
 def test_check_grads():
   with jax.enable_x64(True):
     rng = np.random.default_rng(6)

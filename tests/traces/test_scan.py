@@ -74,6 +74,7 @@ def test_chunk_sizes_any_length(chunk, method):
       assert rel_err(h, ref) < 1e-5 and rel_err(h_last, ref_last) < 1e-5
 
 
+@pytest.mark.slow
 def test_unrolled_recursion_long_sequence():
   """T = 3000 with chunks of 4: four levels of chunk summaries, a partial chunk at every level."""
   rng = np.random.default_rng(11)
