@@ -56,6 +56,7 @@ SAFE_TO_CHANGE = (
     "steps",
     "log_every",
     "eval_every",
+    "eval_steps",
     "checkpoint_every",
     "checkpoint_every_seconds",
     "keep_checkpoints",

@@ -162,6 +162,10 @@ class Throughput:
   def reset(self, step):
     self.t0, self.s0 = time.perf_counter(), step
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` (an in-loop evaluation) out of the current interval's time."""
+    self.t0 += seconds
+
   def measure(self, step) -> Dict[str, float]:
     now = time.perf_counter()
     out = {}

@@ -388,6 +388,7 @@ def _train_locked(config, setup: Setup, workdir: Optional[str], allow_config_cha
 
   thru.reset(start)
   status = "done"
+  eval_at = frozenset(int(s) for s in config.get("eval_steps", ()))
   # The mesh is the context of every trace, so layers can go sequence-parallel (seq_parallel.auto_traces).
   with jax.set_mesh(mesh):
     try:
@@ -411,7 +412,8 @@ def _train_locked(config, setup: Setup, workdir: Optional[str], allow_config_cha
         # Several processes: JAX's preemption sync (every process calls it at every step).
         stop = preemption.sync_point_reached(n) or stop
         boundary = (config.checkpoint_every and n % config.checkpoint_every == 0) or n == config.steps
-        eval_now = config.eval_every and n % config.eval_every == 0 and n != config.steps
+        periodic = config.eval_every and n % config.eval_every == 0
+        eval_now = (periodic or n in eval_at) and n != config.steps
         if boundary or eval_now or stop or save_due:
           now_stop, now_due = absorb(*pending)
           stop, save_due = stop or now_stop, save_due or now_due
@@ -419,7 +421,9 @@ def _train_locked(config, setup: Setup, workdir: Optional[str], allow_config_cha
         if checkpointer is not None:
           checkpointer.check_saved()  # a failed async save (e.g. a full disk) stops the run here
         if eval_now:
+          t_eval = time.perf_counter()
           run_eval(n)
+          thru.exclude(time.perf_counter() - t_eval)  # tokens/s counts training time only
         if checkpointer is not None and (boundary or stop or save_due):
           save(n)
         if stop and n < config.steps:

@@ -18,6 +18,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.batch_size = 64  # global batch over all processes; a multiple of the mesh's data x fsdp
   c.log_every = 100  # a metrics.jsonl / TensorBoard row every n steps (means over those steps)
   c.eval_every = 0  # in-loop evaluation every n steps; 0 = only the final one, which always runs
+  c.eval_steps = []  # also evaluate at these steps (e.g. log-spaced points of a learning curve)
   c.checkpoint_every = 0  # an orbax checkpoint every n steps and at the end; 0 = no checkpoints
   # Also a checkpoint at the first step after this many seconds since the last one (0 = off): bounds the
   # work an unannounced kill loses on preemptible machines. Decided identically on every process.
@@ -35,6 +36,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   errors.need_int(config, "batch_size", 1)
   errors.need_int(config, "log_every", 1)
   errors.need_int(config, "eval_every", 0)
+  eval_steps = config.get("eval_steps", [])
+  if not isinstance(eval_steps, (list, tuple)) or not all(errors.is_int(s) and s >= 1 for s in eval_steps):
+    errors.config_error("eval_steps", eval_steps, "a list of steps >= 1, e.g. [50, 100, 200] ([] = none)")
   errors.need_int(config, "checkpoint_every", 0)
   errors.need_int(config, "keep_checkpoints", 1)
   seconds = config.get("checkpoint_every_seconds", 0.0)

@@ -7,7 +7,9 @@ with float32 parameters, float32 logits and a float32 loss.
 
 Evaluation (the same code in the training loop and in eval.py) is exact over each split: the sum of
 masked negative log-likelihoods over every target token once, so perplexity = exp(nll / tokens) and
-bits per byte = nll / (ln 2 * UTF-8 bytes). It runs for each source in config.task.eval_sources (the
+bits per byte = nll / (ln 2 * UTF-8 bytes); perplexity per GPT-2 token = exp(nll / GPT-2 tokens of the same
+text) sets a byte-level model beside a GPT-2-tokenized result (it is the perplexity when the tokenizer is
+GPT-2's). It runs for each source in config.task.eval_sources (the
 training source's eval split is 'validation'; others are named data configs) at each context length in
 config.task.eval_lengths.
 """
@@ -143,6 +145,7 @@ class LMTask(Task):
           nll += float(s)
         ppl = math.exp(nll / batches.num_tokens)
         bpb = nll / (math.log(2.0) * max(batches.num_bytes, 1))
+        ppl_gpt2 = math.exp(nll / max(batches.num_gpt2_tokens, 1))
         table.append(
             dict(
                 source=source,
@@ -153,25 +156,29 @@ class LMTask(Task):
                 loss=nll / batches.num_tokens,
                 perplexity=ppl,
                 bits_per_byte=bpb,
+                gpt2_tokens=batches.num_gpt2_tokens,
+                perplexity_per_gpt2_token=ppl_gpt2,
             )
         )
         if length == (t.eval_lengths or [t.seq_len])[0]:
           out[f"{source}/loss"] = nll / batches.num_tokens
           out[f"{source}/perplexity"] = ppl
           out[f"{source}/bits_per_byte"] = bpb
+          out[f"{source}/perplexity_per_gpt2_token"] = ppl_gpt2
     out["table"] = table
     return out
 
   def summarize(self, results: Dict[str, Dict[str, Any]], step: int, workdir: Optional[str]) -> str:
     lines = [
         f"LM evaluation at step {step} ({self.config.model.kind}, tokenizer {self.config.data.tokenizer})",
-        f"{'weights':<8}{'source':<14}{'length':>7}{'tokens':>10}{'loss':>9}{'perplexity':>12}{'bits/byte':>10}",
+        f"{'weights':<8}{'source':<14}{'length':>7}{'tokens':>10}{'loss':>9}{'perplexity':>12}{'bits/byte':>10}{'ppl/GPT-2 tok':>15}",
     ]
     for name, res in results.items():
       for row in res["table"]:
         lines.append(
             f"{name:<8}{row['source']:<14}{row['length']:>7}{row['tokens']:>10}{row['loss']:>9.4f}"
             f"{row['perplexity']:>12.2f}{row['bits_per_byte']:>10.4f}"
+            f"{row['perplexity_per_gpt2_token']:>15.2f}"
         )
     return "\n".join(lines)
 

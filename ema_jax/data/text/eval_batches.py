@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ema_jax.data import tokenizer as tokenizer_lib
 from ema_jax.data.text import config as config_lib
 from ema_jax.data.text import packing
 from ema_jax.data.text import sources
@@ -30,6 +31,8 @@ class EvalBatches:
     num_documents: documents read (after max_documents).
     num_tokens: target tokens with mask 1 (each document's tokens plus its closing eod).
     num_bytes: UTF-8 bytes those targets stand for (eod counts 0): the bits-per-byte denominator.
+    num_gpt2_tokens: GPT-2 tokens the same targets make (gpt2_token_count): the denominator of perplexity
+      per GPT-2 token, which sets a model on any tokenizer beside a GPT-2-tokenized result.
     num_windows: windows of seq_len + 1 tokens (the last one padded).
   """
 
@@ -48,6 +51,7 @@ class EvalBatches:
     self.num_documents = num_documents
     self.num_tokens = len(stream) - 1
     self.num_bytes = tok.num_bytes(stream[1:])
+    self.num_gpt2_tokens = gpt2_token_count(tok, stream[1:])
     self.seq_len, self.global_batch = seq_len, global_batch
     self.local_batch = global_batch // process_count
     self.process_index, self.process_count = process_index, process_count
@@ -81,6 +85,23 @@ class EvalBatches:
         f"{self.seq_len}, {self.num_documents} documents, {self.num_tokens} tokens, "
         f"{self.num_bytes} bytes)"
     )
+
+
+def gpt2_token_count(tok, targets: np.ndarray) -> int:
+  """The GPT-2 tokens that `targets` (ids of `tok`) stand for: each run of text between end-of-document ids
+  decoded and encoded with GPT-2's tokenizer, plus one per end-of-document (a GPT-2 model predicts it too).
+  For tok = GPT-2 it is len(targets), so perplexity per GPT-2 token is then the perplexity itself."""
+  targets = np.asarray(targets)
+  if tok.name == "gpt2":
+    return int(len(targets))
+  gpt2 = tokenizer_lib.get_tokenizer("gpt2")
+  ends = np.flatnonzero(targets == tok.eod_id)
+  count, start = len(ends), 0
+  for end in list(ends) + [len(targets)]:
+    if end > start:
+      count += len(gpt2.encode_array(tok.decode(targets[start:end])))
+    start = end + 1
+  return int(count)
 
 
 def make_eval_batches(
