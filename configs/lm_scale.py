@@ -74,7 +74,11 @@ def get_config(arg=None):
   c.task.seq_len = seq_len
   c.task.eval_batch_size = 32
   c.task.eval_sources = ml_collections.ConfigDict(
-      {"c4_sample": dict(source="files", path=lm_common.C4_SAMPLE, eval_path=lm_common.C4_SAMPLE, eval_split="validation")}
+      {
+          "c4_sample": dict(
+              source="files", path=lm_common.C4_SAMPLE, eval_path=lm_common.C4_SAMPLE, eval_split="validation"
+          )
+      }
   )
   c.batch_size = 16
   c.steps = 600

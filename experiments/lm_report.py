@@ -4,7 +4,13 @@
 
 Reads every <root>/*/eval_<step>.json (the newest step per run) and metrics.jsonl (median train tokens/s);
 writes <out>.json (meta: date, machine, command; rows: run, weights, source, length, tokens, loss,
-perplexity, bits_per_byte, train_tokens_per_s, ppl_ratio_to_gpt) and <out>.md (the same as a table).
+perplexity, bits_per_byte, perplexity_per_gpt2_token, train_tokens_per_s, ppl_ratio_to_gpt) and <out>.md (the
+same as a table).
+
+  python -m experiments.lm_report --out results/lm/small_scale --refresh
+
+re-reads a saved table and adds perplexity per GPT-2 token to rows made before it was recorded, from each
+row's loss and the GPT-2 token count of the same text (the source's file, checked by its target count).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import platform
 import time
@@ -45,12 +52,93 @@ def parameters(workdir):
   return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
+def gpt2_tokens_of_source(source: str, tokens: int, tokenizer: str = "byte") -> int:
+  """GPT-2 tokens of an evaluation source evaluated whole (configs/lm_common.py's Wikipedia validation file
+  or C4 sample); checks that the run's target count is the same text's."""
+  from configs import lm_common
+  from ema_jax.data import tokenizer as tokenizer_lib
+  from ema_jax.data.text import eval_batches
+
+  paths = {"validation": lm_common.WIKI, "c4_sample": lm_common.C4_SAMPLE}
+  if source not in paths:
+    raise ValueError(f"lm_report: no known file for source {source!r} (known: {', '.join(paths)}).")
+  cfg = dict(source="files", path=paths[source], eval_split="validation", tokenizer=tokenizer)
+  cwd = os.getcwd()
+  os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the config paths are repo-relative
+  try:
+    batches = eval_batches.make_eval_batches(cfg, tokenizer_lib.get_tokenizer(tokenizer), 256, 1, max_tokens=0)
+  finally:
+    os.chdir(cwd)
+  if batches.num_tokens != tokens:
+    raise ValueError(
+        f"lm_report: {source} has {batches.num_tokens} {tokenizer} targets today, the row {tokens}: not the same text."
+    )
+  return batches.num_gpt2_tokens
+
+
+def add_gpt2_perplexity(rows) -> None:
+  """perplexity_per_gpt2_token for rows that lack it: exp(loss * tokens / GPT-2 tokens of the same text)."""
+  cache = {}
+  for r in rows:
+    if r.get("perplexity_per_gpt2_token") is None:
+      key = (r["source"], r["tokens"])
+      if key not in cache:
+        cache[key] = gpt2_tokens_of_source(r["source"], r["tokens"])
+      r["gpt2_tokens"] = cache[key]
+      r["perplexity_per_gpt2_token"] = math.exp(r["loss"] * r["tokens"] / cache[key])
+
+
+def write_outputs(rows, meta, out) -> None:
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  with open(out + ".json", "w") as f:
+    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+  lines = [
+      f"Measured {meta['date']} on {meta['machine']}; command: `{meta['command']}`",
+  ]
+  if meta.get("refreshed"):
+    lines.append(f"({meta['refreshed']})")
+  lines += [
+      "",
+      "| run | parameters | weights | source | tokens | loss | perplexity | bits/byte | ppl / GPT-2 token | ppl / GPT "
+      "| train tok/s |",
+      "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in rows:
+    ratio = f"{r['ppl_ratio_to_gpt']:.3f}" if r["ppl_ratio_to_gpt"] else "-"
+    tps = f"{r['train_tokens_per_s']:.0f}" if r["train_tokens_per_s"] else "-"
+    params = f"{r['parameters']:,}" if r.get("parameters") else "-"
+    lines.append(
+        f"| {r['run']} | {params} | {r['weights']} | {r['source']} | {r['tokens']} | {r['loss']:.4f} | "
+        f"{r['perplexity']:.3f} | {r['bits_per_byte']:.4f} | {r['perplexity_per_gpt2_token']:.1f} | {ratio} | {tps} |"
+    )
+  with open(out + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--root", required=True)
+  p.add_argument("--root", help="Folder of run workdirs.")
   p.add_argument("--out", required=True)
   p.add_argument("--command", default="")
+  p.add_argument(
+      "--refresh",
+      action="store_true",
+      help="Re-read <out>.json and add the columns it lacks (perplexity per GPT-2 token), keeping its meta.",
+  )
   args = p.parse_args()
+  if args.refresh:
+    with open(args.out + ".json") as f:
+      saved = json.load(f)
+    add_gpt2_perplexity(saved["rows"])
+    saved["meta"]["refreshed"] = (
+        f"perplexity per GPT-2 token added {time.strftime('%Y-%m-%d')} by `python -m experiments.lm_report "
+        f"--out {args.out} --refresh` from each row's loss and the GPT-2 token count of the same text"
+    )
+    write_outputs(saved["rows"], saved["meta"], args.out)
+    return
+  if not args.root:
+    raise SystemExit("lm_report: --root is required (or --refresh).")
   rows = []
   for wd in sorted(glob.glob(os.path.join(args.root, "*"))):
     ev = latest_eval(wd)
@@ -77,10 +165,12 @@ def main():
                 loss=r["loss"],
                 perplexity=r["perplexity"],
                 bits_per_byte=r["bits_per_byte"],
+                perplexity_per_gpt2_token=r.get("perplexity_per_gpt2_token"),
                 train_tokens_per_s=tokens_per_s,
                 parameters=params,
             )
         )
+  add_gpt2_perplexity(rows)
   gpt = {(r["weights"], r["source"]): r["perplexity"] for r in rows if r["run"] == "gpt"}
   for r in rows:
     ref = gpt.get((r["weights"], r["source"]))
@@ -90,26 +180,7 @@ def main():
       machine=f"{os.cpu_count()}-core CPU, {platform.processor() or platform.machine()}",
       command=args.command,
   )
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out + ".json", "w") as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=1)
-  lines = [
-      f"Measured {meta['date']} on {meta['machine']}; command: `{meta['command']}`",
-      "",
-      "| run | parameters | weights | source | tokens | loss | perplexity | bits/byte | ppl / GPT | train tok/s |",
-      "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
-  ]
-  for r in rows:
-    ratio = f"{r['ppl_ratio_to_gpt']:.3f}" if r["ppl_ratio_to_gpt"] else "-"
-    tps = f"{r['train_tokens_per_s']:.0f}" if r["train_tokens_per_s"] else "-"
-    params = f"{r['parameters']:,}" if r.get("parameters") else "-"
-    lines.append(
-        f"| {r['run']} | {params} | {r['weights']} | {r['source']} | {r['tokens']} | {r['loss']:.4f} | "
-        f"{r['perplexity']:.3f} | {r['bits_per_byte']:.4f} | {ratio} | {tps} |"
-    )
-  with open(args.out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  write_outputs(rows, meta, args.out)
 
 
 if __name__ == "__main__":

@@ -180,6 +180,8 @@ def test_eval_py_reproduces_in_loop_numbers(uninterrupted):
         ("weight_ema.decay", 1.5, "config.weight_ema.decay"),
         ("mesh.data", 3, "devices"),
         ("task.hidden", 0, "config.task.hidden"),
+        ("eval_steps", [0, 5], "config.eval_steps"),
+        ("eval_steps", "10", "config.eval_steps"),
     ],
 )
 def test_bad_config_fails_before_compilation(field, value, match):
@@ -191,6 +193,16 @@ def test_bad_config_fails_before_compilation(field, value, match):
   node[parts[-1]] = value
   with pytest.raises(ValueError, match=match):
     trainer.build(cfg)
+
+
+def test_eval_steps_add_evaluations(tmp_path):
+  """eval_steps evaluates at the listed steps besides eval_every's and the final one."""
+  cfg = toy_task.get_config(steps=12)
+  cfg.eval_every = 8
+  cfg.eval_steps = [1, 3, 8, 12, 50]
+  trainer.train(cfg, str(tmp_path))
+  evals = sorted(int(n[5:-5]) for n in os.listdir(tmp_path) if n.startswith("eval_") and n.endswith(".json"))
+  assert evals == [1, 3, 8, 12]
 
 
 def test_batch_not_divisible_by_mesh():

@@ -263,6 +263,7 @@ def test_tfds_tfrecord_without_tensorflow_says_what_to_install(tfds_dir, tmp_pat
     text.load_documents(tfds_cfg(tmp_path), "train")
 
 
+@pytest.mark.tf
 @pytest.mark.skipif(not HAS_TF, reason="the tf.data path needs TensorFlow (the [tf] extra)")
 def test_tfds_tfrecord_through_tf_data(tmp_path):
   EmaJaxTinyText(data_dir=str(tmp_path), file_format="tfrecord").download_and_prepare()
@@ -747,6 +748,26 @@ def test_eval_gpt2_bytes_match_text(tmp_path):
   assert ev.num_tokens == sum(len(gpt2.encode(d)) + 1 for d in docs)
   batches = list(ev)
   assert batches[0]["inputs"][0, :3].tolist() == [50256, 15496, 995]
+
+
+def test_eval_gpt2_token_count_of_a_byte_stream(tmp_path):
+  """A byte-level evaluation counts the GPT-2 tokens of the same text: each document's GPT-2 encoding plus
+  its end of document, as a GPT-2-tokenized evaluation of the same file counts its targets."""
+  docs = ["Hello world", "naïve café 🙂", "", "日本語 and more text", "x" * 40]
+  write_jsonl(tmp_path / "validation.jsonl", docs)
+  cfg = dict(source="files", path=str(tmp_path / "{split}.jsonl"))
+  gpt2 = tokenizer_lib.get_tokenizer("gpt2")
+  expected = sum(len(gpt2.encode(d)) + 1 for d in docs)
+  on_bytes = text.make_eval_batches(dict(cfg, tokenizer="byte"), None, 8, 2, process_index=0, process_count=1)
+  on_gpt2 = text.make_eval_batches(dict(cfg, tokenizer="gpt2"), None, 8, 2, process_index=0, process_count=1)
+  assert on_bytes.num_gpt2_tokens == on_gpt2.num_gpt2_tokens == on_gpt2.num_tokens == expected
+  # Cut inside a document: the kept part of it is what is counted.
+  cut = text.make_eval_batches(dict(cfg, tokenizer="byte"), None, 8, 2, max_tokens=20, process_index=0, process_count=1)
+  stream = ([EOD] + BYTE.encode(docs[0]) + [EOD] + BYTE.encode(docs[1]))[1:21]
+  first, second = stream[: stream.index(EOD)], stream[stream.index(EOD) + 1 :]
+  assert cut.num_gpt2_tokens == 1 + len(gpt2.encode(bytes(first).decode())) + len(
+      gpt2.encode(bytes(second).decode("utf-8", errors="replace"))
+  )
 
 
 def test_process_defaults_come_from_jax():

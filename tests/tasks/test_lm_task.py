@@ -32,6 +32,9 @@ def test_train_and_eval_py_agree(tmp_path, config_name, predictor):
     assert a["tokens"] == b["tokens"] == 3000
     assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-5)
     assert b["bits_per_byte"] == pytest.approx(a["bits_per_byte"], rel=1e-5)
+    # Perplexity per GPT-2 token: the same NLL over the GPT-2 tokens of the same text (fewer than bytes).
+    assert a["gpt2_tokens"] < a["tokens"]
+    assert a["perplexity_per_gpt2_token"] == pytest.approx(math.exp(a["nll"] / a["gpt2_tokens"]), rel=1e-9)
   # Other context lengths from the same checkpoint, exact over the same tokens.
   lens = evaluation.run(wd, step=cfg.steps, weights="raw", lengths="32,64")
   rows = lens["raw"]["table"]
