@@ -92,9 +92,8 @@ def write_outputs(rows, meta, out) -> None:
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   with open(out + ".json", "w") as f:
     json.dump(dict(meta=meta, rows=rows), f, indent=1)
-  lines = [
-      f"Measured {meta['date']} on {meta['machine']}; command: `{meta['command']}`",
-  ]
+  command = meta.get("command") or "; ".join(meta.get("commands", []))
+  lines = [f"Measured {meta['date']} on {meta['machine']}; command: `{command}`"]
   if meta.get("refreshed"):
     lines.append(f"({meta['refreshed']})")
   lines += [
@@ -104,9 +103,10 @@ def write_outputs(rows, meta, out) -> None:
       "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for r in rows:
-    ratio = f"{r['ppl_ratio_to_gpt']:.3f}" if r["ppl_ratio_to_gpt"] else "-"
-    tps = f"{r['train_tokens_per_s']:.0f}" if r["train_tokens_per_s"] else "-"
-    params = f"{r['parameters']:,}" if r.get("parameters") else "-"
+    ratio = f"{r['ppl_ratio_to_gpt']:.3f}" if r.get("ppl_ratio_to_gpt") else "-"
+    tps = f"{r['train_tokens_per_s']:.0f}" if r.get("train_tokens_per_s") else "-"
+    count = r.get("parameters") or r.get("params")
+    params = f"{count:,}" if count else "-"
     lines.append(
         f"| {r['run']} | {params} | {r['weights']} | {r['source']} | {r['tokens']} | {r['loss']:.4f} | "
         f"{r['perplexity']:.3f} | {r['bits_per_byte']:.4f} | {r['perplexity_per_gpt2_token']:.1f} | {ratio} | {tps} |"
