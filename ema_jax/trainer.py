@@ -368,8 +368,11 @@ def _train_locked(config, setup: Setup, workdir: Optional[str], allow_config_cha
     return bool(m["stop"]), bool(m["save_due"]) and step > (saved_at["step"] or 0)
 
   def run_eval(step):
-    results = evaluate_all(setup, state, workdir, step, final=step == config.steps)
-    table = task.summarize(results, step, workdir if is_main else None)
+    final = step == config.steps
+    results = evaluate_all(setup, state, workdir, step, final=final)
+    # Plots go to fixed names under <workdir>/plots, so only the final evaluation's last; the in-loop ones
+    # draw none (eval.py draws them for any step).
+    table = task.summarize(results, step, workdir if is_main and final else None)
     scal = scalar_results(results)
     writer.write(step, scal)  # the row first: an eval JSON on disk means its row is in metrics.jsonl
     last.update(scal)

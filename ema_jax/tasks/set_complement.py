@@ -379,10 +379,12 @@ class SetComplementTask(Task):
     metrics = METRICS
     per_size = {m: [] for m in metrics}
     sizes = []
+    outs = []
     for s, local in self._local_eval_batches(ctx).items():
-      out = self._eval_fn(graphdef, state, ctx.put_batch(local), self.num_tokens, beta)
-      out = jax.device_get(out)
+      # Dispatched for every size before any is read back: one host round trip, not one per size.
+      outs.append(self._eval_fn(graphdef, state, ctx.put_batch(local), self.num_tokens, beta))
       sizes.append(s)
+    for out in jax.device_get(outs):
       for m in metrics:
         per_size[m].append(float(out[m]))
     result = length_report.range_means(sizes, per_size, self.train_max_size, metrics)
