@@ -222,14 +222,14 @@ def read_run(wd: str, rates: dict) -> dict:
   )
 
 
-def fit_power_law(x, y) -> dict | None:
-  """y = e + a x^-b by least squares in log(y - e) over a grid of offsets e in [0, min y); None with < 3
-  points. e = 0 is a pure power law."""
+def fit_power_law(x, y, offset: bool = True) -> dict | None:
+  """y = e + a x^-b by least squares in log space, e over a grid in [0, min y) (offset=True) or e = 0 (a pure
+  power law, two parameters); None with fewer points than parameters + 1."""
   x, y = np.asarray(x, float), np.asarray(y, float)
-  if len(x) < 3:
+  if len(x) < (4 if offset else 3):
     return None
   best = None
-  for e in np.linspace(0.0, 0.995 * y.min(), 400):
+  for e in np.linspace(0.0, 0.995 * y.min(), 400) if offset else [0.0]:
     lx, ly = np.log(x), np.log(y - e)
     slope, icpt = np.polyfit(lx, ly, 1)
     pred = e + np.exp(icpt) * x**slope
@@ -255,12 +255,13 @@ def report(args) -> dict:
     for source in SOURCES:
       key = f"{source}/bits_per_byte"
       pts = [p for p in run["points"] if p.get(key) is not None and p["text_bytes"] > 0]
-      f = fit_power_law([p["text_bytes"] for p in pts], [p[key] for p in pts])
-      if f is not None:
-        f["extrapolated_bits_per_byte"] = {
-            f"{b:.0e}": f["offset"] + f["scale"] * b ** (-f["exponent"]) for b in extrapolate
-        }
-      fits[f"{model}/{source}"] = f
+      for kind, with_offset in (("offset", True), ("pure", False)):
+        f = fit_power_law([p["text_bytes"] for p in pts], [p[key] for p in pts], offset=with_offset)
+        if f is not None:
+          f["extrapolated_bits_per_byte"] = {
+              f"{b:.0e}": f["offset"] + f["scale"] * b ** (-f["exponent"]) for b in extrapolate
+          }
+        fits[f"{model}/{source}/{kind}"] = f
   ratios = []
   if "ema" in runs and "gpt" in runs:
     gpt = {p["step"]: p for p in runs["gpt"]["points"]}
@@ -281,8 +282,9 @@ def report(args) -> dict:
       runs=runs,
       ema_over_gpt=ratios,
       fits=fits,
-      fit_note="bits/byte = offset + scale * text_bytes^-exponent, least squares in log space; the values at "
-      "1e8-1e10 bytes are extrapolations beyond the measured range, not measurements.",
+      fit_note="bits/byte = offset + scale * text_bytes^-exponent, least squares in log space, with a fitted offset "
+      "('offset', three parameters) and without ('pure', two); the values at 1e8-1e10 bytes are extrapolations "
+      "beyond the measured range, not measurements.",
   )
   os.makedirs(args.results, exist_ok=True)
   with open(os.path.join(args.results, "curves.json"), "w") as f:
@@ -321,7 +323,12 @@ def write_table(out: dict, path: str) -> None:
           f"| {r['step']} | {r['text_bytes'] / 1e6:.2f} | {r['validation/ema_over_gpt_ppl']:.3f} "
           f"| {r['c4_sample/ema_over_gpt_ppl']:.3f} |"
       )
-  lines += ["", "Power-law fits (bits/byte = offset + scale * bytes^-exponent; extrapolations, not measurements):", ""]
+  lines += [
+      "",
+      "Power-law fits (bits/byte = offset + scale * bytes^-exponent, with a fitted offset and without; the values",
+      "at 1e8-1e10 bytes are extrapolations, not measurements):",
+      "",
+  ]
   lines += ["| curve | offset | exponent | at 1e8 bytes | at 1e9 | at 1e10 |", "|---|---:|---:|---:|---:|---:|"]
   for key, f in out["fits"].items():
     if f:
@@ -346,12 +353,12 @@ def plot(out: dict, path: str) -> None:
       x = [p["text_bytes"] / 1e6 for p in pts]
       y = [p[f"{source}/perplexity_per_gpt2_token"] for p in pts]
       line = ax.plot(x, y, "o-", label=LABELS[model])[0]
-      f = out["fits"].get(f"{model}/{source}")
+      f = out["fits"].get(f"{model}/{source}/pure")
       if f and x:
         xs = np.geomspace(min(x), max(x) * 4, 50)
         bpb = f["offset"] + f["scale"] * (xs * 1e6) ** (-f["exponent"])
         ppl = np.exp(bpb * math.log(2) * out["text"]["bytes_per_gpt2_token"])
-        ax.plot(xs, ppl, "--", color=line.get_color(), alpha=0.6, label=f"{LABELS[model]} fit (dashed beyond data)")
+        ax.plot(xs, ppl, "--", color=line.get_color(), alpha=0.6, label=f"{LABELS[model]}, power law (extrapolated past the data)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training text seen (MB of Wikipedia)")

@@ -29,7 +29,11 @@ def test_power_law_fit_recovers_a_known_curve(offset, scale, exponent):
   x_far = 3e8
   pred = f["offset"] + f["scale"] * x_far ** (-f["exponent"])
   assert pred == pytest.approx(offset + scale * x_far ** (-exponent), rel=0.02)
-  assert lm_scale.fit_power_law(x[:2], y[:2]) is None
+  assert lm_scale.fit_power_law(x[:3], y[:3]) is None
+  if offset == 0.0:  # the two-parameter fit recovers a pure power law exactly
+    pure = lm_scale.fit_power_law(x, y, offset=False)
+    assert pure["offset"] == 0.0 and pure["exponent"] == pytest.approx(exponent, rel=1e-9)
+    assert lm_scale.fit_power_law(x[:2], y[:2], offset=False) is None
 
 
 def non_embedding_params(config_arg):
