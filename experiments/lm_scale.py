@@ -358,7 +358,14 @@ def plot(out: dict, path: str) -> None:
         xs = np.geomspace(min(x), max(x) * 4, 50)
         bpb = f["offset"] + f["scale"] * (xs * 1e6) ** (-f["exponent"])
         ppl = np.exp(bpb * math.log(2) * out["text"]["bytes_per_gpt2_token"])
-        ax.plot(xs, ppl, "--", color=line.get_color(), alpha=0.6, label=f"{LABELS[model]}, power law (extrapolated past the data)")
+        ax.plot(
+            xs,
+            ppl,
+            "--",
+            color=line.get_color(),
+            alpha=0.6,
+            label=f"{LABELS[model]}, power law (extrapolated past the data)",
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training text seen (MB of Wikipedia)")

@@ -1,7 +1,7 @@
 """The probes (MQAR, selective copy, copy, filtering) for five architectures at equal parameters and tokens.
 
   python -m experiments.probes --workdir W [--seeds 0,1] [--probes recall,selective_copy,copy,filtering]
-      [--models ema3,ema8,selective,gpt,hybrid] [--steps N] [--width 64] [--window 16] [--results results/probes]
+      [--models ema3,ema8,selective,gpt,hybrid] [--steps N] [--lr LR] [--width 64] [--window 16] [--results results/probes]
   python -m experiments.probes --workdir W --results results/probes --reanalyse   (tables and plots again)
 
 `recall` is multi-query associative recall as in Zoology and `selective_copy` the Mamba paper's task (see
@@ -58,12 +58,13 @@ REGIONS = {
 
 def define_flags():
   """The command-line flags, defined only when the module runs as a script (tests import it)."""
-  global _WORKDIR, _SEEDS, _PROBES, _MODELS, _STEPS, _WINDOW, _WIDTH, _RESULTS, _REANALYSE
+  global _WORKDIR, _SEEDS, _PROBES, _MODELS, _STEPS, _LR, _WINDOW, _WIDTH, _RESULTS, _REANALYSE
   _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs go.", required=True)
   _SEEDS = flags.DEFINE_string("seeds", "0,1", "Comma-separated seeds.")
   _PROBES = flags.DEFINE_string("probes", ",".join(DEFAULT_PROBES), f"Comma-separated, from {PROBES}.")
   _MODELS = flags.DEFINE_string("models", ",".join(MODELS), "Comma-separated subset of the models.")
   _STEPS = flags.DEFINE_integer("steps", None, "Training steps of every run (default: configs/probes.py's per probe).")
+  _LR = flags.DEFINE_float("lr", None, "Peak learning rate of every run (default: configs/probes.py's per probe).")
   _WINDOW = flags.DEFINE_integer("window", 16, "The hybrid's attention window W in tokens.")
   _WIDTH = flags.DEFINE_integer("width", 64, "Width of the ema3 model; the others match its parameter count.")
   _RESULTS = flags.DEFINE_string("results", None, "Where the results go (default: <workdir>/results).")
@@ -86,7 +87,7 @@ def model_edits(model: str, width: int, window: int) -> Dict[str, Any]:
   return fields
 
 
-def make_config(probe: str, model: str, width: int, *, seed: int, window: int, steps=None, tiny: bool = False):
+def make_config(probe: str, model: str, width: int, *, seed: int, window: int, steps=None, tiny: bool = False, lr=None):
   import ml_collections
 
   from configs import probes as probes_config
@@ -101,6 +102,8 @@ def make_config(probe: str, model: str, width: int, *, seed: int, window: int, s
   if steps:
     c.steps = int(steps)
     c.checkpoint_every = int(steps)
+  if lr:
+    c.optim.lr = float(lr)
   return c
 
 
@@ -158,7 +161,7 @@ def state_bytes(c, contexts=CONTEXTS) -> List[int]:
   return [nbytes(jax.eval_shape(lambda: model.init_cache(1)))] * len(contexts)
 
 
-def train_grid(probes, models, seeds, workdir, *, window, width=64, steps=None, tiny=False, log=print):
+def train_grid(probes, models, seeds, workdir, *, window, width=64, steps=None, tiny=False, lr=None, log=print):
   """Trains what is missing; returns (runs [rows], models {name: {width, params, ...}})."""
   from ema_jax import trainer
 
@@ -169,14 +172,14 @@ def train_grid(probes, models, seeds, workdir, *, window, width=64, steps=None, 
     target = param_count(make_config(probe, "ema3", 16 if tiny else width, seed=0, window=window, tiny=tiny))
     for model in models:
       w = match_width(probe, model, target, window=window, step=4 if tiny else 8, tiny=tiny)
-      c0 = make_config(probe, model, w, seed=0, window=window, steps=steps, tiny=tiny)
+      c0 = make_config(probe, model, w, seed=0, window=window, steps=steps, tiny=tiny, lr=lr)
       entry = info.setdefault(model, dict(width={}, params={}, edits={}))
       entry["width"][probe] = w
       entry["params"][probe] = param_count(c0)
       entry["edits"][probe] = model_edits(model, w, window)
       entry["state_bytes"] = dict(zip([str(t) for t in CONTEXTS], state_bytes(c0)))
       for seed in seeds:
-        c = make_config(probe, model, w, seed=seed, window=window, steps=steps, tiny=tiny)
+        c = make_config(probe, model, w, seed=seed, window=window, steps=steps, tiny=tiny, lr=lr)
         wd = os.path.join(workdir, f"{probe}_{model}_s{seed}")
         final = os.path.join(wd, f"eval_{c.steps}.json")
         if not os.path.exists(final):
@@ -448,7 +451,7 @@ def reanalyse(results: str, command: str = "") -> Dict[str, Any]:
 
 
 def run(
-    probes, models, seeds, workdir, results, *, window, width=64, steps=None, tiny=False, command=""
+    probes, models, seeds, workdir, results, *, window, width=64, steps=None, tiny=False, lr=None, command=""
 ) -> Dict[str, Any]:
   bad = [p for p in probes if p not in PROBES] + [m for m in models if m not in MODELS]
   if bad or not seeds:
@@ -460,7 +463,7 @@ def run(
     raise ValueError(f"experiments.probes: --window={window!r}; expected a positive number of tokens.")
   t0, load0 = time.time(), round(os.getloadavg()[0], 2)
   os.makedirs(workdir, exist_ok=True)
-  rows, info = train_grid(probes, models, seeds, workdir, window=window, width=width, steps=steps, tiny=tiny)
+  rows, info = train_grid(probes, models, seeds, workdir, window=window, width=width, steps=steps, tiny=tiny, lr=lr)
   summary = dict(
       command=command,
       date=time.strftime("%Y-%m-%d"),
@@ -503,6 +506,7 @@ def main(argv):
       window=_WINDOW.value,
       width=_WIDTH.value,
       steps=_STEPS.value,
+      lr=_LR.value,
       command="python -m experiments.probes " + " ".join(sys.argv[1:]),
   )
   print(open(os.path.join(_RESULTS.value or os.path.join(_WORKDIR.value, "results"), "table.md")).read())
