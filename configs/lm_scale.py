@@ -45,26 +45,10 @@ def get_config(arg=None):
   width, seq_len = (32, 64) if tiny else (WIDTH, SEQ_LEN)
   c = lm_common.base_config("ema_lm" if kind == "ema" else "gpt")
   if kind == "ema":
-    c.model = ml_collections.ConfigDict(
-        dict(
-            kind="ema_lm",
-            preset="tiny",
-            width=width,
-            num_blocks=1 if tiny else EMA_BLOCKS,
-            ffn_hidden=2 * width if tiny else EMA_FFN_HIDDEN,
-        )
-    )
+    size = dict(kind="ema_lm", num_blocks=1 if tiny else EMA_BLOCKS, ffn_hidden=2 * width if tiny else EMA_FFN_HIDDEN)
   else:
-    c.model = ml_collections.ConfigDict(
-        dict(
-            kind="gpt",
-            preset="tiny",
-            width=width,
-            num_layers=1 if tiny else GPT_LAYERS,
-            num_heads=GPT_HEADS,
-            context_len=seq_len,
-        )
-    )
+    size = dict(kind="gpt", num_layers=1 if tiny else GPT_LAYERS, num_heads=GPT_HEADS, context_len=seq_len)
+  c.model = ml_collections.ConfigDict(dict(preset="tiny", width=width, **size))
   c.data.tokenizer = "byte" if "byte" in parts else "gpt2"
   c.data.source = "files"
   c.data.path = lm_common.WIKI
