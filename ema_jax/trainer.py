@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
@@ -64,6 +64,13 @@ class Setup:
   schedule: Callable
   weight_ema: Any
   init_fn: Callable
+  _average_fns: Dict[str, Callable] = field(default_factory=dict, repr=False)
+
+  def average_fn(self, weights: str) -> Callable:
+    """(ema state, params) -> the `weights` average, jitted once per run (every evaluation reuses it)."""
+    if weights not in self._average_fns:
+      self._average_fns[weights] = jax.jit(lambda e, p: self.weight_ema.value(e, p, weights))
+    return self._average_fns[weights]
 
 
 def build(config: ml_collections.ConfigDict, devices=None, workdir: Optional[str] = None) -> Setup:
@@ -162,7 +169,7 @@ def make_model(setup: Setup, state, weights: str = "raw"):
           f"--weights={weights}: this run kept {', '.join(['raw'] + kept)} "
           f"(config.weight_ema.kind={setup.config.weight_ema.kind!r})."
       )
-    params = jax.jit(lambda e, p: setup.weight_ema.value(e, p, weights))(state["ema"], state["params"])
+    params = setup.average_fn(weights)(state["ema"], state["params"])
   return nnx.merge(setup.graphdef, params, state["other"])
 
 

@@ -24,6 +24,7 @@ multi-process run.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict
 
 import jax
@@ -36,15 +37,21 @@ BALANCE_TOL = 0.1  # relative tolerance for each balance condition (ours)
 _CHUNK = 4096  # inputs per forward call
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _forward(graphdef, set_logits, state, tokens_BL):
+  """set_logits of the merged model: one compilation per (model structure, input shape), shared by every
+  evaluation of a run (a jit built per call compiled anew each time: two compilations per weights per eval)."""
+  return set_logits(nnx.merge(graphdef, state), dict(tokens=tokens_BL, mask=jnp.ones_like(tokens_BL, bool)))
+
+
 def _logits(model, tokens_BL: np.ndarray, set_logits) -> np.ndarray:
   """[B, N] float64 logits of every row, the same on every process: the host rows are identical on all
   processes (replicated inputs of one jitted call), the model may be sharded across them, and the result is
   gathered to every process."""
   graphdef, state = nnx.split(model)
-  fn = jax.jit(lambda st, t: set_logits(nnx.merge(graphdef, st), dict(tokens=t, mask=jnp.ones_like(t, bool))))
   out = []
   for i in range(0, tokens_BL.shape[0], _CHUNK):
-    logits = fn(state, np.asarray(tokens_BL[i : i + _CHUNK], np.int32))
+    logits = _forward(graphdef, set_logits, state, np.asarray(tokens_BL[i : i + _CHUNK], np.int32))
     if jax.process_count() > 1:
       logits = multihost_utils.process_allgather(logits, tiled=True)
     out.append(np.asarray(logits, np.float64))
