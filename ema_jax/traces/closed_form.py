@@ -205,26 +205,26 @@ def _blocked_bwd(c, rate_grad, res, g_BTKD):
   prev_BNCKD = chunks(raw_prev, n, c)
   if masks.p is not None:
     prev_BNCKD = prev_BNCKD * (1.0 - chunks(resets_BT.astype(jnp.float32), n, c))[:, :, :, None, None]
-  log_a = log_decay(alpha_KE)
-  tt = np.arange(c)
-  lag = tt[:, None] - tt[None, :]  # t' - t
-  back = jnp.where((lag >= 0)[:, :, None, None], jnp.exp(np.maximum(lag, 0)[:, :, None, None] * log_a), 0.0)
-  back = back[None, None]  # [1, 1, C(t'), C(t), K, E]
-  if masks.w is not None:
-    back = back * masks.w[:, :, :, :, None, None]
-  tail = jnp.exp((c - 1 - tt).astype(np.float32)[:, None, None] * log_a)[None, None]  # [1, 1, C(t), K, E]
-  if masks.e is not None:
-    tail = tail * masks.e[:, :, :, None, None]
+  decay = (1.0 - alpha_KE)[None, None]  # [1, 1, K, E]
+  # keep[t]: the state h_{t-1} flows into h_t (no reset at t), for t = 1 .. C - 1 of each chunk.
+  keep = None if masks.p is None else 1.0 - chunks(resets_BT.astype(jnp.float32), n, c)
   drive = x_BNCD[:, :, :, None, :] - prev_BNCKD
-  # Summed over the chunk's tokens as written-out terms (one elementwise pass over [B, N, K, D]), then over
-  # batch and chunks: XLA:CPU reduces a small array over its leading axes far faster than the full one.
-  per_chunk = 0.0
-  for t in range(c):
-    lam_t = tail[:, :, t] * lam_BNKD
-    for t2 in range(t, c):
-      lam_t = lam_t + back[:, :, t2, t] * g_BNCKD[:, :, t2]
+  # lam_t = g_t + (1 - alpha) keep_{t+1} lam_{t+1} from the chunk's last token, whose lam is g_{C-1} plus the
+  # cotangent of the state after the chunk (lam_BNKD already carries the next chunk's decay and resets).
+  # Written out over the chunk (one elementwise pass over [B, N, K, D]; each lam_t is built once per element,
+  # C multiply-adds in all), then summed over batch and chunks: XLA:CPU reduces a small array over its
+  # leading axes far faster than the full one.
+  lam_t = lam_BNKD + g_BNCKD[:, :, c - 1]
+  per_chunk = lam_t * drive[:, :, c - 1]
+  for t in range(c - 2, -1, -1):
+    step = decay if keep is None else decay * keep[:, :, t + 1, None, None]
+    lam_t = g_BNCKD[:, :, t] + step * lam_t
     per_chunk = per_chunk + lam_t * drive[:, :, t]
-  dalpha = jnp.sum(per_chunk, axis=(0, 1) if alpha_KE.shape[1] != 1 else (0, 1, 3))
+  flat = per_chunk.reshape(-1, per_chunk.shape[-2] * per_chunk.shape[-1])
+  dalpha = jnp.dot(jnp.ones((1, flat.shape[0]), flat.dtype), flat, precision=jax.lax.Precision.HIGHEST)
+  dalpha = dalpha.reshape(per_chunk.shape[-2:])
+  if alpha_KE.shape[1] == 1:
+    dalpha = jnp.sum(dalpha, axis=1)
   dalpha = dalpha.reshape(alpha_KE.shape).astype(alpha_KE.dtype)
   return dx_BTD, dalpha, dh0_BKD, None
 
