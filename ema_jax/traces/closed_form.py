@@ -22,9 +22,9 @@ output row).
 The custom VJP is the transposed pass: the carries' cotangents sum P against the output cotangent, run the
 chunk recurrence from the right, and dx sums W^T against the output cotangent plus the chunk-end weights
 against the cotangent of the state after the chunk. Learned rates get their cotangent from
-dL/dalpha = sum_t lam_t (x_t - h_{t-1}) (lam_t the state's cotangent, rebuilt inside one reduction from
-the output cotangent and the chunk-level cotangents, h_{t-1} the saved output), skipped when the rates
-are constants.
+dL/dalpha = sum_t lam_t (x_t - h_{t-1}) (lam_t the state's cotangent, rebuilt inside each chunk by its own
+recurrence from the output cotangent and the chunk-level cotangent, h_{t-1} the saved output; the sum over
+batch and chunks a matrix-vector product), skipped when the rates are constants.
 
 This module returns raw traces; ema_traces takes h_last from the last row and applies bias correction
 (elementwise, fused by XLA into the same pass). benchmarks.scan_bench times it ('blocked/<C>').

@@ -14,10 +14,10 @@ chunk; dh0 is what flows out of chunk 0. The write rates get their cotangent thr
 matrices (jax.vjp of `_fused_weights`), skipped when the rates are constants.
 
 The same traces as 'blocked' (closed_form.py), which replaced it as auto's pick on CPU (2026-11-29): its
-forward is about 2x slower there, but with learned shared rates its training step was the faster of the two
-(results/scan_bench_learned_reuse_heap.json: 65.6 against 70.7 ms at (8, 2048, 256, 3), 276 against 327 ms
-at (1, 65536, 256, 3), medians of 5 whose ranges overlap), and it is the matmul form an accelerator may
-prefer (unmeasured). benchmarks.scan_bench times it ('fused/<C>').
+forward is about 2.5x slower there, and since the rate gradient of 'blocked' was rebuilt (2026-12-06) its
+training step with learned shared rates is slower too (results/scan_bench_learned_dh_reuse_heap.json: 1.31
+against 1.05 x the fixed path at (8, 2048, 256, 3), 1.33 against 1.06 at (1, 65536, 256, 3)). It is kept
+as the matmul form an accelerator may prefer (unmeasured). benchmarks.scan_bench times it ('fused/<C>').
 """
 
 from __future__ import annotations
