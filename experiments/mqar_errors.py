@@ -13,13 +13,17 @@ import sys
 import numpy as np
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir of a probes run (configs/probes.py recall).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_PAIRS = flags.DEFINE_integer("pairs", 8, "Key-value pairs per sequence.")
-_SEQUENCES = flags.DEFINE_integer("sequences", 2048, "Sequences drawn.")
-_SEED = flags.DEFINE_integer("seed", 777, "Seed of the drawn sequences.")
-_WEIGHTS = flags.DEFINE_string("weights", "raw", "raw, ema or bema (what the run kept).")
-_OUT = flags.DEFINE_string("out", None, "Write the report as JSON here.")
+
+def define_flags():
+  """The command-line flags, defined only when the module runs as a script (tests import it)."""
+  global _WORKDIR, _STEP, _PAIRS, _SEQUENCES, _SEED, _WEIGHTS, _OUT
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir of a probes run (configs/probes.py recall).")
+  _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  _PAIRS = flags.DEFINE_integer("pairs", 8, "Key-value pairs per sequence.")
+  _SEQUENCES = flags.DEFINE_integer("sequences", 2048, "Sequences drawn.")
+  _SEED = flags.DEFINE_integer("seed", 777, "Seed of the drawn sequences.")
+  _WEIGHTS = flags.DEFINE_string("weights", "raw", "raw, ema or bema (what the run kept).")
+  _OUT = flags.DEFINE_string("out", None, "Write the report as JSON here.")
 
 
 def error_report(pred_BT, batch, pairs: int) -> dict:
@@ -86,5 +90,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flag_as_required("workdir")
   app.run(main)
