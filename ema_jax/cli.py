@@ -122,10 +122,38 @@ def quiet_logs(verbose: bool) -> None:
 _ORBAX_READS = ("async_deserialize", "_read_array_index_and_device_put", "_read_and_create_array")
 
 
+_READ_FAILED = "Encountered error while reading array index"  # orbax's wrapper of a failed shard read
+
+
+def _from_orbax_read(exc: Optional[BaseException]) -> bool:
+  """Whether an exception (or one it was raised from) is an orbax array read's failure: a frame of its
+  traceback is one of _ORBAX_READS, or its text is orbax's read-failure message."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    if str(exc).startswith(_READ_FAILED):
+      return True
+    tb = exc.__traceback__
+    while tb is not None:
+      if tb.tb_frame.f_code.co_name in _ORBAX_READS:
+        return True
+      tb = tb.tb_next
+    exc = exc.__cause__ or exc.__context__
+  return False
+
+
 def _drop_orphaned_read_errors(record: logging.LogRecord) -> bool:
-  """asyncio logging filter: False (drop) for an unretrieved exception of an orbax array read."""
+  """asyncio logging filter: False (drop) for an orbax array read's failure that no one awaited.
+
+  The read that failed first reaches the restore call (a CorruptCheckpointError, one line); the reads of
+  the same checkpoint abandoned with it are reported by asyncio as "Task exception was never retrieved",
+  "Future exception was never retrieved" or "unhandled exception during shutdown", depending on when they
+  finish and are collected (often during the exit that follows the one-line error).
+  """
   text = record.getMessage()
-  return not (text.startswith("Task exception was never retrieved") and any(n in text for n in _ORBAX_READS))
+  if text.startswith("Task exception was never retrieved") and any(n in text for n in _ORBAX_READS):
+    return False
+  return not _from_orbax_read(record.exc_info[1] if record.exc_info else None)
 
 
 def _drop_disk_full_noise(record: logging.LogRecord) -> bool:
@@ -146,6 +174,8 @@ def _drop_disk_full_thread_errors(previous):
   def hook(args):
     if args.exc_value is not None and errors.is_disk_full(args.exc_value) and not VERBOSE.value:
       return  # a library's writer thread (TensorBoard, orbax): the main thread reports the full disk
+    if _from_orbax_read(args.exc_value) and not (FLAGS.is_parsed() and VERBOSE.value):
+      return  # a checkpoint read in orbax's thread: the restore call reports the damaged checkpoint
     previous(args)
 
   return hook
@@ -167,6 +197,8 @@ def _drop_closed_loop_noise(previous):
     if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
       return
     if getattr(getattr(unraisable, "object", None), "__name__", None) in _ORBAX_READS:  # an abandoned read
+      return
+    if _from_orbax_read(exc):
       return
     previous(unraisable)
 

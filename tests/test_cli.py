@@ -257,6 +257,55 @@ def test_only_orphaned_checkpoint_read_errors_are_dropped():
   assert seen == []
 
 
+def _raised(fn):
+  try:
+    fn()
+  except Exception as e:  # pylint: disable=broad-except
+    return e
+  raise AssertionError("no exception")
+
+
+def test_abandoned_reads_are_dropped_whatever_asyncio_calls_them():
+  """An orbax read's failure, as an unretrieved Future (not Task) or a shutdown report, is recognised by
+  the exception's own traceback (CI once printed such a Future's traceback after the one-line error)."""
+
+  def _read_array_index_and_device_put():
+    raise ValueError("OUT_OF_RANGE: Error reading params.embed")
+
+  def wrapped():
+    try:
+      _read_array_index_and_device_put()
+    except ValueError as e:
+      raise Exception("Encountered error while reading array index: (slice(0, 17, 1),)") from e
+
+  def unrelated():
+    raise ValueError("OUT_OF_RANGE somewhere else")
+
+  def record(msg, exc):
+    return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, (type(exc), exc, exc.__traceback__))
+
+  read = _raised(wrapped)
+  inner = _raised(_read_array_index_and_device_put)
+  other = _raised(unrelated)
+  future = "Future exception was never retrieved\nfuture: <Future finished exception=Exception('...')>"
+  shutdown = "unhandled exception during asyncio.run() shutdown\ntask: <Task finished coro=<gather()>>"
+  assert cli._drop_orphaned_read_errors(record(future, read)) is False
+  assert cli._drop_orphaned_read_errors(record(shutdown, inner)) is False
+  assert cli._drop_orphaned_read_errors(record(future, other)) is True
+  seen = []
+  hook = cli._drop_closed_loop_noise(seen.append)
+  hook(types.SimpleNamespace(exc_value=read, object=None))
+  assert seen == []
+  kept = types.SimpleNamespace(exc_value=other, object=None)
+  hook(kept)
+  assert seen == [kept]
+  thread_seen = []
+  thread_hook = cli._drop_disk_full_thread_errors(thread_seen.append)
+  thread_hook(types.SimpleNamespace(exc_value=read))
+  thread_hook(kept)
+  assert thread_seen == [kept]
+
+
 def test_missing_field_names_the_closest():
   import ml_collections
 
