@@ -215,8 +215,9 @@ class Checkpointer:
         state = ckptr.restore(self.step_dir(step) / "state", abstract_state)
       jax.block_until_ready(state)
     except Exception as e:  # orbax / tensorstore raise many kinds for unreadable files
+      cause = _read_cause(e)
       raise CorruptCheckpointError(
-          f"checkpoint {self.step_dir(step)}: arrays unreadable " f"({type(e).__name__}: {_first_line(e)})"
+          f"checkpoint {self.step_dir(step)}: arrays unreadable " f"({type(cause).__name__}: {_first_line(cause)})"
       ) from e
     self._verify(step, state)
     return state
@@ -401,6 +402,14 @@ class _quiet_absl:
 
   def __exit__(self, *exc):
     self._logger.setLevel(self._level)
+
+
+def _read_cause(e: BaseException) -> BaseException:
+  """The tensorstore error under orbax's "Encountered error while reading array index ... TensorStore
+  details: <spec dump>" wrapper, which names the file and the byte range that could not be read."""
+  if str(e).startswith("Encountered error while reading array index") and e.__cause__ is not None:
+    return e.__cause__
+  return e
 
 
 def _first_line(e: BaseException) -> str:
