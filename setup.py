@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="EMA trace models and weight-EMA length generalization in JAX/Flax.",
     packages=find_packages(include=["ema_jax", "ema_jax.*"]),
+    package_data={"ema_jax.nn": ["*.cc"]},  # the CPU top-k kernel's source, compiled on first use
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",

@@ -18,6 +18,7 @@ times, summed over threads) with the source lines they come from: where an MFU b
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -31,6 +32,7 @@ from flax import nnx
 
 from benchmarks import command_line
 from ema_jax.models import ema_lm, transformer
+from ema_jax.nn import cpu_topk
 from ema_jax.tasks.lm import token_nll
 
 
@@ -53,18 +55,29 @@ def adamw_step(model):
   return step, params, opt
 
 
-def step_time(model, batch, repeats):
-  step, params, opt = adamw_step(model)
-  fn = jax.jit(step, donate_argnums=(0, 1))
-  params, opt, _ = fn(params, opt, batch)
-  jax.block_until_ready(params)
-  ts = []
+def interleaved_step_times(contenders, batch, repeats, seed=0):
+  """{name: median step time} for {name: (model, trace_context)}: each jitted once (traced inside its
+  context), then timed repeat by repeat in a fresh random order, so drifting load hits every contender."""
+  fns = {}
+  for name, (model, context) in contenders.items():
+    step, params, opt = adamw_step(model)
+    fn = jax.jit(step, donate_argnums=(0, 1))
+    with context:
+      params, opt, _ = fn(params, opt, batch)  # traced and compiled here, inside the context
+    jax.block_until_ready(params)
+    fns[name] = [fn, params, opt]
+  ts = {name: [] for name in fns}
+  order = list(fns)
+  rng = np.random.default_rng(seed)
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    params, opt, l = fn(params, opt, batch)
-    jax.block_until_ready(l)
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
+    for name in rng.permutation(order):
+      fn, params, opt = fns[name]
+      t0 = time.perf_counter()
+      params, opt, l = fn(params, opt, batch)
+      jax.block_until_ready(l)
+      ts[name].append(time.perf_counter() - t0)
+      fns[name][1:] = [params, opt]
+  return {name: statistics.median(v) for name, v in ts.items()}
 
 
 def matmul_peak(shapes, repeats=5):
@@ -138,6 +151,12 @@ def main():
       default=0,
       help="also profile the EMA LM's step at this T: XLA's kernel times by source line (trace_profile.py)",
   )
+  p.add_argument(
+      "--topk-ab",
+      action="store_true",
+      help="also time the EMA LM with XLA's TopK instead of the CPU top-k kernel (ema_jax/nn/cpu_topk.py), "
+      "interleaved with the others",
+  )
   args = p.parse_args()
   rows = []
   peak = matmul_peak(
@@ -147,31 +166,38 @@ def main():
   for t in [int(v) for v in args.lengths.split(",")]:
     b = max(1, args.tokens // t)
     batch = make_batch(b, t, args.vocab)
-    ema = ema_lm.EMALM(
-        ema_lm.preset(
-            "tiny", vocab_size=args.vocab, width=args.width, num_blocks=args.depth, ffn_hidden=4 * args.width
-        ),
-        rngs=nnx.Rngs(0),
+    ema_config = ema_lm.preset(
+        "tiny", vocab_size=args.vocab, width=args.width, num_blocks=args.depth, ffn_hidden=4 * args.width
     )
+    ema = ema_lm.EMALM(ema_config, rngs=nnx.Rngs(0))
     gpt = transformer.GPT(
         transformer.preset("tiny", vocab_size=args.vocab, width=args.width, num_layers=args.depth, context_len=t),
         rngs=nnx.Rngs(0),
     )
-    t_ema = step_time(ema, batch, args.repeats)
-    t_gpt = step_time(gpt, batch, args.repeats)
+    contenders = dict(ema=(ema, contextlib.nullcontext()), gpt=(gpt, contextlib.nullcontext()))
+    if args.topk_ab:
+      # its own arrays (the same values): each step donates its parameters
+      contenders["ema_xla_topk"] = (ema_lm.EMALM(ema_config, rngs=nnx.Rngs(0)), cpu_topk.enabled(False))
+    times = interleaved_step_times(contenders, batch, args.repeats)
+    t_ema, t_gpt = times["ema"], times["gpt"]
     ema_tps, gpt_tps = b * t / t_ema, b * t / t_gpt
-    rows.append(
-        dict(
-            T=t,
-            batch=b,
-            ema_tokens_per_s=ema_tps,
-            gpt_tokens_per_s=gpt_tps,
-            ema_over_gpt=t_gpt / t_ema,
-            ema_mfu=ema_tps * ema_lm.flops_per_token(ema.config, t) / peak,
-            ema_mfu_sparse=ema_tps * ema_lm.flops_per_token(ema.config, t, sparse_ffn=True) / peak,
-            gpt_mfu=gpt_tps * transformer.flops_per_token(gpt.config, t) / peak,
-        )
+    row = dict(
+        T=t,
+        batch=b,
+        ema_tokens_per_s=ema_tps,
+        gpt_tokens_per_s=gpt_tps,
+        ema_over_gpt=t_gpt / t_ema,
+        ema_mfu=ema_tps * ema_lm.flops_per_token(ema.config, t) / peak,
+        ema_mfu_sparse=ema_tps * ema_lm.flops_per_token(ema.config, t, sparse_ffn=True) / peak,
+        gpt_mfu=gpt_tps * transformer.flops_per_token(gpt.config, t) / peak,
+        ema_topk=("cpu kernel" if cpu_topk.applies(jnp.zeros(1)) else "xla"),
     )
+    if args.topk_ab:
+      xla_tps = b * t / times["ema_xla_topk"]
+      row.update(
+          ema_xla_topk_tokens_per_s=xla_tps, ema_xla_topk_mfu=xla_tps * ema_lm.flops_per_token(ema.config, t) / peak
+      )
+    rows.append(row)
     print(f"  T={t}: EMA {ema_tps:,.0f} tok/s, GPT {gpt_tps:,.0f} tok/s", flush=True)
   print(
       f"\n{'T':>6}{'batch':>7}{'EMA LM tok/s':>14}{'GPT tok/s':>12}{'EMA / GPT':>11}"
@@ -182,6 +208,10 @@ def main():
         f"{r['T']:>6}{r['batch']:>7}{r['ema_tokens_per_s']:>14,.0f}{r['gpt_tokens_per_s']:>12,.0f}"
         f"{r['ema_over_gpt']:>11.2f}{r['ema_mfu']:>9.2f}{r['ema_mfu_sparse']:>9.2f}{r['gpt_mfu']:>9.2f}"
     )
+  if args.topk_ab:
+    print(f"\nthe EMA LM with XLA's TopK instead of the {rows[0]['ema_topk']} (same numbers):")
+    for r in rows:
+      print(f"  T={r['T']}: {r['ema_xla_topk_tokens_per_s']:,.0f} tok/s, MFU {r['ema_xla_topk_mfu']:.2f}")
   profile_rows = profile_ema_step(args) if args.profile else None
   meta = dict(
       date=time.strftime("%Y-%m-%d"),

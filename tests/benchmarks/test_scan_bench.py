@@ -43,12 +43,13 @@ def test_default_rows_time_a_training_loss(tmp_path):
 def test_lm_bench_reports_mfu(tmp_path):
   out = tmp_path / "lm.json"
   cmd = [sys.executable, "-m", "benchmarks.lm_bench", "--lengths", "32", "--tokens", "64", "--width", "16"]
-  cmd += ["--profile", "32"]
+  cmd += ["--profile", "32", "--topk-ab"]
   subprocess.run(cmd + ["--repeats", "1", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=600)
   data = json.load(open(out))
   row = data["rows"][0]
   assert data["meta"]["matmul_peak_flops"] > 0
   assert 0 < row["ema_mfu_sparse"] < row["ema_mfu"] and row["gpt_mfu"] > 0
+  assert row["ema_topk"] in ("cpu kernel", "xla") and row["ema_xla_topk_mfu"] > 0
   prof = data["ema_step_profile"]
   assert prof and all(r["ms"] >= 0 for r in prof)
   assert any("ema_lm.py" in line for r in prof for line in r["lines"])
@@ -76,3 +77,15 @@ def test_learned_rows_compare_with_the_fixed_path(tmp_path):
   assert {"learned shared/blocked/8", "learned per-channel/blocked/8", "fixed/auto", "copy"} <= methods
   fixed = next(r for r in data["rows"] if r["method"] == "fixed/auto")
   assert fixed["train_vs_fixed"] == 1.0 and "rates" in data["meta"]["train"]
+
+
+def test_topk_bench_times_equal_masks(tmp_path):
+  out = tmp_path / "topk.json"
+  cmd = [sys.executable, "-m", "benchmarks.topk_bench", "--shapes", "64x96", "--k", "5", "--repeats", "2"]
+  proc = subprocess.run(cmd + ["--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  if "does not apply here" in proc.stderr:
+    pytest.skip("no CPU top-k kernel here")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = json.load(open(out))["rows"]
+  assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+  assert all(r["xla_ms"] > 0 and r["kernel_ms"] > 0 and r["k"] == 5 for r in rows)
