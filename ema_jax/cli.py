@@ -62,6 +62,7 @@ def run(main: Callable[[Sequence[str]], Any], required: Sequence[str] = ()) -> N
   """app.run(main) with this module's flag parsing, logging and error handling."""
   sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
   logging.getLogger("asyncio").addFilter(_drop_orphaned_read_errors)
+  logging.getLogger("absl").addFilter(_drop_orphaned_read_errors)  # orbax's threads log through absl
   logging.getLogger("absl").addFilter(_drop_disk_full_noise)
   threading.excepthook = _drop_disk_full_thread_errors(threading.excepthook)
   FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS["verbose"])  # listed by --helpshort
