@@ -5,7 +5,8 @@ setup(
     version="0.1.0",
     description="EMA trace models and weight-EMA length generalization in JAX/Flax.",
     packages=find_packages(include=["ema_jax", "ema_jax.*"]),
-    package_data={"ema_jax.nn": ["*.cc"]},  # the CPU top-k kernel's source, compiled on first use
+    # the CPU kernels' sources (top-k mask, EMA traces), compiled on first use (ema_jax/cpu_kernels.py)
+    package_data={"ema_jax.nn": ["*.cc"], "ema_jax.traces": ["*.cc"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",

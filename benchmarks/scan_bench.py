@@ -14,7 +14,8 @@ For each shape (B, T, D, K) it times, after warm-up, the median (and range) of -
                      gradient reads dh and writes dx: at least twice a copy's traffic. (A loss such as
                      mean(h^2) lets XLA build the gradient from h inside the forward's fusion, which no
                      model does; --with-mse adds it as a second, labelled row.)
-for: the blocked path (traces.ema_traces method='blocked', the closed form inside chunks as one elementwise
+for: the compiled CPU kernel (method='native', traces/native.py: one streaming pass each way; on other
+backends and several devices it runs 'blocked'); the blocked path (traces.ema_traces method='blocked', the closed form inside chunks as one elementwise
 pass, custom VJP; rates shared or per channel) at each --blocks size; the fused path (method='fused', one
 batched matmul per output, custom VJP) at each --fused-chunks size; each linear_scan method through ema_traces
 (custom VJP; 'unrolled' at its default chunk); 'auto'; the textbook
@@ -89,7 +90,7 @@ def copy_op(x, k):
 
 
 def candidates(alphas, k, chunk_sizes, fused_chunk_sizes, block_sizes=()):
-  out = {}
+  out = {"native": lambda x: traces.ema_traces(x, alphas, method="native")[0]}
   for c in block_sizes:
     out[f"blocked/{c}"] = lambda x, c=c: traces.ema_traces(x, alphas, method="blocked", chunk_size=c)[0]
   if not isinstance(alphas, np.ndarray):  # the fused path needs rates shared over D
@@ -240,7 +241,10 @@ def learned_candidates(k, d, block_sizes):
   computed; 'fixed' is the constant-rate path (auto) every ratio is taken against."""
   shared = jnp.asarray(rates(k, d, False))
   channel = jnp.asarray(rates(k, d, True))
-  out = {}
+  out = {
+      "learned shared/native": (shared, lambda x, r: traces.ema_traces(x, r, method="native")[0]),
+      "learned per-channel/native": (channel, lambda x, r: traces.ema_traces(x, r, method="native")[0]),
+  }
   for c in block_sizes:
     out[f"learned shared/blocked/{c}"] = (
         shared,

@@ -3,7 +3,9 @@
 Two kinds of method (ema_methods()):
   closed forms   constant rates only (fixed or learned, not per token), in CLOSED_FORMS:
                  'blocked' (closed_form.py: one elementwise pass per output; rates [K] or [K, D]) and
-                 'fused' (fused.py: one batched matmul per output; rates shared over D, [K] or [K, 1])
+                 'fused' (fused.py: one batched matmul per output; rates shared over D, [K] or [K, 1]),
+                 'native' (native.py: a compiled CPU kernel, one streaming pass each way; rates [K] or
+                 [K, D]; elsewhere it runs 'blocked')
   linear scans   any method of kernels.KERNELS: g_t = (1 - alpha) g_{t-1} + x_t through scan.linear_scan
                  with x broadcast over K (never materialised K times), scaled by alpha
 `method='auto'` picks per backend (`auto_method`). Methods are kernels.ScanMethod members or their strings.
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ema_jax.traces import closed_form, fused, kernels, scan
+from ema_jax.traces import closed_form, fused, kernels, native, scan
 from ema_jax.traces.kernels import ScanMethod
 
 PAPER_ALPHAS = (0.5, 0.1, 0.02)
@@ -41,6 +43,7 @@ class ClosedForm(NamedTuple):
 CLOSED_FORMS = {
     ScanMethod.BLOCKED: ClosedForm(closed_form.blocked_traces, kernels.DEFAULT_BLOCK, per_channel=True),
     ScanMethod.FUSED: ClosedForm(fused.fused_traces, fused.DEFAULT_FUSED_CHUNK, per_channel=False),
+    ScanMethod.NATIVE: ClosedForm(native.native_traces, kernels.DEFAULT_BLOCK, per_channel=True),
 }
 
 
@@ -55,22 +58,25 @@ def ema_methods() -> tuple:
 # whether this pick was the fastest measured on a device.
 AUTO_CONSTANT_RATES = {
     "cpu": (
-        ScanMethod.BLOCKED,
-        "measured: 2-core x86_64 CPU, 2026-11-29 (results/scan_bench*.json, benchmarks/scan_bench.py "
-        "[--per-channel] [--reuse-heap]): 'blocked' was the fastest forward and training step at both shapes, "
-        "for shared and per-channel rates (before it, 'fused' for shared rates and 'sequential' per channel)",
+        ScanMethod.NATIVE,
+        "measured: 2-core x86_64 CPU, 2026-12-07 (results/scan_bench_dh_reuse_heap.json, benchmarks/scan_bench.py "
+        "--reuse-heap): 'native' (the compiled kernel) was the fastest forward and training step at both shapes; "
+        "where it does not apply (several devices, float16/float64, no compiler) 'blocked', the fastest before it "
+        "(2026-11-29, shared and per-channel rates)",
     ),
     "gpu": (None, "unmeasured: the fused and blocked paths have not been timed there; scan.auto_method's choice"),
     "tpu": (None, "unmeasured: the fused and blocked paths have not been timed there; scan.auto_method's choice"),
 }
 
 
-def auto_method(t_len: int, rates_shared_over_d: bool = True, backend=None) -> ScanMethod:
+def auto_method(t_len: int, rates_shared_over_d: bool = True, backend=None, dtype=jnp.float32) -> ScanMethod:
   """The method ema_traces' 'auto' runs for T = t_len tokens of constant rates on `backend` (default: JAX's):
-  AUTO_CONSTANT_RATES[backend] when it names a closed form that takes these rates; otherwise the linear-scan
-  method scan.auto_method picks."""
+  AUTO_CONSTANT_RATES[backend] when it names a closed form that takes these rates ('native' only where its
+  kernel runs for `dtype` here, else 'blocked'); otherwise the linear-scan method scan.auto_method picks."""
   backend = backend or jax.default_backend()
   pick = AUTO_CONSTANT_RATES.get(backend, (None, ""))[0]
+  if pick is ScanMethod.NATIVE and not (backend == jax.default_backend() and native.applies(dtype)):
+    pick = ScanMethod.BLOCKED
   if pick is not None and t_len >= 1 and (rates_shared_over_d or CLOSED_FORMS[pick].per_channel):
     return pick
   return scan.auto_method(t_len, backend)
@@ -161,7 +167,8 @@ def ema_traces(
     bias_correction: divide by 1 - (1 - alpha)^n, n the tokens since the start or the last reset,
       so each trace is an unbiased average from its first token.
     method: a ScanMethod or its string, one of ema_methods(): a closed form ('blocked': any constant rates,
-      [K] or [K, D]; 'fused': rates shared over D, [K] or [K, 1]), a linear-scan method ('associative',
+      [K] or [K, D]; 'fused': rates shared over D, [K] or [K, 1]; 'native': any constant rates, a compiled
+      kernel on one CPU device, 'blocked' elsewhere), a linear-scan method ('associative',
       'sequential', 'chunked', 'unrolled'), or 'auto' (see `auto_method`).
     start_count: [B] or scalar tokens already summarised in h0 (bias correction only).
     chunk_size: chunk length of the methods that take one (default: the method's table entry).
@@ -190,7 +197,7 @@ def ema_traces(
         f"`alphas` of shape {tuple(alpha_kd.shape)}. Use method='auto' or 'blocked' for per-channel rates."
     )
   if method is ScanMethod.AUTO:
-    method = auto_method(t_len, shared)
+    method = auto_method(t_len, shared, dtype=x.dtype)
   if chunk_size is None:
     entry = CLOSED_FORMS.get(method) or kernels.KERNELS[method]
     chunk_size = entry.default_chunk or 1

@@ -5,7 +5,7 @@ signature); scan.py validates, dispatches through KERNELS and adds the custom VJ
 method is three edits here: a ScanMethod member, its kernel, and its KERNELS entry. linear_scan,
 selective_traces and ema_traces accept it from then on, and the custom VJP (the same recurrence run in
 reverse over the cotangents) differentiates it. The closed forms of ema_traces for constant rates
-('blocked', 'fused') are named here too; their table is ema.CLOSED_FORMS.
+('blocked', 'fused', 'native') are named here too; their table is ema.CLOSED_FORMS.
 
 This module imports nothing from the project.
 """
@@ -30,6 +30,7 @@ class ScanMethod(str, enum.Enum):
   UNROLLED = "unrolled"
   BLOCKED = "blocked"  # ema_traces only: constant rates in closed form inside chunks (closed_form.py)
   FUSED = "fused"  # ema_traces only: the same closed form as one batched matmul (fused.py)
+  NATIVE = "native"  # ema_traces only: constant rates through a compiled CPU kernel (native.py)
 
   def __str__(self):
     return self.value

@@ -9,11 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import pytest
 
 from benchmarks import accelerator_suite as suite
 from ema_jax import traces
-from ema_jax.traces import scan
+from ema_jax.traces import native, scan
 from helpers import REPO
 
 ROOT = Path(REPO)
@@ -152,8 +153,9 @@ def test_auto_tables_keep_cpu_choice_and_name_every_backend():
   assert scan.auto_method(2048, "gpu") is scan.ScanMethod.CHUNKED
   assert scan.auto_method(2048, "metal") is scan.DEFAULT_AUTO[0]
   assert scan.auto_method(2, "gpu") is scan.ScanMethod.SEQUENTIAL
-  assert traces.auto_method(2048, True, "cpu") is scan.ScanMethod.BLOCKED
-  assert traces.auto_method(2048, False, "cpu") is scan.ScanMethod.BLOCKED
+  cpu_pick = scan.ScanMethod.NATIVE if native.applies(jnp.float32) else scan.ScanMethod.BLOCKED
+  assert traces.auto_method(2048, True, "cpu") is cpu_pick
+  assert traces.auto_method(2048, False, "cpu") is cpu_pick
   assert traces.auto_method(2048, True, "tpu") is scan.ScanMethod.CHUNKED
   for table in (scan.AUTO_METHODS, traces.AUTO_CONSTANT_RATES):
     assert {"cpu", "gpu", "tpu"} <= set(table)

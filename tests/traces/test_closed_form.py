@@ -85,11 +85,16 @@ def test_constant_rates_skip_their_gradient():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_auto_picks_blocked_on_cpu():
+def test_auto_picks_the_cpu_kernel_else_blocked_on_cpu():
   if jax.default_backend() != "cpu":
     pytest.skip("the CPU entry of the auto tables")
-  assert traces.auto_method(45, True) == "blocked"
-  assert traces.auto_method(45, False) == "blocked"
+  from ema_jax.traces import native
+
+  kernel = "native" if native.applies(jnp.float32) else "blocked"
+  assert traces.auto_method(45, True) == kernel and traces.auto_method(45, False) == kernel
+  assert traces.auto_method(45, True, dtype=jnp.float16) == "blocked"  # the kernel takes float32 and bfloat16
+  with native.KERNEL.enabled(False):
+    assert traces.auto_method(45, True) == "blocked"
 
 
 def test_bad_arguments():
