@@ -33,6 +33,7 @@ from flax import nnx
 from benchmarks import command_line
 from ema_jax.models import ema_lm, transformer
 from ema_jax.nn import cpu_topk
+from ema_jax.traces import native as native_traces
 from ema_jax.tasks.lm import token_nll
 
 
@@ -157,6 +158,12 @@ def main():
       help="also time the EMA LM with XLA's TopK instead of the CPU top-k kernel (ema_jax/nn/cpu_topk.py), "
       "interleaved with the others",
   )
+  p.add_argument(
+      "--traces-ab",
+      action="store_true",
+      help="also time the EMA LM with the traces' XLA closed form ('blocked') instead of the CPU traces kernel "
+      "(ema_jax/traces/native.py), interleaved with the others",
+  )
   args = p.parse_args()
   rows = []
   peak = matmul_peak(
@@ -178,6 +185,8 @@ def main():
     if args.topk_ab:
       # its own arrays (the same values): each step donates its parameters
       contenders["ema_xla_topk"] = (ema_lm.EMALM(ema_config, rngs=nnx.Rngs(0)), cpu_topk.enabled(False))
+    if args.traces_ab:
+      contenders["ema_xla_traces"] = (ema_lm.EMALM(ema_config, rngs=nnx.Rngs(0)), native_traces.KERNEL.enabled(False))
     times = interleaved_step_times(contenders, batch, args.repeats)
     t_ema, t_gpt = times["ema"], times["gpt"]
     ema_tps, gpt_tps = b * t / t_ema, b * t / t_gpt
@@ -191,11 +200,18 @@ def main():
         ema_mfu_sparse=ema_tps * ema_lm.flops_per_token(ema.config, t, sparse_ffn=True) / peak,
         gpt_mfu=gpt_tps * transformer.flops_per_token(gpt.config, t) / peak,
         ema_topk=("cpu kernel" if cpu_topk.applies(jnp.zeros(1)) else "xla"),
+        ema_traces=("cpu kernel" if native_traces.applies(jnp.float32) else "xla (blocked)"),
     )
     if args.topk_ab:
       xla_tps = b * t / times["ema_xla_topk"]
       row.update(
           ema_xla_topk_tokens_per_s=xla_tps, ema_xla_topk_mfu=xla_tps * ema_lm.flops_per_token(ema.config, t) / peak
+      )
+    if args.traces_ab:
+      xla_tps = b * t / times["ema_xla_traces"]
+      row.update(
+          ema_xla_traces_tokens_per_s=xla_tps,
+          ema_xla_traces_mfu=xla_tps * ema_lm.flops_per_token(ema.config, t) / peak,
       )
     rows.append(row)
     print(f"  T={t}: EMA {ema_tps:,.0f} tok/s, GPT {gpt_tps:,.0f} tok/s", flush=True)
@@ -212,6 +228,10 @@ def main():
     print(f"\nthe EMA LM with XLA's TopK instead of the {rows[0]['ema_topk']} (same numbers):")
     for r in rows:
       print(f"  T={r['T']}: {r['ema_xla_topk_tokens_per_s']:,.0f} tok/s, MFU {r['ema_xla_topk_mfu']:.2f}")
+  if args.traces_ab:
+    print(f"\nthe EMA LM with the traces' XLA closed form instead of the {rows[0]['ema_traces']} (same to rounding):")
+    for r in rows:
+      print(f"  T={r['T']}: {r['ema_xla_traces_tokens_per_s']:,.0f} tok/s, MFU {r['ema_xla_traces_mfu']:.2f}")
   profile_rows = profile_ema_step(args) if args.profile else None
   meta = dict(
       date=time.strftime("%Y-%m-%d"),
