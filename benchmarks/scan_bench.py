@@ -128,7 +128,7 @@ def selective_candidates(k, chunk_sizes):
   """name -> (f(x, r), argnums of the gradient): x and the rates for selective, x for the others."""
   fixed = rates(k, 1, False)
   out = {}
-  for m in ["sequential", "associative", "unrolled"] + [f"chunked/{c}" for c in chunk_sizes] + ["auto"]:
+  for m in ["native", "sequential", "associative", "unrolled"] + [f"chunked/{c}" for c in chunk_sizes] + ["auto"]:
     method, _, c = m.partition("/")
     f = lambda x, r, method=method, c=c: traces.selective_traces(x, r, method=method, chunk_size=int(c) if c else None)[
         0

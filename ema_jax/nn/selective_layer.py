@@ -36,7 +36,7 @@ class SelectiveTraces(nnx.Module):
   ):
     if not isinstance(features, int) or features < 1:
       raise ValueError(f"SelectiveTraces: `features`={features!r}; expected a positive integer.")
-    traces.parse_method(method, traces.scan_methods(), "SelectiveTraces")
+    traces.parse_method(method, traces.selective_methods(), "SelectiveTraces")
     init = np.asarray(traces.check_alphas(alphas), np.float64)
     if (init >= 1).any():
       raise ValueError(f"SelectiveTraces: write rates must start inside (0, 1); got alphas={init.tolist()}.")

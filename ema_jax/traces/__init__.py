@@ -41,7 +41,7 @@ from ema_jax.traces.ema import (
     init_state,
     token_counts,
 )
-from ema_jax.traces.selective import selective_step, selective_traces
+from ema_jax.traces.selective import selective_methods, selective_step, selective_traces
 
 __all__ = [
     "AUTO_CONSTANT_RATES",
@@ -67,6 +67,7 @@ __all__ = [
     "linear_scan",
     "parse_method",
     "scan_methods",
+    "selective_methods",
     "selective_step",
     "selective_traces",
     "step",

@@ -63,6 +63,7 @@ inline V Ld(const uint16_t* p) {
 inline void St(float* p, V v) { _mm256_storeu_ps(p, v); }
 inline void Stream(float* p, V v) { _mm256_stream_ps(p, v); }  // p aligned to 32 bytes
 inline V Add(V a, V b) { return _mm256_add_ps(a, b); }
+inline V Sub(V a, V b) { return _mm256_sub_ps(a, b); }
 inline V Mul(V a, V b) { return _mm256_mul_ps(a, b); }
 #else
 constexpr int64_t kW = 4;
@@ -76,6 +77,7 @@ inline V Ld(const uint16_t* p) {
 inline void St(float* p, V v) { _mm_storeu_ps(p, v); }
 inline void Stream(float* p, V v) { _mm_stream_ps(p, v); }  // p aligned to 16 bytes
 inline V Add(V a, V b) { return _mm_add_ps(a, b); }
+inline V Sub(V a, V b) { return _mm_sub_ps(a, b); }
 inline V Mul(V a, V b) { return _mm_mul_ps(a, b); }
 #endif
 
@@ -151,13 +153,14 @@ std::vector<float> Power(const Rates& r, int64_t len) {
 // and a reset in the segment cuts it (decay^len -> 0).
 class Chain {
  public:
-  Chain(const Dims& n, const Rates& r)
-      : kd_(n.k * n.d),
-        full_(Power(r, n.segment)),
-        tail_(Power(r, n.t - (n.segments() - 1) * n.segment)),
-        state_(n.b * n.segments() * kd_),
-        ready_(new std::atomic<int>[n.b * n.segments()]) {
+  explicit Chain(const Dims& n)
+      : kd_(n.k * n.d), state_(n.b * n.segments() * kd_), ready_(new std::atomic<int>[n.b * n.segments()]) {
     for (int64_t i = 0; i < n.b * n.segments(); ++i) ready_[i].store(0, std::memory_order_relaxed);
+  }
+  // Constant rates: the decay across a full segment and across the row's last one.
+  Chain(const Dims& n, const Rates& r) : Chain(n) {
+    full_ = Power(r, n.segment);
+    tail_ = Power(r, n.t - (n.segments() - 1) * n.segment);
   }
   // Waits for item i - 1 (the one before i in its row's order: it was handed out earlier, to a thread that
   // is running it) and returns the state it published.
@@ -173,10 +176,16 @@ class Chain {
     for (int64_t j = 0; j < kd_; ++j) out[j] = reset ? result[j] : power[j] * entering[j] + result[j];
     ready_[i].store(1, std::memory_order_release);
   }
+  // The same with the decay across the segment given per [K, D] entry (selective rates; zero after a reset).
+  void Publish(int64_t i, const float* decay, const float* entering, const float* result) {
+    float* out = state_.data() + i * kd_;
+    for (int64_t j = 0; j < kd_; ++j) out[j] = decay[j] * entering[j] + result[j];
+    ready_[i].store(1, std::memory_order_release);
+  }
 
  private:
   const int64_t kd_;
-  const std::vector<float> full_, tail_;
+  std::vector<float> full_, tail_;
   std::vector<float> state_;
   std::unique_ptr<std::atomic<int>[]> ready_;
 };
@@ -422,6 +431,239 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::AnyB
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Selective traces: a write rate per token, timescale and (E = D) channel or (E = 1) shared over channels,
+//   forward   h_t = keep_t (1 - r_t) h_{t-1} + r_t x_t
+//   backward  lam_t = g_t + keep_{t+1} (1 - r_{t+1}) lam_{t+1},  dx_t = sum_k r_{k,t} lam_{k,t},
+//             dr_t = lam_t (x_t - keep_t h_{t-1}) (summed over channels for E = 1),
+//             dh0 = keep_0 (1 - r_0) lam_0.
+// The same passes, chain and memory order as the constant-rate kernel above; across a segment the state maps
+// as s -> (prod_t keep_t (1 - r_t)) s + (its run from zero), the product kept per [K, D] entry by the first run.
+
+// The selective recurrence over tokens [first, last) of row b from `state`; writes outputs when `raw` is
+// given; multiplies `product` ([K, D]) by each step's decay when given.
+template <bool kShared, typename X>
+void RunSelForward(const Dims& n, const X* x, const float* rates, const bool* resets, int64_t b, int64_t first,
+                   int64_t last, float* state, float* product, float* raw, bool stream) {
+  const int64_t vend = n.d / kW * kW;
+  const V one = Set(1.0f);
+  for (int64_t t = first; t < last; ++t) {
+    const int64_t bt = b * n.t + t;
+    if (resets[bt]) {
+      std::fill(state, state + n.k * n.d, 0.0f);
+      if (product != nullptr) std::fill(product, product + n.k * n.d, 0.0f);
+    }
+    const X* xr = x + bt * n.d;
+    for (int64_t k = 0; k < n.k; ++k) {
+      float* s = state + k * n.d;
+      float* p = product == nullptr ? nullptr : product + k * n.d;
+      const float* rk = rates + (bt * n.k + k) * n.e;
+      float* out = raw == nullptr ? nullptr : raw + (bt * n.k + k) * n.d;
+      const V rv = Set(rk[0]);
+      for (int64_t j = 0; j < vend; j += kW) {
+        const V rr = kShared ? rv : Ld(rk + j);
+        const V a = Sub(one, rr);
+        const V v = Add(Mul(a, Ld(s + j)), Mul(rr, Ld(xr + j)));
+        St(s + j, v);
+        if (p != nullptr) St(p + j, Mul(Ld(p + j), a));
+        if (out != nullptr) {
+          if (stream) {
+            Stream(out + j, v);
+          } else {
+            St(out + j, v);
+          }
+        }
+      }
+      for (int64_t j = vend; j < n.d; ++j) {
+        const float rr = rk[kShared ? 0 : j], a = 1.0f - rr;
+        s[j] = a * s[j] + rr * Load(xr, j);
+        if (p != nullptr) p[j] *= a;
+        if (out != nullptr) out[j] = s[j];
+      }
+    }
+  }
+}
+
+template <bool kShared, typename X>
+void SelForward(ffi::ThreadPool& pool, const Dims& n, const X* x, const float* rates, const float* h0,
+                const bool* resets, float* raw) {
+  const int64_t kd = n.k * n.d, segs = n.segments();
+  const bool stream = Streamable(raw, n.d);
+  Chain chain(n);
+  ParallelFor(pool, n.b * segs, [&](int64_t i) {
+    const int64_t b = i / segs, s = i % segs;
+    const int64_t first = s * n.segment, last = std::min(n.t, first + n.segment);
+    std::vector<float> state(kd, 0.0f), product(kd, 1.0f);
+    const bool hands_on = s + 1 < segs;
+    if (hands_on) RunSelForward<kShared>(n, x, rates, resets, b, first, last, state.data(), product.data(), nullptr, false);
+    const float* entering = s == 0 ? h0 + b * kd : chain.Wait(i);
+    if (hands_on) chain.Publish(i, product.data(), entering, state.data());
+    std::copy(entering, entering + kd, state.begin());
+    RunSelForward<kShared>(n, x, rates, resets, b, first, last, state.data(), nullptr, raw, stream);
+    _mm_sfence();
+  });
+}
+
+// The reverse selective recurrence over tokens [last - 1, first] of row b; `carry` as in RunBackward.
+// With dx given (the second run) writes dx and dr; otherwise multiplies `product` by each step's decay.
+template <bool kShared, typename X>
+void RunSelBackward(const Dims& n, const float* g, const float* rates, const bool* resets, const X* x,
+                    const float* raw, const float* h0, int64_t b, int64_t first, int64_t last, float* carry,
+                    float* product, float* dx, float* dr, bool stream_dx, bool stream_dr) {
+  std::vector<float> row(dx != nullptr ? n.d : 0), drow(dx != nullptr ? n.k * n.e : 0);
+  std::vector<double> dsum(kShared && dx != nullptr ? n.k : 0);
+  const V one = Set(1.0f);
+  for (int64_t t = last - 1; t >= first; --t) {
+    const int64_t bt = b * n.t + t;
+    const bool keep = !resets[bt];
+    const V keepv = Set(keep ? 1.0f : 0.0f);
+    std::fill(dsum.begin(), dsum.end(), 0.0);
+    for (int64_t k = n.k - 1; k >= 0; --k) {
+      const float* rkrow = rates + (bt * n.k + k) * n.e;
+      const V rv = Set(rkrow[0]);
+      const float* prevrow = t > 0 ? raw + ((bt - 1) * n.k + k) * n.d : h0 + (b * n.k + k) * n.d;
+      for (int64_t hi = n.d; hi > 0; hi -= kDownBlock) {
+        const int64_t lo = std::max<int64_t>(0, hi - kDownBlock);
+        const int64_t w = hi - lo, vend = w / kW * kW;
+        const float* gk = g + (bt * n.k + k) * n.d + lo;
+        float* c = carry + k * n.d + lo;
+        const float* rk = kShared ? rkrow : rkrow + lo;
+        if (dx == nullptr) {
+          float* p = product + k * n.d + lo;
+          for (int64_t j = 0; j < vend; j += kW) {
+            const V a = Mul(keepv, Sub(one, kShared ? rv : Ld(rk + j)));
+            St(c + j, Mul(a, Add(Ld(gk + j), Ld(c + j))));
+            St(p + j, Mul(Ld(p + j), a));
+          }
+          for (int64_t j = vend; j < w; ++j) {
+            const float a = (keep ? 1.0f : 0.0f) * (1.0f - rk[kShared ? 0 : j]);
+            c[j] = a * (gk[j] + c[j]);
+            p[j] *= a;
+          }
+          continue;
+        }
+        const X* xr = x + bt * n.d + lo;
+        const float* prev = prevrow + lo;
+        float* dxr = row.data() + lo;
+        const bool first_k = k == n.k - 1;
+        for (int64_t j = 0; j < w; ++j) {
+          const float rr = rk[kShared ? 0 : j];
+          const float v = gk[j] + c[j];
+          const float drive = Load(xr, j) - (keep ? prev[j] : 0.0f);
+          if (kShared) {
+            dsum[k] += static_cast<double>(v * drive);
+          } else {
+            drow[k * n.d + lo + j] = v * drive;
+          }
+          dxr[j] = first_k ? rr * v : dxr[j] + rr * v;
+          c[j] = (keep ? 1.0f - rr : 0.0f) * v;
+        }
+      }
+    }
+    if (dx == nullptr) continue;
+    float* out = dx + bt * n.d;
+    if (stream_dx) {
+      for (int64_t j = 0; j < n.d; j += kW) Stream(out + j, Ld(row.data() + j));
+    } else {
+      std::memcpy(out, row.data(), n.d * sizeof(float));
+    }
+    float* dro = dr + bt * n.k * n.e;
+    if (kShared) {
+      for (int64_t k = 0; k < n.k; ++k) dro[k] = static_cast<float>(dsum[k]);
+    } else if (stream_dr) {
+      for (int64_t j = 0; j < n.k * n.d; j += kW) Stream(dro + j, Ld(drow.data() + j));
+    } else {
+      std::memcpy(dro, drow.data(), n.k * n.d * sizeof(float));
+    }
+  }
+}
+
+template <bool kShared, typename X>
+void SelBackward(ffi::ThreadPool& pool, const Dims& n, const float* g, const float* rates, const bool* resets,
+                 const X* x, const float* raw, const float* h0, float* dx, float* dr, float* dh0) {
+  const int64_t kd = n.k * n.d, segs = n.segments();
+  const bool stream_dx = Streamable(dx, n.d), stream_dr = !kShared && Streamable(dr, n.k * n.d);
+  Chain chain(n);
+  ParallelFor(pool, n.b * segs, [&](int64_t i) {
+    const int64_t b = i / segs, o = i % segs, s = segs - 1 - o;
+    const int64_t first = s * n.segment, last = std::min(n.t, first + n.segment);
+    std::vector<float> carry(kd, 0.0f), product(kd, 1.0f);
+    const bool hands_on = s > 0;
+    if (hands_on) {
+      RunSelBackward<kShared>(n, g, rates, resets, x, raw, h0, b, first, last, carry.data(), product.data(), nullptr,
+                              nullptr, false, false);
+    }
+    const float* entering = o == 0 ? carry.data() : chain.Wait(i);  // o == 0: the last segment, carry zero
+    std::vector<float> start(entering, entering + kd);
+    if (o == 0) std::fill(start.begin(), start.end(), 0.0f);
+    if (hands_on) chain.Publish(i, product.data(), start.data(), carry.data());
+    std::copy(start.begin(), start.end(), carry.begin());
+    RunSelBackward<kShared>(n, g, rates, resets, x, raw, h0, b, first, last, carry.data(), nullptr, dx, dr,
+                            stream_dx, stream_dr);
+    _mm_sfence();
+    if (s == 0) std::copy(carry.begin(), carry.end(), dh0 + b * kd);
+  });
+}
+
+ffi::Error SelDims(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::F32>& rates, int64_t segment, Dims* n) {
+  const auto xd = x.dimensions();
+  const auto rd = rates.dimensions();
+  if (xd.size() != 3) return ffi::Error::InvalidArgument("selective_traces_cpu: x must be [B, T, D]");
+  if (rd.size() != 4 || rd[0] != xd[0] || rd[1] != xd[1] || (rd[3] != 1 && rd[3] != xd[2])) {
+    return ffi::Error::InvalidArgument("selective_traces_cpu: rates must be [B, T, K, 1 or D]");
+  }
+  if (segment < 1) return ffi::Error::InvalidArgument("selective_traces_cpu: segment must be >= 1");
+  *n = Dims{xd[0], xd[1], rd[2], xd[2], rd[3], segment};
+  return ffi::Error::Success();
+}
+
+ffi::Error SelForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> rates, ffi::Buffer<ffi::F32> h0,
+                          ffi::Buffer<ffi::PRED> resets, ffi::Result<ffi::Buffer<ffi::F32>> raw, int64_t segment) {
+  Dims n;
+  if (ffi::Error e = SelDims(x, rates, segment, &n); e.failure()) return e;
+  auto run = [&](auto xp) {
+    ByLayout(n, [&](auto shared) {
+      SelForward<decltype(shared)::value>(pool, n, xp, rates.typed_data(), h0.typed_data(), resets.typed_data(),
+                                          raw->typed_data());
+    });
+  };
+  switch (x.element_type()) {
+    case ffi::F32:
+      run(x.typed_data<float>());
+      return ffi::Error::Success();
+    case ffi::BF16:
+      run(reinterpret_cast<const uint16_t*>(x.untyped_data()));
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("selective_traces_cpu: x must be float32 or bfloat16");
+  }
+}
+
+ffi::Error SelBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> rates,
+                           ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::PRED> resets, ffi::Buffer<ffi::F32> raw,
+                           ffi::Result<ffi::Buffer<ffi::F32>> dx, ffi::Result<ffi::Buffer<ffi::F32>> dr,
+                           ffi::Result<ffi::Buffer<ffi::F32>> dh0, int64_t segment) {
+  Dims n;
+  if (ffi::Error e = SelDims(x, rates, segment, &n); e.failure()) return e;
+  auto run = [&](auto xp) {
+    ByLayout(n, [&](auto shared) {
+      SelBackward<decltype(shared)::value>(pool, n, g.typed_data(), rates.typed_data(), resets.typed_data(), xp,
+                                           raw.typed_data(), h0.typed_data(), dx->typed_data(), dr->typed_data(),
+                                           dh0->typed_data());
+    });
+  };
+  switch (x.element_type()) {
+    case ffi::F32:
+      run(x.typed_data<float>());
+      return ffi::Error::Success();
+    case ffi::BF16:
+      run(reinterpret_cast<const uint16_t*>(x.untyped_data()));
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("selective_traces_cpu: x must be float32 or bfloat16");
+  }
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EmaJaxTracesForward, ForwardImpl,
@@ -447,4 +689,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EmaJaxTracesBackward, BackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("rate_grad")
+                                  .Attr<int64_t>("segment"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EmaJaxSelectiveForward, SelForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("segment"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EmaJaxSelectiveBackward, SelBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("segment"));

@@ -29,10 +29,16 @@ from ema_jax import cpu_kernels
 from ema_jax.traces import closed_form, kernels
 
 FORWARD, BACKWARD = "ema_jax_traces_forward", "ema_jax_traces_backward"
+SEL_FORWARD, SEL_BACKWARD = "ema_jax_selective_forward", "ema_jax_selective_backward"
 DTYPES = (jnp.float32, jnp.bfloat16)
 KERNEL = cpu_kernels.CpuKernel(
     cpu_kernels.beside(__file__, "ema_traces_cpu.cc"),
-    {FORWARD: "EmaJaxTracesForward", BACKWARD: "EmaJaxTracesBackward"},
+    {
+        FORWARD: "EmaJaxTracesForward",
+        BACKWARD: "EmaJaxTracesBackward",
+        SEL_FORWARD: "EmaJaxSelectiveForward",
+        SEL_BACKWARD: "EmaJaxSelectiveBackward",
+    },
     switch="EMA_JAX_CPU_TRACES",
     fallback="the 'blocked' closed form",
 )
@@ -126,3 +132,62 @@ def native_traces(x_BTD, alpha_KE, h0_BKD, resets_BT, c: int, rate_grad: bool = 
     c = min(kernels.DEFAULT_BLOCK, x_BTD.shape[1])
     return closed_form.blocked_traces(x_BTD, alpha_KE, h0_BKD, resets_BT, c, rate_grad)
   return _native(x_BTD, alpha_KE, h0_BKD, resets_BT, c, rate_grad)
+
+
+# Selective traces (selective.selective_traces, method 'native'): a write rate per token, timescale and
+# channel, h_t = keep_t (1 - r_t) h_{t-1} + r_t x_t; the same kernel file, passes and segments.
+
+
+def _sel_forward(x_BTD, r_BTKE, h0_BKD, resets_BT):
+  bsz, t_len, d = x_BTD.shape
+  out = jax.ShapeDtypeStruct((bsz, t_len, r_BTKE.shape[2], d), jnp.float32)
+  return jax.ffi.ffi_call(SEL_FORWARD, out, vmap_method="sequential")(
+      x_BTD, r_BTKE, h0_BKD, _resets(resets_BT, x_BTD), segment=np.int64(segment_length(bsz, t_len, d))
+  )
+
+
+@jax.custom_vjp
+def _selective(x_BTD, r_BTKE, h0_BKD, resets_BT):
+  return _sel_forward(x_BTD, r_BTKE, h0_BKD, resets_BT)
+
+
+def _selective_fwd(x_BTD, r_BTKE, h0_BKD, resets_BT):
+  raw = _sel_forward(x_BTD, r_BTKE, h0_BKD, resets_BT)
+  return raw, (x_BTD, r_BTKE, h0_BKD, resets_BT, raw)
+
+
+def _selective_bwd(res, g_BTKD):
+  x_BTD, r_BTKE, h0_BKD, resets_BT, raw = res
+  bsz, t_len, d = x_BTD.shape
+  f32 = jnp.float32
+  outs = (
+      jax.ShapeDtypeStruct((bsz, t_len, d), f32),
+      jax.ShapeDtypeStruct(r_BTKE.shape, f32),
+      jax.ShapeDtypeStruct(h0_BKD.shape, f32),
+  )
+  dx, dr, dh0 = jax.ffi.ffi_call(SEL_BACKWARD, outs, vmap_method="sequential")(
+      g_BTKD.astype(f32),
+      x_BTD,
+      r_BTKE,
+      h0_BKD,
+      _resets(resets_BT, x_BTD),
+      raw,
+      segment=np.int64(segment_length(bsz, t_len, d)),
+  )
+  return dx.astype(x_BTD.dtype), dr, dh0, None
+
+
+_selective.defvjp(_selective_fwd, _selective_bwd)
+
+
+def selective_applies(x_dtype) -> bool:
+  """Whether selective traces' 'native' runs the kernel for an input of `x_dtype` here."""
+  return applies(x_dtype)
+
+
+def selective_traces(x_BTD, r_BTKE, h0_BKD, resets_BT):
+  """Raw selective traces [B, T, K, D] float32 through the kernel (callers check `selective_applies`):
+  x [B, T, D] float32 or bfloat16, rates [B, T, K, 1 or D] (cast to float32), h0 [B, K, D] or None."""
+  bsz, _, d = x_BTD.shape
+  h0 = jnp.zeros((bsz, r_BTKE.shape[2], d), jnp.float32) if h0_BKD is None else h0_BKD.astype(jnp.float32)
+  return _selective(x_BTD, r_BTKE.astype(jnp.float32), h0, resets_BT)

@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ema_jax.traces import kernels, scan
+from ema_jax.traces import kernels, native, scan
 from ema_jax.traces.ema import check_x
 from ema_jax.traces.kernels import ScanMethod
 
@@ -27,7 +27,9 @@ def selective_traces(x_BTD, rates_BTKD, h0=None, *, resets=None, method: str | S
       are the caller's responsibility (a sigmoid keeps them inside).
     h0: [B, K, D] state before the first token (zeros when None).
     resets: [B, T] bool; True at t starts a new document there (the state is zeroed before t).
-    method: 'auto' or a linear-scan method of kernels.KERNELS (kernels.scan_methods()).
+    method: 'auto', 'native' (the compiled CPU kernel of native.py: one streaming pass each way, on one CPU
+      device for float32 and bfloat16 x; elsewhere the linear scan 'auto' picks) or a linear-scan method of
+      kernels.KERNELS (kernels.scan_methods()). 'auto' is 'native' where its kernel runs.
     chunk_size: chunk length of 'chunked' and 'unrolled' (default: the method's KERNELS entry).
 
   Returns:
@@ -52,13 +54,28 @@ def selective_traces(x_BTD, rates_BTKD, h0=None, *, resets=None, method: str | S
     h0 = jnp.asarray(h0)
     if h0.shape != (bsz, k, d):
       raise ValueError(f"selective_traces: `h0` has shape {h0.shape}; expected [B, K, D] = {(bsz, k, d)}.")
-  method = kernels.parse_method(method, kernels.scan_methods(), "selective_traces")
-  if method is ScanMethod.AUTO:
+  method = kernels.parse_method(method, selective_methods(), "selective_traces")
+  if chunk_size is not None:
+    scan.check_chunk_size(chunk_size, "selective_traces")
+  if method in (ScanMethod.AUTO, ScanMethod.NATIVE):
+    if native.selective_applies(x_BTD.dtype):
+      return _selective_native(x_BTD, rates_BTKD, h0, resets)
     method = scan.auto_method(t_len)
   if chunk_size is None:
     chunk_size = kernels.KERNELS[method].default_chunk or 1
   chunk_size = scan.check_chunk_size(chunk_size, "selective_traces")
   return _selective_traces(x_BTD, rates_BTKD, h0, resets, method, chunk_size)
+
+
+def selective_methods() -> tuple:
+  """The methods of selective_traces: 'auto', 'native' and the linear scans (kernels.KERNELS)."""
+  return (ScanMethod.AUTO, ScanMethod.NATIVE, *kernels.KERNELS)
+
+
+@jax.jit
+def _selective_native(x_BTD, rates_BTKD, h0, resets):
+  raw = native.selective_traces(x_BTD, rates_BTKD, h0, resets)
+  return raw.astype(x_BTD.dtype), raw[:, -1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

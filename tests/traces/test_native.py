@@ -1,15 +1,17 @@
-"""The closed form 'native' (ema_jax/traces/native.py, the compiled CPU kernel ema_traces_cpu.cc) against the
+"""The method 'native' (ema_jax/traces/native.py, the compiled CPU kernel ema_traces_cpu.cc) against the
 float64 loop and float64 gradients: segments chained within a row (forced small here) and one per row,
 rates shared and per channel, resets, h0, bfloat16 input, channel counts that do and do not fill a vector
-or a 64-channel block; the fallback to 'blocked'. (Its values on the shared cases: test_method_equivalence.py.)"""
+or a 64-channel block; the fallback to 'blocked'; selective traces through the same kernel file. (Its values on the shared cases: test_method_equivalence.py.)
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ema_jax import traces
 from ema_jax.traces import closed_form, ema_traces, native
-from helpers import ema_loop, make_resets, per_channel_rates, rel_err
+from helpers import ema_loop, make_resets, per_channel_rates, rel_err, selective_loop
 
 pytestmark = pytest.mark.skipif(not native.applies(jnp.float32), reason="needs one CPU device and g++")
 PAPER = (0.5, 0.1, 0.02)
@@ -124,3 +126,64 @@ def test_auto_runs_the_kernel_with_constant_and_learned_rates():
   np.testing.assert_array_equal(np.asarray(auto), np.asarray(ema_traces(x, alphas, h0, resets=r, method="native")[0]))
   learned = jax.jit(lambda a: ema_traces(x, a, h0, resets=r)[0])(jnp.asarray(alphas))
   np.testing.assert_allclose(np.asarray(learned), np.asarray(auto), rtol=1e-6, atol=1e-6)
+
+
+# Selective traces: (B, T, D), K, rates shared over channels, resets, h0, segment bytes
+SELECTIVE = [
+    ((1, 200, 16), 3, False, True, True, 64 * 16),  # chained 16-token segments
+    ((2, 90, 70), 2, True, True, True, 4 * 70 * 16),  # shared rates [B, T, K, 1], a vector tail
+    ((5, 33, 8), 3, False, False, False, 1 << 19),  # one segment per row
+]
+
+
+def _selective_case(i):
+  shape, k, shared, resets, with_h0, _ = SELECTIVE[i]
+  rng = np.random.default_rng(60 + i)
+  x = rng.normal(size=shape).astype(np.float32)
+  r = rng.uniform(0.01, 0.99, size=shape[:2] + (k, 1 if shared else shape[2])).astype(np.float32)
+  h0 = rng.normal(size=(shape[0], k, shape[2])).astype(np.float32) if with_h0 else None
+  res = make_resets(rng, shape[0], shape[1], 16) if resets else None
+  return x, r, h0, res
+
+
+@pytest.mark.parametrize("case", range(len(SELECTIVE)))
+def test_selective_values_and_gradients_equal_float64(case, monkeypatch):
+  monkeypatch.setattr(native, "SEGMENT_BYTES", SELECTIVE[case][5])
+  x, r, h0, res = _selective_case(case)
+  rj = None if res is None else jnp.asarray(res)
+  h, h_last = traces.selective_traces(x, r, h0, resets=rj, method="native")
+  ref, ref_last = selective_loop(x, r, h0, res)
+  assert rel_err(h, ref) < 2e-6 and rel_err(h_last, ref_last) < 2e-6
+  w = np.random.default_rng(case).normal(size=h.shape)
+  h0_ = np.zeros(h.shape[:1] + h.shape[2:], np.float32) if h0 is None else h0
+
+  def loss(x, r, h0, method):
+    out = traces.selective_traces(x, r, h0, resets=rj, method=method)[0]
+    return jnp.vdot(out.astype(jnp.float64 if x.dtype == jnp.float64 else jnp.float32), jnp.asarray(w, out.dtype))
+
+  got = jax.grad(loss, (0, 1, 2))(jnp.asarray(x), jnp.asarray(r), jnp.asarray(h0_), "native")
+  with jax.enable_x64(True):
+    want = jax.grad(loss, (0, 1, 2))(
+        jnp.asarray(x, jnp.float64), jnp.asarray(r, jnp.float64), jnp.asarray(h0_, jnp.float64), "sequential"
+    )
+    want = [np.asarray(v) for v in want]
+  for name, a, b in zip(("x", "rates", "h0"), got, want):
+    assert a.shape == b.shape, name
+    assert rel_err(a, b) < 1e-5, name
+
+
+def test_selective_auto_runs_the_kernel_and_bfloat16():
+  x, r, h0, res = _selective_case(0)
+  rj = jnp.asarray(res)
+  auto = traces.selective_traces(x, r, h0, resets=rj)[0]
+  np.testing.assert_array_equal(
+      np.asarray(auto), np.asarray(traces.selective_traces(x, r, h0, resets=rj, method="native")[0])
+  )
+  xb = jnp.asarray(x, jnp.bfloat16)
+  hb = traces.selective_traces(xb, r, h0, resets=rj, method="native")[0]
+  ref, _ = selective_loop(np.asarray(xb, np.float32), r, h0, res)
+  assert hb.dtype == jnp.bfloat16 and rel_err(hb, ref) < 1e-2
+  gb = jax.grad(
+      lambda x: jnp.sum(traces.selective_traces(x, r, h0, resets=rj, method="native")[0].astype(jnp.float32))
+  )(xb)
+  assert gb.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(gb, np.float32)))

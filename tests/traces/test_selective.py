@@ -20,7 +20,7 @@ def inputs(seed, shape=(2, 13, 3), k=3, shared=False):
   return x, r, h0, resets
 
 
-@pytest.mark.parametrize("method", [str(m) for m in traces.scan_methods()])
+@pytest.mark.parametrize("method", [str(m) for m in traces.selective_methods()])
 @pytest.mark.parametrize("shared", [False, True])
 def test_matches_float64_loop(method, shared):
   x, r, h0, resets = inputs(0, shared=shared)
