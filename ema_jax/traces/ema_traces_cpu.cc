@@ -1,5 +1,5 @@
-// EMA traces of constant write rates on CPU, forward and backward, as XLA FFI custom calls
-// (ema_jax/traces/native.py builds, registers and differentiates them; the method 'native' of ema_traces).
+// EMA traces on CPU, constant write rates and selective (per-token) ones, forward and backward, as XLA FFI
+// custom calls (ema_jax/traces/native.py registers and differentiates them: the method 'native').
 //
 //   forward   raw[b, t, k, :] = keep[b, t] (1 - alpha_k) raw[b, t - 1, k, :] + alpha_k x[b, t, :]
 //             from raw[b, -1] = h0[b], keep = 0 where a reset starts a new document

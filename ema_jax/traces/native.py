@@ -1,20 +1,22 @@
-"""The closed form 'native' of ema_traces: constant write rates through a compiled CPU kernel.
+"""The method 'native': EMA traces (constant rates) and selective traces through a compiled CPU kernel.
 
 `ema_traces_cpu.cc` (beside this file, an XLA FFI custom call built by ema_jax.cpu_kernels) runs the
 recurrence raw_t = keep_t (1 - alpha) raw_{t-1} + alpha x_t in time order, and its custom VJP the reverse
 recurrence over the cotangents (dx, dh0 and, for learned rates, dalpha), each as one streaming pass over
-its inputs and outputs with the [K, D] state in the L1 cache; batch rows and channel blocks are split
-over XLA's intra-op thread pool. On XLA:CPU the 'blocked' closed form's training step costs about 10x a
-copy of the output (benchmarks/scan_bench.py: the forward's output pass is fused into its consumer and
-the backward sums C terms per element); a sequential pass is what the memory traffic allows.
+its inputs and outputs with the [K, D] state in the L1 cache; batch rows and time segments are split
+over XLA's intra-op thread pool. Selective traces (a rate per token: h_t = keep_t (1 - r_t) h_{t-1} +
+r_t x_t, the rates' gradient lam_t (x_t - h_{t-1})) take the same passes. On XLA:CPU the 'blocked' closed
+form's training step costs about 10x a copy of the output and the selective 'sequential' scan about 30x
+(benchmarks/scan_bench.py); the kernel's costs 3.5-4.3x and 6-8x, the copy's own step about 3x.
 
-Numbers: the same recurrence as 'sequential' evaluated in float32 in time order, so it agrees with the
+Numbers: the recurrence evaluated in float32 in time order (as 'sequential'), so it agrees with the
 other methods to float32 rounding, not bit for bit (tests/traces/test_native.py). The write-rate gradient
-is summed over batch and time in float64.
+of constant rates is summed over batch and time in float64.
 
-Where the kernel does not apply, the 'blocked' closed form runs instead (same numbers to rounding): on
-GPU and TPU, on more than one device (a custom call has no partitioning rule), for float16 and float64
-inputs, where it cannot be built (one warning), or with EMA_JAX_CPU_TRACES=xla. `applies` says which.
+Where the kernel does not apply, 'native' runs the 'blocked' closed form (constant rates; selective
+traces: the linear scan 'auto' picks), the same numbers to rounding: on GPU and TPU, on more than one
+device (a custom call has no partitioning rule), for float16 and float64 inputs, where it cannot be built
+(one warning), or with EMA_JAX_CPU_TRACES=xla. `applies` says which.
 """
 
 from __future__ import annotations
