@@ -593,9 +593,11 @@ void SelBackward(ffi::ThreadPool& pool, const Dims& n, const float* g, const flo
       RunSelBackward<kShared>(n, g, rates, resets, x, raw, h0, b, first, last, carry.data(), product.data(), nullptr,
                               nullptr, false, false);
     }
-    const float* entering = o == 0 ? carry.data() : chain.Wait(i);  // o == 0: the last segment, carry zero
-    std::vector<float> start(entering, entering + kd);
-    if (o == 0) std::fill(start.begin(), start.end(), 0.0f);
+    std::vector<float> start(kd, 0.0f);  // the carry into the segment's last token: zero for the row's last
+    if (o > 0) {
+      const float* handed = chain.Wait(i);
+      std::copy(handed, handed + kd, start.begin());
+    }
     if (hands_on) chain.Publish(i, product.data(), start.data(), carry.data());
     std::copy(start.begin(), start.end(), carry.begin());
     RunSelBackward<kShared>(n, g, rates, resets, x, raw, h0, b, first, last, carry.data(), nullptr, dx, dr,

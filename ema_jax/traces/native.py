@@ -182,13 +182,8 @@ def _selective_bwd(res, g_BTKD):
 _selective.defvjp(_selective_fwd, _selective_bwd)
 
 
-def selective_applies(x_dtype) -> bool:
-  """Whether selective traces' 'native' runs the kernel for an input of `x_dtype` here."""
-  return applies(x_dtype)
-
-
 def selective_traces(x_BTD, r_BTKE, h0_BKD, resets_BT):
-  """Raw selective traces [B, T, K, D] float32 through the kernel (callers check `selective_applies`):
+  """Raw selective traces [B, T, K, D] float32 through the kernel (callers check `applies(x.dtype)`):
   x [B, T, D] float32 or bfloat16, rates [B, T, K, 1 or D] (cast to float32), h0 [B, K, D] or None."""
   bsz, _, d = x_BTD.shape
   h0 = jnp.zeros((bsz, r_BTKE.shape[2], d), jnp.float32) if h0_BKD is None else h0_BKD.astype(jnp.float32)

@@ -58,7 +58,7 @@ def selective_traces(x_BTD, rates_BTKD, h0=None, *, resets=None, method: str | S
   if chunk_size is not None:
     scan.check_chunk_size(chunk_size, "selective_traces")
   if method in (ScanMethod.AUTO, ScanMethod.NATIVE):
-    if native.selective_applies(x_BTD.dtype):
+    if native.applies(x_BTD.dtype):
       return _selective_native(x_BTD, rates_BTKD, h0, resets)
     method = scan.auto_method(t_len)
   if chunk_size is None:
