@@ -39,6 +39,19 @@ def _case(i, dtype=np.float32):
   return x, alphas, r, h0
 
 
+def _float64_grads(loss, args, *rest):
+  """jax.grad of loss(*args, *rest) w.r.t. args, in float64 (the reference), as NumPy arrays."""
+  with jax.enable_x64(True):
+    grads = jax.grad(loss, tuple(range(len(args))))(*(jnp.asarray(a, jnp.float64) for a in args), *rest)
+    return [np.asarray(g) for g in grads]
+
+
+def _assert_close(names, got, want, tol=1e-5):
+  for name, a, b in zip(names, got, want):
+    assert a.shape == b.shape, name
+    assert rel_err(a, b) < tol, name
+
+
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_values_equal_the_float64_loop(case, monkeypatch):
   monkeypatch.setattr(native, "SEGMENT_BYTES", CASES[case][4])
@@ -68,18 +81,9 @@ def test_gradients_equal_float64(case, monkeypatch):
   got = jax.grad(loss, (0, 1, 2))(
       jnp.asarray(x), jnp.asarray(alphas), jnp.asarray(h0), native.native_traces, jnp.float32
   )
-  with jax.enable_x64(True):
-    ref = jax.grad(loss, (0, 1, 2))(
-        jnp.asarray(x, jnp.float64),
-        jnp.asarray(alphas, jnp.float64),
-        jnp.asarray(h0, jnp.float64),
-        closed_form.blocked_traces,
-        jnp.float64,
-    )
-    ref = [np.asarray(v) for v in ref]
-  for name, a, b in zip(("x", "alpha", "h0"), got, ref):
-    assert a.shape == b.shape, name
-    assert rel_err(a, b) < 1e-5, name
+  _assert_close(
+      ("x", "alpha", "h0"), got, _float64_grads(loss, (x, alphas, h0), closed_form.blocked_traces, jnp.float64)
+  )
 
 
 def test_bfloat16_input_and_gradient():
@@ -162,14 +166,7 @@ def test_selective_values_and_gradients_equal_float64(case, monkeypatch):
     return jnp.vdot(out.astype(jnp.float64 if x.dtype == jnp.float64 else jnp.float32), jnp.asarray(w, out.dtype))
 
   got = jax.grad(loss, (0, 1, 2))(jnp.asarray(x), jnp.asarray(r), jnp.asarray(h0_), "native")
-  with jax.enable_x64(True):
-    want = jax.grad(loss, (0, 1, 2))(
-        jnp.asarray(x, jnp.float64), jnp.asarray(r, jnp.float64), jnp.asarray(h0_, jnp.float64), "sequential"
-    )
-    want = [np.asarray(v) for v in want]
-  for name, a, b in zip(("x", "rates", "h0"), got, want):
-    assert a.shape == b.shape, name
-    assert rel_err(a, b) < 1e-5, name
+  _assert_close(("x", "rates", "h0"), got, _float64_grads(loss, (x, r, h0_), "sequential"))
 
 
 def test_selective_auto_runs_the_kernel_and_bfloat16():
