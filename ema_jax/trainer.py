@@ -3,7 +3,8 @@
 The trainer owns: the mesh; creating the state directly with its shardings (jit of init with
 out_shardings); the jitted, donated train step; dispatching step n before reading the metrics of step
 n - 1; the NaN/Inf stop (the step keeps the last good state and the run stops without checkpointing
-anything non-finite); periodic eval of raw and averaged weights; checkpoints with the data iterator's
+anything non-finite); periodic eval of raw and averaged weights (in a background thread on one process,
+while training goes on: BackgroundEval); checkpoints with the data iterator's
 position, every `checkpoint_every` steps and/or every `checkpoint_every_seconds`; preemption (SIGTERM to
 any process -> every process saves the same step and exits 0); progress bar, tokens/s and MFU.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -231,6 +233,67 @@ def gather_data_state(it) -> Dict[str, Any]:
   return getattr(type(it), "merge_states", BatchIterator.merge_states)(parts)
 
 
+# The parts of the state that evaluate_all reads (make_model): copied for an evaluation in the background.
+EVAL_STATE_KEYS = ("params", "ema", "other")
+
+
+def eval_in_background(config: ml_collections.ConfigDict) -> bool:
+  """Whether in-loop evaluations run beside training (config.eval_in_background, one process only)."""
+  return bool(config.get("eval_in_background", True)) and jax.process_count() == 1
+
+
+class BackgroundEval:
+  """One in-loop evaluation at a time in a thread, on a copy of the step's weights, while training goes on.
+
+  The evaluation's programs and inputs are those of a blocking one, so its results are the same bits; on a
+  2-core CPU the training step leaves about a third of the cores idle (7.6 ms on one core, 5.5 ms on two
+  for the set-complement step), which the evaluation fills. The trainer publishes the results (metrics
+  row, eval JSON, table) from its own thread, and waits for a running evaluation before every checkpoint,
+  so an evaluation at step e is on disk before any checkpoint past e: a resume never skips one. With
+  several processes, evaluations block (their collectives must keep one order on every process).
+  """
+
+  def __init__(self, setup: "Setup", workdir: Optional[str]):
+    self._setup, self._workdir = setup, workdir
+    self._running = None  # (step, thread, outcome)
+
+  @property
+  def running(self) -> bool:
+    return self._running is not None
+
+  def start(self, state, step: int) -> None:
+    assert self._running is None, "one evaluation at a time: finish() the running one first"
+    # A copy: the next step donates the state's buffers.
+    snapshot = {k: jax.tree.map(lambda x: x.copy(), state[k]) for k in EVAL_STATE_KEYS if k in state}
+    jax.block_until_ready(snapshot)
+    outcome: Dict[str, Any] = {}
+
+    def work():
+      try:
+        outcome["results"] = evaluate_all(self._setup, snapshot, self._workdir, step)
+      except BaseException as e:  # re-raised in the trainer's thread by finish()
+        outcome["error"] = e
+
+    thread = threading.Thread(target=work, name=f"ema_jax-eval-{step}", daemon=True)
+    thread.start()
+    self._running = (step, thread, outcome)
+
+  def finish(self, wait: bool = True) -> Optional[Tuple[int, Dict[str, Any], float]]:
+    """(step, results, seconds waited) of the running evaluation once it is done; None if none is running
+    or (wait=False) it is still running. An error of the evaluation is raised here."""
+    if self._running is None:
+      return None
+    step, thread, outcome = self._running
+    if not wait and thread.is_alive():
+      return None
+    t0 = time.perf_counter()
+    thread.join()
+    self._running = None
+    if "error" in outcome:
+      raise outcome["error"]
+    return step, outcome["results"], time.perf_counter() - t0
+
+
 def train(
     config: ml_collections.ConfigDict, workdir: Optional[str], allow_config_change: bool = False
 ) -> Dict[str, Any]:
@@ -374,9 +437,8 @@ def _train_locked(config, setup: Setup, workdir: Optional[str], allow_config_cha
     # A flag set before the newest save was already served by it.
     return bool(m["stop"]), bool(m["save_due"]) and step > (saved_at["step"] or 0)
 
-  def run_eval(step):
+  def publish_eval(step, results):
     final = step == config.steps
-    results = evaluate_all(setup, state, workdir, step, final=final)
     # Plots go to fixed names under <workdir>/plots, so only the final evaluation's last; the in-loop ones
     # draw none (eval.py draws them for any step).
     table = task.summarize(results, step, workdir if is_main and final else None)
@@ -387,6 +449,19 @@ def _train_locked(config, setup: Setup, workdir: Optional[str], allow_config_cha
     if is_main and table:
       progress.write(table)
     return results
+
+  def run_eval(step):
+    return publish_eval(step, evaluate_all(setup, state, workdir, step, final=step == config.steps))
+
+  background = BackgroundEval(setup, workdir) if eval_in_background(config) else None
+
+  def finish_background(wait=True):
+    """Publishes the background evaluation once it is done (wait: block until it is)."""
+    done = background.finish(wait) if background is not None else None
+    if done is not None:
+      step, results, waited = done
+      thru.exclude(waited)  # tokens/s counts training time only
+      publish_eval(step, results)
 
   def save(n):
     data_pos = gather_data_state(it)
@@ -430,11 +505,16 @@ def _train_locked(config, setup: Setup, workdir: Optional[str], allow_config_cha
           pending = None
         if checkpointer is not None:
           checkpointer.check_saved()  # a failed async save (e.g. a full disk) stops the run here
-        if eval_now:
+        finish_background(wait=False)
+        if eval_now and background is not None:
+          finish_background()  # one at a time
+          background.start(state, n)
+        elif eval_now:
           t_eval = time.perf_counter()
           run_eval(n)
           thru.exclude(time.perf_counter() - t_eval)  # tokens/s counts training time only
         if checkpointer is not None and (boundary or stop or save_due):
+          finish_background()  # an evaluation is on disk before any checkpoint past its step
           save(n)
         if stop and n < config.steps:
           status = "preempted"
@@ -447,10 +527,12 @@ def _train_locked(config, setup: Setup, workdir: Optional[str], allow_config_cha
           break
       if pending is not None:
         absorb(*pending)
+      finish_background()
       if status == "done":
         run_eval(config.steps)  # the final evaluation always runs
     except NonFiniteError as e:
       status = "nonfinite"
+      finish_background()  # an evaluation of earlier, finite weights still counts
       if is_main:
         progress.write(f"ERROR: {e}")
       raise

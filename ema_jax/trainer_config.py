@@ -19,6 +19,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.log_every = 100  # a metrics.jsonl / TensorBoard row every n steps (means over those steps)
   c.eval_every = 0  # in-loop evaluation every n steps; 0 = only the final one, which always runs
   c.eval_steps = []  # also evaluate at these steps (e.g. log-spaced points of a learning curve)
+  # In-loop evaluations run in a background thread on a copy of the weights while training goes on (one
+  # process only; the same results; the final evaluation always blocks). False: training waits for each.
+  c.eval_in_background = True
   c.checkpoint_every = 0  # an orbax checkpoint every n steps and at the end; 0 = no checkpoints
   # Also a checkpoint at the first step after this many seconds since the last one (0 = off): bounds the
   # work an unannounced kill loses on preemptible machines. Decided identically on every process.
@@ -39,6 +42,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   eval_steps = config.get("eval_steps", [])
   if not isinstance(eval_steps, (list, tuple)) or not all(errors.is_int(s) and s >= 1 for s in eval_steps):
     errors.config_error("eval_steps", eval_steps, "a list of steps >= 1, e.g. [50, 100, 200] ([] = none)")
+  if not isinstance(config.get("eval_in_background", True), bool):
+    errors.config_error("eval_in_background", config.eval_in_background, "True or False")
   errors.need_int(config, "checkpoint_every", 0)
   errors.need_int(config, "keep_checkpoints", 1)
   seconds = config.get("checkpoint_every_seconds", 0.0)

@@ -8,7 +8,8 @@ the tiny EMA LM), does one thing to it, reruns the same command until it finishe
 run's metrics.jsonl (all rows, without the timing columns) and its final eval JSON with those of an
 uninterrupted run of the same config:
 
-  kill9     SIGKILL at a random moment (start-up, a step, an eval or a checkpoint write)
+  kill9     SIGKILL at a random moment (start-up, a step, an eval, also one running beside training, or a
+            checkpoint write)
   sigterm   SIGTERM at a random moment; the process must exit 0
   corrupt   after a finished run: truncate the array files, delete state/_METADATA, or leave a
             half-written step, at the newest step or at the newest two; rerun
@@ -64,7 +65,9 @@ TASKS = {
             checkpoint_every=50,
             keep_checkpoints=10,
             log_every=7,
-            eval_every=100,
+            # Evaluations at 25, 75, ... run in the background past a step and are waited for at the next
+            # checkpoint; those at 50, 100, ... fall on a checkpoint.
+            eval_every=25,
             **{
                 "optim.warmup_steps": 10,
                 "task.num_tokens": 12,

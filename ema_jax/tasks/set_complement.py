@@ -371,10 +371,12 @@ class SetComplementTask(Task):
 
     The check set's forward runs one size at a time, in batches of the evaluation's shape: the rows'
     logits are the same bits as from one batch of all sizes (a row's forward does not depend on the
-    batch), and 2.3x faster on a 2-core CPU (152 against 349 ms for 16 x 256 rows, 2026-12-07), where
-    one batch of 4,096 x 63 x 63 attention weights no longer fits the caches."""
+    batch), and faster on a CPU, where one batch of all sizes' 4,096 x 63 x 63 attention weights does
+    not fit the caches."""
     graphdef, state = nnx.split(model)
-    pieces = [self._check_fn(graphdef, state, ctx.put_batch(b), self.num_tokens) for b in self._local_check_batches(ctx)]
+    pieces = [
+        self._check_fn(graphdef, state, ctx.put_batch(b), self.num_tokens) for b in self._local_check_batches(ctx)
+    ]
     logits_BN = jnp.concatenate([p[0] for p in pieces])
     target_BN = jnp.concatenate([p[1] for p in pieces])
     return temperature.fit(lambda beta: jax.device_get(_ce_moments(logits_BN, target_BN, jnp.float32(beta))))
