@@ -120,7 +120,9 @@ class Task(abc.ABC):
   def evaluate(self, model: nnx.Module, ctx: EvalContext) -> Dict[str, Any]:
     """Host-side evaluation of one set of weights; returns JSON-serialisable results.
 
-    Scalars at the top level are logged as metrics; anything else (tables) goes into the eval JSON.
+    Scalars at the top level are logged as metrics; anything else (tables) goes into the eval JSON. In-loop
+    evaluations on one process run in a background thread beside training (trainer.BackgroundEval): no
+    state that training uses may be touched here; one evaluation runs at a time.
     """
     return {}
 
