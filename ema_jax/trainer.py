@@ -293,6 +293,13 @@ class BackgroundEval:
       raise outcome["error"]
     return step, outcome["results"], time.perf_counter() - t0
 
+  def abandon(self, timeout: float = 120.0) -> None:
+    """Drops a running evaluation (the run is ending on an error), waiting up to `timeout` seconds for its
+    thread, so the interpreter does not shut JAX down under a running program."""
+    if self._running is not None:
+      self._running[1].join(timeout)
+      self._running = None
+
 
 def train(
     config: ml_collections.ConfigDict, workdir: Optional[str], allow_config_change: bool = False
@@ -537,6 +544,8 @@ def _train_locked(config, setup: Setup, workdir: Optional[str], allow_config_cha
         progress.write(f"ERROR: {e}")
       raise
     finally:
+      if background is not None:
+        background.abandon()  # on an error: its result is not written, but it is not cut off mid-program
       progress.close()
       if checkpointer is not None:
         checkpointer.close()
