@@ -3,7 +3,7 @@
 The trainer owns: the mesh; creating the state directly with its shardings (jit of init with
 out_shardings); the jitted, donated train step; dispatching step n before reading the metrics of step
 n - 1; the NaN/Inf stop (the step keeps the last good state and the run stops without checkpointing
-anything non-finite); periodic eval of raw and averaged weights (in a background thread on one process,
+anything non-finite); periodic eval of raw and averaged weights (in a background thread on a one-device run,
 while training goes on: BackgroundEval); checkpoints with the data iterator's
 position, every `checkpoint_every` steps and/or every `checkpoint_every_seconds`; preemption (SIGTERM to
 any process -> every process saves the same step and exits 0); progress bar, tokens/s and MFU.
@@ -237,9 +237,14 @@ def gather_data_state(it) -> Dict[str, Any]:
 EVAL_STATE_KEYS = ("params", "ema", "other")
 
 
-def eval_in_background(config: ml_collections.ConfigDict) -> bool:
-  """Whether in-loop evaluations run beside training (config.eval_in_background, one process only)."""
-  return bool(config.get("eval_in_background", True)) and jax.process_count() == 1
+def eval_in_background(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> bool:
+  """Whether in-loop evaluations run beside training: config.eval_in_background, on a run of one device.
+
+  Only one: a program over several devices launches one part per device, and two threads launching two
+  such programs can reach the devices in different orders, so their collectives could wait on each other
+  (NCCL on GPUs, the in-process rendezvous on CPU devices, across processes on TPU hosts).
+  """
+  return bool(config.get("eval_in_background", True)) and jax.process_count() == 1 and mesh.devices.size == 1
 
 
 class BackgroundEval:
@@ -249,8 +254,8 @@ class BackgroundEval:
   2-core CPU the training step leaves about a third of the cores idle (7.6 ms on one core, 5.5 ms on two
   for the set-complement step), which the evaluation fills. The trainer publishes the results (metrics
   row, eval JSON, table) from its own thread, and waits for a running evaluation before every checkpoint,
-  so an evaluation at step e is on disk before any checkpoint past e: a resume never skips one. With
-  several processes, evaluations block (their collectives must keep one order on every process).
+  so an evaluation at step e is on disk before any checkpoint past e: a resume never skips one. On several
+  devices or processes, evaluations block (eval_in_background says why).
   """
 
   def __init__(self, setup: "Setup", workdir: Optional[str]):
@@ -460,7 +465,7 @@ def _train_locked(config, setup: Setup, workdir: Optional[str], allow_config_cha
   def run_eval(step):
     return publish_eval(step, evaluate_all(setup, state, workdir, step, final=step == config.steps))
 
-  background = BackgroundEval(setup, workdir) if eval_in_background(config) else None
+  background = BackgroundEval(setup, workdir) if eval_in_background(config, mesh) else None
 
   def finish_background(wait=True):
     """Publishes the background evaluation once it is done (wait: block until it is)."""

@@ -19,8 +19,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.log_every = 100  # a metrics.jsonl / TensorBoard row every n steps (means over those steps)
   c.eval_every = 0  # in-loop evaluation every n steps; 0 = only the final one, which always runs
   c.eval_steps = []  # also evaluate at these steps (e.g. log-spaced points of a learning curve)
-  # In-loop evaluations run in a background thread on a copy of the weights while training goes on (one
-  # process only; the same results; the final evaluation always blocks). False: training waits for each.
+  # In-loop evaluations run in a background thread on a copy of the weights while training goes on (runs
+  # on one device only; the same results; the final evaluation always blocks). False: training waits.
   c.eval_in_background = True
   c.checkpoint_every = 0  # an orbax checkpoint every n steps and at the end; 0 = no checkpoints
   # Also a checkpoint at the first step after this many seconds since the last one (0 = off): bounds the

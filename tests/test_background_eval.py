@@ -2,8 +2,9 @@
 
 On the set-complement task: the same eval JSONs (bit for bit) and metrics as blocking evaluations; an
 evaluation is on disk before any checkpoint past its step, even when it is slower than the steps to the
-checkpoint; an error inside the evaluation stops the run with that error; a run killed (SIGKILL) while an
-evaluation is running resumes to the records of an uninterrupted run.
+checkpoint; an error inside the evaluation stops the run with that error; only runs of one device evaluate
+in the background; a run killed (SIGKILL) while an evaluation is running resumes to the records of an
+uninterrupted run.
 """
 
 import json
@@ -13,7 +14,9 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
+import numpy as np
 import pytest
 
 import fault_configs as fc
@@ -79,6 +82,14 @@ def test_evaluation_on_disk_before_a_later_checkpoint(monkeypatch, blocking, tmp
   assert started == [6, 12, 18], "the evaluations did not run in the background"
   assert seen[8] == ["eval_6.json"] and seen[16] == ["eval_12.json", "eval_6.json"]
   assert fc.read_metrics(str(tmp_path)) == fc.read_metrics(blocking)
+
+
+def test_only_runs_of_one_device_evaluate_in_the_background():
+  cfg = fc.config("configs/set_complement.py", **SETTINGS)
+  one, four = types.SimpleNamespace(devices=np.zeros((1, 1, 1))), types.SimpleNamespace(devices=np.zeros((4, 1, 1)))
+  assert trainer.eval_in_background(cfg, one) and not trainer.eval_in_background(cfg, four)
+  cfg.eval_in_background = False
+  assert not trainer.eval_in_background(cfg, one)
 
 
 def test_error_in_the_evaluation_stops_the_run(monkeypatch, tmp_path):

@@ -121,7 +121,7 @@ class Task(abc.ABC):
     """Host-side evaluation of one set of weights; returns JSON-serialisable results.
 
     Scalars at the top level are logged as metrics; anything else (tables) goes into the eval JSON. In-loop
-    evaluations on one process run in a background thread beside training (trainer.BackgroundEval): no
+    evaluations of a one-device run go in a background thread beside training (trainer.BackgroundEval): no
     state that training uses may be touched here; one evaluation runs at a time.
     """
     return {}
