@@ -162,7 +162,11 @@ def main(argv=None):
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}",
         load_avg_at_end=list(os.getloadavg()),
     )
-    rows = [dict(label=l, thread=t, start_s=s, seconds=d) for l, t, s, d in sorted(spans, key=lambda r: r[2])]
+    rows = [
+        dict(label=l, thread=t, start_s=s, seconds=d)
+        for l, t, s, d in sorted(spans, key=lambda r: r[2])
+        if d >= 0.005  # not the trainer's every-step look at a background evaluation
+    ]
     with open(args.out, "w") as f:
       json.dump(dict(meta=meta, phases=phases, events=rows, compile_seconds=dict(compiles)), f, indent=1)
   return phases

@@ -250,12 +250,11 @@ def eval_in_background(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 class BackgroundEval:
   """One in-loop evaluation at a time in a thread, on a copy of the step's weights, while training goes on.
 
-  The evaluation's programs and inputs are those of a blocking one, so its results are the same bits; on a
-  2-core CPU the training step leaves about a third of the cores idle (7.6 ms on one core, 5.5 ms on two
-  for the set-complement step), which the evaluation fills. The trainer publishes the results (metrics
-  row, eval JSON, table) from its own thread, and waits for a running evaluation before every checkpoint,
-  so an evaluation at step e is on disk before any checkpoint past e: a resume never skips one. On several
-  devices or processes, evaluations block (eval_in_background says why).
+  The evaluation's programs and inputs are those of a blocking one, so its results are the same bits; the
+  cores a small model's step leaves idle (on a CPU) do the evaluation's work. The trainer publishes the
+  results (metrics row, eval JSON, table) from its own thread, and waits for a running evaluation before
+  every checkpoint, so an evaluation at step e is on disk before any checkpoint past e: a resume never
+  skips one. On several devices or processes, evaluations block (eval_in_background says why).
   """
 
   def __init__(self, setup: "Setup", workdir: Optional[str]):
