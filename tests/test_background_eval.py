@@ -92,6 +92,13 @@ def test_only_runs_of_one_device_evaluate_in_the_background():
   assert not trainer.eval_in_background(cfg, one)
 
 
+def test_a_non_boolean_setting_is_refused():
+  cfg = fc.config("configs/set_complement.py", **SETTINGS)
+  cfg.eval_in_background = None  # a config's value from elsewhere (ConfigDict refuses other types itself)
+  with pytest.raises(ValueError, match="eval_in_background.*True or False"):
+    trainer.validate_config(cfg)
+
+
 def test_error_in_the_evaluation_stops_the_run(monkeypatch, tmp_path):
   real = trainer.evaluate_all
 
