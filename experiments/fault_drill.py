@@ -145,12 +145,16 @@ def command(task: str, workdir: str, **extra) -> List[str]:
   ]
 
 
-def start(task: str, workdir: str, nproc: int = 1, devices: int = 1, **extra) -> List[subprocess.Popen]:
+def start(
+    task: str, workdir: str, nproc: int = 1, devices: int = 1, log_prefix: Optional[str] = None, **extra
+) -> List[subprocess.Popen]:
+  """Starts the run's processes; process i's output goes to `<log_prefix>.p<i>.log` (default prefix: the
+  workdir's own path)."""
   port = _free_port()
-  log_dir = os.path.dirname(os.path.abspath(workdir))
+  log_prefix = log_prefix or os.path.abspath(workdir)
   procs = []
   for i in range(nproc):
-    log = open(os.path.join(log_dir, f"{os.path.basename(workdir)}.p{i}.log"), "a")
+    log = open(f"{log_prefix}.p{i}.log", "a")
     procs.append(
         subprocess.Popen(
             command(task, workdir, **extra),
@@ -320,9 +324,14 @@ def half_written(step_dir: str) -> None:
 
 
 def flip_bytes(step_dir: str) -> None:
-  """XORs 16 bytes in the middle of the largest array data file: no read error, other numbers."""
-  files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
-  # On a size tie, the shorter path: the merged database that restores read, not a process's leftover copy.
+  """XORs 16 bytes in the middle of the largest array data file that a restore reads: no read error,
+  other numbers."""
+  # The merged database (state/d) is what a restore reads; a process's own copy (state/ocdbt.process_i/d)
+  # can be left beside it and be larger (2026-12-07, seed 8: the flip landed there, nothing read it, and
+  # the step was rightly restored). Only a layout without the merged one falls back to every data file.
+  files = glob.glob(os.path.join(step_dir, "state", "d", "*")) or glob.glob(
+      os.path.join(step_dir, "state", "**", "d", "*"), recursive=True
+  )
   path = max(files, key=lambda p: (os.path.getsize(p), -len(p)))
   with open(path, "r+b") as f:
     f.seek(max(os.path.getsize(path) // 2 - 8, 0))
@@ -701,7 +710,11 @@ class Drill:
       return trial
     try:
       wd = os.path.join(mount, "wd")
-      proc = start(task, wd, **extra)[0]
+      # The run's output goes outside the tmpfs: on the full disk the process's own stdout/stderr writes
+      # would fail too and could cut the very error line this trial checks.
+      log_prefix = os.path.join(self.root, os.path.basename(mount) + "_first_run")
+      log_path = log_prefix + ".p0.log"
+      proc = start(task, wd, log_prefix=log_prefix, **extra)[0]
       first = self.setting(task, "checkpoint_every")
       done = os.path.join(wd, "checkpoints", str(first), "commit_success.txt")
       while not os.path.exists(done) and proc.poll() is None and time.time() - t0 < 600:
@@ -711,7 +724,7 @@ class Drill:
       fill(os.path.join(mount, "filler"))
       proc.send_signal(signal.SIGCONT)
       code = wait([proc])[0]
-      with open(os.path.join(mount, "wd.p0.log"), errors="replace") as f:
+      with open(log_path, errors="replace") as f:
         log = f.read()
       errors = [l for l in log.splitlines() if l.startswith("error:")]
       after = snapshot(os.path.join(wd, "checkpoints"))
