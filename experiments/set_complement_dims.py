@@ -118,7 +118,7 @@ def run_grid(c, lr: float, embed_dims, value_dims, seeds, kl_solved: float, log=
         params = jax.tree.map(lambda a: a[j], state["params"])
         other = jax.tree.map(lambda a: a[j], state["other"])
         model = nnx.merge(programs.setup.graphdef, params, other)
-        bal = theory.displacement_stats(model, n, sc.set_logits)
+        bal = theory.displacement_stats(model, n, sc.balance_logits)
         rows.append(
             dict(
                 embed_dim=d,

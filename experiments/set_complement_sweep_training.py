@@ -120,12 +120,15 @@ class GroupPrograms:
     """The task's metrics (ema_jax/tasks/set_complement.py) as-is, at inverse temperature beta, and of
     the attention; batch means."""
     state = nnx.merge_state(params, other)
-    return sc._eval_metrics(self.setup.graphdef, state, dict(tokens=tokens_BL, mask=mask_BL), self.num_tokens, beta)
+    # The full forward (set_complement.set_logits): runs merged across reruns keep their bits.
+    batch = dict(tokens=tokens_BL, mask=mask_BL)
+    return sc._eval_metrics(self.setup.graphdef, state, batch, self.num_tokens, beta, full_forward=True)
 
   def check_one(self, params, other, tokens_BL, mask_BL):
     """(logits [B, N], uniform targets over the absent tokens [B, N]) of one run on a check batch."""
     state = nnx.merge_state(params, other)
-    return sc._check_logits(self.setup.graphdef, state, dict(tokens=tokens_BL, mask=mask_BL), self.num_tokens)
+    batch = dict(tokens=tokens_BL, mask=mask_BL)
+    return sc._check_logits(self.setup.graphdef, state, batch, self.num_tokens, full_forward=True)
 
   def kl_one(self, params, other, tokens_BL, mask_BL):
     """The mean KL of one run on a batch (the plateau check's, without the other metrics' cost)."""

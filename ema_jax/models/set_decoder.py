@@ -97,15 +97,20 @@ class SetDecoder(nnx.Module):
     """Logits at every position; rows of position i >= the set size read padding and mean nothing."""
     return self._forward(tokens_BL, deterministic=deterministic, rngs=rngs)[0]
 
-  def _forward(self, tokens_BL, *, deterministic: bool = True, rngs=None):
-    """(logits [B, L, N], attention weights [B, H, L, L] after the softmax, before dropout)."""
-    cfg = self.config
+  @staticmethod
+  def _checked(tokens_BL):
     tokens_BL = jnp.asarray(tokens_BL)
     if tokens_BL.ndim != 2 or not jnp.issubdtype(tokens_BL.dtype, jnp.integer):
       raise ValueError(
           f"SetDecoder: `tokens_BL` has shape {tokens_BL.shape} and dtype {tokens_BL.dtype}; "
           "expected integer token ids [B, L]."
       )
+    return tokens_BL
+
+  def _forward(self, tokens_BL, *, deterministic: bool = True, rngs=None):
+    """(logits [B, L, N], attention weights [B, H, L, L] after the softmax, before dropout)."""
+    cfg = self.config
+    tokens_BL = self._checked(tokens_BL)
     b, length = tokens_BL.shape
     if self.dropout_rates is not None:
       rates = {s: self.dropout_rates.value[i] for i, s in enumerate(DROPOUT_SITES)}
@@ -131,15 +136,47 @@ class SetDecoder(nnx.Module):
     o_BLD = drop("output", self.attn_out(o_BLHV.reshape(b, length, -1)))
     return self.unembed(x_BLD + o_BLD).astype(jnp.float32), probs_BHLL
 
-  def last_logits(self, tokens_BL, mask_BL, **kwargs):
-    """Logits [B, N] at the last set token of each row (position size - 1): the prediction for the set."""
-    logits_BLN = self(tokens_BL, mask_BL, **kwargs)
+  def last_forward(self, tokens_BL, mask_BL):
+    """(logits [B, N], attention weights [B, H, L]) at the last set token of each row (position size - 1),
+    deterministic. Only that position's query is computed (keys and values at every position, the
+    query, weighted sum, output projection and unembedding at one): about a quarter of the full forward's
+    work at L = 63. On XLA:CPU these are the same bits as the full forward's row at that position for
+    every size 1..63 at L = 63, the evaluation's shape (tests/models/test_set_decoder.py), so evaluations
+    did not change with it; at other L they can differ in the last bits (at L = 2 they do)."""
+    cfg = self.config
+    tokens_BL = self._checked(tokens_BL)
+    b, length = tokens_BL.shape
+    last_B = jnp.maximum(jnp.asarray(mask_BL).astype(jnp.int32).sum(axis=1) - 1, 0)
+    x_BLD = self.embed(tokens_BL)
+    x_BD = jnp.take_along_axis(x_BLD, last_B[:, None, None], axis=1)[:, 0]
+    h = cfg.num_heads
+    q_BHK = self.query(x_BD).reshape(b, h, -1)
+    k_BLHK = self.key(x_BLD).reshape(b, length, h, -1)
+    v_BLHV = self.value(x_BLD).reshape(b, length, h, -1)
+    scores_BHL = jnp.einsum("bhk,bshk->bhs", q_BHK, k_BLHK) / math.sqrt(q_BHK.shape[-1])
+    causal_BHL = jnp.arange(length)[None, None, :] <= last_B[:, None, None]  # t_1..t_size, as _forward's
+    scores_BHL = jnp.where(causal_BHL, scores_BHL, jnp.finfo(scores_BHL.dtype).min)
+    probs_BHL = jax.nn.softmax(scores_BHL, axis=-1)
+    o_BHV = jnp.einsum("bhs,bshv->bhv", probs_BHL, v_BLHV)
+    o_BD = self.attn_out(o_BHV.reshape(b, -1))
+    return self.unembed(x_BD + o_BD).astype(jnp.float32), probs_BHL
+
+  def last_logits(self, tokens_BL, mask_BL, *, deterministic: bool = True, rngs=None, full_forward: bool = False):
+    """Logits [B, N] at the last set token of each row (position size - 1): the prediction for the set.
+    last_forward's, or the full forward's row with dropout active (deterministic=False, as in training)
+    or full_forward=True."""
+    if deterministic and not full_forward:
+      return self.last_forward(tokens_BL, mask_BL)[0]
+    logits_BLN = self(tokens_BL, mask_BL, deterministic=deterministic, rngs=rngs)
     last_B = jnp.maximum(jnp.asarray(mask_BL).astype(jnp.int32).sum(axis=1) - 1, 0)
     return jnp.take_along_axis(logits_BLN, last_B[:, None, None], axis=1)[:, 0]
 
-  def last_attention(self, tokens_BL, mask_BL):
+  def last_attention(self, tokens_BL, mask_BL, *, full_forward: bool = False):
     """Attention weights [B, H, L] of the last set token over the set (itself included): what the
-    prediction for the whole set reads. Zero past the set."""
+    prediction for the whole set reads. Zero past the set. last_forward's, or with full_forward=True the
+    full forward's row."""
+    if not full_forward:
+      return self.last_forward(tokens_BL, mask_BL)[1]
     _, probs_BHLL = self._forward(tokens_BL, deterministic=True)
     last_B = jnp.maximum(jnp.asarray(mask_BL).astype(jnp.int32).sum(axis=1) - 1, 0)
     return jnp.take_along_axis(probs_BHLL, last_B[:, None, None, None], axis=2)[:, :, 0]

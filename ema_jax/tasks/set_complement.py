@@ -207,11 +207,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     config_error("steps", config.steps, "a positive integer")
 
 
-def set_logits(model, batch, **kwargs):
-  """Logits [B, N] for each row's whole set: the decoder's last set position, the query model's readout."""
+def set_logits(model, batch, *, full_forward: bool = False, **kwargs):
+  """Logits [B, N] for each row's whole set: the decoder's last set position, the query model's readout.
+
+  The decoder computes only that position's query (SetDecoder.last_forward; the same bits as the full
+  forward's row at the evaluation's shape of the default config) unless full_forward=True, which reads the
+  row from the full forward: for results whose bits predate last_forward and must reproduce to the bit at
+  other shapes (the sweep's runs, merged across reruns; the balance report)."""
   if isinstance(model, set_decoder.SetDecoder):
-    return model.last_logits(batch["tokens"], batch["mask"], **kwargs)
+    return model.last_logits(batch["tokens"], batch["mask"], full_forward=full_forward, **kwargs)
   return model(batch["tokens"], batch["mask"], **kwargs)
+
+
+def balance_logits(model, batch):
+  """set_logits for the balance report (set_complement_theory.displacement_stats, inputs of length 1 and
+  2): the decoder's full forward, so the reports keep their bits (at L = 2 last_forward differs from it in
+  the last bits); at these lengths it costs nothing."""
+  return set_logits(model, batch, full_forward=True)
 
 
 def prefix_loss(model, batch, num_tokens: int, **kwargs):
@@ -227,17 +239,22 @@ def prefix_loss(model, batch, num_tokens: int, **kwargs):
   return {k: mean(m[k]) for k in ("ce", "kl", "invalid_mass", "top1_valid")}
 
 
-def _eval_metrics(graphdef, state, batch, num_tokens, beta):
-  """Means over the batch of the metrics as-is, at inverse temperature beta (t_*), and of the attention."""
+def _eval_metrics(graphdef, state, batch, num_tokens, beta, full_forward: bool = False):
+  """Means over the batch of the metrics as-is, at inverse temperature beta (t_*), and of the attention.
+  full_forward: see set_logits."""
   model = nnx.merge(graphdef, state)
-  logits_BN = set_logits(model, batch, deterministic=True)
+  logits_BN = set_logits(model, batch, deterministic=True, full_forward=full_forward)
   present_BN = batch_present(batch, num_tokens)
   out = {k: jnp.mean(v) for k, v in complement_metrics(logits_BN, present_BN).items()}
   out.update({f"t_{k}": jnp.mean(v) for k, v in complement_metrics(logits_BN * beta, present_BN).items()})
   if hasattr(model, "last_attention"):
     # The decoder's last set token attends over the s set tokens, the query model's query over them and
     # itself (one column more than the padded set): s or s + 1 positions.
-    a_BHS = model.last_attention(batch["tokens"], batch["mask"])
+    a_BHS = (
+        model.last_attention(batch["tokens"], batch["mask"], full_forward=True)
+        if full_forward
+        else model.last_attention(batch["tokens"], batch["mask"])
+    )
     entropy_B = -(a_BHS * jnp.log(jnp.where(a_BHS > 0, a_BHS, 1.0))).sum(-1).mean(-1)
     extra = a_BHS.shape[-1] - batch["mask"].shape[-1]
     size_B = jnp.asarray(batch["mask"]).astype(jnp.float32).sum(-1) + extra
@@ -246,10 +263,11 @@ def _eval_metrics(graphdef, state, batch, num_tokens, beta):
   return out
 
 
-def _check_logits(graphdef, state, batch, num_tokens):
-  """(logits [B, N], uniform targets over the absent tokens [B, N]) of the check set."""
+def _check_logits(graphdef, state, batch, num_tokens, full_forward: bool = False):
+  """(logits [B, N], uniform targets over the absent tokens [B, N]) of the check set. full_forward: see
+  set_logits."""
   model = nnx.merge(graphdef, state)
-  logits_BN = set_logits(model, batch, deterministic=True)
+  logits_BN = set_logits(model, batch, deterministic=True, full_forward=full_forward)
   valid_BN = 1.0 - batch_present(batch, num_tokens)
   return logits_BN, valid_BN / valid_BN.sum(-1, keepdims=True)
 
@@ -401,7 +419,7 @@ class SetComplementTask(Task):
     result["per_size"] = {"size": sizes, **per_size}
     if self.num_tokens <= MAX_BALANCE_TOKENS:
       # The theory's balance conditions at lengths 1 and 2 (set_complement_theory.py).
-      balance = theory.displacement_stats(model, self.num_tokens, set_logits)
+      balance = theory.displacement_stats(model, self.num_tokens, balance_logits)
       result["balance"] = balance
       result.update({f"balance/{k}": v for k, v in balance.items() if isinstance(v, float)})
     result["info"] = {

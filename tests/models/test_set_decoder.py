@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -162,3 +163,40 @@ def test_traced_dropout_rates_equal_constant_rates():
   np.testing.assert_array_equal(
       traced(tokens, mask, deterministic=False, rngs=nnx.Rngs(dropout=5)), traced(tokens, mask)
   )
+
+
+def test_last_forward_is_the_full_forwards_row_bit_for_bit():
+  """The evaluation's shape (N = D = 64, rows padded to L = 63, 256 rows, jitted as the evaluation runs
+  it): last_forward's logits and attention are the full forward's row at the last set token, to the bit,
+  for every size 1..63; so evaluations read the same numbers as before it existed. With dropout active
+  last_logits is the full forward's row."""
+  n = 64
+  model = SetDecoder(SetDecoderConfig(num_tokens=n, embed_dim=64, value_dim=64), rngs=nnx.Rngs(5))
+  b = data.sample_sets(np.random.default_rng(2), n, np.arange(256) % (n - 1) + 1, n - 1)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def both(state, tokens, mask):
+    m = nnx.merge(graphdef, state)
+    logits_BLN, probs_BHLL = m._forward(tokens)
+    last_B = jnp.asarray(mask).sum(1) - 1
+    full = (
+        jnp.take_along_axis(logits_BLN, last_B[:, None, None], axis=1)[:, 0],
+        jnp.take_along_axis(probs_BHLL, last_B[:, None, None, None], axis=2)[:, :, 0],
+    )
+    return full, m.last_forward(tokens, mask)
+
+  (full_logits, full_probs), (logits, probs) = jax.device_get(both(state, b["tokens"], b["mask"]))
+  assert logits.shape == (256, n) and probs.shape == (256, 1, n - 1)
+  np.testing.assert_array_equal(logits, full_logits)
+  np.testing.assert_array_equal(probs, full_probs)
+  assert (probs[b["sizes"] < n - 1][:, 0, -1] == 0).all()  # nothing past the set
+  # Dropout on the attention weights: the training forward's row (the key decides the mask).
+  noisy = SetDecoder(
+      SetDecoderConfig(num_tokens=n, embed_dim=64, value_dim=64, dropout=0.5, dropout_on=("attention",)),
+      rngs=nnx.Rngs(5),
+  )
+  rows = np.asarray(noisy(b["tokens"], b["mask"], deterministic=False, rngs=nnx.Rngs(dropout=7)))
+  last = np.asarray(noisy.last_logits(b["tokens"], b["mask"], deterministic=False, rngs=nnx.Rngs(dropout=7)))
+  np.testing.assert_array_equal(last, rows[np.arange(256), b["sizes"] - 1])
+  assert np.abs(last - np.asarray(noisy.last_logits(b["tokens"], b["mask"]))).max() > 1e-3  # dropout did act
