@@ -161,8 +161,8 @@ def sharpening_effect(rows, rng, bootstrap: int) -> Dict[str, Any]:
 
 def ols(X: np.ndarray, y: np.ndarray, names: Sequence[str]) -> Dict[str, Any]:
   """Least squares with an intercept; classical standard errors and 95% t-intervals per coefficient."""
-  X = np.asarray(X, np.float64)
   y = np.asarray(y, np.float64)
+  X = np.asarray(X, np.float64).reshape(len(y), len(names))  # no runs at all: [0, p], not [0]
   keep = np.isfinite(y) & np.all(np.isfinite(X), axis=1)
   X, y = X[keep], y[keep]
   # Columns that add nothing (constant, or a copy of earlier ones, e.g. tied widths) are left out.

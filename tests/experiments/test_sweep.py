@@ -199,6 +199,8 @@ def test_statistics_against_closed_forms():
   assert fit["coef"]["a"]["estimate"] == pytest.approx(2.0, abs=1e-2)
   lo, hi = fit["coef"]["b"]["ci"]
   assert lo < -0.5 < hi and fit["r2"] > 0.999
+  # No run at all (a sweep where none plateaued): "too few", not a crash on an empty design matrix.
+  assert sweep.ols([], np.zeros(0), ["a", "b"]) == dict(n=0, error="0 runs for 1 coefficients: too few")
 
 
 @pytest.mark.slow
