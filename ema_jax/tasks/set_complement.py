@@ -250,11 +250,8 @@ def _eval_metrics(graphdef, state, batch, num_tokens, beta, full_forward: bool =
   if hasattr(model, "last_attention"):
     # The decoder's last set token attends over the s set tokens, the query model's query over them and
     # itself (one column more than the padded set): s or s + 1 positions.
-    a_BHS = (
-        model.last_attention(batch["tokens"], batch["mask"], full_forward=True)
-        if full_forward
-        else model.last_attention(batch["tokens"], batch["mask"])
-    )
+    # (The decoder's fast path shares its one last_forward with set_logits above: XLA computes it once.)
+    a_BHS = model.last_attention(batch["tokens"], batch["mask"], **({"full_forward": True} if full_forward else {}))
     entropy_B = -(a_BHS * jnp.log(jnp.where(a_BHS > 0, a_BHS, 1.0))).sum(-1).mean(-1)
     extra = a_BHS.shape[-1] - batch["mask"].shape[-1]
     size_B = jnp.asarray(batch["mask"]).astype(jnp.float32).sum(-1) + extra
