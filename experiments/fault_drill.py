@@ -323,16 +323,28 @@ def half_written(step_dir: str) -> None:
   os.makedirs(os.path.join(step_dir, "state"))
 
 
+OCDBT_NODE_MAGIC = bytes.fromhex("0cdb20de")  # the first bytes of an OCDBT b-tree node file (crc-checked)
+
+
 def flip_bytes(step_dir: str) -> None:
   """XORs 16 bytes in the middle of the largest array data file that a restore reads: no read error,
-  other numbers."""
-  # The merged database (state/d) is what a restore reads; a process's own copy (state/ocdbt.process_i/d)
-  # can be left beside it and be larger (2026-12-07, seed 8: the flip landed there, nothing read it, and
-  # the step was rightly restored). Only a layout without the merged one falls back to every data file.
-  files = glob.glob(os.path.join(step_dir, "state", "d", "*")) or glob.glob(
-      os.path.join(step_dir, "state", "**", "d", "*"), recursive=True
-  )
-  path = max(files, key=lambda p: (os.path.getsize(p), -len(p)))
+  other numbers, where there is one.
+
+  Arrays above orbax's inline limit sit in value files (no crc: only our checksums can tell); smaller ones
+  sit inside b-tree node files, whose crc makes the damage a read error. So: the largest value file;
+  where every array is inline (the drill's small set-complement model), the merged root's node file
+  (state/d), which every restore reads. Not a process's own copy of its nodes (state/ocdbt.process_i/d):
+  superseded by the merged root, it can be larger and is never read (2026-12-07, seed 8: a flip landed
+  there, and the step was rightly restored)."""
+  files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+
+  def is_node(path):
+    with open(path, "rb") as f:
+      return f.read(len(OCDBT_NODE_MAGIC)) == OCDBT_NODE_MAGIC
+
+  values = [p for p in files if not is_node(p)]
+  merged = glob.glob(os.path.join(step_dir, "state", "d", "*"))
+  path = max(values or merged or files, key=lambda p: (os.path.getsize(p), -len(p)))
   with open(path, "r+b") as f:
     f.seek(max(os.path.getsize(path) // 2 - 8, 0))
     middle = f.read(16)
