@@ -333,9 +333,9 @@ def flip_bytes(step_dir: str) -> None:
   Arrays above orbax's inline limit sit in value files (no crc: only our checksums can tell); smaller ones
   sit inside b-tree node files, whose crc makes the damage a read error. So: the largest value file;
   where every array is inline (the drill's small set-complement model), the merged root's node file
-  (state/d), which every restore reads. Not a process's own copy of its nodes (state/ocdbt.process_i/d):
-  superseded by the merged root, it can be larger and is never read (2026-12-07, seed 8: a flip landed
-  there, and the step was rightly restored)."""
+  (state/d), which every restore reads. Not a process's own node files (state/ocdbt.process_i/d): some
+  are superseded by the merged root, never read, and can be the largest (2026-12-07, seed 8: a flip landed
+  in one, and the step was rightly restored)."""
   files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
 
   def is_node(path):
