@@ -8,7 +8,11 @@ W/eval/eval_<step>.json (eval_<step>_<weights>_<lengths>.json for a subset) and 
 beside the training run's own W/eval_<step>.json and W/plots/, never over them.
 """
 
-from absl import flags
+import ema_jax.host_memory  # first, no JAX: this command again, once, with huge pages for big buffers
+
+ema_jax.host_memory.reexec()
+
+from absl import flags  # noqa: E402
 
 from ema_jax import cli
 

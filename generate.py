@@ -9,7 +9,11 @@ prompt as the start of a document, and prints each prompt followed by its contin
 end-of-document token. Temperature 0 is greedy decoding. Without a prompt, samples from nothing.
 """
 
-from absl import flags
+import ema_jax.host_memory  # first, no JAX: this command again, once, with huge pages for big buffers
+
+ema_jax.host_memory.reexec()
+
+from absl import flags  # noqa: E402
 
 from ema_jax import cli, errors
 

@@ -10,6 +10,10 @@ import ema_jax.preemption  # first, and light (no JAX): a SIGTERM during the slo
 
 ema_jax.preemption.install()
 
+import ema_jax.host_memory  # noqa: E402  (then, once, this command again with huge pages for big buffers)
+
+ema_jax.host_memory.reexec(sigterm_seen=ema_jax.preemption.requested())
+
 from absl import flags  # noqa: E402  (after the SIGTERM handler, on purpose)
 from ml_collections import config_flags  # noqa: E402
 

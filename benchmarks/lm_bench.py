@@ -6,12 +6,17 @@
 Every step sees the same number of tokens (--tokens = B x T), so a cost per token that is flat in T shows
 up as flat tokens/s. One jitted AdamW step (forward, backward, update), median of repeats after warm-up.
 
-MFU: achieved FLOP/s of the step over the float32 matmul peak measured in the same process just before
-(the best of square matmuls of 512, 1024 and 2048 and of the models' own [B T, D] x [D, 4 D] shape). FLOPs
+MFU: achieved FLOP/s of the step over the float32 matmul peak measured in the same process before and after
+the timings (the higher of the two, so a peak measured in a slow moment cannot inflate the MFU; each is the best of square matmuls of 512, 1024 and 2048 and of the models' own [B T, D] x [D, 4 D] shape). FLOPs
 per token are the models' analytic counts (ema_lm.flops_per_token, transformer.flops_per_token): for the EMA
 LM both as computed (the top-k FFN's dense matmuls, zeros included: `mfu`) and as a kernel that skips the
 zeros would need (only the kept units: `mfu_sparse`, the honest count of useful work); the GPT's includes
 its dense T x T attention.
+
+--allocator-ab ROUNDS times the same benchmark in fresh processes instead, ROUNDS with and ROUNDS without huge
+pages for big buffers (EMA_JAX_HUGEPAGES=1 / 0, ema_jax/host_memory.py: glibc reads its tunables only at
+start, so the two cannot share a process), in a fresh random order each round; each process measures its
+own matmul peak. It writes every run's rows and the medians per setting to --out.
 
 --profile T also runs the EMA LM's step at T under jax.profiler and lists its biggest kernels (XLA's own
 times, summed over threads) with the source lines they come from: where an MFU below peak goes.
@@ -22,6 +27,7 @@ import contextlib
 import json
 import os
 import statistics
+import sys
 import time
 
 import jax
@@ -31,6 +37,7 @@ import optax
 from flax import nnx
 
 from benchmarks import command_line
+from ema_jax import host_memory
 from ema_jax.models import ema_lm, transformer
 from ema_jax.nn import cpu_topk
 from ema_jax.traces import native as native_traces
@@ -135,6 +142,61 @@ def profile_ema_step(args, top=16):
   return out
 
 
+def allocator_ab(args):
+  """Runs this benchmark (args without --allocator-ab and --profile) in child processes, args.allocator_ab
+  rounds of {huge pages on, off} in random order; returns {meta, runs, medians}."""
+  import subprocess
+  import tempfile
+
+  child = [sys.executable, "-m", "benchmarks.lm_bench", "--lengths", args.lengths, "--tokens", str(args.tokens)]
+  child += ["--width", str(args.width), "--depth", str(args.depth), "--vocab", str(args.vocab)]
+  child += ["--repeats", str(args.repeats)] + ["--topk-ab"] * args.topk_ab + ["--traces-ab"] * args.traces_ab
+  settings = {"huge_pages": "1", "no_huge_pages": "0"}
+  rng = np.random.default_rng(args.seed)
+  runs = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for r in range(args.allocator_ab):
+      for name in rng.permutation(list(settings)):
+        out = os.path.join(tmp, f"{name}_{r}.json")
+        env = {**os.environ, host_memory.OPT_OUT: settings[name]}
+        env.pop("GLIBC_TUNABLES", None)  # the child decides, from its setting alone
+        started = time.strftime("%H:%M:%S")
+        proc = subprocess.run(child + ["--out", out], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+          raise SystemExit(f"error: the {name} run failed:\n{proc.stderr[-3000:]}")
+        data = json.load(open(out))
+        runs.append(dict(setting=str(name), round=r, started=started, meta=data["meta"], rows=data["rows"]))
+        t = data["rows"][0]
+        print(
+            f"  round {r} {name:14s} peak {data['meta']['matmul_peak_flops'] / 1e9:6.1f} GFLOP/s  T={t['T']}: "
+            f"EMA {t['ema_tokens_per_s']:,.0f} tok/s, MFU {t['ema_mfu']:.2f}",
+            flush=True,
+        )
+  medians = {}
+  for name in settings:
+    mine = [x for x in runs if x["setting"] == name]
+    medians[name] = {
+        str(row["T"]): {
+            key: statistics.median(x["rows"][i][key] for x in mine) for key in row if isinstance(row[key], float)
+        }
+        for i, row in enumerate(mine[0]["rows"])
+    }
+  print(f"\nmedians over {args.allocator_ab} rounds:")
+  for name in settings:
+    for t, m in medians[name].items():
+      print(
+          f"  {name:14s} T={t}: EMA {m['ema_tokens_per_s']:,.0f} tok/s, MFU {m['ema_mfu']:.2f}, GPT MFU {m['gpt_mfu']:.2f}"
+      )
+  meta = dict(
+      date=time.strftime("%Y-%m-%d %H:%M"),
+      command=command_line("benchmarks.lm_bench"),
+      child=" ".join(child[1:]),
+      load_avg_after=os.getloadavg(),
+      design="each run a fresh process with its own matmul peak; settings in a fresh random order per round",
+  )
+  return dict(meta=meta, runs=runs, medians=medians)
+
+
 def main():
   p = argparse.ArgumentParser(
       prog="python -m benchmarks.lm_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -164,7 +226,25 @@ def main():
       help="also time the EMA LM with the traces' XLA closed form ('blocked') instead of the CPU traces kernel "
       "(ema_jax/traces/native.py), interleaved with the others",
   )
+  p.add_argument(
+      "--allocator-ab",
+      type=int,
+      default=0,
+      metavar="ROUNDS",
+      help="run the benchmark ROUNDS times with and ROUNDS times without huge pages, each in a fresh process "
+      "(see above)",
+  )
+  p.add_argument("--seed", type=int, default=0, help="the order of the --allocator-ab runs")
   args = p.parse_args()
+  if args.allocator_ab:
+    result = allocator_ab(args)
+    if args.out:
+      os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+      with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+      print(f"wrote {args.out}")
+    return
+  host_memory.reexec()  # as train.py does: big buffers on huge pages (ema_jax/host_memory.py)
   rows = []
   peak = matmul_peak(
       [(512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048), (args.tokens, args.width, 4 * args.width)]
@@ -215,6 +295,16 @@ def main():
       )
     rows.append(row)
     print(f"  T={t}: EMA {ema_tps:,.0f} tok/s, GPT {gpt_tps:,.0f} tok/s", flush=True)
+  peak_before = peak
+  peak_after = matmul_peak(
+      [(512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048), (args.tokens, args.width, 4 * args.width)]
+  )
+  print(f"  the peak again after the timings: {peak_after / 1e9:.1f} GFLOP/s", flush=True)
+  if peak_after > peak:
+    for r in rows:
+      for key in [k for k in r if "mfu" in k]:
+        r[key] *= peak / peak_after
+    peak = peak_after
   print(
       f"\n{'T':>6}{'batch':>7}{'EMA LM tok/s':>14}{'GPT tok/s':>12}{'EMA / GPT':>11}"
       f"{'EMA MFU':>9}{'(sparse)':>9}{'GPT MFU':>9}"
@@ -244,7 +334,10 @@ def main():
       tokens_per_step=args.tokens,
       command=command_line("benchmarks.lm_bench"),
       load_avg=os.getloadavg(),
+      glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+      huge_pages=host_memory.describe(),
       matmul_peak_flops=peak,
+      matmul_peak_flops_before_after=[peak_before, peak_after],
       mfu="achieved FLOP/s (analytic count per token x tokens/s) / the float32 matmul peak measured in this process",
   )
   if args.out:

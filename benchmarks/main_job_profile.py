@@ -35,6 +35,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv=None):
+  from ema_jax import host_memory  # no JAX
+
+  if argv is None:
+    host_memory.reexec()  # what train.py's first lines do (huge pages for big buffers), before the timers matter
   p = argparse.ArgumentParser(
       prog="python -m benchmarks.main_job_profile",
       description=__doc__,
@@ -161,6 +165,7 @@ def main(argv=None):
         train_flags=flags,
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}",
         load_avg_at_end=list(os.getloadavg()),
+        huge_pages=host_memory.describe(),
     )
     rows = [
         dict(label=l, thread=t, start_s=s, seconds=d)
