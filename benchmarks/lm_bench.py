@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -63,9 +64,10 @@ def adamw_step(model):
   return step, params, opt
 
 
-def interleaved_step_times(contenders, batch, repeats, seed=0):
+def interleaved_step_times(contenders, batch, repeats, seed=0, faults=None):
   """{name: median step time} for {name: (model, trace_context)}: each jitted once (traced inside its
-  context), then timed repeat by repeat in a fresh random order, so drifting load hits every contender."""
+  context), then timed repeat by repeat in a fresh random order, so drifting load hits every contender.
+  `faults`, a dict, also receives {name: median minor page faults per step} (getrusage around each step)."""
   fns = {}
   for name, (model, context) in contenders.items():
     step, params, opt = adamw_step(model)
@@ -75,16 +77,21 @@ def interleaved_step_times(contenders, batch, repeats, seed=0):
     jax.block_until_ready(params)
     fns[name] = [fn, params, opt]
   ts = {name: [] for name in fns}
+  fs = {name: [] for name in fns}
   order = list(fns)
   rng = np.random.default_rng(seed)
   for _ in range(repeats):
     for name in rng.permutation(order):
       fn, params, opt = fns[name]
+      f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       t0 = time.perf_counter()
       params, opt, l = fn(params, opt, batch)
       jax.block_until_ready(l)
       ts[name].append(time.perf_counter() - t0)
+      fs[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
       fns[name][1:] = [params, opt]
+  if faults is not None:
+    faults.update({name: statistics.median(v) for name, v in fs.items()})
   return {name: statistics.median(v) for name, v in ts.items()}
 
 
@@ -169,7 +176,8 @@ def allocator_ab(args):
         t = data["rows"][0]
         print(
             f"  round {r} {name:14s} peak {data['meta']['matmul_peak_flops'] / 1e9:6.1f} GFLOP/s  T={t['T']}: "
-            f"EMA {t['ema_tokens_per_s']:,.0f} tok/s, MFU {t['ema_mfu']:.2f}",
+            f"EMA {t['ema_tokens_per_s']:,.0f} tok/s, MFU {t['ema_mfu']:.2f}, "
+            f"{t['ema_minor_faults_per_step']:,.0f} page faults per step",
             flush=True,
         )
   medians = {}
@@ -177,7 +185,9 @@ def allocator_ab(args):
     mine = [x for x in runs if x["setting"] == name]
     medians[name] = {
         str(row["T"]): {
-            key: statistics.median(x["rows"][i][key] for x in mine) for key in row if isinstance(row[key], float)
+            key: statistics.median(x["rows"][i][key] for x in mine)
+            for key in row
+            if isinstance(row[key], (int, float)) and not isinstance(row[key], bool)
         }
         for i, row in enumerate(mine[0]["rows"])
     }
@@ -185,7 +195,8 @@ def allocator_ab(args):
   for name in settings:
     for t, m in medians[name].items():
       print(
-          f"  {name:14s} T={t}: EMA {m['ema_tokens_per_s']:,.0f} tok/s, MFU {m['ema_mfu']:.2f}, GPT MFU {m['gpt_mfu']:.2f}"
+          f"  {name:14s} T={t}: EMA {m['ema_tokens_per_s']:,.0f} tok/s, MFU {m['ema_mfu']:.2f}, "
+          f"{m['ema_minor_faults_per_step']:,.0f} page faults per step; GPT MFU {m['gpt_mfu']:.2f}"
       )
   meta = dict(
       date=time.strftime("%Y-%m-%d %H:%M"),
@@ -267,7 +278,8 @@ def main():
       contenders["ema_xla_topk"] = (ema_lm.EMALM(ema_config, rngs=nnx.Rngs(0)), cpu_topk.enabled(False))
     if args.traces_ab:
       contenders["ema_xla_traces"] = (ema_lm.EMALM(ema_config, rngs=nnx.Rngs(0)), native_traces.KERNEL.enabled(False))
-    times = interleaved_step_times(contenders, batch, args.repeats)
+    faults = {}
+    times = interleaved_step_times(contenders, batch, args.repeats, faults=faults)
     t_ema, t_gpt = times["ema"], times["gpt"]
     ema_tps, gpt_tps = b * t / t_ema, b * t / t_gpt
     row = dict(
@@ -276,6 +288,8 @@ def main():
         ema_tokens_per_s=ema_tps,
         gpt_tokens_per_s=gpt_tps,
         ema_over_gpt=t_gpt / t_ema,
+        ema_minor_faults_per_step=faults["ema"],
+        gpt_minor_faults_per_step=faults["gpt"],
         ema_mfu=ema_tps * ema_lm.flops_per_token(ema.config, t) / peak,
         ema_mfu_sparse=ema_tps * ema_lm.flops_per_token(ema.config, t, sparse_ffn=True) / peak,
         gpt_mfu=gpt_tps * transformer.flops_per_token(gpt.config, t) / peak,

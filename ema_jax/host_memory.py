@@ -3,17 +3,16 @@ malloc told to advise huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, glibc 2
 
 Why. On a CPU device XLA allocates each step's temporaries with malloc. Those over glibc's mmap threshold
 (32 MB at most) are mapped afresh on every call and unmapped after it, so the kernel faults in and zeroes
-every 4 KiB page again each step. The EMA LM's training step at width 256, T = 1024, batch 8 takes about
-150,000 minor faults per step this way (580 MiB), and its matmuls with a [8192, 1024] output run at about
-110 GFLOP/s instead of the 190-200 of the others. With the tunable, malloc asks for huge pages
-(madvise(MADV_HUGEPAGE)) on those mappings: about 800 faults per step, and the step took 780 ms instead of
-960 ms, with the same numbers (counted with getrusage in one process per setting, 2026-12-07, the 2-core
-VM; `python -m benchmarks.lm_bench --allocator-ab` times both). Keeping freed memory in the heap instead
-(no mmap, one arena) removes the faults too, at the same speed, but doubled the process's resident memory
-there; huge pages do not.
+every 4 KiB page again each step: about 148,000 minor faults per step (580 MiB) for the EMA LM's training
+step at width 256, T = 1024, batch 8. With the tunable, malloc asks for huge pages (madvise(MADV_HUGEPAGE))
+on those mappings: 552 faults per step, and MFU 0.58 instead of 0.45, the same numbers
+(`python -m benchmarks.lm_bench --lengths 1024 --width 256 --depth 2 --allocator-ab 4`, 2026-12-07, the
+2-core VM; results/lm_bench_hugepages_ab.json). Keeping freed memory in the heap instead (no mmap, one
+arena) removes the faults too, but keeps the step's peak memory resident between steps; huge pages do not.
 
 glibc reads its tunables when the process starts, so the setting needs a new process image: `reexec()`,
-called first thing by train.py, eval.py and generate.py (and the benchmarks that stand for them), replaces
+called first thing by train.py, eval.py and generate.py (and by the benchmarks and experiment drivers that
+train in their own process), replaces
 the process by the same command (`sys.orig_argv`: interpreter options and `-m` kept) with the tunable
 added to the environment. It keeps the process id, open files and the working directory. SIGTERM is
 blocked across the exec and unblocked by the new image's `reexec()` call, so a SIGTERM that arrives

@@ -274,5 +274,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from ema_jax import host_memory
+
+  host_memory.reexec()  # as train.py: huge pages for big host buffers (same numbers)
   define_flags()
   app.run(main)

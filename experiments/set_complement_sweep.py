@@ -398,6 +398,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from ema_jax import host_memory
+
+  host_memory.reexec()  # as train.py: huge pages for big host buffers (same numbers)
   from absl import app, flags
   from ml_collections import config_flags
 

@@ -50,11 +50,37 @@ def test_lm_bench_reports_mfu(tmp_path):
   assert data["meta"]["matmul_peak_flops"] > 0
   assert 0 < row["ema_mfu_sparse"] < row["ema_mfu"] and row["gpt_mfu"] > 0
   assert row["ema_topk"] in ("cpu kernel", "xla") and row["ema_xla_topk_mfu"] > 0
+  assert row["ema_minor_faults_per_step"] >= 0 and row["gpt_minor_faults_per_step"] >= 0
+  before, after = data["meta"]["matmul_peak_flops_before_after"]
+  assert data["meta"]["matmul_peak_flops"] == max(before, after)
   prof = data["ema_step_profile"]
   assert prof and all(r["ms"] >= 0 for r in prof)
   # Kernels are named by the project lines that made them (the model's, or the CPU kernels' wrappers).
   project = ("ema_lm.py", "lm_head.py", "ffn.py", "native.py", "cpu_topk.py", "trace_layer.py")
   assert any(line.split(":")[0] in project for r in prof for line in r["lines"])
+
+
+def test_lm_bench_allocator_ab_runs_both_settings_in_fresh_processes(tmp_path):
+  out = tmp_path / "ab.json"
+  cmd = [sys.executable, "-m", "benchmarks.lm_bench", "--lengths", "32", "--tokens", "64", "--width", "16"]
+  subprocess.run(
+      cmd + ["--repeats", "1", "--allocator-ab", "1", "--out", str(out)],
+      cwd=ROOT,
+      check=True,
+      capture_output=True,
+      timeout=600,
+  )
+  data = json.load(open(out))
+  by = {r["setting"]: r for r in data["runs"]}
+  assert sorted(by) == ["huge_pages", "no_huge_pages"]
+  assert by["no_huge_pages"]["meta"]["huge_pages"].startswith("off: $EMA_JAX_HUGEPAGES")
+  from ema_jax import host_memory
+
+  if host_memory.why_not({}) is None:  # where the re-exec applies, the child ran with the tunable
+    assert by["huge_pages"]["meta"]["huge_pages"].startswith("on (GLIBC_TUNABLES=")
+  for name, m in data["medians"].items():
+    assert m["32"]["ema_mfu"] == by[name]["rows"][0]["ema_mfu"] > 0
+    assert m["32"]["ema_minor_faults_per_step"] == by[name]["rows"][0]["ema_minor_faults_per_step"]
 
 
 def test_trace_profile_names_kernels_and_their_source(tmp_path):
