@@ -2,7 +2,9 @@
 
 train.py installs the handler before it imports JAX, so a SIGTERM during start-up (imports, compilation,
 restore) no longer kills the process with status 143: the loop sees the flag before its first step and
-exits 0, saving only if there is something new to save. Across processes the flag is reduced inside the
+exits 0, saving only if there is something new to save. train.py then re-executes itself once
+(host_memory.py: huge pages for big buffers); SIGTERM is blocked across that exec, and one the handler had
+already caught is raised again, so either reaches the new image's handler. Across processes the flag is reduced inside the
 train step (trainer.py), so every process stops after the same step.
 
 Several processes: jax.distributed.initialize starts JAX's preemption notifier, which takes SIGTERM over
