@@ -10,14 +10,13 @@ on those mappings: 552 faults per step, and MFU 0.58 instead of 0.45, the same n
 2-core VM; results/lm_bench_hugepages_ab.json). Keeping freed memory in the heap instead (no mmap, one
 arena) removes the faults too, but keeps the step's peak memory resident between steps; huge pages do not.
 
-glibc reads its tunables when the process starts, so the setting needs a new process image: `reexec()`,
+glibc reads its tunables when the process starts, so the setting needs a new process image. `reexec()` is
 called first thing by train.py, eval.py and generate.py (and by the benchmarks and experiment drivers that
-train in their own process), replaces
-the process by the same command (`sys.orig_argv`: interpreter options and `-m` kept) with the tunable
-added to the environment. It keeps the process id, open files and the working directory. SIGTERM is
-blocked across the exec and unblocked by the new image's `reexec()` call, so a SIGTERM that arrives
-meanwhile is delivered there (to the preemption handler train.py installs before), not lost; one the old
-image had already turned into the preemption flag is raised again before the exec.
+train in their own process). It replaces the process by the same command (`sys.orig_argv`: interpreter
+options and `-m` kept) with the tunable added to the environment, keeping the process id, open files and the
+working directory. SIGTERM is blocked across the exec and unblocked by the new image's `reexec()` call, so a
+SIGTERM that arrives meanwhile is delivered there (to the preemption handler train.py installs before), not
+lost; one the old image had already turned into the preemption flag is raised again before the exec.
 
 Nothing happens when: $EMA_JAX_HUGEPAGES is 0, off or false; the tunable (any glibc.malloc.hugetlb) is
 already in GLIBC_TUNABLES (child processes inherit it, so a run re-executes once); the C library is not
