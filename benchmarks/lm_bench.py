@@ -7,7 +7,8 @@ Every step sees the same number of tokens (--tokens = B x T), so a cost per toke
 up as flat tokens/s. One jitted AdamW step (forward, backward, update), median of repeats after warm-up.
 
 MFU: achieved FLOP/s of the step over the float32 matmul peak measured in the same process before and after
-the timings (the higher of the two, so a peak measured in a slow moment cannot inflate the MFU; each is the best of square matmuls of 512, 1024 and 2048 and of the models' own [B T, D] x [D, 4 D] shape). FLOPs
+the timings (the higher of the two, so a peak measured in a slow moment cannot inflate the MFU; each is the
+best of square matmuls of 512, 1024 and 2048 and of the models' own [B T, D] x [D, 4 D] shape). FLOPs
 per token are the models' analytic counts (ema_lm.flops_per_token, transformer.flops_per_token): for the EMA
 LM both as computed (the top-k FFN's dense matmuls, zeros included: `mfu`) and as a kernel that skips the
 zeros would need (only the kept units: `mfu_sparse`, the honest count of useful work); the GPT's includes
